@@ -1,0 +1,1 @@
+"""Arbiter's control plane and CLI (`arbiter`)."""

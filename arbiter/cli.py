@@ -1,0 +1,229 @@
+"""`arbiter`: the command line, and the one composition root that may import every package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from broker.errors import ArbiterError, InvalidJob
+from broker.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Arbiter: a GPU job broker with priority queues, quality budgets and preemption.")
+console = Console()
+err = Console(stderr=True)
+
+
+class WorkloadArg(StrEnum):
+    llm = "llm"
+    diffusion = "diffusion"
+
+
+class PriorityArg(StrEnum):
+    interactive = "interactive"
+    standard = "standard"
+    background = "background"
+
+
+def _client():
+    from broker.client import Client
+
+    return Client.from_settings()
+
+
+@app.command()
+def worker(
+    workload: Annotated[WorkloadArg, typer.Option(help="Which workload's queues to consume.")],
+    gpu: Annotated[str, typer.Option(help="GPU to bind: sim[N][:SIZE], e.g. sim:24GiB.")] = "sim",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Jobs at once on this GPU (llm: one decode batch).")] = 1,
+    backend: Annotated[str, typer.Option(help="Generation backend.")] = "sim",
+    name: Annotated[Optional[str], typer.Option(help="Worker name (default <workload>-<gpu>@<node>).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker for one workload on one GPU, draining its queues in strict priority order."""
+    from broker.app import workload_queues
+    from broker.schemas import Workload
+    from workers.runtime import BACKENDS
+    from workers.simgpu import parse_gpu
+
+    settings = get_settings()
+    if backend not in BACKENDS:
+        raise InvalidJob(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    try:
+        gpu_id, _ = parse_gpu(gpu, settings.node)
+    except ValueError as exc:
+        raise InvalidJob(str(exc)) from None
+    worker_name = name or f"{workload.value}-{gpu_id.split(':')[-1]}@{settings.node}"
+    os.environ.update(ARBITER_WORKER_WORKLOAD=workload.value, ARBITER_WORKER_GPU=gpu,
+                      ARBITER_WORKER_BACKEND=backend, ARBITER_WORKER_NAME=worker_name)
+    get_settings.cache_clear()
+    from workers.celery_app import app as celery_app
+
+    queues = ",".join(workload_queues(Workload(workload.value)))
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", worker_name, "-E",
+                            "--pool", "prefork", "--without-gossip", "--without-mingle", "-O", "fair",
+                            "--loglevel", loglevel])
+
+
+@app.command()
+def submit(
+    workload: Annotated[WorkloadArg, typer.Argument(help="llm or diffusion")],
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    priority: Annotated[PriorityArg, typer.Option(help="Queue priority.")] = PriorityArg.standard,
+    min_quality: Annotated[Optional[float], typer.Option(help="Never run below this quality.")] = None,
+    deadline_s: Annotated[Optional[float], typer.Option(help="Must finish within this many seconds.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="llm: tokens to generate.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="diffusion: denoising steps at full quality.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="diffusion: width in px at full quality.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="diffusion: height in px at full quality.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    wait: Annotated[bool, typer.Option(help="Wait for the result.")] = False,
+    stream: Annotated[bool, typer.Option(help="llm: print tokens as they come (implies --wait).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the output (PNG or text) here (implies --wait).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 600.0,
+) -> None:
+    """Submit a job; print its id (or, with --wait/--stream/--out, its result)."""
+    fields = {"workload": workload.value, "prompt": prompt, "priority": priority.value, "min_quality": min_quality,
+              "deadline_s": deadline_s, "max_new_tokens": max_new_tokens, "steps": steps, "width": width,
+              "height": height, "seed": seed}
+    with _client() as client:
+        handle = client.submit({k: v for k, v in fields.items() if v is not None})
+        if not (wait or stream or out):
+            console.print_json(json.dumps({"job_id": handle.id})) if as_json else print(handle.id)
+            return
+        if stream:
+            for token in handle.stream(timeout=timeout):
+                print(token, end="", flush=True)
+            print()
+        _print_result(handle.result(timeout=timeout), out, as_json, quiet=stream)
+
+
+def _print_result(result, out: Optional[Path], as_json: bool, quiet: bool = False) -> None:
+    if out is not None:
+        out.write_bytes(result.image_png) if result.image_png is not None else out.write_text(result.text or "")
+    if as_json:
+        console.print_json(json.dumps(result.summary()))
+    elif not quiet:
+        if result.text is not None:
+            print(result.text)
+        console.print(f"[dim]job {result.job_id}: quality {result.quality:.2f}, {result.params}, "
+                      f"queued {result.queue_wait_s:.3f} s, total {result.latency_s:.3f} s, "
+                      f"preemptions {result.preemptions}{', written to ' + str(out) if out else ''}[/dim]")
+
+
+@app.command()
+def result(
+    job_id: str,
+    out: Annotated[Optional[Path], typer.Option(help="Write the output (PNG or text) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 600.0,
+) -> None:
+    """Wait for a job and print its result."""
+    with _client() as client:
+        _print_result(client.get(job_id).result(timeout=timeout), out, as_json)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job: at once if queued, at its next step if running."""
+    with _client() as client:
+        state = client.get(job_id).cancel()
+        print(f"{job_id}: {state.value}" + (" (stops at its next step)" if state.value in ("running", "paused") else ""))
+
+
+@app.command("status")
+def status_cmd(
+    job_id: Annotated[Optional[str], typer.Argument(help="A job id; without it, the whole system.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one job, or every GPU, queue and running job."""
+    from arbiter.status import collect, render
+
+    with _client() as client:
+        if job_id:
+            st = client.get(job_id).status()
+            console.print_json(st.model_dump_json()) if as_json else console.print(st)
+            return
+        data = collect(client)
+        console.print_json(json.dumps(data)) if as_json else render(console, data)
+
+
+@app.command()
+def dev(
+    flower: Annotated[bool, typer.Option(help="Also start Flower.")] = True,
+    llm_concurrency: Annotated[int, typer.Option(min=1)] = 4,
+    diffusion_concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    gpu: Annotated[str, typer.Option(help="The sim GPU both workers share.")] = "sim:24GiB",
+) -> None:
+    """Run a local stack: Redis (embedded unless one answers at ARBITER_REDIS_URL), an llm and a diffusion
+    worker on one sim GPU, and Flower. Ctrl-C stops everything."""
+    from arbiter.stack import Stack, WorkerSpec
+
+    s = get_settings()
+    stack = Stack(s, [WorkerSpec("llm", gpu, llm_concurrency), WorkerSpec("diffusion", gpu, diffusion_concurrency)],
+                  flower=flower, log_dir=Path(".arbiter/logs"))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        stack.start()
+        console.print(f"redis   {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
+        stack.wait_for_workers()
+        console.print(f"workers llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}; logs in .arbiter/logs/")
+        if flower:
+            console.print(f"flower  http://127.0.0.1:{s.flower_port}  (user {s.flower_user}, password "
+                          f"{s.flower_password.get_secret_value()})")
+        console.print(f"try     ARBITER_REDIS_URL={stack.redis_url} arbiter submit llm 'hello' --priority interactive --stream")
+        console.print("[dim]Ctrl-C to stop[/dim]")
+        while all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(0.5)
+        dead = [n for n, p in stack.procs.items() if p.poll() is not None]
+        err.print(f"[red]{', '.join(dead)} exited; stopping (see .arbiter/logs/)[/red]")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping...")
+        stack.stop()
+
+
+@app.command()
+def demo(
+    duration_s: Annotated[float, typer.Option("--duration", help="Seconds of load.")] = 45.0,
+    redis_url: Annotated[Optional[str], typer.Option(help="Use this Redis instead of a private embedded one.")] = None,
+    flower: Annotated[bool, typer.Option(help="Also start Flower.")] = False,
+    seed: Annotated[int, typer.Option()] = 7,
+) -> None:
+    """Start a stack, run mixed chat + batch load with a live table, print a summary per priority."""
+    from arbiter.demo import run_demo
+
+    run_demo(console, duration_s=duration_s, redis_url=redis_url, flower=flower, seed=seed)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("ARBITER_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except InvalidJob as exc:
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ArbiterError as exc:
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except (ConnectionError, OSError) as exc:
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""`arbiter demo`: a private stack (embedded Redis, an llm and a diffusion worker on one sim GPU), a mixed
+load — interactive chat, standard llm jobs and a background image flood — a live table, and a summary."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from arbiter.stack import Stack, WorkerSpec
+from arbiter.status import gpu_snapshots
+from broker.client import Client, JobHandle
+from broker.schemas import JobStatus
+from broker.settings import get_settings
+from broker.states import TERMINAL, JobState
+
+CHAT_PROMPTS = ("How do I reverse a list in Python?", "Summarise the plot of Hamlet in two lines.",
+                "What is a good name for a grey cat?", "Explain TCP slow start briefly.",
+                "Write a haiku about GPUs.", "Translate 'good morning' to French.")
+IMAGE_PROMPTS = ("a lighthouse at dusk, oil painting", "a red fox in fresh snow", "isometric city block, pixel art",
+                 "a bowl of ramen, studio photo", "mountain lake at sunrise", "a robot reading a book")
+
+
+@dataclass
+class Tracked:
+    handle: JobHandle
+    kind: str                       # "<workload>.<priority>"
+    tokens: int = 0
+    status: JobStatus | None = None
+    result_quality: float | None = None
+    latency_s: float | None = None
+    run_s: float | None = None
+
+
+@dataclass
+class Load:
+    client: Client
+    rng: random.Random
+    jobs: list[Tracked] = field(default_factory=list)
+
+    def chat(self) -> None:
+        n = self.rng.choice((48, 64, 96, 128, 160))
+        h = self.client.submit(workload="llm", priority="interactive", prompt=self.rng.choice(CHAT_PROMPTS),
+                               max_new_tokens=n, seed=self.rng.randrange(1000))
+        self.jobs.append(Tracked(h, "llm.interactive", tokens=n))
+
+    def standard(self) -> None:
+        h = self.client.submit(workload="llm", priority="standard", prompt="Draft a product description.",
+                               max_new_tokens=256, seed=self.rng.randrange(1000))
+        self.jobs.append(Tracked(h, "llm.standard", tokens=256))
+
+    def image(self) -> None:
+        h = self.client.submit(workload="diffusion", priority="background", prompt=self.rng.choice(IMAGE_PROMPTS),
+                               steps=30, width=768, height=768, seed=self.rng.randrange(1000))
+        self.jobs.append(Tracked(h, "diffusion.background"))
+
+    def refresh(self) -> None:
+        for t in self.jobs:
+            if t.status is not None and t.status.state in TERMINAL:
+                continue
+            t.status = t.handle.status()
+            if t.status.state is JobState.FINISHED:
+                r = t.handle.result(timeout=5)
+                t.result_quality, t.latency_s = r.quality, r.latency_s
+                t.run_s = r.finished_at - r.started_at
+                t.tokens = int(r.params.get("max_new_tokens", t.tokens))
+
+    def queued_images(self) -> int:
+        return sum(1 for t in self.jobs if t.kind == "diffusion.background"
+                   and (t.status is None or t.status.state is JobState.QUEUED))
+
+
+def _pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def summarise(jobs: list[Tracked]) -> dict[str, dict[str, float | int | None]]:
+    groups: dict[str, list[Tracked]] = defaultdict(list)
+    for t in jobs:
+        groups[t.kind].append(t)
+    out = {}
+    for kind in sorted(groups):
+        ts = groups[kind]
+        done = [t for t in ts if t.latency_s is not None]
+        lat = [t.latency_s for t in done if t.latency_s is not None]
+        per_tok = [t.run_s / t.tokens * 1000 for t in done if t.run_s and t.tokens and kind.startswith("llm")]
+        states = [t.status.state if t.status else JobState.QUEUED for t in ts]
+        out[kind] = {
+            "submitted": len(ts), "finished": len(done),
+            "running": sum(s is JobState.RUNNING for s in states),
+            "queued": sum(s is JobState.QUEUED for s in states),
+            "failed": sum(s is JobState.FAILED for s in states),
+            "cancelled": sum(s is JobState.CANCELLED for s in states),
+            "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95),
+            "mean_quality": statistics.fmean([t.result_quality for t in done if t.result_quality is not None])
+            if done else None,
+            "ms_per_token_p50": _pct(per_tok, 50),
+        }
+    return out
+
+
+def _table(summary: dict, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("queue", no_wrap=True, min_width=20)
+    for col in ("sub", "wait", "run", "done", "fail", "cncl", "p50 s", "p95 s", "quality", "ms/tok"):
+        t.add_column(col, justify="right", no_wrap=True)
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for kind, s in summary.items():
+        t.add_row(kind, str(s["submitted"]), str(s["queued"]), str(s["running"]), str(s["finished"]),
+                  str(s["failed"]), str(s["cancelled"]), f(s["p50_s"]), f(s["p95_s"]), f(s["mean_quality"]),
+                  f(s["ms_per_token_p50"], 1))
+    return t
+
+
+def _gpu_line(client: Client) -> str:
+    parts = [f"{g.gpu_id}: {g.used_mib}/{g.usable_mib} MiB usable, pressure {g.pressure:.2f}, {len(g.jobs)} jobs"
+             for g in gpu_snapshots(client)]
+    return " | ".join(parts) or "no GPU snapshot yet"
+
+
+def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None = None, flower: bool = False,
+             seed: int = 7) -> dict:
+    settings = get_settings()
+    if redis_url:
+        settings = settings.model_copy(update={"redis_url": redis_url})
+    stack = Stack(settings, [WorkerSpec("llm", "sim:24GiB", 4), WorkerSpec("diffusion", "sim:24GiB", 1)],
+                  flower=flower, private_redis=redis_url is None, log_dir=Path(".arbiter/demo-logs"))
+    console.print("[bold]Arbiter demo[/bold]: starting Redis, an llm worker (x4) and a diffusion worker on one sim GPU...")
+    with stack:
+        stack.wait_for_workers()
+        if flower:
+            console.print(f"flower: http://127.0.0.1:{settings.flower_port} (user {settings.flower_user})")
+        client = Client(settings=stack.settings)
+        load = Load(client, random.Random(seed))
+        t0 = time.monotonic()
+        next_chat = t0
+        next_standard = t0 + 2.0
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            while time.monotonic() - t0 < duration_s:
+                now = time.monotonic()
+                while load.queued_images() < 6:
+                    load.image()
+                if now >= next_chat:
+                    load.chat()
+                    next_chat = now + load.rng.expovariate(1.2)
+                if now >= next_standard:
+                    load.standard()
+                    next_standard = now + 4.0
+                load.refresh()
+                live.update(Group(_table(summarise(load.jobs), f"load: {now - t0:4.0f}/{duration_s:.0f} s"),
+                                  _gpu_line(client)))
+                time.sleep(0.25)
+            # drain: let chat and standard work finish, cancel the rest of the flood (said, never dropped)
+            for t in load.jobs:
+                if t.kind == "diffusion.background" and t.status and t.status.state is JobState.QUEUED:
+                    t.handle.cancel()
+            drain_until = time.monotonic() + 60
+            while time.monotonic() < drain_until:
+                load.refresh()
+                live.update(Group(_table(summarise(load.jobs), "draining"), _gpu_line(client)))
+                if all(t.status and t.status.state in TERMINAL for t in load.jobs):
+                    break
+                time.sleep(0.25)
+        console.print()
+        summary = summarise(load.jobs)
+        console.print(_table(summary, "Summary per queue (latency: submit to result; ms/tok: run time per token)"))
+        lost = sum(1 for t in load.jobs if not (t.status and t.status.state in TERMINAL))
+        console.print(f"{len(load.jobs)} jobs submitted; {lost} not finished when the demo ended; "
+                      "queued background jobs left at the end were cancelled explicitly.")
+        client.close()
+    return summary

@@ -1,0 +1,135 @@
+"""Start and stop a local stack (Redis, workers, Flower) as child processes, with no orphans: each child
+runs in its own process group, dies with its parent (PR_SET_PDEATHSIG on Linux), and is stopped with
+SIGTERM then SIGKILL on Ctrl-C."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.redis_server import EmbeddedRedis, ensure_redis, free_port
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+@dataclass
+class WorkerSpec:
+    workload: str
+    gpu: str = "sim:24GiB"
+    concurrency: int = 1
+    backend: str = "sim"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    workers: list[WorkerSpec] = field(default_factory=list)
+    flower: bool = True
+    private_redis: bool = False
+    log_dir: Path | None = None
+    redis: EmbeddedRedis | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def redis_url(self) -> str:
+        return self.settings.redis_url
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["ARBITER_REDIS_URL"] = self.settings.redis_url
+        env["ARBITER_SIM_TIME_SCALE"] = str(self.settings.sim_time_scale)
+        env["ARBITER_SIM_GPU_VRAM_MIB"] = str(self.settings.sim_gpu_vram_mib)
+        env.update(extra)
+        return env
+
+    def start(self) -> Stack:
+        if self.private_redis:
+            self.redis = EmbeddedRedis().start()
+            self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
+        else:
+            self.redis = ensure_redis(self.settings.redis_url)
+        for w in self.workers:
+            self._spawn(f"worker-{w.workload}", [sys.executable, "-m", "arbiter", "worker", "--workload", w.workload,
+                                                 "--gpu", w.gpu, "--concurrency", str(w.concurrency),
+                                                 "--backend", w.backend])
+        if self.flower:
+            user, password = self.settings.flower_user, self.settings.flower_password.get_secret_value()
+            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+                                   f"--port={self.settings.flower_port}", "--address=127.0.0.1",
+                                   f"--basic-auth={user}:{password}", "--persistent=False"])
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        out = subprocess.DEVNULL
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the child)
+        self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                            preexec_fn=_die_with_parent)
+
+    def wait_for_workers(self, timeout_s: float = 60.0) -> None:
+        """Block until every worker answers a Celery ping."""
+        from broker.app import create_app
+
+        app = create_app(self.settings, name="arbiter-stack")
+        want = len(self.workers)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with code {proc.returncode} while starting")
+                replies = app.control.ping(timeout=0.5) or []
+                if len(replies) >= want:
+                    return
+            raise TimeoutError(f"only some of {want} workers answered within {timeout_s} s")
+        finally:
+            app.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        self.procs.clear()
+        if self.redis:
+            self.redis.cleanup()
+            self.redis = None
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["Stack", "WorkerSpec", "free_port"]

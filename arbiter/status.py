@@ -1,0 +1,69 @@
+"""What `arbiter status` shows: every GPU's published snapshot, queue depths and the live jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from broker.app import all_queues
+from broker.client import Client
+from broker.schemas import GpuSnapshot
+from broker.states import JobState
+
+
+def gpu_snapshots(client: Client) -> list[GpuSnapshot]:
+    ids = sorted(x.decode() for x in client.redis.smembers(client.keys.gpus()))
+    raw = client.redis.mget([client.keys.gpu_snapshot(g) for g in ids]) if ids else []
+    return [GpuSnapshot.model_validate_json(r) for r in raw if r]
+
+
+def queue_depths(client: Client) -> dict[str, int]:
+    pipe = client.redis.pipeline()
+    for q in all_queues():
+        pipe.llen(q)
+    return dict(zip(all_queues(), (int(n) for n in pipe.execute())))
+
+
+def collect(client: Client) -> dict[str, Any]:
+    jobs = []
+    for job_id in client.store.live_ids()[:500]:
+        try:
+            st = client.store.status(job_id)
+        except KeyError:
+            continue
+        if st.state is not JobState.QUEUED:
+            jobs.append(st.model_dump(mode="json"))
+    return {
+        "taken_at": time.time(),
+        "gpus": [{**g.model_dump(mode="json"), "usable_mib": g.usable_mib, "pressure": round(g.pressure, 4)}
+                 for g in gpu_snapshots(client)],
+        "queues": queue_depths(client),
+        "jobs": jobs,
+    }
+
+
+def render(console: Console, data: dict[str, Any]) -> None:
+    gpus = Table(title="GPUs")
+    for col in ("gpu", "kind", "VRAM used / usable MiB", "pressure", "resident", "jobs"):
+        gpus.add_column(col)
+    for g in data["gpus"]:
+        gpus.add_row(g["gpu_id"], g["kind"], f"{g['used_mib']} / {g['usable_mib']}", f"{g['pressure']:.2f}",
+                     ", ".join(r.split("|")[-1] for r in g["resident"]), str(len(g["jobs"])))
+    console.print(gpus)
+    queues = Table(title="Queues")
+    queues.add_column("queue")
+    queues.add_column("depth", justify="right")
+    for q, n in data["queues"].items():
+        queues.add_row(q, str(n))
+    console.print(queues)
+    jobs = Table(title="Live jobs (not queued)")
+    for col in ("job", "workload", "priority", "state", "quality", "step", "gpu"):
+        jobs.add_column(col)
+    for j in data["jobs"]:
+        jobs.add_row(j["job_id"][:8], j["workload"], j["priority"], j["state"],
+                     "" if j["quality"] is None else f"{j['quality']:.2f}",
+                     f"{j['step'] or 0}/{j['total'] or '?'}", j["gpu_id"] or "")
+    console.print(jobs)

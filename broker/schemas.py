@@ -1,0 +1,217 @@
+"""Pydantic models at the boundary: what a client submits (`JobSpec`), what it reads back (`JobStatus`,
+`JobResult`), and what a worker publishes while running (`Progress`)."""
+
+from __future__ import annotations
+
+import base64
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from broker.settings import Settings, get_settings
+from broker.states import JobState
+
+
+class Workload(StrEnum):
+    LLM = "llm"
+    DIFFUSION = "diffusion"
+
+
+class Priority(StrEnum):
+    """Strongest first: the order a worker drains its queues in."""
+
+    INTERACTIVE = "interactive"
+    STANDARD = "standard"
+    BACKGROUND = "background"
+
+
+PRIORITY_ORDER: tuple[Priority, ...] = (Priority.INTERACTIVE, Priority.STANDARD, Priority.BACKGROUND)
+LLM_ONLY = ("max_new_tokens",)
+DIFFUSION_ONLY = ("steps", "width", "height")
+
+
+def workload_min_quality(workload: Workload, settings: Settings) -> float:
+    return settings.min_quality_llm if workload is Workload.LLM else settings.min_quality_diffusion
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    ctx = info.context or {}
+    return ctx.get("settings") or get_settings()
+
+
+class JobSpec(BaseModel):
+    """A generation job as submitted. Unknown fields are refused; workload params default per workload.
+
+    Validate with `JobSpec.model_validate(data, context={"settings": s})` to apply other limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    workload: Workload
+    prompt: str = Field(min_length=1)
+    priority: Priority = Priority.STANDARD
+    min_quality: float | None = Field(None, description="Never run below this quality (default: workload floor).")
+    deadline_s: float | None = Field(None, gt=0, description="Seconds after submit by which it must finish.")
+    seed: int = Field(0, ge=0, lt=2**63)
+    # llm
+    max_new_tokens: int | None = Field(None, gt=0)
+    # diffusion
+    steps: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_limit(cls, v: str, info: ValidationInfo) -> str:
+        limit = _settings(info).max_prompt_chars
+        if len(v) > limit:
+            raise ValueError(f"prompt is {len(v)} characters; at most {limit} are allowed")
+        return v
+
+    @model_validator(mode="after")
+    def _workload_fields(self, info: ValidationInfo) -> JobSpec:
+        s = _settings(info)
+        wrong = DIFFUSION_ONLY if self.workload is Workload.LLM else LLM_ONLY
+        for name in wrong:
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} does not apply to {self.workload.value} jobs")
+        floor = workload_min_quality(self.workload, s)
+        if self.min_quality is not None and not floor <= self.min_quality <= 1.0:
+            raise ValueError(
+                f"min_quality {self.min_quality} is outside [{floor}, 1.0] for {self.workload.value} jobs"
+            )
+        if self.workload is Workload.LLM:
+            mnt = self.max_new_tokens or 128
+            if mnt > s.max_new_tokens_limit:
+                raise ValueError(f"max_new_tokens {mnt} is over the limit {s.max_new_tokens_limit}")
+            object.__setattr__(self, "max_new_tokens", mnt)
+        else:
+            steps = self.steps or 30
+            if steps > s.max_steps_limit:
+                raise ValueError(f"steps {steps} is over the limit {s.max_steps_limit}")
+            for side in ("width", "height"):
+                px = getattr(self, side) or 512
+                if px % 8 or not 64 <= px <= s.max_image_side_px:
+                    raise ValueError(
+                        f"{side} {px} must be a multiple of 8 between 64 and {s.max_image_side_px}"
+                    )
+                object.__setattr__(self, side, px)
+            object.__setattr__(self, "steps", steps)
+        if self.min_quality is None:
+            object.__setattr__(self, "min_quality", floor)
+        return self
+
+    @property
+    def queue(self) -> str:
+        return queue_name(self.workload, self.priority)
+
+
+def queue_name(workload: Workload | str, priority: Priority | str) -> str:
+    return f"{Workload(workload).value}.{Priority(priority).value}"
+
+
+class Progress(BaseModel):
+    """Celery `PROGRESS` meta and the body of a progress event."""
+
+    step: int
+    total: int
+    quality: float
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: JobState
+    workload: Workload
+    priority: Priority
+    step: int | None = None
+    total: int | None = None
+    quality: float | None = None
+    worker: str | None = None
+    gpu_id: str | None = None
+    preemptions: int = 0
+    runs: int = 0
+    error: str | None = None
+    queued_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        from broker.states import TERMINAL
+
+        return self.state in TERMINAL
+
+
+class JobResult(BaseModel):
+    """A finished job. `image_png` is carried as base64 in JSON."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    job_id: str
+    workload: Workload
+    priority: Priority
+    quality: float
+    params: dict[str, Any]
+    text: str | None = None
+    image_png: bytes | None = None
+    queued_at: float
+    started_at: float
+    finished_at: float
+    preemptions: int = 0
+    runs: int = 1
+    worker: str
+    gpu_id: str
+
+    @property
+    def queue_wait_s(self) -> float:
+        return self.started_at - self.queued_at
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_at - self.queued_at
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly view without the image bytes (for Celery's backend, Flower and logs)."""
+        d = self.model_dump(mode="json", exclude={"image_png"})
+        if self.image_png is not None:
+            d["image_png_bytes"] = len(self.image_png)
+        return d
+
+    def image_b64(self) -> str | None:
+        return base64.b64encode(self.image_png).decode() if self.image_png else None
+
+
+class GpuJob(BaseModel):
+    job_id: str
+    workload: str
+    vram_mib: int
+    worker: str
+
+
+class GpuSnapshot(BaseModel):
+    """One GPU's memory as its worker last saw it (pynvml on real GPUs, the sim GPU otherwise).
+    Workers publish it to Redis; the arbiter, `arbiter status` and metrics only read it."""
+
+    gpu_id: str
+    kind: str                          # "sim" or "nvml"
+    total_mib: int
+    used_mib: int
+    weights_mib: int = 0
+    jobs_mib: int = 0
+    utilization: float | None = None   # 0..1 where the device reports it
+    resident: list[str] = Field(default_factory=list)   # "<worker>|<model>"
+    jobs: list[GpuJob] = Field(default_factory=list)
+    taken_at: float
+    reserve_fraction: float = 0.1
+
+    @property
+    def usable_mib(self) -> int:
+        return int(self.total_mib * (1 - self.reserve_fraction))
+
+    @property
+    def free_mib(self) -> int:
+        return self.total_mib - self.used_mib
+
+    @property
+    def pressure(self) -> float:
+        return self.used_mib / self.usable_mib if self.usable_mib else 1.0

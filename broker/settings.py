@@ -1,0 +1,58 @@
+"""One `Settings` object for every process (client, workers, beat, CLI), read from `ARBITER_*` env vars
+and `.env`. Units live in the names (`_s`, `_mib`)."""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARBITER_", env_file=".env", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and state store.")
+    key_prefix: str = Field("arbiter", description="Prefix of every Redis key Arbiter writes (not Celery's).")
+
+    # Input limits, enforced at submit before anything is enqueued.
+    max_prompt_chars: int = Field(8_000, gt=0)
+    max_new_tokens_limit: int = Field(4_096, gt=0)
+    max_steps_limit: int = Field(200, gt=0)
+    max_image_side_px: int = Field(2_048, gt=0)
+
+    # Timing. The visibility timeout must exceed the longest job (else Redis redelivers a running job).
+    visibility_timeout_s: int = Field(4 * 3600, gt=0)
+    result_ttl_s: int = Field(24 * 3600, gt=0, description="How long job records, results and streams are kept.")
+    progress_interval_s: float = Field(0.1, ge=0, description="Minimum gap between two PROGRESS updates.")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_ttl_s: float = Field(10.0, gt=0)
+    snapshot_interval_s: float = Field(0.25, gt=0, description="How often workers publish GPU snapshots.")
+
+    # Simulated GPU (dev, tests, demo, bench).
+    sim_gpu_vram_mib: int = Field(24 * 1024, gt=0)
+    sim_time_scale: float = Field(1.0, gt=0, description="Multiplies every simulated duration (0.1 = 10x faster).")
+    sim_pcie_gbps: float = Field(25.0, gt=0, description="Host-to-device rate for simulated weight loads.")
+
+    # This worker process (set by `arbiter worker`; read by the task processes it forks).
+    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
+    worker_workload: str = "llm"
+    worker_gpu: str = Field("sim", description="sim[N][:SIZE], e.g. sim:24GiB")
+    worker_backend: str = "sim"
+    worker_name: str = ""
+
+    # Flower.
+    flower_port: int = 5555
+    flower_user: str = "arbiter"
+    flower_password: SecretStr = SecretStr("arbiter")
+
+    # Quality floors per workload (a job never runs below its own min_quality nor these).
+    min_quality_llm: float = Field(0.4, ge=0.0, le=1.0)
+    min_quality_diffusion: float = Field(0.3, ge=0.0, le=1.0)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once). Tests build `Settings(...)` directly instead."""
+    return Settings()

@@ -1,0 +1,58 @@
+"""The Celery app with Arbiter's tasks registered: what `celery -A workers.celery_app` and
+`arbiter worker` run. Clients do not import this (they send by task name)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from broker.app import TASK_NAMES, create_app
+from broker.errors import ArbiterError
+from broker.schemas import Workload
+from broker.settings import get_settings
+from workers import runner
+from workers.runtime import close_runtime, get_runtime
+
+log = logging.getLogger(__name__)
+app = create_app(get_settings())
+
+
+class JobTask(Task):
+    """Base task: no Celery-level retries (Arbiter requeues on its own terms), errors with clear text."""
+
+    max_retries = 0
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = False   # a malformed message reaches the task and is rejected with a reason, not a TypeError
+    throws = (ArbiterError,)   # expected failures are logged by us, without Celery's traceback
+
+
+def _run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    if len(args) != 1 or kwargs:
+        log.error("job %s rejected: expected one argument (the job spec), got args=%r kwargs=%r",
+                  task.request.id, args, kwargs)
+        args = (None,)
+    return runner.execute(get_runtime(), task.request.id, args[0], task)
+
+
+@app.task(bind=True, base=JobTask, name=TASK_NAMES[Workload.LLM])
+def llm_generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _run(self, *args, **kwargs)
+
+
+@app.task(bind=True, base=JobTask, name=TASK_NAMES[Workload.DIFFUSION])
+def diffusion_generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _run(self, *args, **kwargs)
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    get_runtime()   # load in the child, never in the parent (CUDA is not fork-safe)
+
+
+@worker_process_shutdown.connect
+def _shutdown_process(**_: Any) -> None:
+    close_runtime()

@@ -1,0 +1,91 @@
+"""Quality ladders: a monotone map from quality to concrete parameters and a VRAM estimate.
+
+A ladder is a list of rungs, best first. A job runs at the highest rung whose quality is at most the
+budget and at least the job's `min_quality` (`pick_rung`). Pure functions, unit-tested."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.schemas import JobSpec, Workload
+from workers import simprofile as prof
+
+
+@dataclass(frozen=True)
+class Rung:
+    quality: float
+    variant: str                 # the model variant this rung runs (weights must be resident)
+    weights_mib: int             # resident weights of that variant
+    vram_mib: int                # the job's own memory on top of the weights (activations, KV cache)
+    params: dict[str, Any] = field(default_factory=dict)   # concrete generation params
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.params.get("steps") or self.params.get("max_new_tokens") or 0)
+
+
+# (quality, variant, share of the requested max_new_tokens)
+LLM_RUNGS: tuple[tuple[float, str, float], ...] = (
+    (1.0, "llama-8b", 1.0),
+    (0.85, "llama-8b-int8", 1.0),
+    (0.7, "llama-3b", 1.0),
+    (0.5, "llama-1b", 1.0),
+    (0.4, "llama-1b", 0.5),
+)
+
+# (quality, share of the requested steps, share of the requested side length)
+DIFFUSION_RUNGS: tuple[tuple[float, float, float], ...] = (
+    (1.0, 1.0, 1.0),
+    (0.8, 0.75, 1.0),
+    (0.6, 0.6, 0.75),
+    (0.45, 0.5, 0.625),
+    (0.3, 0.4, 0.5),
+)
+
+
+def prompt_tokens(prompt: str) -> int:
+    """Rough token count (~4 characters per token) for memory and prefill estimates."""
+    return max(1, math.ceil(len(prompt) / 4))
+
+
+def llm_ladder(spec: JobSpec) -> list[Rung]:
+    assert spec.workload is Workload.LLM and spec.max_new_tokens
+    rungs = []
+    for quality, name, share in LLM_RUNGS:
+        v = prof.LLM_VARIANTS[name]
+        tokens = max(1, math.ceil(spec.max_new_tokens * share))
+        kv = v.kv_mib_per_token * (prompt_tokens(spec.prompt) + tokens)
+        rungs.append(Rung(quality, name, v.weights_mib, int(math.ceil(kv + 64)),
+                          {"variant": name, "max_new_tokens": tokens}))
+    return rungs
+
+
+def _side(px: int, share: float) -> int:
+    """Scaled side length, a multiple of 64 (at least 64, never above the request)."""
+    return min(px, max(64, int(round(px * share / 64)) * 64))
+
+
+def diffusion_ladder(spec: JobSpec) -> list[Rung]:
+    assert spec.workload is Workload.DIFFUSION and spec.steps and spec.width and spec.height
+    rungs = []
+    for quality, step_share, side_share in DIFFUSION_RUNGS:
+        w, h = _side(spec.width, side_share), _side(spec.height, side_share)
+        steps = max(1, math.ceil(spec.steps * step_share))
+        rungs.append(Rung(quality, prof.DIFFUSION_MODEL, prof.DIFFUSION_WEIGHTS_MIB,
+                          prof.diffusion_activation_mib(w, h),
+                          {"variant": prof.DIFFUSION_MODEL, "steps": steps, "width": w, "height": h}))
+    return rungs
+
+
+def ladder_for(spec: JobSpec) -> list[Rung]:
+    return llm_ladder(spec) if spec.workload is Workload.LLM else diffusion_ladder(spec)
+
+
+def pick_rung(ladder: list[Rung], budget: float, min_quality: float) -> Rung | None:
+    """Highest rung with min_quality <= quality <= budget; None if the budget is below the job's minimum."""
+    for rung in sorted(ladder, key=lambda r: r.quality, reverse=True):
+        if rung.quality <= budget + 1e-9 and rung.quality >= min_quality - 1e-9:
+            return rung
+    return None
