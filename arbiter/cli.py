@@ -209,20 +209,38 @@ def demo(
     run_demo(console, duration_s=duration_s, redis_url=redis_url, flower=flower, seed=seed)
 
 
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException as _ClickException
+_Abort, _Exit = typer.Abort, typer.Exit
+
+
+def _fail(message: str, code: int) -> None:
+    if message:
+        err.print(f"error: {message}", highlight=False, soft_wrap=True, markup=False)
+    sys.exit(code)
+
+
 def main() -> None:
+    """Entry point: every error is one line on stderr; exit 2 for bad input, 1 for other failures."""
+    import redis
+
     logging.basicConfig(level=os.environ.get("ARBITER_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except _Exit as exc:
+        sys.exit(exc.exit_code)
+    except (_Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except _ClickException as exc:  # bad flags or arguments
+        _fail(exc.format_message(), exc.exit_code)
     except InvalidJob as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except ArbiterError as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except (ConnectionError, OSError) as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(exc), 2)
+    except (ArbiterError, redis.RedisError, ConnectionError, OSError) as exc:
+        _fail(str(exc), 1)
 
 
 if __name__ == "__main__":

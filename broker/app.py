@@ -41,6 +41,7 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
         "visibility_timeout": settings.visibility_timeout_s,
     }
     app.conf.update(
+        broker_transport="broker.transport:Transport",   # kombu's redis transport, hardened
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

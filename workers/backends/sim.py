@@ -141,7 +141,8 @@ class SimDiffusionBackend(_SimBackend):
             nonlocal latents
             sigma = np.float32(1.0 - (i + 1) / total)
             noise = np.random.default_rng([spec.seed, i + 1]).standard_normal(shape, np.float32)
-            latents = (latents + (target - latents) / np.float32(total - i) + noise * sigma * np.float32(0.1))
+            # a damped walk towards the prompt's target: the end depends on the seed and on every step
+            latents = (latents * np.float32(0.85) + target * np.float32(0.15) + noise * sigma * np.float32(0.2))
             latents = latents.astype(np.float32)
             snap = latents.copy()
             on_step(StepInfo(i + 1, total, None, lambda: _pack_latents(i + 1, snap)))

@@ -1,0 +1,36 @@
+"""kombu's Redis transport, hardened: a message that is not valid JSON, pushed straight onto a queue,
+is logged and dropped instead of killing the worker.
+
+Stock kombu decodes the envelope inside its BRPOP handler; a `JSONDecodeError` there escapes to Celery's
+consumer as an "Unrecoverable error" and the whole worker exits (tests/integration/test_bad_input.py
+shows it). Garbage carries no task id to fail, so it is dropped with its first bytes logged; a well-formed
+envelope with a bad body still reaches the task, which fails the job with the reason."""
+
+from __future__ import annotations
+
+import logging
+from queue import Empty
+
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+
+class Channel(kombu_redis.Channel):
+    def _brpop_read(self, **options):  # type: ignore[no-untyped-def]
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, UnicodeDecodeError) as exc:   # json.JSONDecodeError is a ValueError
+            log.error("dropped a message that is not a valid JSON envelope: %s", exc)
+            raise Empty() from None
+
+    def _get(self, queue):  # type: ignore[no-untyped-def]
+        try:
+            return super()._get(queue)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.error("dropped a message on %s that is not a valid JSON envelope: %s", queue, exc)
+            raise Empty() from None
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

@@ -1,0 +1,138 @@
+"""Shared fixtures. Unit tests use fakeredis; integration tests a real redis-server (started once per
+session on a free port) and real Celery workers started as subprocesses with `arbiter worker`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from broker.client import Client
+from broker.redis_server import EmbeddedRedis
+from broker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def fake_redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """A fresh database of the session's server for each test module (16 databases, one per module)."""
+    db = next(_db_numbers) % 16
+    url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, sim_time_scale=1.0, progress_interval_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[Client]:
+    c = Client(settings=settings)
+    yield c
+    c.close()
+
+
+class WorkerProc:
+    def __init__(self, proc: subprocess.Popen, log: Path, name: str) -> None:
+        self.proc, self.log, self.name = proc, log, name
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (the worker's parent and its pool children)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(ARBITER_REDIS_URL=settings.redis_url, ARBITER_SIM_TIME_SCALE=str(settings.sim_time_scale),
+               ARBITER_PROGRESS_INTERVAL_S=str(settings.progress_interval_s), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def start_worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProc]]:
+    """Start `arbiter worker` subprocesses; each is waited for (Celery ping) and killed at module end."""
+    started: list[WorkerProc] = []
+    logs = tmp_path_factory.mktemp("workers")
+    counter = itertools.count()
+
+    def start(workload: str, concurrency: int = 1, gpu: str = "sim:24GiB", name: str | None = None,
+              wait: bool = True, **env: str) -> WorkerProc:
+        name = name or f"{workload}-{next(counter)}@test"
+        log = logs / f"{name}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "arbiter", "worker", "--workload", workload, "--gpu", gpu,
+             "--concurrency", str(concurrency), "--name", name],
+            env=worker_env(settings, **env), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=ROOT,
+        )
+        w = WorkerProc(proc, log, name)
+        started.append(w)
+        if wait:
+            wait_for_worker(settings, w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def wait_for_worker(settings: Settings, w: WorkerProc, timeout_s: float = 30.0) -> None:
+    from broker.app import create_app
+
+    app = create_app(settings, name="test-ping")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"worker {w.name} exited: {w.output()[-3000:]}")
+            if app.control.ping(destination=[w.name], timeout=0.3):
+                return
+        raise TimeoutError(f"worker {w.name} did not answer: {w.output()[-3000:]}")
+    finally:
+        app.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")

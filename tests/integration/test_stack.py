@@ -1,0 +1,90 @@
+"""`arbiter dev` (Redis, workers, Flower with auth) and `arbiter demo`, as a user runs them."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from broker.client import Client
+from broker.redis_server import free_port
+from broker.settings import Settings
+from tests.conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def http_get(url, user=None, password=None):
+    req = urllib.request.Request(url)
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return resp.status, resp.read()
+
+
+def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
+    redis_port, flower_port = free_port(), free_port()
+    env = dict(os.environ, ARBITER_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ARBITER_FLOWER_PORT=str(flower_port),
+               ARBITER_FLOWER_PASSWORD="s3cret", PYTHONUNBUFFERED="1")
+    log = tmp_path / "dev.log"
+    proc = subprocess.Popen([sys.executable, "-m", "arbiter", "dev"], env=env, cwd=tmp_path,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Ctrl-C to stop" in log.read_text() or proc.poll() is not None, timeout_s=60)
+        out = log.read_text()
+        assert proc.poll() is None, out
+        assert f"http://127.0.0.1:{flower_port}" in out and "s3cret" in out
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4   # redis, two workers (+ pool children), flower
+
+        client = Client(settings=Settings(redis_url=env["ARBITER_REDIS_URL"]))
+        job = client.submit(workload="llm", prompt="hi flower", priority="interactive", max_new_tokens=5)
+        job.result(timeout=30)
+        base = f"http://127.0.0.1:{flower_port}"
+        wait_until(lambda: _flower_up(base), timeout_s=30, interval_s=0.3)
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            http_get(f"{base}/api/tasks")
+        assert denied.value.code == 401
+
+        def flower_has_job():
+            _, body = http_get(f"{base}/api/tasks", "arbiter", "s3cret")
+            task = json.loads(body).get(job.id)
+            return bool(task) and task["state"] == "SUCCESS"
+
+        wait_until(flower_has_job, timeout_s=20, interval_s=0.3)
+        _, body = http_get(f"{base}/api/tasks", "arbiter", "s3cret")
+        task = json.loads(body)[job.id]
+        assert task["name"] == "arbiter.llm.generate" and task["routing_key"] == "llm.interactive"
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    gone = psutil.wait_procs(children, timeout=15)[1]
+    assert not gone, f"orphans left running: {gone}"
+    assert proc.returncode == 0
+
+
+def _flower_up(base):
+    try:
+        http_get(base + "/healthcheck")
+        return True
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
+def test_demo_runs_and_summarises(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="140")
+    p = subprocess.run([sys.executable, "-m", "arbiter", "demo", "--duration", "6"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Summary per queue" in p.stdout
+    for queue in ("llm.interactive", "diffusion.background"):
+        assert queue in p.stdout
+    assert "0 not finished" in p.stdout
