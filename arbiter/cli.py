@@ -65,7 +65,8 @@ def worker(
         raise InvalidJob(str(exc)) from None
     worker_name = name or f"{workload.value}-{gpu_id.split(':')[-1]}@{settings.node}"
     os.environ.update(ARBITER_WORKER_WORKLOAD=workload.value, ARBITER_WORKER_GPU=gpu,
-                      ARBITER_WORKER_BACKEND=backend, ARBITER_WORKER_NAME=worker_name)
+                      ARBITER_WORKER_BACKEND=backend, ARBITER_WORKER_NAME=worker_name,
+                      ARBITER_WORKER_CONCURRENCY=str(concurrency))
     get_settings.cache_clear()
     from workers.celery_app import app as celery_app
 
@@ -73,6 +74,34 @@ def worker(
     celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", worker_name, "-E",
                             "--pool", "prefork", "--without-gossip", "--without-mingle", "-O", "fair",
                             "--loglevel", loglevel])
+
+
+class PolicyArg(StrEnum):
+    arbiter = "arbiter"
+    priority = "priority"
+    fifo = "fifo"
+
+
+@app.command()
+def beat(
+    interval_s: Annotated[Optional[float], typer.Option("--interval", help="Seconds between ticks (default 0.5).")] = None,
+) -> None:
+    """Run the arbiter's control loop (one leader at a time; start two for failover)."""
+    from arbiter.beat import Beat
+
+    s = get_settings()
+    if interval_s is not None:
+        s = s.model_copy(update={"beat_interval_s": interval_s})
+    logging.getLogger("arbiter").setLevel(logging.INFO)
+    b = Beat(s)
+    stop = __import__("threading").Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        b.run(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.close()
 
 
 @app.command()
@@ -165,12 +194,15 @@ def dev(
     llm_concurrency: Annotated[int, typer.Option(min=1)] = 4,
     diffusion_concurrency: Annotated[int, typer.Option(min=1)] = 1,
     gpu: Annotated[str, typer.Option(help="The sim GPU both workers share.")] = "sim:24GiB",
+    policy: Annotated[Optional[PolicyArg], typer.Option(help="Scheduling policy (default: ARBITER_POLICY or arbiter).")] = None,
 ) -> None:
     """Run a local stack: Redis (embedded unless one answers at ARBITER_REDIS_URL), an llm and a diffusion
     worker on one sim GPU, and Flower. Ctrl-C stops everything."""
     from arbiter.stack import Stack, WorkerSpec
 
     s = get_settings()
+    if policy is not None:
+        s = s.model_copy(update={"policy": policy.value})
     stack = Stack(s, [WorkerSpec("llm", gpu, llm_concurrency), WorkerSpec("diffusion", gpu, diffusion_concurrency)],
                   flower=flower, log_dir=Path(".arbiter/logs"))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -178,7 +210,8 @@ def dev(
         stack.start()
         console.print(f"redis   {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
         stack.wait_for_workers()
-        console.print(f"workers llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}; logs in .arbiter/logs/")
+        console.print(f"workers llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}, beat "
+                      f"(policy {stack.settings.policy}); logs in .arbiter/logs/")
         if flower:
             console.print(f"flower  http://127.0.0.1:{s.flower_port}  (user {s.flower_user}, password "
                           f"{s.flower_password.get_secret_value()})")
@@ -202,11 +235,13 @@ def demo(
     redis_url: Annotated[Optional[str], typer.Option(help="Use this Redis instead of a private embedded one.")] = None,
     flower: Annotated[bool, typer.Option(help="Also start Flower.")] = False,
     seed: Annotated[int, typer.Option()] = 7,
+    policy: Annotated[Optional[PolicyArg], typer.Option(help="Scheduling policy (default arbiter).")] = None,
 ) -> None:
     """Start a stack, run mixed chat + batch load with a live table, print a summary per priority."""
     from arbiter.demo import run_demo
 
-    run_demo(console, duration_s=duration_s, redis_url=redis_url, flower=flower, seed=seed)
+    run_demo(console, duration_s=duration_s, redis_url=redis_url, flower=flower, seed=seed,
+             policy=policy.value if policy else None)
 
 
 try:  # typer >= 0.20 vendors click

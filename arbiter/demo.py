@@ -129,8 +129,10 @@ def _gpu_line(client: Client) -> str:
 
 
 def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None = None, flower: bool = False,
-             seed: int = 7) -> dict:
+             seed: int = 7, policy: str | None = None) -> dict:
     settings = get_settings()
+    if policy:
+        settings = settings.model_copy(update={"policy": policy})
     if redis_url:
         settings = settings.model_copy(update={"redis_url": redis_url})
     stack = Stack(settings, [WorkerSpec("llm", "sim:24GiB", 4), WorkerSpec("diffusion", "sim:24GiB", 1)],

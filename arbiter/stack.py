@@ -42,6 +42,7 @@ class Stack:
     settings: Settings
     workers: list[WorkerSpec] = field(default_factory=list)
     flower: bool = True
+    beat: bool = True
     private_redis: bool = False
     log_dir: Path | None = None
     redis: EmbeddedRedis | None = None
@@ -56,6 +57,7 @@ class Stack:
         env["ARBITER_REDIS_URL"] = self.settings.redis_url
         env["ARBITER_SIM_TIME_SCALE"] = str(self.settings.sim_time_scale)
         env["ARBITER_SIM_GPU_VRAM_MIB"] = str(self.settings.sim_gpu_vram_mib)
+        env["ARBITER_POLICY"] = self.settings.policy
         env.update(extra)
         return env
 
@@ -69,6 +71,8 @@ class Stack:
             self._spawn(f"worker-{w.workload}", [sys.executable, "-m", "arbiter", "worker", "--workload", w.workload,
                                                  "--gpu", w.gpu, "--concurrency", str(w.concurrency),
                                                  "--backend", w.backend])
+        if self.beat:
+            self._spawn("beat", [sys.executable, "-m", "arbiter", "beat"])
         if self.flower:
             user, password = self.settings.flower_user, self.settings.flower_password.get_secret_value()
             self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",

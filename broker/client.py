@@ -13,13 +13,14 @@ import uuid
 from typing import Any, Iterator
 
 import redis
+from celery import Celery
 from pydantic import ValidationError
 
 from broker.app import TASK_NAMES, create_app
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
 from broker.jobstore import JobStore
 from broker.keys import Keys
-from broker.schemas import JobResult, JobSpec, JobStatus
+from broker.schemas import JobResult, JobSpec, JobStatus, Priority, queue_name
 from broker.settings import Settings, get_settings
 from broker.states import TERMINAL, JobState
 
@@ -42,6 +43,13 @@ def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}" if loc != "job" else msg)
         raise InvalidJob("invalid job: " + "; ".join(parts), errors=errors) from None
+
+
+def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec) -> None:
+    """Send the job's message (task id = job id) to its queue. Under the `fifo` baseline policy every job
+    of a workload goes to one queue, served in arrival order."""
+    queue = queue_name(job.workload, Priority.STANDARD) if settings.policy == "fifo" else job.queue
+    app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")], task_id=job_id, queue=queue)
 
 
 class Client:
@@ -69,12 +77,14 @@ class Client:
         job_id = str(uuid.uuid4())
         self.store.create(job_id, job)
         try:
-            self.app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")],
-                               task_id=job_id, queue=job.queue)
+            enqueue(self.app, self.settings, job_id, job)
         except Exception as exc:
             self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
                                   finished_at=time.time())
             raise
+        if job.priority is Priority.INTERACTIVE:   # the beat's fast path: act now, not at the next tick
+            self.redis.lpush(self.keys.beat_wake(), job_id)
+            self.redis.ltrim(self.keys.beat_wake(), 0, 99)
         return JobHandle(self, job_id)
 
     def get(self, job_id: str) -> JobHandle:
@@ -121,9 +131,12 @@ class JobHandle:
                 raise Timeout(f"job {self.id} still {self.status().state.value} after {timeout} s")
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
-        """Tokens of an llm job as they are produced (each exactly once, across preemptions)."""
+        """Tokens of an llm job as they are produced, each exactly once: a job resumed after a crash
+        regenerates the tokens after its last checkpoint, and those already seen are skipped by index."""
+        seen = -1
         for event in self.events(timeout):
-            if event.get("type") == "token":
+            if event.get("type") == "token" and int(event["index"]) > seen:
+                seen = int(event["index"])
                 yield event["text"]
 
     def wait(self, timeout: float | None = None) -> JobStatus:

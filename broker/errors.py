@@ -35,6 +35,18 @@ class InsufficientQuality(ArbiterError):
 class Preempted(ArbiterError):
     """Raised inside a worker to stop a job at a step boundary; it is checkpointed and requeued."""
 
+    def __init__(self, message: str, checkpoint: bytes | None = None, step: int = 0) -> None:
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step
+
+
+class LeaseLost(ArbiterError):
+    """A running job's VRAM lease expired or was taken over: another run owns the job; this one stops."""
+
+
+class DeadlineExceeded(ArbiterError):
+    """A job's deadline passed before it could start."""
+
 
 class Cancelled(ArbiterError):
     """The job was cancelled by a client."""

@@ -16,7 +16,7 @@ from broker.errors import JobNotFound
 from broker.keys import Keys
 from broker.lua import load
 from broker.schemas import JobResult, JobSpec, JobStatus, Progress
-from broker.states import ALLOWED_FROM, TERMINAL, JobState
+from broker.states import ALLOWED_FROM, RUNNING_STATES, TERMINAL, JobState
 
 STREAM_MAXLEN = 10_000
 
@@ -53,9 +53,10 @@ class JobStore:
         for name, value in fields.items():
             flat += [name, value if isinstance(value, (str, int, float, bytes)) else json.dumps(value)]
         ok, state = self._transition(
-            keys=[k.job(job_id), k.job_events(job_id), k.jobs_live()],
+            keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running()],
             args=[to.value, ",".join(s.value for s in src), time.time(),
-                  1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, *flat],
+                  1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
+                  *flat],
         )
         state = state.decode() if isinstance(state, bytes) else state
         return bool(ok), (JobState(state) if state else None)
@@ -124,6 +125,15 @@ class JobStore:
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 yield _s(entry_id), {_s(a): _s(b) for a, b in fields.items()}
+
+    def running_ids(self) -> list[str]:
+        return sorted(_s(x) for x in self.r.smembers(self.keys.jobs_running()))
+
+    def save_checkpoint(self, job_id: str, blob: bytes) -> None:
+        self.r.set(self.keys.job_checkpoint(job_id), blob, ex=self.ttl_s * 7)
+
+    def checkpoint(self, job_id: str) -> bytes | None:
+        return self.r.get(self.keys.job_checkpoint(job_id))
 
     def live_ids(self) -> list[str]:
         return [_s(x) for x in self.r.zrange(self.keys.jobs_live(), 0, -1)]

@@ -31,6 +31,49 @@ class Keys:
         """Sorted set: ids of jobs not yet terminal, scored by submit time."""
         return f"{self.prefix}:jobs:live"
 
+    def jobs_running(self) -> str:
+        """Set: ids of jobs in a running or paused state (what the arbiter watches for lost leases)."""
+        return f"{self.prefix}:jobs:running"
+
+    # the arbiter
+    def leases(self, gpu_id: str) -> str:
+        """Hash: field (job id, or 'w:<worker>|<variant>' for resident weights) -> lease (see lease_acquire.lua)."""
+        return f"{self.prefix}:leases:{gpu_id}"
+
+    def fence(self, job_id: str) -> str:
+        """Counter: the job's lease generation; a stale holder's fence no longer matches."""
+        return f"{self.prefix}:fence:{job_id}"
+
+    def budgets(self, gpu_id: str) -> str:
+        """Hash: '<workload>.<priority>' -> quality budget, written by the beat."""
+        return f"{self.prefix}:budgets:{gpu_id}"
+
+    def controls(self, gpu_id: str) -> str:
+        """Hash: job id -> 'pause' | 'preempt' (what the beat asks running jobs to do)."""
+        return f"{self.prefix}:controls:{gpu_id}"
+
+    def workers(self) -> str:
+        """Hash: worker name -> JSON {workload, gpu_id, concurrency, expires_at}."""
+        return f"{self.prefix}:workers"
+
+    def beat_lock(self) -> str:
+        return f"{self.prefix}:beat:leader"
+
+    def beat_wake(self) -> str:
+        """List: pushed on an interactive submit (and job ends) so the beat acts before its next tick."""
+        return f"{self.prefix}:beat:wake"
+
+    def stats(self) -> str:
+        """Hash: counters (allocations, preemptions, resumes, quality sums...)."""
+        return f"{self.prefix}:stats"
+
+    def predictor(self, worker: str, workload: str) -> str:
+        return f"{self.prefix}:predictor:{worker}:{workload}"
+
+    def waiting_vram(self) -> str:
+        """Hash: job id -> JSON {gpu_id, mib, priority, workload, since} of jobs waiting for VRAM."""
+        return f"{self.prefix}:waiting:vram"
+
     # simulated GPUs
     def simgpu_info(self, gpu_id: str) -> str:
         return f"{self.prefix}:simgpu:{gpu_id}:info"

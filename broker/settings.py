@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,22 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(10.0, gt=0)
     snapshot_interval_s: float = Field(0.25, gt=0, description="How often workers publish GPU snapshots.")
 
+    # The arbiter.
+    policy: Literal["arbiter", "priority", "fifo"] = Field(
+        "arbiter", description="arbiter: budgets, admission, preemption; priority: priority queues only; "
+                               "fifo: one queue per workload, full quality, no admission (baselines)")
+    beat_interval_s: float = Field(0.5, gt=0)
+    pressure_threshold: float = Field(0.85, gt=0)
+    recover_below: float = Field(0.70, gt=0)
+    budget_step: float = Field(0.15, gt=0, le=1)
+    vram_reserve_fraction: float = Field(0.1, ge=0, lt=1, description="usable VRAM = total x (1 - this)")
+    lease_ttl_s: float = Field(6.0, gt=0, description="A lease not renewed for this long is reclaimed.")
+    allocation_timeout_s: float = Field(10.0, ge=0, description="How long an interactive job waits for VRAM.")
+    preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "
+                                                          "request is hard-stopped (its process is killed).")
+    checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
+    requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
+
     # Simulated GPU (dev, tests, demo, bench).
     sim_gpu_vram_mib: int = Field(24 * 1024, gt=0)
     sim_time_scale: float = Field(1.0, gt=0, description="Multiplies every simulated duration (0.1 = 10x faster).")
@@ -41,6 +58,7 @@ class Settings(BaseSettings):
     worker_gpu: str = Field("sim", description="sim[N][:SIZE], e.g. sim:24GiB")
     worker_backend: str = "sim"
     worker_name: str = ""
+    worker_concurrency: int = Field(1, gt=0)
 
     # Flower.
     flower_port: int = 5555

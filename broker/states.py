@@ -18,6 +18,7 @@ class JobState(StrEnum):
 
 
 TERMINAL: frozenset[JobState] = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED})
+RUNNING_STATES: frozenset[JobState] = frozenset({JobState.RUNNING, JobState.PAUSED})
 _ANY_LIVE = frozenset(JobState) - TERMINAL
 
 # to-state -> the states it may be entered from

@@ -10,11 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.errors import Cancelled
+from arbiter.stats import add as add_stats
+from broker.errors import Cancelled, LeaseLost, Preempted
 from broker.jobstore import JobStore
 from broker.schemas import JobSpec, Progress
+from broker.states import JobState
 from workers.backends.base import StepInfo
 from workers.ladders import Rung
+from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +70,74 @@ class ProgressHook(Hook):
             ctx.task.send_event("task-progress", **progress.model_dump())
 
 
-class CancelHook(Hook):
-    """Stops the job at this step boundary once a client asked to cancel it."""
+class ControlHook(Hook):
+    """Between steps: stop for a cancel, stop with a checkpoint for a preemption, or wait while the arbiter
+    asks the job to pause (it keeps its memory and lease, but yields the GPU's compute)."""
 
     critical = True
+    POLL_S = 0.02
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def _read(self, job_id: str) -> tuple[bool, str | None]:
+        pipe = self.rt.redis.pipeline(transaction=False)
+        pipe.hget(self.rt.keys.job(job_id), "cancel_requested")
+        pipe.hget(self.rt.keys.controls(self.rt.gpu_id), job_id)
+        cancel, control = pipe.execute()
+        return bool(cancel), (control.decode().partition(":")[0] if control else None)
 
     def after_step(self, ctx: RunContext, info: StepInfo) -> None:
-        if self.store.r.hget(self.store.keys.job(ctx.job_id), "cancel_requested"):
+        cancel, action = self._read(ctx.job_id)
+        if not cancel and action == "pause":
+            cancel, action = self._pause(ctx, info)
+        if cancel:
             raise Cancelled(f"job {ctx.job_id} cancelled at step {info.step}/{info.total}")
+        if action == "preempt" and info.step < info.total:
+            raise Preempted(f"job {ctx.job_id} preempted at step {info.step}/{info.total}", info.capture(),
+                            info.step)
+        cur = self.rt.current
+        if cur is not None and cur.lost:
+            raise LeaseLost(f"job {ctx.job_id} lost its lease at step {info.step}/{info.total}")
+
+    def _pause(self, ctx: RunContext, info: StepInfo) -> tuple[bool, str | None]:
+        store = self.rt.store
+        store.transition(ctx.job_id, JobState.PAUSED)
+        self.rt.backend.set_paused(ctx.job_id, True)
+        add_stats(self.rt.redis, self.rt.keys, pauses=1)
+        log.info("job %s paused at step %d/%d (interactive work on %s)", ctx.job_id, info.step, info.total,
+                 self.rt.gpu_id)
+        try:
+            while True:
+                time.sleep(self.POLL_S)
+                cancel, action = self._read(ctx.job_id)
+                cur = self.rt.current
+                if cancel or action != "pause" or (cur is not None and cur.lost):
+                    return cancel, action
+        finally:
+            self.rt.backend.set_paused(ctx.job_id, False)
+            store.transition(ctx.job_id, JobState.RUNNING, allowed=frozenset({JobState.PAUSED}))
+            log.info("job %s resumed after a pause", ctx.job_id)
+
+
+class CheckpointHook(Hook):
+    """Saves a checkpoint every `interval_s` of work, so a crash loses at most that much. Measures its own
+    cost against the time spent in steps (stats: checkpoint_ms vs step_ms)."""
+
+    def __init__(self, rt: Runtime, interval_s: float) -> None:
+        self.rt, self.interval_s = rt, interval_s
+        self._last = self._step_t = time.monotonic()
+
+    def after_step(self, ctx: RunContext, info: StepInfo) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s or info.step >= info.total:
+            return
+        blob = info.capture()
+        self.rt.store.save_checkpoint(ctx.job_id, blob)
+        done = time.monotonic()
+        add_stats(self.rt.redis, self.rt.keys, checkpoints=1, checkpoint_ms=(done - now) * 1000,
+                  step_ms=(now - self._step_t) * 1000)
+        self._last = self._step_t = done
 
 
 def run_hooks(hooks: list[Hook], ctx: RunContext, info: StepInfo) -> None:

@@ -1,21 +1,38 @@
-"""One job's run inside a worker: claim it, pick its rung, load weights, generate step by step with the
-hooks, then record the result. Every state change is one guarded transition in the job store."""
+"""One job's run inside a worker: admission (budget -> rung -> VRAM lease), the step loop with its hooks,
+and every way a run ends — finished, failed, cancelled, preempted (checkpoint + requeue), requeued to
+wait, or dropped as a duplicate. Every state change is one guarded transition in the job store."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import Ignore, Reject
+
+from arbiter.predictor import StepPredictor, features, pick_for_deadline
+from arbiter.stats import add as add_stats
 from broker.client import validate_spec
-from broker.errors import Cancelled, InsufficientQuality, InvalidJob, SimulatedOOM
-from broker.schemas import JobResult, JobSpec
+from broker.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InsufficientMemory,
+    InsufficientQuality,
+    InvalidJob,
+    LeaseLost,
+    Preempted,
+    SimulatedOOM,
+)
+from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import TERMINAL, JobState
-from workers.hooks import CancelHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
-from workers.ladders import pick_rung
-from workers.runtime import Runtime
+from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
+from workers.ladders import Rung
+from workers.runtime import CurrentJob, Runtime
 
 log = logging.getLogger("arbiter.job")
+STARTABLE = frozenset({JobState.QUEUED, JobState.WAITING_FOR_VRAM, JobState.WAITING_FOR_WEIGHTS})
 
 
 def parse_message(rt: Runtime, job_id: str, raw: Any) -> JobSpec:
@@ -31,16 +48,113 @@ def parse_message(rt: Runtime, job_id: str, raw: Any) -> JobSpec:
         raise
 
 
-def budget_for(rt: Runtime, spec: JobSpec) -> float:
-    """The quality budget for this job's (workload, priority) on this GPU. Full quality until the arbiter
-    publishes budgets."""
-    return 1.0
-
-
 def default_hooks(rt: Runtime) -> list[Hook]:
-    return [StreamHook(rt.store), ProgressHook(rt.store, rt.settings.progress_interval_s), CancelHook(rt.store)]
+    return [StreamHook(rt.store), ProgressHook(rt.store, rt.settings.progress_interval_s),
+            CheckpointHook(rt, rt.settings.checkpoint_interval_s), ControlHook(rt)]
 
 
+# -- predictor state (per worker and workload, in Redis) -------------------------------------------------
+def load_predictor(rt: Runtime) -> StepPredictor:
+    raw = rt.redis.get(rt.keys.predictor(rt.worker, rt.workload.value))
+    return StepPredictor.from_dict(json.loads(raw)) if raw else StepPredictor()
+
+
+def _features(rung: Rung) -> list[float]:
+    workload = "diffusion" if "steps" in rung.params else "llm"
+    return features(workload, {**rung.params, "weights_mib": rung.weights_mib})
+
+
+def update_predictor(rt: Runtime, rung: Rung, step_ms: float) -> None:
+    p = load_predictor(rt)
+    p.update(_features(rung), step_ms)
+    rt.redis.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(p.to_dict()))
+
+
+# -- admission ---------------------------------------------------------------------------------------------
+@dataclass
+class Admitted:
+    rung: Rung
+    fence: int
+
+
+def fail(rt: Runtime, job_id: str, exc: Exception, **fields: Any) -> None:
+    rt.store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=time.time(), **fields)
+    log.error("job %s failed: %s", job_id, exc)
+
+
+def requeue(rt: Runtime, job_id: str, why: str) -> None:
+    """Back of its queue, same id, state queued: the job waits without holding a worker slot."""
+    rt.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}))
+    log.info("job %s requeued: %s", job_id, why)
+    time.sleep(rt.settings.requeue_backoff_s)
+    raise Reject(why, requeue=True)
+
+
+def candidate_rungs(rt: Runtime, spec: JobSpec, queued_at: float) -> tuple[list[Rung], float]:
+    """Rungs the job may run at now, best first, and the budget. With a deadline, rungs predicted to
+    finish late are skipped (the cheapest is kept if none fits)."""
+    budget = rt.budget(spec)
+    allowed = [r for r in rt.backend.ladder(spec)
+               if r.quality <= budget + 1e-9 and r.quality >= (spec.min_quality or 0.0) - 1e-9]
+    if allowed and spec.deadline_s:
+        p = load_predictor(rt)
+        left = queued_at + spec.deadline_s - time.time()
+        predicted = [None if (ms := p.predict_ms(_features(r))) is None else ms * r.total_steps for r in allowed]
+        allowed = allowed[pick_for_deadline(allowed, predicted, left):]
+    return allowed, budget
+
+
+def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted:
+    interactive = spec.priority is Priority.INTERACTIVE
+    rungs, budget = candidate_rungs(rt, spec, queued_at)
+    if not rungs:
+        if interactive:
+            exc = InsufficientQuality(spec.min_quality or 0.0, budget)
+            fail(rt, job_id, exc)
+            raise exc
+        add_stats(rt.redis, rt.keys, waits_quality=1)
+        requeue(rt, job_id, f"budget {budget:.2f} is below its min_quality {spec.min_quality:.2f}")
+    deadline = time.monotonic() + rt.settings.allocation_timeout_s
+    waiting = False
+    while True:
+        free = 0
+        for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
+            resident = rung.variant in rt.backend.resident()
+            grant = rt.ledger.acquire(rt.gpu_id, rt.capacity_mib, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
+                                      spec.priority.value, spec.workload.value, rt.worker,
+                                      None if resident else (rung.variant, rung.weights_mib))
+            if grant.held_elsewhere:
+                log.warning("job %s is running on another worker: this delivery is dropped", job_id)
+                raise Ignore()
+            if grant.ok:
+                if waiting:
+                    rt.redis.hdel(rt.keys.waiting_vram(), job_id)
+                add_stats(rt.redis, rt.keys, allocations_ok=1)
+                return Admitted(rung, grant.fence)
+            free = max(free, grant.free_mib)
+            if not interactive:
+                break
+        need = rungs[-1].vram_mib + (0 if rungs[-1].variant in rt.backend.resident() else rungs[-1].weights_mib)
+        if not interactive:
+            add_stats(rt.redis, rt.keys, allocations_failed=1)
+            requeue(rt, job_id, f"needs {rungs[0].vram_mib} MiB VRAM on {rt.gpu_id}, {free} MiB free")
+        if not waiting:   # tell the arbiter, which preempts background work to make room
+            waiting = True
+            rt.store.transition(job_id, JobState.WAITING_FOR_VRAM)
+            rt.redis.hset(rt.keys.waiting_vram(), job_id, json.dumps(
+                {"gpu_id": rt.gpu_id, "mib": need, "priority": spec.priority.value,
+                 "workload": spec.workload.value, "since": time.time()}))
+            rt.wake_beat(job_id)
+        if time.monotonic() > deadline:
+            rt.redis.hdel(rt.keys.waiting_vram(), job_id)
+            add_stats(rt.redis, rt.keys, allocations_failed=1)
+            exc = InsufficientMemory(need, free, rt.gpu_id)
+            fail(rt, job_id, exc)
+            raise exc
+        time.sleep(0.05)
+
+
+# -- the run -----------------------------------------------------------------------------------------------
 def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, Any]:
     spec = parse_message(rt, job_id, raw)
     store = rt.store
@@ -50,41 +164,64 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
         store.create(job_id, spec)
         status = store.status(job_id)
     if status.state in TERMINAL:
-        log.info("job %s skipped: already %s", job_id, status.state.value)
-        return {"job_id": job_id, "state": status.state.value}
+        log.info("job %s skipped: already %s (a late or duplicate delivery)", job_id, status.state.value)
+        raise Ignore()
+    if status.state not in STARTABLE:
+        log.warning("job %s skipped: it is %s elsewhere (a duplicate delivery)", job_id, status.state.value)
+        raise Ignore()
+    if spec.deadline_s and time.time() > status.queued_at + spec.deadline_s:
+        exc = DeadlineExceeded(f"deadline of {spec.deadline_s} s passed "
+                               f"{time.time() - status.queued_at - spec.deadline_s:.1f} s before the job could start")
+        add_stats(rt.redis, rt.keys, deadline_shed=1)
+        fail(rt, job_id, exc)
+        raise exc
 
-    rung = pick_rung(rt.backend.ladder(spec), budget_for(rt, spec), spec.min_quality or 0.0)
-    if rung is None:
-        raise InsufficientQuality(spec.min_quality or 0.0, budget_for(rt, spec))
-    now = time.time()
-    ok, state = store.transition(job_id, JobState.RUNNING, worker=rt.worker, gpu_id=rt.gpu_id,
-                                 quality=rung.quality, step=0, total=rung.total_steps)
+    admitted = admit(rt, job_id, spec, status.queued_at)
+    rung, fence = admitted.rung, admitted.fence
+    ok, state = store.transition(job_id, JobState.RUNNING, allowed=STARTABLE, worker=rt.worker, gpu_id=rt.gpu_id,
+                                 quality=rung.quality, step=0, total=rung.total_steps, fence=fence)
     if not ok:
+        rt.ledger.release(rt.gpu_id, job_id, fence)
         log.info("job %s not started: it is %s", job_id, state.value if state else "gone")
-        return {"job_id": job_id, "state": state.value if state else "unknown"}
+        raise Ignore()
+    now = time.time()
     store.r.hsetnx(store.keys.job(job_id), "started_at", now)
     store.incr(job_id, "runs")
-    log.info("job %s running: %s %s quality %.2f %s on %s", job_id, spec.workload.value, spec.priority.value,
-             rung.quality, rung.params, rt.gpu_id)
-
+    checkpoint = store.checkpoint(job_id)
+    if checkpoint:
+        add_stats(rt.redis, rt.keys, resumes=1)
+    rt.current = CurrentJob(job_id, fence)
+    log.info("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
+             rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")
     ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task)
     hooks = default_hooks(rt)
     try:
         rt.backend.load(rung)
-        checkpoint = store.r.get(store.keys.job_checkpoint(job_id))
+        started = time.monotonic()
         output = rt.backend.generate(job_id, spec, rung, checkpoint, lambda info: run_hooks(hooks, ctx, info))
+        run_s = time.monotonic() - started
+    except Preempted as exc:
+        _preempted(rt, job_id, spec, fence, exc)
+    except LeaseLost as exc:
+        log.warning("%s; another run owns the job now", exc)
+        raise Ignore() from None
     except Cancelled as exc:
         store.transition(job_id, JobState.CANCELLED, error=str(exc), finished_at=time.time())
         log.info("job %s cancelled: %s", job_id, exc)
         raise
     except SimulatedOOM as exc:
-        store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=time.time(), oom=1)
-        log.error("job %s failed: %s", job_id, exc)
+        add_stats(rt.redis, rt.keys, ooms=1)
+        fail(rt, job_id, exc, oom=1)
         raise
     except Exception as exc:
         store.transition(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
         log.exception("job %s failed", job_id)
         raise
+    finally:
+        rt.current = None
+        if store.status(job_id).state is not JobState.QUEUED:   # a preempted job released its lease already
+            rt.ledger.release(rt.gpu_id, job_id, fence)
+        rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
 
     d = store.raw(job_id)
     result = JobResult(
@@ -98,6 +235,33 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     if not ok:  # cancelled in the very last moment: the cancel wins, the result is kept for inspection
         log.info("job %s finished but is %s", job_id, state.value if state else "gone")
     store.r.delete(store.keys.job_checkpoint(job_id))
-    log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, spec.workload.value,
-             spec.priority.value, rung.quality, result.latency_s)
+    steps_run = rung.total_steps - output.resumed_from_step
+    if steps_run > 0:
+        update_predictor(rt, rung, run_s * 1000 / steps_run)
+    w = spec.workload.value
+    add_stats(rt.redis, rt.keys, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
+                                    "quality_reductions": int(rung.quality < 1.0)})
+    if spec.priority is Priority.INTERACTIVE:
+        rt.wake_beat("interactive done")      # so paused jobs resume without waiting a tick
+    log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, w, spec.priority.value, rung.quality,
+             result.latency_s)
     return result.summary()
+
+
+def _preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted) -> None:
+    """vLLM's one guarded transition: checkpoint, count, release the lease, back of the queue."""
+    store = rt.store
+    if exc.checkpoint:
+        store.save_checkpoint(job_id, exc.checkpoint)
+    ok, state = store.transition(job_id, JobState.PREEMPTED)
+    if not ok:
+        log.info("job %s could not be preempted: it is %s", job_id, state.value if state else "gone")
+        raise Ignore()
+    store.incr(job_id, "preemptions")
+    rt.ledger.release(rt.gpu_id, job_id, fence)
+    rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
+    store.transition(job_id, JobState.QUEUED)
+    add_stats(rt.redis, rt.keys, preemptions=1)
+    log.info("job %s preempted at step %d: checkpointed, lease released, requeued (%s %s)", job_id, exc.step,
+             spec.workload.value, spec.priority.value)
+    raise Reject(str(exc), requeue=True)

@@ -1,24 +1,32 @@
-"""What one worker process holds: its settings, Redis, job store, GPU and backend. Built in the process
-that runs jobs (a prefork child builds its own after the fork: GPU state is not fork-safe)."""
+"""What one worker process holds: its settings, Redis, job store, ledger, GPU and backend, and a side
+thread that publishes GPU snapshots, renews leases and stops a job that ignores a preemption request.
+Built in the process that runs jobs (a prefork child builds its own after the fork: CUDA is not
+fork-safe)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 
+from arbiter.budgets import budget_key
+from arbiter.ledger import Ledger
 from broker.jobstore import JobStore
 from broker.keys import Keys
-from broker.schemas import Workload
+from broker.schemas import JobSpec, Workload
 from broker.settings import Settings, get_settings
 from workers.backends.base import Backend
 from workers.simgpu import SimGpu, parse_gpu
 
 log = logging.getLogger(__name__)
 BACKENDS = ("sim",)
+UNLIMITED_MIB = 1 << 40     # ledger capacity when the policy does no admission (leases still fence jobs)
 
 
 def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str) -> Backend:
@@ -29,12 +37,20 @@ def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str) -> Bac
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
+@dataclass
+class CurrentJob:
+    job_id: str
+    fence: int
+    lost: bool = False           # the lease could not be renewed: another run owns the job now
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
+        self.ledger = Ledger(self.redis, self.keys)
         self.workload = Workload(settings.worker_workload)
         gpu_id, total_mib = parse_gpu(settings.worker_gpu, settings.node)
         self.gpu = SimGpu(self.redis, self.keys, gpu_id, total_mib or settings.sim_gpu_vram_mib,
@@ -43,7 +59,9 @@ class Runtime:
         self.gpu.announce()
         self.worker = settings.worker_name or f"{self.workload.value}@{settings.node}"
         self.backend = make_backend(settings.worker_backend, self.workload, self.gpu, self.worker)
+        self.current: CurrentJob | None = None
         self._stop = threading.Event()
+        self._register()
         self._beat = threading.Thread(target=self._heartbeat, name="arbiter-heartbeat", daemon=True)
         self._beat.start()
 
@@ -51,21 +69,83 @@ class Runtime:
     def gpu_id(self) -> str:
         return self.gpu.gpu_id
 
+    @property
+    def admission(self) -> bool:
+        return self.settings.policy == "arbiter"
+
+    @property
+    def capacity_mib(self) -> int:
+        """What the ledger may grant on this GPU: usable VRAM (total minus the reserve)."""
+        if not self.admission:
+            return UNLIMITED_MIB
+        return int(self.gpu.total_mib * (1 - self.settings.vram_reserve_fraction))
+
+    def budget(self, spec: JobSpec) -> float:
+        """The arbiter's current quality budget for this job's (workload, priority) on this GPU."""
+        if not self.admission:
+            return 1.0
+        raw = self.redis.hget(self.keys.budgets(self.gpu_id), budget_key(spec.workload, spec.priority))
+        return float(raw) if raw is not None else 1.0
+
+    def control(self, job_id: str) -> tuple[str | None, float]:
+        """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s)."""
+        raw = self.redis.hget(self.keys.controls(self.gpu_id), job_id)
+        if not raw:
+            return None, 0.0
+        action, _, since = raw.decode().partition(":")
+        return action, float(since or 0)
+
+    def wake_beat(self, why: str) -> None:
+        self.redis.lpush(self.keys.beat_wake(), why)
+        self.redis.ltrim(self.keys.beat_wake(), 0, 99)
+
+    def _register(self) -> None:
+        entry = {"workload": self.workload.value, "gpu_id": self.gpu_id,
+                 "concurrency": self.settings.worker_concurrency,
+                 "expires_at": time.time() + self.settings.heartbeat_ttl_s}
+        self.redis.hset(self.keys.workers(), self.worker, json.dumps(entry))
+
     def _heartbeat(self) -> None:
-        """Renew what the backend holds every heartbeat interval; publish the GPU snapshot more often."""
+        """Snapshots every snapshot interval; worker registration, resident weights and the running job's
+        lease every lease_ttl/3; and the hard stop of a job that ignores a preemption past the grace."""
+        s = self.settings
+        renew_every = min(s.heartbeat_interval_s, s.lease_ttl_s / 3)
         last_renew = 0.0
-        while not self._stop.wait(self.settings.snapshot_interval_s):
+        while not self._stop.wait(s.snapshot_interval_s):
             try:
-                if time.monotonic() - last_renew >= self.settings.heartbeat_interval_s:
-                    self.backend.heartbeat()
+                if time.monotonic() - last_renew >= renew_every:
+                    self._renew()
                     last_renew = time.monotonic()
-                self.gpu.publish_snapshot(self.settings.heartbeat_ttl_s)
+                self.gpu.publish_snapshot(s.heartbeat_ttl_s)
+                self._watchdog()
             except Exception:
                 log.exception("heartbeat of %s failed (will retry)", self.worker)
+
+    def _renew(self) -> None:
+        self._register()
+        self.backend.heartbeat()
+        for variant in self.backend.resident():
+            self.ledger.renew_weights(self.gpu_id, self.worker, variant, self.settings.lease_ttl_s)
+        cur = self.current
+        if cur and not cur.lost and not self.ledger.renew(self.gpu_id, cur.job_id, cur.fence, self.settings.lease_ttl_s):
+            cur.lost = True
+            log.warning("job %s lost its lease (fence %d): stopping it", cur.job_id, cur.fence)
+
+    def _watchdog(self) -> None:
+        cur = self.current
+        if cur is None:
+            return
+        action, since = self.control(cur.job_id)
+        if action == "preempt" and since and time.time() - since > self.settings.preempt_grace_s:
+            log.error("job %s ignored a preemption for %.1f s: killing this process; the job is redelivered "
+                      "and resumes from its last checkpoint", cur.job_id, time.time() - since)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self) -> None:
         self._stop.set()
         try:
+            for variant in self.backend.resident():
+                self.ledger.release_weights(self.gpu_id, self.worker, variant)
             self.backend.close()
         finally:
             self.redis.close()

@@ -25,6 +25,7 @@ class SimEntry:
     workload: str
     pixels: int
     worker: str
+    active: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SimGpu:
         self.time_scale, self.pcie_gbps, self.entry_ttl_s = time_scale, pcie_gbps, entry_ttl_s
         self._alloc = r.register_script(load("simgpu_alloc", "workers.lua"))
         self._kernels_cache: tuple[float, list[SimEntry]] = (0.0, [])
+        self._paused: set[str] = set()
 
     def announce(self) -> None:
         pipe = self.r.pipeline()
@@ -82,9 +84,11 @@ class SimGpu:
     def _allocate(self, table: str, name: str, mib: int, workload: str = "", pixels: int = 0,
                   worker: str = "") -> None:
         now = time.time()
+        active = 0 if name in self._paused else 1
         ok, used = self._alloc(
             keys=[self.keys.simgpu_weights(self.gpu_id), self.keys.simgpu_jobs(self.gpu_id)],
-            args=[now, self.total_mib, table, name, int(mib), now + self.entry_ttl_s, workload, pixels, worker],
+            args=[now, self.total_mib, table, name, int(mib), now + self.entry_ttl_s, workload, pixels, worker,
+                  active],
         )
         if not ok:
             self.r.hincrby(self.keys.simgpu_stats(self.gpu_id), "ooms", 1)
@@ -114,7 +118,13 @@ class SimGpu:
         self._allocate("jobs", job_id, mib, kernel.workload.value, kernel.pixels, kernel.worker)
 
     def end_job(self, job_id: str) -> None:
+        self._paused.discard(job_id)
         self.r.hdel(self.keys.simgpu_jobs(self.gpu_id), job_id)
+
+    def set_active(self, job_id: str, kernel: Kernel, mib: int, active: bool) -> None:
+        """A paused job keeps its memory but stops computing (it no longer slows the others)."""
+        (self._paused.discard if active else self._paused.add)(job_id)
+        self.renew_job(job_id, kernel, mib)
 
     def snapshot(self) -> SimSnapshot:
         pipe = self.r.pipeline()
@@ -146,7 +156,8 @@ class SimGpu:
         if time.monotonic() - at > max_age_s:
             entries = list(_entries(self.r.hgetall(self.keys.simgpu_jobs(self.gpu_id)), time.time()))
             self._kernels_cache = (time.monotonic(), entries)
-        others = [Kernel(Workload(e.workload), e.pixels, e.worker) for e in entries if e.name != job_id]
+        others = [Kernel(Workload(e.workload), e.pixels, e.worker) for e in entries
+                  if e.name != job_id and e.active]
         return slowdown(me, others)
 
 
@@ -155,7 +166,7 @@ def _entries(raw: dict, now: float) -> list[SimEntry]:
     for name, value in raw.items():
         name = name.decode() if isinstance(name, bytes) else name
         value = value.decode() if isinstance(value, bytes) else value
-        mib, exp, workload, pixels, worker = value.split("|", 4)
+        mib, exp, workload, pixels, worker, active = value.split("|", 5)
         if float(exp) >= now:
-            out.append(SimEntry(name, int(mib), float(exp), workload, int(pixels or 0), worker))
+            out.append(SimEntry(name, int(mib), float(exp), workload, int(pixels or 0), worker, active != "0"))
     return out

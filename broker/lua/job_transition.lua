@@ -1,8 +1,8 @@
 -- Move a job to a new state if, and only if, its current state is one of the allowed ones.
--- KEYS[1] job hash   KEYS[2] job events stream   KEYS[3] live-jobs sorted set
+-- KEYS[1] job hash   KEYS[2] job events stream   KEYS[3] live-jobs sorted set   KEYS[4] running-jobs set
 -- ARGV[1] new state  ARGV[2] allowed current states, comma separated  ARGV[3] now (epoch s)
 -- ARGV[4] 1 if the new state is terminal  ARGV[5] ttl_s for a terminal record  ARGV[6] stream maxlen
--- ARGV[7] job id     ARGV[8..] field, value pairs to set with the state
+-- ARGV[7] job id     ARGV[8] 1 if the new state is running or paused   ARGV[9..] field, value pairs
 -- Returns {1, new state} or {0, current state} (current is '' when the record does not exist).
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, ''} end
@@ -12,10 +12,15 @@ for s in string.gmatch(ARGV[2], '[^,]+') do
 end
 if not allowed then return {0, current} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'state', 'state', ARGV[1], 'from', current)
+if ARGV[8] == '1' then
+  redis.call('SADD', KEYS[4], ARGV[7])
+else
+  redis.call('SREM', KEYS[4], ARGV[7])
+end
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[7])
   redis.call('EXPIRE', KEYS[1], ARGV[5])

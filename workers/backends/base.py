@@ -48,6 +48,12 @@ class Backend(Protocol):
                  on_step: StepHook) -> Output:
         """Run the job at this rung, from `checkpoint` if given, calling `on_step` after each step."""
 
+    def set_paused(self, job_id: str, paused: bool) -> None:
+        """The job holds its memory but computes nothing until resumed (real GPUs: nothing to do)."""
+
+    def resident(self) -> dict[str, int]:
+        """Model variants this process holds on the GPU -> MiB."""
+
     def heartbeat(self) -> None:
         """Renew whatever the backend holds on the GPU (called periodically from a side thread)."""
 

@@ -49,17 +49,28 @@ class _SimBackend:
     def __init__(self, gpu: SimGpu, worker: str) -> None:
         self.gpu, self.worker = gpu, worker
         self._resident: dict[str, int] = {}
+        self._running: dict[str, tuple[Kernel, int]] = {}
         self._lock = threading.Lock()
 
+    def set_paused(self, job_id: str, paused: bool) -> None:
+        kernel, mib = self._running[job_id]
+        self.gpu.set_active(job_id, kernel, mib, not paused)
+
     def load(self, rung: Rung) -> float:
+        """Make the variant resident; this process stops renewing the others it held (they expire unless
+        another process of the worker still uses them)."""
         with self._lock:
             if rung.variant in self._resident:
                 self.gpu.renew_weights(self.worker, rung.variant, rung.weights_mib)
                 return 0.0
         seconds = self.gpu.load_weights(self.worker, rung.variant, rung.weights_mib)
         with self._lock:
-            self._resident[rung.variant] = rung.weights_mib
+            self._resident = {rung.variant: rung.weights_mib}
         return seconds
+
+    def resident(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._resident)
 
     def heartbeat(self) -> None:
         with self._lock:
@@ -76,6 +87,7 @@ class _SimBackend:
     def _run(self, job_id: str, kernel: Kernel, rung: Rung, steps: range, step_s: float,
              body: "callable") -> None:  # type: ignore[valid-type]
         self.gpu.start_job(job_id, kernel, rung.vram_mib)
+        self._running[job_id] = (kernel, rung.vram_mib)
         try:
             clock, renewed = _Clock(), time.monotonic()
             for i in steps:
@@ -85,6 +97,7 @@ class _SimBackend:
                     self.gpu.renew_job(job_id, kernel, rung.vram_mib)
                     renewed = time.monotonic()
         finally:
+            self._running.pop(job_id, None)
             self.gpu.end_job(job_id)
 
 

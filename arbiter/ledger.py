@@ -1,0 +1,89 @@
+"""The VRAM lease ledger: per gpu id, reservations held by running jobs (and by resident model weights),
+each with an expiry renewed by heartbeat. Grant/deny, renew and release are single Lua scripts
+(`arbiter/lua/`), so concurrent requesters can never oversubscribe a GPU, and a lease carries a fence
+token so a job id never runs twice at once. The clock is passed in, so tests control time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import redis
+
+from broker.keys import Keys
+from broker.lua import load
+
+
+@dataclass(frozen=True)
+class Grant:
+    ok: bool
+    fence: int = 0
+    free_mib: int = 0
+    held_elsewhere: bool = False
+
+
+@dataclass(frozen=True)
+class Lease:
+    field: str
+    mib: int
+    expires_at: float
+    kind: str          # "job" | "weights"
+    priority: str
+    workload: str
+    worker: str
+    fence: int
+
+    @property
+    def job_id(self) -> str | None:
+        return self.field if self.kind == "job" else None
+
+
+def weights_field(worker: str, variant: str) -> str:
+    return f"w:{worker}|{variant}"
+
+
+class Ledger:
+    def __init__(self, r: redis.Redis, keys: Keys, clock: Callable[[], float] = time.time) -> None:
+        self.r, self.keys, self.clock = r, keys, clock
+        self._acquire = r.register_script(load("lease_acquire", "arbiter.lua"))
+        self._renew = r.register_script(load("lease_renew", "arbiter.lua"))
+        self._release = r.register_script(load("lease_release", "arbiter.lua"))
+
+    def acquire(self, gpu_id: str, capacity_mib: int, job_id: str, mib: int, ttl_s: float, priority: str,
+                workload: str, worker: str, weights: tuple[str, int] | None = None) -> Grant:
+        """Reserve `mib` for the job (plus the variant's weights if this worker does not hold them yet)."""
+        wfield, wmib = (weights_field(worker, weights[0]), weights[1]) if weights else ("", 0)
+        code, fence, free = self._acquire(
+            keys=[self.keys.leases(gpu_id), self.keys.fence(job_id)],
+            args=[self.clock(), capacity_mib, job_id, int(mib), ttl_s, priority, workload, worker, wfield, int(wmib)],
+        )
+        return Grant(ok=code == 1, fence=int(fence), free_mib=int(free), held_elsewhere=code == -1)
+
+    def renew(self, gpu_id: str, job_id: str, fence: int, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self.keys.leases(gpu_id)], args=[self.clock(), ttl_s, job_id, fence]))
+
+    def renew_weights(self, gpu_id: str, worker: str, variant: str, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self.keys.leases(gpu_id)],
+                                args=[self.clock(), ttl_s, weights_field(worker, variant), "*"]))
+
+    def release(self, gpu_id: str, job_id: str, fence: int | str = "*") -> bool:
+        return bool(self._release(keys=[self.keys.leases(gpu_id)], args=[job_id, fence]))
+
+    def release_weights(self, gpu_id: str, worker: str, variant: str) -> bool:
+        return bool(self._release(keys=[self.keys.leases(gpu_id)], args=[weights_field(worker, variant), "*"]))
+
+    def leases(self, gpu_id: str) -> list[Lease]:
+        """Live leases on the GPU (expired ones are skipped here and dropped by the next acquire)."""
+        now = self.clock()
+        out = []
+        for field, value in self.r.hgetall(self.keys.leases(gpu_id)).items():
+            field = field.decode() if isinstance(field, bytes) else field
+            value = value.decode() if isinstance(value, bytes) else value
+            mib, exp, kind, prio, workload, worker, fence = value.split("|")
+            if float(exp) >= now:
+                out.append(Lease(field, int(mib), float(exp), kind, prio, workload, worker, int(fence)))
+        return out
+
+    def held_mib(self, gpu_id: str) -> int:
+        return sum(lease.mib for lease in self.leases(gpu_id))

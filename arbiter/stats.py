@@ -1,0 +1,40 @@
+"""Counters every process adds to (one Redis hash) and `arbiter status` / metrics read.
+
+Names: allocations_ok, allocations_failed, quality_reductions (jobs run below quality 1.0), preemptions,
+resumes, pauses, requeued_lost, deadline_shed, ooms, budget_changes, checkpoints, checkpoint_ms,
+step_ms (time in steps, to compare with checkpoint_ms), quality_sum.<workload>, quality_n.<workload>,
+pressure_sum, pressure_n."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from broker.keys import Keys
+
+
+def add(r: redis.Redis, keys: Keys, pipe: Any = None, **counters: float) -> None:
+    p = pipe or r.pipeline(transaction=False)
+    for name, value in counters.items():
+        name = name.replace("__", ".")
+        if isinstance(value, int):
+            p.hincrby(keys.stats(), name, value)
+        else:
+            p.hincrbyfloat(keys.stats(), name, value)
+    if pipe is None:
+        p.execute()
+
+
+def read(r: redis.Redis, keys: Keys) -> dict[str, Any]:
+    raw = {k.decode(): float(v) for k, v in r.hgetall(keys.stats()).items()}
+    out: dict[str, Any] = {k: (int(v) if v.is_integer() else round(v, 4)) for k, v in raw.items()
+                           if not k.startswith(("quality_sum", "quality_n", "pressure_"))}
+    if raw.get("pressure_n"):
+        out["avg_pressure"] = round(raw["pressure_sum"] / raw["pressure_n"], 4)
+    for w in ("llm", "diffusion"):
+        if raw.get(f"quality_n.{w}"):
+            out[f"avg_quality.{w}"] = round(raw[f"quality_sum.{w}"] / raw[f"quality_n.{w}"], 4)
+    if raw.get("step_ms"):
+        out["checkpoint_overhead"] = round(raw.get("checkpoint_ms", 0.0) / raw["step_ms"], 5)
+    return out
