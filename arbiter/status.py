@@ -8,6 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from arbiter.budgets import DEGRADE_ORDER
+from arbiter.ledger import Ledger
+from arbiter.stats import read as read_stats
 from broker.app import all_queues
 from broker.client import Client
 from broker.schemas import GpuSnapshot
@@ -28,6 +31,7 @@ def queue_depths(client: Client) -> dict[str, int]:
 
 
 def collect(client: Client) -> dict[str, Any]:
+    ledger = Ledger(client.redis, client.keys)
     jobs = []
     for job_id in client.store.live_ids()[:500]:
         try:
@@ -36,23 +40,41 @@ def collect(client: Client) -> dict[str, Any]:
             continue
         if st.state is not JobState.QUEUED:
             jobs.append(st.model_dump(mode="json"))
+    gpus = []
+    for g in gpu_snapshots(client):
+        leases = ledger.leases(g.gpu_id)
+        budgets = {k.decode(): float(v) for k, v in client.redis.hgetall(client.keys.budgets(g.gpu_id)).items()}
+        controls = {k.decode(): v.decode().partition(":")[0]
+                    for k, v in client.redis.hgetall(client.keys.controls(g.gpu_id)).items()}
+        gpus.append({**g.model_dump(mode="json"), "usable_mib": g.usable_mib, "pressure": round(g.pressure, 4),
+                     "leased_mib": sum(x.mib for x in leases), "budgets": budgets, "controls": controls,
+                     "leases": [{"holder": x.field, "kind": x.kind, "mib": x.mib, "priority": x.priority,
+                                 "worker": x.worker} for x in leases]})
     return {
         "taken_at": time.time(),
-        "gpus": [{**g.model_dump(mode="json"), "usable_mib": g.usable_mib, "pressure": round(g.pressure, 4)}
-                 for g in gpu_snapshots(client)],
+        "policy": client.settings.policy,
+        "gpus": gpus,
         "queues": queue_depths(client),
         "jobs": jobs,
+        "stats": read_stats(client.redis, client.keys),
     }
 
 
 def render(console: Console, data: dict[str, Any]) -> None:
-    gpus = Table(title="GPUs")
-    for col in ("gpu", "kind", "VRAM used / usable MiB", "pressure", "resident", "jobs"):
+    gpus = Table(title=f"GPUs (policy {data['policy']})")
+    for col in ("gpu", "kind", "VRAM used / usable MiB", "leased MiB", "pressure", "resident", "jobs"):
         gpus.add_column(col)
     for g in data["gpus"]:
-        gpus.add_row(g["gpu_id"], g["kind"], f"{g['used_mib']} / {g['usable_mib']}", f"{g['pressure']:.2f}",
-                     ", ".join(r.split("|")[-1] for r in g["resident"]), str(len(g["jobs"])))
+        gpus.add_row(g["gpu_id"], g["kind"], f"{g['used_mib']} / {g['usable_mib']}", str(g["leased_mib"]),
+                     f"{g['pressure']:.2f}", ", ".join(r.split("|")[-1] for r in g["resident"]), str(len(g["jobs"])))
     console.print(gpus)
+    budgets = Table(title="Quality budgets (lowest priority degrades first)")
+    budgets.add_column("gpu")
+    for key in reversed(DEGRADE_ORDER):
+        budgets.add_column(key, justify="right")
+    for g in data["gpus"]:
+        budgets.add_row(g["gpu_id"], *(f"{g['budgets'].get(k, 1.0):.2f}" for k in reversed(DEGRADE_ORDER)))
+    console.print(budgets)
     queues = Table(title="Queues")
     queues.add_column("queue")
     queues.add_column("depth", justify="right")
@@ -67,3 +89,9 @@ def render(console: Console, data: dict[str, Any]) -> None:
                      "" if j["quality"] is None else f"{j['quality']:.2f}",
                      f"{j['step'] or 0}/{j['total'] or '?'}", j["gpu_id"] or "")
     console.print(jobs)
+    stats = Table(title="Counters")
+    stats.add_column("counter")
+    stats.add_column("value", justify="right")
+    for k, v in sorted(data["stats"].items()):
+        stats.add_row(k, str(v))
+    console.print(stats)

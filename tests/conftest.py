@@ -78,9 +78,15 @@ class WorkerProc:
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ARBITER_REDIS_URL=settings.redis_url, ARBITER_SIM_TIME_SCALE=str(settings.sim_time_scale),
-               ARBITER_PROGRESS_INTERVAL_S=str(settings.progress_interval_s), PYTHONUNBUFFERED="1")
+    """The environment that gives a subprocess exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
+    for name, value in settings.model_dump().items():
+        if name.startswith("worker_") or name == "node":
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"ARBITER_{name.upper()}"] = str(value)
+    env.update(PYTHONUNBUFFERED="1", ARBITER_LOG_LEVEL="INFO")
     env.update(extra)
     return env
 
@@ -111,6 +117,25 @@ def start_worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     yield start
     for w in started:
         w.kill()
+
+
+@pytest.fixture(scope="module")
+def start_beat(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProc]]:
+    """Start `arbiter beat` subprocesses, killed at module end."""
+    started: list[WorkerProc] = []
+    logs = tmp_path_factory.mktemp("beats")
+
+    def start(**env: str) -> WorkerProc:
+        log = logs / f"beat-{len(started)}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "arbiter", "beat"], env=worker_env(settings, **env),
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        b = WorkerProc(proc, log, f"beat-{len(started)}")
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.kill(signal.SIGTERM)
 
 
 def wait_for_worker(settings: Settings, w: WorkerProc, timeout_s: float = 30.0) -> None:

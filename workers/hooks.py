@@ -134,6 +134,7 @@ class CheckpointHook(Hook):
             return
         blob = info.capture()
         self.rt.store.save_checkpoint(ctx.job_id, blob)
+        self.rt.store.set_fields(ctx.job_id, checkpoint_quality=ctx.rung.quality)
         done = time.monotonic()
         add_stats(self.rt.redis, self.rt.keys, checkpoints=1, checkpoint_ms=(done - now) * 1000,
                   step_ms=(now - self._step_t) * 1000)

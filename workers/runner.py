@@ -90,10 +90,14 @@ def requeue(rt: Runtime, job_id: str, why: str) -> None:
     raise Reject(why, requeue=True)
 
 
-def candidate_rungs(rt: Runtime, spec: JobSpec, queued_at: float) -> tuple[list[Rung], float]:
+def candidate_rungs(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> tuple[list[Rung], float]:
     """Rungs the job may run at now, best first, and the budget. With a deadline, rungs predicted to
     finish late are skipped (the cheapest is kept if none fits)."""
     budget = rt.budget(spec)
+    resume_at = rt.redis.hget(rt.keys.job(job_id), "checkpoint_quality")
+    if resume_at is not None and rt.store.checkpoint(job_id) is not None:
+        # a checkpoint belongs to its rung (shapes, steps): resume there, whatever the budget, so no work is lost
+        return [r for r in rt.backend.ladder(spec) if abs(r.quality - float(resume_at)) < 1e-9], budget
     allowed = [r for r in rt.backend.ladder(spec)
                if r.quality <= budget + 1e-9 and r.quality >= (spec.min_quality or 0.0) - 1e-9]
     if allowed and spec.deadline_s:
@@ -106,7 +110,7 @@ def candidate_rungs(rt: Runtime, spec: JobSpec, queued_at: float) -> tuple[list[
 
 def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted:
     interactive = spec.priority is Priority.INTERACTIVE
-    rungs, budget = candidate_rungs(rt, spec, queued_at)
+    rungs, budget = candidate_rungs(rt, job_id, spec, queued_at)
     if not rungs:
         if interactive:
             exc = InsufficientQuality(spec.min_quality or 0.0, budget)
@@ -253,6 +257,7 @@ def _preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempt
     store = rt.store
     if exc.checkpoint:
         store.save_checkpoint(job_id, exc.checkpoint)
+        store.set_fields(job_id, checkpoint_quality=store.status(job_id).quality or 1.0)
     ok, state = store.transition(job_id, JobState.PREEMPTED)
     if not ok:
         log.info("job %s could not be preempted: it is %s", job_id, state.value if state else "gone")
