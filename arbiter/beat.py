@@ -145,7 +145,8 @@ class Beat:
             gpus.append(GpuView(
                 gpu_id=g, pressure=max(snap.used_mib, held) / usable if usable else 1.0, capacity_mib=usable,
                 held_mib=held, slots=slots.get(g, {}), waiting_vram=tuple(waiting.get(g, ())),
-                running=tuple(RunningJob(lease.field, lease.workload, lease.priority, lease.worker, lease.mib)
+                running=tuple(RunningJob(lease.field, lease.workload, lease.priority,
+                                         lease.worker.rsplit("/", 1)[0], lease.mib)   # holder -> worker
                               for lease in leases if lease.kind == "job")))
         return World(gpus=tuple(gpus), queued_interactive=queued, budgets=dict(self.budgets),
                      preempting=frozenset(preempting), lost=tuple(self._lost(leased, now)))

@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from arbiter.stack import Stack, WorkerSpec
+from arbiter.stats import read as read_stats
 from arbiter.status import gpu_snapshots
 from broker.client import Client, JobHandle
 from broker.schemas import JobStatus
@@ -53,12 +54,12 @@ class Load:
 
     def standard(self) -> None:
         h = self.client.submit(workload="llm", priority="standard", prompt="Draft a product description.",
-                               max_new_tokens=256, seed=self.rng.randrange(1000))
-        self.jobs.append(Tracked(h, "llm.standard", tokens=256))
+                               max_new_tokens=400, seed=self.rng.randrange(1000))
+        self.jobs.append(Tracked(h, "llm.standard", tokens=400))
 
     def image(self) -> None:
         h = self.client.submit(workload="diffusion", priority="background", prompt=self.rng.choice(IMAGE_PROMPTS),
-                               steps=30, width=768, height=768, seed=self.rng.randrange(1000))
+                               steps=30, width=1024, height=1024, seed=self.rng.randrange(1000))
         self.jobs.append(Tracked(h, "diffusion.background"))
 
     def refresh(self) -> None:
@@ -72,9 +73,8 @@ class Load:
                 t.run_s = r.finished_at - r.started_at
                 t.tokens = int(r.params.get("max_new_tokens", t.tokens))
 
-    def queued_images(self) -> int:
-        return sum(1 for t in self.jobs if t.kind == "diffusion.background"
-                   and (t.status is None or t.status.state is JobState.QUEUED))
+    def queued(self, kind: str) -> int:
+        return sum(1 for t in self.jobs if t.kind == kind and (t.status is None or t.status.state is JobState.QUEUED))
 
 
 def _pct(xs: list[float], p: float) -> float | None:
@@ -122,10 +122,20 @@ def _table(summary: dict, title: str) -> Table:
     return t
 
 
+COUNTERS = ("preemptions", "resumes", "pauses", "quality_reductions", "allocations_failed", "ooms")
+
+
 def _gpu_line(client: Client) -> str:
-    parts = [f"{g.gpu_id}: {g.used_mib}/{g.usable_mib} MiB usable, pressure {g.pressure:.2f}, {len(g.jobs)} jobs"
-             for g in gpu_snapshots(client)]
-    return " | ".join(parts) or "no GPU snapshot yet"
+    lines = []
+    for g in gpu_snapshots(client):
+        budgets = {k.decode(): float(v) for k, v in client.redis.hgetall(client.keys.budgets(g.gpu_id)).items()}
+        b = "  ".join(f"{k} {budgets.get(k, 1.0):.2f}" for k in ("diffusion.background", "llm.background",
+                                                                   "llm.standard", "llm.interactive"))
+        lines.append(f"{g.gpu_id}: {g.used_mib}/{g.usable_mib} MiB, pressure {g.pressure:.2f}, "
+                     f"{len(g.jobs)} jobs | budgets: {b}")
+    stats = read_stats(client.redis, client.keys)
+    lines.append("counters: " + "  ".join(f"{k} {stats.get(k, 0)}" for k in COUNTERS))
+    return "\n".join(lines) if lines else "no GPU snapshot yet"
 
 
 def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None = None, flower: bool = False,
@@ -135,9 +145,10 @@ def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None =
         settings = settings.model_copy(update={"policy": policy})
     if redis_url:
         settings = settings.model_copy(update={"redis_url": redis_url})
-    stack = Stack(settings, [WorkerSpec("llm", "sim:24GiB", 4), WorkerSpec("diffusion", "sim:24GiB", 1)],
+    stack = Stack(settings, [WorkerSpec("llm", "sim:24GiB", 4), WorkerSpec("diffusion", "sim:24GiB", 2)],
                   flower=flower, private_redis=redis_url is None, log_dir=Path(".arbiter/demo-logs"))
-    console.print("[bold]Arbiter demo[/bold]: starting Redis, an llm worker (x4) and a diffusion worker on one sim GPU...")
+    console.print(f"[bold]Arbiter demo[/bold] (policy {settings.policy}): starting Redis, the beat, an llm worker "
+                  "(x4) and a diffusion worker (x2) on one simulated 24 GiB GPU (H100 timings)...")
     with stack:
         stack.wait_for_workers()
         if flower:
@@ -145,26 +156,26 @@ def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None =
         client = Client(settings=stack.settings)
         load = Load(client, random.Random(seed))
         t0 = time.monotonic()
-        next_chat = t0
-        next_standard = t0 + 2.0
+        next_chat = t0 + 1.0
         with Live(console=console, refresh_per_second=4, transient=False) as live:
             while time.monotonic() - t0 < duration_s:
                 now = time.monotonic()
-                while load.queued_images() < 6:
+                while load.queued("diffusion.background") < 6:   # the batch flood: always work waiting
                     load.image()
-                if now >= next_chat:
-                    load.chat()
-                    next_chat = now + load.rng.expovariate(1.2)
-                if now >= next_standard:
+                while load.queued("llm.standard") < 2 and now - t0 < duration_s - 5:   # document jobs
                     load.standard()
-                    next_standard = now + 4.0
+                if now >= next_chat:                              # chat: Poisson arrivals, ~1 per second
+                    load.chat()
+                    next_chat = now + load.rng.expovariate(1.0)
                 load.refresh()
                 live.update(Group(_table(summarise(load.jobs), f"load: {now - t0:4.0f}/{duration_s:.0f} s"),
                                   _gpu_line(client)))
                 time.sleep(0.25)
             # drain: let chat and standard work finish, cancel the rest of the flood (said, never dropped)
+            load.refresh()
             for t in load.jobs:
-                if t.kind == "diffusion.background" and t.status and t.status.state is JobState.QUEUED:
+                if t.kind == "diffusion.background" and t.status and t.status.state not in TERMINAL \
+                        and t.status.state is not JobState.RUNNING:
                     t.handle.cancel()
             drain_until = time.monotonic() + 60
             while time.monotonic() < drain_until:
@@ -175,9 +186,14 @@ def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None =
                 time.sleep(0.25)
         console.print()
         summary = summarise(load.jobs)
-        console.print(_table(summary, "Summary per queue (latency: submit to result; ms/tok: run time per token)"))
+        console.print(_table(summary, f"Summary per queue, policy {stack.settings.policy} "
+                                      "(latency: submit to result; ms/tok: run time per token)"))
+        stats = read_stats(client.redis, client.keys)
+        console.print("counters: " + "  ".join(f"{k} {stats.get(k, 0)}" for k in COUNTERS) +
+                      f"  avg pressure {stats.get('avg_pressure', 0):.2f}  decision p99 {stats.get('plan_us_p99', 0)} µs")
+        summary["counters"] = stats
         lost = sum(1 for t in load.jobs if not (t.status and t.status.state in TERMINAL))
         console.print(f"{len(load.jobs)} jobs submitted; {lost} not finished when the demo ended; "
-                      "queued background jobs left at the end were cancelled explicitly.")
+                      "background jobs still waiting at the end were cancelled explicitly (none dropped).")
         client.close()
     return summary

@@ -51,12 +51,15 @@ class Ledger:
         self._release = r.register_script(load("lease_release", "arbiter.lua"))
 
     def acquire(self, gpu_id: str, capacity_mib: int, job_id: str, mib: int, ttl_s: float, priority: str,
-                workload: str, worker: str, weights: tuple[str, int] | None = None) -> Grant:
-        """Reserve `mib` for the job (plus the variant's weights if this worker does not hold them yet)."""
+                workload: str, worker: str, weights: tuple[str, int] | None = None, holder: str | None = None) -> Grant:
+        """Reserve `mib` for the job (plus the variant's weights if this worker does not hold them yet).
+        `holder` names the process running the job (default: the worker); a job whose live lease names
+        another holder is refused with `held_elsewhere`."""
         wfield, wmib = (weights_field(worker, weights[0]), weights[1]) if weights else ("", 0)
         code, fence, free = self._acquire(
             keys=[self.keys.leases(gpu_id), self.keys.fence(job_id)],
-            args=[self.clock(), capacity_mib, job_id, int(mib), ttl_s, priority, workload, worker, wfield, int(wmib)],
+            args=[self.clock(), capacity_mib, job_id, int(mib), ttl_s, priority, workload, holder or worker, wfield,
+                  int(wmib)],
         )
         return Grant(ok=code == 1, fence=int(fence), free_mib=int(free), held_elsewhere=code == -1)
 

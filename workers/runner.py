@@ -126,7 +126,7 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted
             resident = rung.variant in rt.backend.resident()
             grant = rt.ledger.acquire(rt.gpu_id, rt.capacity_mib, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
                                       spec.priority.value, spec.workload.value, rt.worker,
-                                      None if resident else (rung.variant, rung.weights_mib))
+                                      None if resident else (rung.variant, rung.weights_mib), holder=rt.holder)
             if grant.held_elsewhere:
                 log.warning("job %s is running on another worker: this delivery is dropped", job_id)
                 raise Ignore()

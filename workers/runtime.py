@@ -59,6 +59,7 @@ class Runtime:
         self.gpu.announce()
         self.worker = settings.worker_name or f"{self.workload.value}@{settings.node}"
         self.backend = make_backend(settings.worker_backend, self.workload, self.gpu, self.worker)
+        self.holder = f"{self.worker}/{os.getpid()}"   # job leases name the process: fencing within a worker too
         self.current: CurrentJob | None = None
         self._stop = threading.Event()
         self._register()

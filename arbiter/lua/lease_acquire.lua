@@ -5,7 +5,7 @@
 -- Lease value: "mib|expires_at|kind|priority|workload|worker|fence"
 -- KEYS[1] leases hash of the GPU   KEYS[2] the job's fence counter
 -- ARGV[1] now  ARGV[2] capacity MiB  ARGV[3] job id  ARGV[4] job MiB  ARGV[5] ttl s  ARGV[6] priority
--- ARGV[7] workload  ARGV[8] worker  ARGV[9] weights field ('' for none)  ARGV[10] weights MiB
+-- ARGV[7] workload  ARGV[8] holder (the process)  ARGV[9] weights field ('' for none)  ARGV[10] weights MiB
 -- Returns {1, fence, free MiB after} | {0, 0, free MiB now} | {-1, 0, 0} (held by another worker)
 local now = tonumber(ARGV[1])
 local used = 0

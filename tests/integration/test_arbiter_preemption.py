@@ -110,3 +110,19 @@ def test_whole_worker_killed_mid_job_finishes_exactly_once_from_its_checkpoint(c
     assert AsyncResult(job.id, app=client.app).result["runs"] == 2
     reference = client.submit(spec).result(timeout=60)
     assert result.image_png == reference.image_png
+
+
+def test_a_job_that_ignores_preemption_is_hard_stopped_and_still_finishes(client, procs):  # noqa: F811
+    # 20x slower sim: one 1536 px step lasts ~2 s, past a 1 s grace, so the flag is not seen in time
+    worker, beat = procs
+    beat()
+    w = worker("diffusion", concurrency=1, gpu="sim3:24GiB", ARBITER_SIM_TIME_SCALE="20",
+               ARBITER_PREEMPT_GRACE_S="1", ARBITER_CHECKPOINT_INTERVAL_S="0.01")
+    job = client.submit(workload="diffusion", priority="background", prompt="huge", steps=2, width=1536, height=1536)
+    wait_until(lambda: (job.status().step or 0) >= 1, timeout_s=40)
+    chat = client.submit(workload="diffusion", priority="interactive", prompt="quick", steps=1, width=64, height=64)
+    assert chat.result(timeout=60).job_id == chat.id
+    result = job.result(timeout=90)
+    assert result.runs >= 2 and job.status().state is JobState.FINISHED
+    assert "ignored a preemption" in w.output()
+    assert chat.status().finished_at < result.finished_at
