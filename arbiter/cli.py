@@ -56,7 +56,13 @@ def worker(
     from workers.runtime import BACKENDS
     from workers.simgpu import parse_gpu
 
+    from arbiter.gpu import parse_device
+
     settings = get_settings()
+    if parse_device(gpu) is not None:
+        raise InvalidJob(f"--gpu {gpu}: the {backend!r} backend runs on a simulated GPU (--gpu sim[N][:SIZE]); "
+                         "a CUDA device needs a real backend (transformers, diffusers: not built yet); "
+                         "`arbiter gpus` lists this node's devices")
     if backend not in BACKENDS:
         raise InvalidJob(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     try:
@@ -186,6 +192,22 @@ def status_cmd(
             return
         data = collect(client)
         console.print_json(json.dumps(data)) if as_json else render(console, data)
+
+
+@app.command()
+def gpus(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List this node's CUDA devices as NVML sees them (total, used and usable VRAM)."""
+    from arbiter.gpu import detect_gpus
+
+    s = get_settings()
+    found = [g.snapshot() for g in detect_gpus(s.node, s.vram_reserve_fraction)]
+    if as_json:
+        console.print_json(json.dumps([{**g.model_dump(mode="json"), "usable_mib": g.usable_mib} for g in found]))
+    elif not found:
+        console.print("no CUDA device visible through NVML on this node; workers use a simulated GPU (--gpu sim:SIZE)")
+    for g in found if not as_json else []:
+        console.print(f"{g.gpu_id}: {g.total_mib} MiB total, {g.used_mib} used, {g.usable_mib} usable "
+                      f"({s.vram_reserve_fraction:.0%} reserve), utilization {g.utilization}")
 
 
 @app.command()
