@@ -49,8 +49,10 @@ def parse_message(rt: Runtime, job_id: str, raw: Any) -> JobSpec:
 
 
 def default_hooks(rt: Runtime) -> list[Hook]:
-    return [StreamHook(rt.store), ProgressHook(rt.store, rt.settings.progress_interval_s),
-            CheckpointHook(rt, rt.settings.checkpoint_interval_s), ControlHook(rt)]
+    # Order matters: a token is streamed before a preemption can stop the job (its checkpoint includes it),
+    # and progress is published after the control check, so a step reported done has passed that check.
+    return [StreamHook(rt.store), ControlHook(rt), ProgressHook(rt.store, rt.settings.progress_interval_s),
+            CheckpointHook(rt, rt.settings.checkpoint_interval_s)]
 
 
 # -- predictor state (per worker and workload, in Redis) -------------------------------------------------
