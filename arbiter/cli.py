@@ -16,23 +16,13 @@ import typer
 from rich.console import Console
 
 from broker.errors import ArbiterError, InvalidJob
+from broker.schemas import Priority, Workload
 from broker.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Arbiter: a GPU job broker with priority queues, quality budgets and preemption.")
 console = Console()
 err = Console(stderr=True)
-
-
-class WorkloadArg(StrEnum):
-    llm = "llm"
-    diffusion = "diffusion"
-
-
-class PriorityArg(StrEnum):
-    interactive = "interactive"
-    standard = "standard"
-    background = "background"
 
 
 def _client():
@@ -43,7 +33,7 @@ def _client():
 
 @app.command()
 def worker(
-    workload: Annotated[WorkloadArg, typer.Option(help="Which workload's queues to consume.")],
+    workload: Annotated[Workload, typer.Option(help="Which workload's queues to consume.")],
     gpu: Annotated[str, typer.Option(help="GPU to bind: sim[N][:SIZE], e.g. sim:24GiB.")] = "sim",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Jobs at once on this GPU (llm: one decode batch).")] = 1,
     backend: Annotated[str, typer.Option(help="Generation backend.")] = "sim",
@@ -52,7 +42,6 @@ def worker(
 ) -> None:
     """Run a Celery worker for one workload on one GPU, draining its queues in strict priority order."""
     from broker.app import workload_queues
-    from broker.schemas import Workload
     from workers.runtime import BACKENDS
     from workers.simgpu import parse_gpu
 
@@ -112,9 +101,9 @@ def beat(
 
 @app.command()
 def submit(
-    workload: Annotated[WorkloadArg, typer.Argument(help="llm or diffusion")],
+    workload: Annotated[Workload, typer.Argument(help="llm or diffusion")],
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
-    priority: Annotated[PriorityArg, typer.Option(help="Queue priority.")] = PriorityArg.standard,
+    priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.STANDARD,
     min_quality: Annotated[Optional[float], typer.Option(help="Never run below this quality.")] = None,
     deadline_s: Annotated[Optional[float], typer.Option(help="Must finish within this many seconds.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="llm: tokens to generate.")] = None,

@@ -140,6 +140,8 @@ def _gpu_line(client: Client) -> str:
 
 def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None = None, flower: bool = False,
              seed: int = 7, policy: str | None = None) -> dict:
+    if not console.is_terminal:
+        console.width = max(console.width, 120)   # tables stay readable in logs and CI
     settings = get_settings()
     if policy:
         settings = settings.model_copy(update={"policy": policy})

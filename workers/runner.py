@@ -213,20 +213,21 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
         raise Ignore() from None
     except Cancelled as exc:
         store.transition(job_id, JobState.CANCELLED, error=str(exc), finished_at=time.time())
+        rt.ledger.release(rt.gpu_id, job_id, fence)
         log.info("job %s cancelled: %s", job_id, exc)
         raise
     except SimulatedOOM as exc:
         add_stats(rt.redis, rt.keys, ooms=1)
         fail(rt, job_id, exc, oom=1)
+        rt.ledger.release(rt.gpu_id, job_id, fence)
         raise
     except Exception as exc:
         store.transition(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
+        rt.ledger.release(rt.gpu_id, job_id, fence)
         log.exception("job %s failed", job_id)
         raise
     finally:
         rt.current = None
-        if store.status(job_id).state is not JobState.QUEUED:   # a preempted job released its lease already
-            rt.ledger.release(rt.gpu_id, job_id, fence)
         rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
 
     d = store.raw(job_id)
@@ -240,6 +241,8 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     ok, state = store.transition(job_id, JobState.FINISHED, finished_at=result.finished_at)
     if not ok:  # cancelled in the very last moment: the cancel wins, the result is kept for inspection
         log.info("job %s finished but is %s", job_id, state.value if state else "gone")
+    # released only now: a running job without a lease is what the beat treats as lost
+    rt.ledger.release(rt.gpu_id, job_id, fence)
     store.r.delete(store.keys.job_checkpoint(job_id))
     steps_run = rung.total_steps - output.resumed_from_step
     if steps_run > 0:

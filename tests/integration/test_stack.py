@@ -65,7 +65,12 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
         client.close()
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            tree = [(c.pid, c.name(), " ".join(c.cmdline()[:6])) for c in psutil.Process(proc.pid).children(recursive=True)]
+            proc.kill()
+            raise AssertionError(f"arbiter dev did not stop within 30 s; children {tree}\n{log.read_text()[-4000:]}")
     gone = psutil.wait_procs(children, timeout=15)[1]
     assert not gone, f"orphans left running: {gone}"
     assert proc.returncode == 0
