@@ -268,12 +268,86 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on the sim GPU with real Redis and workers.")
+app.add_typer(bench_app, name="bench")
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here.")]
+LOGS = Path(".arbiter/bench-logs")
+
+
+def _finish(data: dict, json_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    from arbiter.bench.common import machine, write_json
+    from arbiter.bench.report import plot
+
+    data["machine"] = machine()
+    write_json(json_path, data)
+    if plot_path:
+        plot(plot_path, data)
+    if json_path or plot_path:
+        console.print(f"[dim]written: {', '.join(str(p) for p in (json_path, plot_path) if p)}[/dim]")
+
+
+@bench_app.command("mixed")
+def bench_mixed(
+    duration_s: Annotated[float, typer.Option("--duration", help="Trace length in H100 seconds.")] = 60.0,
+    scale: Annotated[float, typer.Option(help="Time factor for the sim and the trace (0.5 = 2x faster).")] = 0.5,
+    seed: Annotated[int, typer.Option()] = 1,
+    flood: Annotated[int, typer.Option(help="Background images submitted at t=0.")] = 40,
+    chat_per_s: Annotated[float, typer.Option(help="Chat arrival rate (Poisson), per H100 second.")] = 1.0,
+    policies: Annotated[str, typer.Option(help="Comma-separated policies to compare.")] = "fifo,priority,arbiter",
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """Chat vs batch flood under fifo, priority and arbiter on the identical trace."""
+    from arbiter.bench.mixed import run_mixed
+    from arbiter.bench.report import mixed_table
+
+    data = run_mixed(duration_s, scale, seed, flood, chat_per_s, LOGS,
+                     tuple(p.strip() for p in policies.split(",") if p.strip()))
+    mixed_table(console, data)
+    _finish(data, json_path, plot_path)
+
+
+@bench_app.command("dispatch")
+def bench_dispatch(
+    burst: Annotated[int, typer.Option(help="Jobs submitted in one burst.")] = 500,
+    samples: Annotated[int, typer.Option(help="Jobs run one at a time for submit->start latency.")] = 200,
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """Broker overhead: no-op jobs through Arbiter's full path vs bare Celery tasks."""
+    from arbiter.bench.dispatch import run_dispatch
+    from arbiter.bench.report import dispatch_table
+
+    data = run_dispatch(burst, samples, LOGS)
+    dispatch_table(console, data)
+    _finish(data, json_path, plot_path)
+
+
+@bench_app.command("preempt")
+def bench_preempt(
+    trials: Annotated[int, typer.Option(help="Preemptions to time.")] = 30,
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """Time from an interactive submit to a background job's lease release, and to the interactive start."""
+    from arbiter.bench.preempt import run_preempt
+    from arbiter.bench.report import preempt_table
+
+    data = run_preempt(trials, LOGS)
+    preempt_table(console, data)
+    _finish(data, json_path, plot_path)
+
+
 def main() -> None:
     """Entry point: every error is one line on stderr; exit 2 for bad input, 1 for other failures."""
     import redis
 
     logging.basicConfig(level=os.environ.get("ARBITER_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored, and Python
+    # then never raises KeyboardInterrupt: Ctrl-C (or `kill -INT`) must always stop `arbiter dev` cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

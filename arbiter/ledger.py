@@ -88,5 +88,11 @@ class Ledger:
                 out.append(Lease(field, int(mib), float(exp), kind, prio, workload, worker, int(fence)))
         return out
 
+    def weights_held(self, gpu_id: str, worker: str) -> set[str]:
+        """Model variants whose weights `worker` holds a live lease for on this GPU."""
+        prefix = weights_field(worker, "")
+        return {lease.field[len(prefix):] for lease in self.leases(gpu_id)
+                if lease.kind == "weights" and lease.field.startswith(prefix)}
+
     def held_mib(self, gpu_id: str) -> int:
         return sum(lease.mib for lease in self.leases(gpu_id))

@@ -88,12 +88,12 @@ class Stack:
         self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
                                             preexec_fn=_die_with_parent)
 
-    def wait_for_workers(self, timeout_s: float = 60.0) -> None:
-        """Block until every worker answers a Celery ping."""
+    def wait_for_workers(self, timeout_s: float = 60.0, extra: int = 0) -> None:
+        """Block until every worker (and `extra` workers started outside the stack) answers a Celery ping."""
         from broker.app import create_app
 
         app = create_app(self.settings, name="arbiter-stack")
-        want = len(self.workers)
+        want = len(self.workers) + extra
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:

@@ -23,6 +23,8 @@ TASK_NAMES: dict[Workload, str] = {
 
 
 EXCHANGE = Exchange("arbiter", type="direct")
+BARE_QUEUE = "bench.bare"          # `arbiter bench dispatch`: bare Celery tasks, for comparison
+BARE_TASK = "arbiter.bench.bare_noop"
 
 
 def workload_queues(workload: Workload) -> list[str]:
@@ -57,7 +59,7 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in all_queues()],
+        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in [*all_queues(), BARE_QUEUE]],
         task_default_exchange=EXCHANGE.name,
         task_create_missing_queues=False,
         task_default_queue=queue_name(Workload.LLM, "standard"),

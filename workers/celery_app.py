@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from broker.app import TASK_NAMES, create_app
+from broker.app import BARE_TASK, TASK_NAMES, create_app
 from broker.errors import ArbiterError
 from broker.schemas import Workload
 from broker.settings import get_settings
@@ -48,9 +49,16 @@ def diffusion_generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _run(self, *args, **kwargs)
 
 
+@app.task(name=BARE_TASK)
+def bare_noop() -> float:
+    """A bare Celery task (no Arbiter path at all): the dispatch benchmark's baseline. Returns its start."""
+    return time.time()
+
+
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
-    get_runtime()   # load in the child, never in the parent (CUDA is not fork-safe)
+    if get_settings().worker_name:   # an `arbiter worker` (not a bare `celery worker` of the dispatch bench)
+        get_runtime()                # load in the child, never in the parent (CUDA is not fork-safe)
 
 
 @worker_process_shutdown.connect

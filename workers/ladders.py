@@ -89,3 +89,21 @@ def pick_rung(ladder: list[Rung], budget: float, min_quality: float) -> Rung | N
         if rung.quality <= budget + 1e-9 and rung.quality >= min_quality - 1e-9:
             return rung
     return None
+
+
+def rung_cost_mib(rung: Rung, resident: set[str]) -> int:
+    """VRAM a rung adds on this worker: its own memory, plus its weights unless already resident."""
+    return rung.vram_mib + (0 if rung.variant in resident else rung.weights_mib)
+
+
+def admissible_rungs(ladder: list[Rung], budget: float, min_quality: float, resident: set[str]) -> list[Rung]:
+    """Rungs a job may run at, best first: those within the budget and at or above its minimum, plus any
+    better rung that adds no more VRAM than the best one within the budget. The budget exists to relieve
+    memory pressure, so it never forces a switch to a cheaper model variant that is not loaded (which
+    would add its weights) while a better one is resident."""
+    ranked = sorted((r for r in ladder if r.quality >= min_quality - 1e-9), key=lambda r: r.quality, reverse=True)
+    capped = pick_rung(ranked, budget, min_quality)
+    if capped is None:
+        return []
+    limit = rung_cost_mib(capped, resident)
+    return [r for r in ranked if r.quality <= budget + 1e-9 or rung_cost_mib(r, resident) <= limit]

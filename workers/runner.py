@@ -28,7 +28,7 @@ from broker.errors import (
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import TERMINAL, JobState
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
-from workers.ladders import Rung
+from workers.ladders import Rung, admissible_rungs, rung_cost_mib
 from workers.runtime import CurrentJob, Runtime
 
 log = logging.getLogger("arbiter.job")
@@ -100,8 +100,7 @@ def candidate_rungs(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -
     if resume_at is not None and rt.store.checkpoint(job_id) is not None:
         # a checkpoint belongs to its rung (shapes, steps): resume there, whatever the budget, so no work is lost
         return [r for r in rt.backend.ladder(spec) if abs(r.quality - float(resume_at)) < 1e-9], budget
-    allowed = [r for r in rt.backend.ladder(spec)
-               if r.quality <= budget + 1e-9 and r.quality >= (spec.min_quality or 0.0) - 1e-9]
+    allowed = admissible_rungs(rt.backend.ladder(spec), budget, spec.min_quality or 0.0, rt.resident_variants())
     if allowed and spec.deadline_s:
         p = load_predictor(rt)
         left = queued_at + spec.deadline_s - time.time()
@@ -124,8 +123,9 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted
     waiting = False
     while True:
         free = 0
+        held = rt.resident_variants()
         for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
-            resident = rung.variant in rt.backend.resident()
+            resident = rung.variant in held
             grant = rt.ledger.acquire(rt.gpu_id, rt.capacity_mib, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
                                       spec.priority.value, spec.workload.value, rt.worker,
                                       None if resident else (rung.variant, rung.weights_mib), holder=rt.holder)
@@ -140,7 +140,7 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted
             free = max(free, grant.free_mib)
             if not interactive:
                 break
-        need = rungs[-1].vram_mib + (0 if rungs[-1].variant in rt.backend.resident() else rungs[-1].weights_mib)
+        need = rung_cost_mib(rungs[-1], held)
         if not interactive:
             add_stats(rt.redis, rt.keys, allocations_failed=1)
             requeue(rt, job_id, f"needs {rungs[0].vram_mib} MiB VRAM on {rt.gpu_id}, {free} MiB free")

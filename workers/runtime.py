@@ -25,7 +25,7 @@ from workers.backends.base import Backend
 from workers.simgpu import SimGpu, parse_gpu
 
 log = logging.getLogger(__name__)
-BACKENDS = ("sim",)
+BACKENDS = ("sim", "noop")
 UNLIMITED_MIB = 1 << 40     # ledger capacity when the policy does no admission (leases still fence jobs)
 
 
@@ -34,6 +34,10 @@ def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str) -> Bac
         from workers.backends.sim import SimDiffusionBackend, SimLlmBackend
 
         return SimLlmBackend(gpu, worker) if workload is Workload.LLM else SimDiffusionBackend(gpu, worker)
+    if name == "noop":
+        from workers.backends.noop import NoopBackend
+
+        return NoopBackend(workload)
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
@@ -87,6 +91,11 @@ class Runtime:
             return 1.0
         raw = self.redis.hget(self.keys.budgets(self.gpu_id), budget_key(spec.workload, spec.priority))
         return float(raw) if raw is not None else 1.0
+
+    def resident_variants(self) -> set[str]:
+        """Variants this worker holds on the GPU: its weights leases (any of its processes), or this
+        process's own when the policy keeps no ledger of weights."""
+        return self.ledger.weights_held(self.gpu_id, self.worker) | set(self.backend.resident())
 
     def control(self, job_id: str) -> tuple[str | None, float]:
         """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s)."""

@@ -1,7 +1,7 @@
 import pytest
 
 from broker.schemas import JobSpec
-from workers.ladders import diffusion_ladder, llm_ladder, pick_rung
+from workers.ladders import admissible_rungs, diffusion_ladder, llm_ladder, pick_rung
 
 
 def diff(**kw):
@@ -35,3 +35,16 @@ def test_pick_rung_respects_budget_and_minimum():
     assert pick_rung(ladder, 0.75, 0.4).variant == "llama-3b"
     assert pick_rung(ladder, 0.45, 0.4).quality == 0.4
     assert pick_rung(ladder, 0.6, 0.7) is None     # budget below the job's minimum: it must wait
+
+
+def test_budget_never_forces_loading_a_cheaper_variant_beside_a_resident_one():
+    ladder = llm_ladder(llm(max_new_tokens=100))
+    # 8b resident: a budget of 0.85 would mean loading int8 (+7.9 GB); the resident 8b adds only its KV cache
+    got = admissible_rungs(ladder, 0.85, 0.4, resident={"llama-8b"})
+    assert got[0].variant == "llama-8b" and [r.quality for r in got][1:] == [0.85, 0.7, 0.5, 0.4]
+    # nothing resident: the budget caps as usual
+    assert admissible_rungs(ladder, 0.85, 0.4, resident=set())[0].variant == "llama-8b-int8"
+    # diffusion rungs share their weights: a higher rung needs more activations, so the cap holds
+    d = diffusion_ladder(diff(steps=30, width=1024, height=1024))
+    assert admissible_rungs(d, 0.6, 0.3, resident={"sd15"})[0].quality == 0.6
+    assert admissible_rungs(d, 0.25, 0.3, resident={"sd15"}) == []

@@ -1,0 +1,85 @@
+"""`arbiter bench dispatch`: the broker's own cost. No-op jobs through Arbiter's full path (validation,
+job record, routing, budget, ladder, lease, state transitions, progress, result) against bare Celery tasks
+on the same Redis with the same worker settings (prefork, same concurrency, prefetch 1, acks_late,
+events on): burst throughput and submit->start latency, as ratios."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from arbiter.bench.common import bench_settings, pct, private_stack
+from arbiter.stack import WorkerSpec
+from arbiter.stats import read as read_stats
+from broker.app import BARE_QUEUE, BARE_TASK
+from broker.client import Client
+
+CONCURRENCY = 2
+
+
+def _arbiter(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
+    for _ in range(20):   # warm-up
+        client.submit(workload="llm", prompt="warm", max_new_tokens=1).wait(timeout=30)
+    t0 = time.perf_counter()
+    handles = [client.submit(workload="llm", prompt="noop", max_new_tokens=1) for _ in range(n_burst)]
+    submit_s = time.perf_counter() - t0
+    for h in handles:
+        h.wait(timeout=120)
+    total_s = time.perf_counter() - t0
+    lat = []
+    for _ in range(n_latency):
+        sent = time.time()
+        h = client.submit(workload="llm", prompt="noop", max_new_tokens=1)
+        st = h.wait(timeout=30)
+        lat.append((st.started_at - sent) * 1000)
+    return {"jobs_per_s": n_burst / total_s, "submit_per_s": n_burst / submit_s,
+            "start_p50_ms": pct(lat, 50), "start_p99_ms": pct(lat, 99)}
+
+
+def _bare(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
+    app = client.app
+    for _ in range(20):
+        app.send_task(BARE_TASK, queue=BARE_QUEUE).get(timeout=30)
+    t0 = time.perf_counter()
+    results = [app.send_task(BARE_TASK, queue=BARE_QUEUE) for _ in range(n_burst)]
+    submit_s = time.perf_counter() - t0
+    for r in results:
+        r.get(timeout=120)
+    total_s = time.perf_counter() - t0
+    lat = []
+    for _ in range(n_latency):
+        sent = time.time()
+        started = app.send_task(BARE_TASK, queue=BARE_QUEUE).get(timeout=30)
+        lat.append((started - sent) * 1000)
+    return {"jobs_per_s": n_burst / total_s, "submit_per_s": n_burst / submit_s,
+            "start_p50_ms": pct(lat, 50), "start_p99_ms": pct(lat, 99)}
+
+
+def run_dispatch(n_burst: int, n_latency: int, log_dir: Path) -> dict[str, Any]:
+    settings = bench_settings("arbiter", 1.0)
+    workers = [WorkerSpec("llm", "sim:24GiB", CONCURRENCY, backend="noop")]
+    with private_stack(settings, workers, log_dir / "dispatch") as (stack, client):
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", BARE_QUEUE, "-c",
+             str(CONCURRENCY), "-n", "bare@bench", "-E", "--pool", "prefork", "--without-gossip",
+             "--without-mingle", "-O", "fair", "--loglevel", "WARNING"],
+            env=stack.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            stack.wait_for_workers(extra=1)
+            arbiter = _arbiter(client, n_burst, n_latency)
+            baseline = _bare(client, n_burst, n_latency)
+            plan_us = float(read_stats(client.redis, client.keys).get("plan_us_p99", 0.0))
+        finally:
+            bare.terminate()
+            bare.wait(10)
+    return {
+        "scenario": "dispatch", "burst": n_burst, "latency_samples": n_latency, "concurrency": CONCURRENCY,
+        "arbiter": arbiter, "bare_celery": baseline,
+        "throughput_ratio": round(arbiter["jobs_per_s"] / baseline["jobs_per_s"], 3),
+        "start_p50_ratio": round(arbiter["start_p50_ms"] / baseline["start_p50_ms"], 3),
+        "start_p99_ratio": round(arbiter["start_p99_ms"] / baseline["start_p99_ms"], 3),
+        "plan_us_p99": plan_us,
+    }

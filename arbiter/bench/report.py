@@ -1,0 +1,118 @@
+"""Tables (rich) and plots (matplotlib, headless) of the benchmark results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _f(v: Any, digits: int = 2, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+def mixed_table(console: Console, data: dict[str, Any]) -> None:
+    pols = data["policies"]
+    t = Table(title=f"mixed: chat vs batch flood ({data['duration_s']:.0f} s trace, scale {data['scale']}, "
+                    f"{data['gpu']}, trace {data['trace']})")
+    t.add_column("metric", no_wrap=True)
+    for p in pols:
+        t.add_column(p, justify="right")
+    rows = [
+        ("interactive SLO attainment", lambda r: _f(r["interactive"]["slo_attainment"] and r["interactive"]["slo_attainment"] * 100, 1, " %")),
+        ("interactive latency p50 / p95 / p99 s", lambda r: " / ".join(_f(r["interactive"][k]) for k in ("latency_p50_s", "latency_p95_s", "latency_p99_s"))),
+        ("time to first token p50 / p99 s", lambda r: " / ".join(_f(r["interactive"][k]) for k in ("ttft_p50_s", "ttft_p99_s"))),
+        ("chat ms/token p50 (idle)", lambda r: f"{_f(r['interactive']['ms_per_token_p50'])} ({_f(r['idle_ms_per_token'])})"),
+        ("chat per-token ÷ idle", lambda r: _f(r["interactive"]["per_token_vs_idle"], 2, "×")),
+        ("background images/min", lambda r: _f(r["background"]["images_per_min"], 1)),
+        ("background Σquality/min", lambda r: _f(r["background"]["quality_per_min"], 1)),
+        ("mean quality llm.int / llm.std / diff.bg", lambda r: " / ".join(_f(r["quality"].get(k)) for k in ("llm.interactive", "llm.standard", "diffusion.background"))),
+        ("simulated OOMs", lambda r: str(r["ooms"])),
+        ("preemptions / pauses", lambda r: f"{r['preemptions']} / {r['pauses']}"),
+        ("submitted / finished / failed / lost", lambda r: f"{r['submitted']} / {r['finished']} / {r['failed']} / {r['lost']}"),
+        ("GPU busy fraction", lambda r: _f(r["gpu_busy_fraction"])),
+        ("decision p99 µs", lambda r: _f(r["plan_us_p99"], 0)),
+    ]
+    for name, fn in rows:
+        t.add_row(name, *(fn(r) for r in pols.values()))
+    console.print(t)
+
+
+def dispatch_table(console: Console, data: dict[str, Any]) -> None:
+    t = Table(title=f"dispatch: no-op jobs, {data['burst']} in a burst, {data['latency_samples']} one at a time, "
+                    f"-c {data['concurrency']}")
+    for col in ("", "jobs/s", "submits/s", "submit→start p50 ms", "p99 ms"):
+        t.add_column(col, justify="right" if col else "left")
+    for name in ("arbiter", "bare_celery"):
+        r = data[name]
+        t.add_row(name, _f(r["jobs_per_s"], 0), _f(r["submit_per_s"], 0), _f(r["start_p50_ms"]), _f(r["start_p99_ms"]))
+    t.add_row("ratio", _f(data["throughput_ratio"], 2, "×"), "", _f(data["start_p50_ratio"], 2, "×"),
+              _f(data["start_p99_ratio"], 2, "×"))
+    console.print(t)
+    console.print(f"scheduling decision (plan) p99: {data['plan_us_p99']:.0f} µs")
+
+
+def preempt_table(console: Console, data: dict[str, Any]) -> None:
+    t = Table(title=f"preempt: {data['measured']}/{data['trials']} trials, diffusion step {data['step_ms']:.0f} ms, "
+                    f"target ≤ {data['target_ms']:.0f} ms")
+    for col in ("from interactive submit to", "p50 ms", "p99 ms"):
+        t.add_column(col, justify="right" if "ms" in col else "left")
+    for name, key in (("background lease released", "to_lease_release_ms"),
+                      ("interactive job started", "to_interactive_start_ms")):
+        t.add_row(name, _f(data[key]["p50"], 1), _f(data[key]["p99"], 1))
+    console.print(t)
+
+
+def plot(path: Path, data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data["scenario"] == "mixed":
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in data["policies"].items():
+            xs = r["latencies_s"]
+            if xs:
+                a.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
+        a.set_xscale("log")
+        a.set_xlabel("interactive chat latency, s (log)")
+        a.set_ylabel("fraction of chats")
+        a.legend()
+        a.set_title("chat latency CDF")
+        names = list(data["policies"])
+        imgs = [data["policies"][n]["background"]["images_per_min"] for n in names]
+        qual = [data["policies"][n]["background"]["quality_per_min"] for n in names]
+        x = range(len(names))
+        b.bar([i - 0.2 for i in x], imgs, 0.4, label="images/min")
+        b.bar([i + 0.2 for i in x], qual, 0.4, label="Σquality/min")
+        b.set_xticks(list(x), names)
+        b.set_title("background throughput")
+        b.legend()
+    elif data["scenario"] == "dispatch":
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        names = ["arbiter", "bare_celery"]
+        a.bar(names, [data[n]["jobs_per_s"] for n in names])
+        a.set_title("burst throughput, jobs/s")
+        b.bar([f"{n} p50" for n in names] + [f"{n} p99" for n in names],
+              [data[n]["start_p50_ms"] for n in names] + [data[n]["start_p99_ms"] for n in names])
+        b.set_title("submit→start, ms")
+        b.tick_params(axis="x", rotation=20)
+    else:
+        fig, a = plt.subplots(figsize=(6, 3.5))
+        a.hist([data["samples_ms"]["release"], data["samples_ms"]["start"]], bins=20,
+               label=["lease released", "interactive started"])
+        a.axvline(data["target_ms"], color="k", linestyle="--", label="target")
+        a.set_xlabel("ms after the interactive submit")
+        a.legend()
+        a.set_title("preemption latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,38 @@
+"""A backend that does no work: one step, no memory. `arbiter bench dispatch` runs it to measure the
+broker's own cost (routing, admission, lease, progress, result) against bare Celery."""
+
+from __future__ import annotations
+
+from broker.schemas import JobSpec, Workload
+from workers.backends.base import Output, StepHook, StepInfo
+from workers.ladders import Rung
+
+
+class NoopBackend:
+    name = "noop"
+
+    def __init__(self, workload: Workload) -> None:
+        self.workload = workload
+
+    def ladder(self, spec: JobSpec) -> list[Rung]:
+        return [Rung(1.0, "noop", 0, 0, {"variant": "noop", "steps": 1})]
+
+    def load(self, rung: Rung) -> float:
+        return 0.0
+
+    def generate(self, job_id: str, spec: JobSpec, rung: Rung, checkpoint: bytes | None,
+                 on_step: StepHook) -> Output:
+        on_step(StepInfo(1, 1, None, lambda: b""))
+        return Output(text="" if self.workload is Workload.LLM else None, params=dict(rung.params))
+
+    def set_paused(self, job_id: str, paused: bool) -> None:
+        pass
+
+    def resident(self) -> dict[str, int]:
+        return {}
+
+    def heartbeat(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
