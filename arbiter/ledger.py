@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import redis
 
@@ -70,29 +70,39 @@ class Ledger:
         return bool(self._renew(keys=[self.keys.leases(gpu_id)],
                                 args=[self.clock(), ttl_s, weights_field(worker, variant), "*"]))
 
-    def release(self, gpu_id: str, job_id: str, fence: int | str = "*") -> bool:
-        return bool(self._release(keys=[self.keys.leases(gpu_id)], args=[job_id, fence]))
+    def release(self, gpu_id: str, job_id: str, fence: int | str = "*", pipe: Any = None) -> bool:
+        """Release the job's lease if it is still the caller's; queued on `pipe` if given."""
+        reply = self._release(keys=[self.keys.leases(gpu_id)], args=[job_id, fence], client=pipe)
+        return pipe is not None or bool(reply)
 
     def release_weights(self, gpu_id: str, worker: str, variant: str) -> bool:
         return bool(self._release(keys=[self.keys.leases(gpu_id)], args=[weights_field(worker, variant), "*"]))
 
     def leases(self, gpu_id: str) -> list[Lease]:
         """Live leases on the GPU (expired ones are skipped here and dropped by the next acquire)."""
-        now = self.clock()
-        out = []
-        for field, value in self.r.hgetall(self.keys.leases(gpu_id)).items():
-            field = field.decode() if isinstance(field, bytes) else field
-            value = value.decode() if isinstance(value, bytes) else value
-            mib, exp, kind, prio, workload, worker, fence = value.split("|")
-            if float(exp) >= now:
-                out.append(Lease(field, int(mib), float(exp), kind, prio, workload, worker, int(fence)))
-        return out
+        return parse_leases(self.r.hgetall(self.keys.leases(gpu_id)), self.clock())
 
     def weights_held(self, gpu_id: str, worker: str) -> set[str]:
         """Model variants whose weights `worker` holds a live lease for on this GPU."""
-        prefix = weights_field(worker, "")
-        return {lease.field[len(prefix):] for lease in self.leases(gpu_id)
-                if lease.kind == "weights" and lease.field.startswith(prefix)}
+        return weights_in(self.leases(gpu_id), worker)
 
     def held_mib(self, gpu_id: str) -> int:
         return sum(lease.mib for lease in self.leases(gpu_id))
+
+
+def parse_leases(raw: dict, now: float) -> list[Lease]:
+    """Live leases from a leases hash as read from Redis."""
+    out = []
+    for field, value in raw.items():
+        field = field.decode() if isinstance(field, bytes) else field
+        value = value.decode() if isinstance(value, bytes) else value
+        mib, exp, kind, prio, workload, worker, fence = value.split("|")
+        if float(exp) >= now:
+            out.append(Lease(field, int(mib), float(exp), kind, prio, workload, worker, int(fence)))
+    return out
+
+
+def weights_in(leases: list[Lease], worker: str) -> set[str]:
+    """Variants `worker` holds weights leases for."""
+    prefix = weights_field(worker, "")
+    return {lease.field[len(prefix):] for lease in leases if lease.kind == "weights" and lease.field.startswith(prefix)}

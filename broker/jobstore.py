@@ -44,22 +44,27 @@ class JobStore:
         pipe.execute()
 
     def transition(self, job_id: str, to: JobState, allowed: frozenset[JobState] | None = None,
+                   pipe: Any = None, incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,
                    **fields: Any) -> tuple[bool, JobState | None]:
         """Atomically move to `to` if the current state may go there (per `ALLOWED_FROM`, or only from
-        `allowed` when given, which must be a subset). Returns (done, state now)."""
+        `allowed` when given, which must be a subset), setting `fields`, incrementing `incr` and setting
+        `setnx` fields that have no value yet. Returns (done, state now); queued on `pipe` if given (then
+        read the reply with `transition_reply`)."""
         src = ALLOWED_FROM[to] if allowed is None else allowed & ALLOWED_FROM[to]
         k = self.keys
         flat: list[Any] = []
-        for name, value in fields.items():
+        items = [*fields.items(), *((f"+{n}", v) for n, v in (incr or {}).items()),
+                 *((f"?{n}", v) for n, v in (setnx or {}).items())]
+        for name, value in items:
             flat += [name, value if isinstance(value, (str, int, float, bytes)) else json.dumps(value)]
-        ok, state = self._transition(
+        reply = self._transition(
             keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running()],
             args=[to.value, ",".join(s.value for s in src), time.time(),
                   1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
                   *flat],
+            client=pipe,
         )
-        state = state.decode() if isinstance(state, bytes) else state
-        return bool(ok), (JobState(state) if state else None)
+        return (False, None) if pipe is not None else transition_reply(reply)
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         self.r.hset(self.keys.job(job_id), mapping=fields)
@@ -82,30 +87,24 @@ class JobStore:
     def request_cancel(self, job_id: str) -> None:
         self.r.hset(self.keys.job(job_id), "cancel_requested", 1)
 
-    def save_result(self, result: JobResult) -> None:
+    def save_result(self, result: JobResult, pipe: Any = None) -> None:
         k = self.keys
-        pipe = self.r.pipeline(transaction=True)
+        p = pipe or self.r.pipeline(transaction=True)
         if result.image_png is not None:
-            pipe.set(k.job_output(result.job_id), result.image_png, ex=self.ttl_s)
-        pipe.hset(k.job(result.job_id), "result", json.dumps(result.summary()))
-        pipe.execute()
+            p.set(k.job_output(result.job_id), result.image_png, ex=self.ttl_s)
+        p.hset(k.job(result.job_id), "result", json.dumps(result.summary()))
+        if pipe is None:
+            p.execute()
 
     # -- reads ------------------------------------------------------------------------------------
     def raw(self, job_id: str) -> dict[str, str]:
         data = self.r.hgetall(self.keys.job(job_id))
         if not data:
             raise JobNotFound(job_id)
-        return {_s(a): _s(b) for a, b in data.items()}
+        return decode_hash(data)
 
     def status(self, job_id: str) -> JobStatus:
-        d = self.raw(job_id)
-        return JobStatus(
-            job_id=job_id, state=JobState(d["state"]), workload=d["workload"], priority=d["priority"],
-            step=_int(d.get("step")), total=_int(d.get("total")), quality=_float(d.get("quality")),
-            worker=d.get("worker"), gpu_id=d.get("gpu_id"), preemptions=int(d.get("preemptions", 0)),
-            runs=int(d.get("runs", 0)), error=d.get("error"), queued_at=float(d["queued_at"]),
-            started_at=_float(d.get("started_at")), finished_at=_float(d.get("finished_at")),
-        )
+        return status_from(job_id, self.raw(job_id))
 
     def spec(self, job_id: str) -> JobSpec:
         return JobSpec.model_validate_json(self.raw(job_id)["spec"])
@@ -137,6 +136,27 @@ class JobStore:
 
     def live_ids(self) -> list[str]:
         return [_s(x) for x in self.r.zrange(self.keys.jobs_live(), 0, -1)]
+
+
+def transition_reply(reply: Any) -> tuple[bool, JobState | None]:
+    ok, state = reply
+    state = state.decode() if isinstance(state, bytes) else state
+    return bool(ok), (JobState(state) if state else None)
+
+
+def decode_hash(data: dict) -> dict[str, str]:
+    return {_s(a): _s(b) for a, b in data.items()}
+
+
+def status_from(job_id: str, d: dict[str, str]) -> JobStatus:
+    """A `JobStatus` from the decoded job hash."""
+    return JobStatus(
+        job_id=job_id, state=JobState(d["state"]), workload=d["workload"], priority=d["priority"],
+        step=_int(d.get("step")), total=_int(d.get("total")), quality=_float(d.get("quality")),
+        worker=d.get("worker"), gpu_id=d.get("gpu_id"), preemptions=int(d.get("preemptions", 0)),
+        runs=int(d.get("runs", 0)), error=d.get("error"), queued_at=float(d["queued_at"]),
+        started_at=_float(d.get("started_at")), finished_at=_float(d.get("finished_at")),
+    )
 
 
 def _s(v: Any) -> str:

@@ -60,8 +60,8 @@ class ProgressHook(Hook):
 
     def after_step(self, ctx: RunContext, info: StepInfo) -> None:
         now = time.monotonic()
-        if now - self._last < self.interval_s and info.step < info.total:
-            return
+        if now - self._last < self.interval_s or info.step >= info.total:
+            return   # the last step's progress is the job's end, published with its result
         self._last = now
         progress = Progress(step=info.step, total=info.total, quality=ctx.rung.quality)
         self.store.publish_progress(ctx.job_id, progress)

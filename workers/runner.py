@@ -25,6 +25,9 @@ from broker.errors import (
     Preempted,
     SimulatedOOM,
 )
+from arbiter.budgets import budget_key
+from arbiter.ledger import parse_leases, weights_in
+from broker.jobstore import decode_hash, status_from, transition_reply
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import TERMINAL, JobState
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
@@ -55,21 +58,10 @@ def default_hooks(rt: Runtime) -> list[Hook]:
             CheckpointHook(rt, rt.settings.checkpoint_interval_s)]
 
 
-# -- predictor state (per worker and workload, in Redis) -------------------------------------------------
-def load_predictor(rt: Runtime) -> StepPredictor:
-    raw = rt.redis.get(rt.keys.predictor(rt.worker, rt.workload.value))
-    return StepPredictor.from_dict(json.loads(raw)) if raw else StepPredictor()
-
-
+# -- predictor features ----------------------------------------------------------------------------------
 def _features(rung: Rung) -> list[float]:
     workload = "diffusion" if "steps" in rung.params else "llm"
     return features(workload, {**rung.params, "weights_mib": rung.weights_mib})
-
-
-def update_predictor(rt: Runtime, rung: Rung, step_ms: float) -> None:
-    p = load_predictor(rt)
-    p.update(_features(rung), step_ms)
-    rt.redis.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(p.to_dict()))
 
 
 # -- admission ---------------------------------------------------------------------------------------------
@@ -92,26 +84,51 @@ def requeue(rt: Runtime, job_id: str, why: str) -> None:
     raise Reject(why, requeue=True)
 
 
-def candidate_rungs(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> tuple[list[Rung], float]:
-    """Rungs the job may run at now, best first, and the budget. With a deadline, rungs predicted to
-    finish late are skipped (the cheapest is kept if none fits)."""
-    budget = rt.budget(spec)
-    resume_at = rt.redis.hget(rt.keys.job(job_id), "checkpoint_quality")
-    if resume_at is not None and rt.store.checkpoint(job_id) is not None:
+@dataclass
+class View:
+    """What a worker reads about a job before running it, in one round trip."""
+
+    job: dict[str, str]
+    budget: float
+    resident: set[str]
+    checkpoint: bytes | None
+    predictor: StepPredictor
+
+    @classmethod
+    def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.hgetall(rt.keys.job(job_id))
+        pipe.hget(rt.keys.budgets(rt.gpu_id), budget_key(spec.workload, spec.priority))
+        pipe.hgetall(rt.keys.leases(rt.gpu_id))
+        pipe.get(rt.keys.job_checkpoint(job_id))
+        pipe.get(rt.keys.predictor(rt.worker, rt.workload.value))
+        job, budget, leases, checkpoint, predictor = pipe.execute()
+        held = weights_in(parse_leases(leases, time.time()), rt.worker)
+        return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
+                   held | set(rt.backend.resident()), checkpoint,
+                   StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor())
+
+
+def candidate_rungs(rt: Runtime, spec: JobSpec, view: View) -> list[Rung]:
+    """Rungs the job may run at now, best first. With a deadline, rungs predicted to finish late are
+    skipped (the cheapest is kept if none fits). A checkpoint pins its own rung."""
+    ladder = rt.backend.ladder(spec)
+    resume_at = view.job.get("checkpoint_quality")
+    if resume_at is not None and view.checkpoint is not None:
         # a checkpoint belongs to its rung (shapes, steps): resume there, whatever the budget, so no work is lost
-        return [r for r in rt.backend.ladder(spec) if abs(r.quality - float(resume_at)) < 1e-9], budget
-    allowed = admissible_rungs(rt.backend.ladder(spec), budget, spec.min_quality or 0.0, rt.resident_variants())
+        return [r for r in ladder if abs(r.quality - float(resume_at)) < 1e-9]
+    allowed = admissible_rungs(ladder, view.budget, spec.min_quality or 0.0, view.resident)
     if allowed and spec.deadline_s:
-        p = load_predictor(rt)
-        left = queued_at + spec.deadline_s - time.time()
-        predicted = [None if (ms := p.predict_ms(_features(r))) is None else ms * r.total_steps for r in allowed]
+        left = float(view.job["queued_at"]) + spec.deadline_s - time.time()
+        predicted = [None if (ms := view.predictor.predict_ms(_features(r))) is None else ms * r.total_steps
+                     for r in allowed]
         allowed = allowed[pick_for_deadline(allowed, predicted, left):]
-    return allowed, budget
+    return allowed
 
 
-def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted:
+def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View) -> Admitted:
     interactive = spec.priority is Priority.INTERACTIVE
-    rungs, budget = candidate_rungs(rt, job_id, spec, queued_at)
+    rungs, budget = candidate_rungs(rt, spec, view), view.budget
     if not rungs:
         if interactive:
             exc = InsufficientQuality(spec.min_quality or 0.0, budget)
@@ -121,9 +138,9 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted
         requeue(rt, job_id, f"budget {budget:.2f} is below its min_quality {spec.min_quality:.2f}")
     deadline = time.monotonic() + rt.settings.allocation_timeout_s
     waiting = False
+    held = view.resident
     while True:
         free = 0
-        held = rt.resident_variants()
         for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
             resident = rung.variant in held
             grant = rt.ledger.acquire(rt.gpu_id, rt.capacity_mib, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
@@ -135,12 +152,11 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted
             if grant.ok:
                 if waiting:
                     rt.redis.hdel(rt.keys.waiting_vram(), job_id)
-                add_stats(rt.redis, rt.keys, allocations_ok=1)
                 return Admitted(rung, grant.fence)
             free = max(free, grant.free_mib)
             if not interactive:
                 break
-        need = rung_cost_mib(rungs[-1], held)
+        need = min(rung_cost_mib(r, held) for r in rungs)   # the least it could run with
         if not interactive:
             add_stats(rt.redis, rt.keys, allocations_failed=1)
             requeue(rt, job_id, f"needs {rungs[0].vram_mib} MiB VRAM on {rt.gpu_id}, {free} MiB free")
@@ -158,17 +174,18 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, queued_at: float) -> Admitted
             fail(rt, job_id, exc)
             raise exc
         time.sleep(0.05)
+        held = rt.resident_variants()
 
 
 # -- the run -----------------------------------------------------------------------------------------------
 def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, Any]:
     spec = parse_message(rt, job_id, raw)
     store = rt.store
-    try:
-        status = store.status(job_id)
-    except KeyError:  # a valid message put on the queue without a client: give it a record
+    view = View.read(rt, job_id, spec)
+    if not view.job:  # a valid message put on the queue without a client: give it a record
         store.create(job_id, spec)
-        status = store.status(job_id)
+        view = View.read(rt, job_id, spec)
+    status = status_from(job_id, view.job)
     if status.state in TERMINAL:
         log.info("job %s skipped: already %s (a late or duplicate delivery)", job_id, status.state.value)
         raise Ignore()
@@ -182,20 +199,19 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
         fail(rt, job_id, exc)
         raise exc
 
-    admitted = admit(rt, job_id, spec, status.queued_at)
-    rung, fence = admitted.rung, admitted.fence
-    ok, state = store.transition(job_id, JobState.RUNNING, allowed=STARTABLE, worker=rt.worker, gpu_id=rt.gpu_id,
-                                 quality=rung.quality, step=0, total=rung.total_steps, fence=fence)
+    rung, fence = (a := admit(rt, job_id, spec, view)).rung, a.fence
+    checkpoint = view.checkpoint
+    now = time.time()
+    pipe = rt.redis.pipeline(transaction=False)
+    store.transition(job_id, JobState.RUNNING, allowed=STARTABLE, pipe=pipe, incr={"runs": 1},
+                     setnx={"started_at": now}, worker=rt.worker, gpu_id=rt.gpu_id, quality=rung.quality, step=0,
+                     total=rung.total_steps, fence=fence)
+    add_stats(rt.redis, rt.keys, pipe=pipe, allocations_ok=1, resumes=int(checkpoint is not None))
+    ok, state = transition_reply(pipe.execute()[0])
     if not ok:
         rt.ledger.release(rt.gpu_id, job_id, fence)
         log.info("job %s not started: it is %s", job_id, state.value if state else "gone")
         raise Ignore()
-    now = time.time()
-    store.r.hsetnx(store.keys.job(job_id), "started_at", now)
-    store.incr(job_id, "runs")
-    checkpoint = store.checkpoint(job_id)
-    if checkpoint:
-        add_stats(rt.redis, rt.keys, resumes=1)
     rt.current = CurrentJob(job_id, fence)
     log.info("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")
@@ -213,45 +229,61 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
         raise Ignore() from None
     except Cancelled as exc:
         store.transition(job_id, JobState.CANCELLED, error=str(exc), finished_at=time.time())
-        rt.ledger.release(rt.gpu_id, job_id, fence)
+        _cleanup(rt, job_id, fence)
         log.info("job %s cancelled: %s", job_id, exc)
         raise
     except SimulatedOOM as exc:
         add_stats(rt.redis, rt.keys, ooms=1)
         fail(rt, job_id, exc, oom=1)
-        rt.ledger.release(rt.gpu_id, job_id, fence)
+        _cleanup(rt, job_id, fence)
         raise
     except Exception as exc:
         store.transition(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
-        rt.ledger.release(rt.gpu_id, job_id, fence)
+        _cleanup(rt, job_id, fence)
         log.exception("job %s failed", job_id)
         raise
     finally:
         rt.current = None
-        rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
+    return _finished(rt, job_id, spec, rung, fence, view, output, run_s, now)
 
-    d = store.raw(job_id)
+
+def _cleanup(rt: Runtime, job_id: str, fence: int) -> None:
+    rt.ledger.release(rt.gpu_id, job_id, fence)
+    rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
+
+
+def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, view: View, output: Any,
+              run_s: float, started_at: float) -> dict[str, Any]:
+    """Record the result and end the job in one round trip: result, final transition, then the lease
+    (a running job without a lease is what the beat treats as lost), counters and the predictor."""
+    d = view.job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
         params=output.params, text=output.text, image_png=output.image_png, queued_at=float(d["queued_at"]),
-        started_at=float(d["started_at"]), finished_at=time.time(), preemptions=int(d.get("preemptions", 0)),
-        runs=int(d.get("runs", 1)), worker=rt.worker, gpu_id=rt.gpu_id,
+        started_at=float(d.get("started_at", started_at)), finished_at=time.time(),
+        preemptions=int(d.get("preemptions", 0)), runs=int(d.get("runs", 0)) + 1, worker=rt.worker,
+        gpu_id=rt.gpu_id,
     )
-    store.save_result(result)
-    ok, state = store.transition(job_id, JobState.FINISHED, finished_at=result.finished_at)
+    store, w = rt.store, spec.workload.value
+    pipe = rt.redis.pipeline(transaction=False)
+    store.save_result(result, pipe=pipe)
+    store.transition(job_id, JobState.FINISHED, pipe=pipe, finished_at=result.finished_at)
+    rt.ledger.release(rt.gpu_id, job_id, fence, pipe=pipe)
+    pipe.delete(rt.keys.job_checkpoint(job_id))
+    pipe.hdel(rt.keys.controls(rt.gpu_id), job_id)
+    add_stats(rt.redis, rt.keys, pipe=pipe, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
+                                               "quality_reductions": int(rung.quality < 1.0)})
+    steps_run = rung.total_steps - output.resumed_from_step
+    if steps_run > 0:   # last writer wins among a worker's processes: fine for an online estimate
+        view.predictor.update(_features(rung), run_s * 1000 / steps_run)
+        pipe.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(view.predictor.to_dict()))
+    if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
+        pipe.lpush(rt.keys.beat_wake(), "interactive done")
+        pipe.ltrim(rt.keys.beat_wake(), 0, 99)
+    replies = pipe.execute()
+    ok, state = transition_reply(replies[2 if result.image_png is not None else 1])
     if not ok:  # cancelled in the very last moment: the cancel wins, the result is kept for inspection
         log.info("job %s finished but is %s", job_id, state.value if state else "gone")
-    # released only now: a running job without a lease is what the beat treats as lost
-    rt.ledger.release(rt.gpu_id, job_id, fence)
-    store.r.delete(store.keys.job_checkpoint(job_id))
-    steps_run = rung.total_steps - output.resumed_from_step
-    if steps_run > 0:
-        update_predictor(rt, rung, run_s * 1000 / steps_run)
-    w = spec.workload.value
-    add_stats(rt.redis, rt.keys, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
-                                    "quality_reductions": int(rung.quality < 1.0)})
-    if spec.priority is Priority.INTERACTIVE:
-        rt.wake_beat("interactive done")      # so paused jobs resume without waiting a tick
     log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, w, spec.priority.value, rung.quality,
              result.latency_s)
     return result.summary()

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import redis
 
-from arbiter.budgets import budget_key
 from arbiter.ledger import Ledger
 from broker.jobstore import JobStore
 from broker.keys import Keys
-from broker.schemas import JobSpec, Workload
+from broker.schemas import Workload
 from broker.settings import Settings, get_settings
 from workers.backends.base import Backend
 from workers.simgpu import SimGpu, parse_gpu
@@ -84,13 +83,6 @@ class Runtime:
         if not self.admission:
             return UNLIMITED_MIB
         return int(self.gpu.total_mib * (1 - self.settings.vram_reserve_fraction))
-
-    def budget(self, spec: JobSpec) -> float:
-        """The arbiter's current quality budget for this job's (workload, priority) on this GPU."""
-        if not self.admission:
-            return 1.0
-        raw = self.redis.hget(self.keys.budgets(self.gpu_id), budget_key(spec.workload, spec.priority))
-        return float(raw) if raw is not None else 1.0
 
     def resident_variants(self) -> set[str]:
         """Variants this worker holds on the GPU: its weights leases (any of its processes), or this

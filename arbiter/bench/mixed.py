@@ -76,6 +76,7 @@ class PolicyRun:
     interactive: dict[str, Any] = field(default_factory=dict)
     background: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, float | None] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
     preemptions: int = 0
     pauses: int = 0
     gpu_busy_fraction: float = 0.0
@@ -149,6 +150,8 @@ def _account(out: PolicyRun, client: Client, jobs: list[Tracked], t0: float, sca
         elif st.state is JobState.FAILED:
             out.failed += 1
             out.ooms += int("out of memory" in (st.error or ""))
+            reason = f"{j.arrival.kind}: {(st.error or '').split(':')[0][:60]}"
+            out.errors[reason] = out.errors.get(reason, 0) + 1
         elif st.state is JobState.CANCELLED:
             out.cancelled += 1
         if j.arrival.kind == "llm.interactive" and st.state is JobState.FINISHED and st.finished_at:

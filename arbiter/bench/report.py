@@ -71,6 +71,7 @@ def preempt_table(console: Console, data: dict[str, Any]) -> None:
 
 def plot(path: Path, data: dict[str, Any]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,7 +84,9 @@ def plot(path: Path, data: dict[str, Any]) -> None:
             if xs:
                 a.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
         a.set_xscale("log")
-        a.set_xlabel("interactive chat latency, s (log)")
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        a.set_xlabel("interactive chat latency, s (log; finished chats)")
         a.set_ylabel("fraction of chats")
         a.legend()
         a.set_title("chat latency CDF")

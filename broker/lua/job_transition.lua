@@ -3,6 +3,7 @@
 -- ARGV[1] new state  ARGV[2] allowed current states, comma separated  ARGV[3] now (epoch s)
 -- ARGV[4] 1 if the new state is terminal  ARGV[5] ttl_s for a terminal record  ARGV[6] stream maxlen
 -- ARGV[7] job id     ARGV[8] 1 if the new state is running or paused   ARGV[9..] field, value pairs
+--   (a field named '+name' is incremented by the value; '?name' is set only if it has no value yet)
 -- Returns {1, new state} or {0, current state} (current is '' when the record does not exist).
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, ''} end
@@ -13,7 +14,14 @@ end
 if not allowed then return {0, current} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
 for i = 9, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  local op, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
+  if op == '+' then
+    redis.call('HINCRBY', KEYS[1], name, ARGV[i + 1])
+  elseif op == '?' then
+    redis.call('HSETNX', KEYS[1], name, ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'state', 'state', ARGV[1], 'from', current)
 if ARGV[8] == '1' then
