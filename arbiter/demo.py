@@ -192,7 +192,8 @@ def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None =
                                       "(latency: submit to result; ms/tok: run time per token)"))
         stats = read_stats(client.redis, client.keys)
         console.print("counters: " + "  ".join(f"{k} {stats.get(k, 0)}" for k in COUNTERS) +
-                      f"  avg pressure {stats.get('avg_pressure', 0):.2f}  decision p99 {stats.get('plan_us_p99', 0)} µs")
+                      f"  avg pressure {stats.get('avg_pressure', 0):.2f}  decision p99 {stats.get('plan_us_p99', 0)} µs"
+                      f"  checkpoint cost {stats.get('checkpoint_overhead', 0) * 100:.2f} % of step time")
         summary["counters"] = stats
         lost = sum(1 for t in load.jobs if not (t.status and t.status.state in TERMINAL))
         console.print(f"{len(load.jobs)} jobs submitted; {lost} not finished when the demo ended; "
