@@ -268,6 +268,37 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="The fragment cache (model weights in tiers).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("status")
+def cache_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Per node and tier: bytes used / budget, fragments, hits, misses, bytes loaded, GB/s; resident models."""
+    import redis
+    from rich.table import Table
+
+    from broker.keys import Keys
+    from cache.status import collect
+
+    s = get_settings()
+    data = collect(redis.Redis.from_url(s.redis_url), Keys(s.key_prefix))
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    t = Table(title="Fragment cache")
+    for col in ("node", "tier", "used / budget MiB", "fragments", "hits", "misses", "loaded MiB", "GB/s"):
+        t.add_column(col, justify="left" if col in ("node", "tier") else "right")
+    mib = lambda v: "-" if v is None else f"{v / 2**20:.0f}"  # noqa: E731
+    for node, info in data["nodes"].items():
+        for tier, v in info["tiers"].items():
+            t.add_row(node, tier, f"{mib(v['used_bytes'])} / {mib(v['budget_bytes'])}", str(v["fragments"] or "-"),
+                      str(v["hits"]), str(v["misses"]), mib(v["bytes_loaded"]), str(v["gb_per_s"] or "-"))
+    console.print(t)
+    for gpu, models in data["resident"].items():
+        console.print(f"{gpu}: " + ", ".join(models))
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on the sim GPU with real Redis and workers.")
 app.add_typer(bench_app, name="bench")
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")]
@@ -337,6 +368,21 @@ def bench_preempt(
     data = run_preempt(trials, LOGS)
     preempt_table(console, data)
     _finish(data, json_path, plot_path)
+
+
+@bench_app.command("cache")
+def bench_cache(
+    size_gib: Annotated[float, typer.Option("--size", help="Synthetic model size in GiB.")] = 2.0,
+    processes: Annotated[int, typer.Option(help="Processes loading it at once.")] = 4,
+    json_path: JsonOpt = None,
+) -> None:
+    """Real bytes through the real tiers: cold, warm disk, warm RAM vs the raw medium; N concurrent loaders."""
+    from arbiter.bench.cache import run_cache
+    from arbiter.bench.report import cache_table
+
+    data = run_cache(size_gib, processes)
+    cache_table(console, data)
+    _finish(data, json_path, None)
 
 
 def main() -> None:

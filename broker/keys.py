@@ -74,6 +74,30 @@ class Keys:
         """Hash: job id -> JSON {gpu_id, mib, priority, workload, since} of jobs waiting for VRAM."""
         return f"{self.prefix}:waiting:vram"
 
+    # the fragment cache
+    def cache_nodes(self) -> str:
+        return f"{self.prefix}:cache:nodes"
+
+    def cache_node_alive(self, node: str) -> str:
+        """String with a TTL: the node's cache heartbeat; its index entries count only while it lives."""
+        return f"{self.prefix}:cache:node:{node}:alive"
+
+    def cache_holdings(self, node: str, tier: str) -> str:
+        """Set: fragment hashes the node holds in that tier."""
+        return f"{self.prefix}:cache:node:{node}:{tier}"
+
+    def cache_usage(self, node: str) -> str:
+        """Hash: '<tier>.used', '<tier>.budget', '<tier>.fragments' as the node last published them."""
+        return f"{self.prefix}:cache:node:{node}:usage"
+
+    def cache_lock(self, node: str, sha: str) -> str:
+        """String with a TTL: one loader per node fetches this fragment from origin (single flight)."""
+        return f"{self.prefix}:cache:lock:{node}:{sha}"
+
+    def cache_stats(self, node: str) -> str:
+        """Hash: per tier hits, misses, bytes and seconds loaded; origin fetches."""
+        return f"{self.prefix}:cache:stats:{node}"
+
     # simulated GPUs
     def simgpu_info(self, gpu_id: str) -> str:
         return f"{self.prefix}:simgpu:{gpu_id}:info"

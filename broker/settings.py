@@ -3,7 +3,9 @@ and `.env`. Units live in the names (`_s`, `_mib`)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 from functools import lru_cache
 from typing import Literal
 
@@ -46,6 +48,14 @@ class Settings(BaseSettings):
                                                           "request is hard-stopped (its process is killed).")
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
     requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
+
+    # Fragment cache (model weights in tiers).
+    cache_disk_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/arbiter/fragments"))
+    cache_ram_dir: str = Field(default_factory=lambda: "/dev/shm/arbiter-fragments" if os.path.isdir("/dev/shm")
+                               else os.path.join(tempfile.gettempdir(), "arbiter-fragments-ram"))
+    cache_ram_budget_mib: int = Field(4 * 1024, gt=0)
+    cache_disk_budget_mib: int = Field(64 * 1024, gt=0)
+    cache_fragment_mib: int = Field(32, gt=0, le=1024)
 
     # Simulated GPU (dev, tests, demo, bench).
     sim_gpu_vram_mib: int = Field(24 * 1024, gt=0)

@@ -69,6 +69,24 @@ def preempt_table(console: Console, data: dict[str, Any]) -> None:
     console.print(t)
 
 
+def cache_table(console: Console, data: dict[str, Any]) -> None:
+    t = Table(title=f"cache: {data['model_bytes'] / 1e9:.2f} GB model, {data['fragments']} fragments of "
+                    f"{data['fragment_mib']} MiB; page cache {data['page_cache']}")
+    for col in ("load", "GB/s", "raw, same medium, GB/s", "ratio"):
+        t.add_column(col, justify="left" if col == "load" else "right")
+    t.add_row("cold: origin -> disk + RAM", _f(data["cold_gbps"]), _f(data["raw_origin_read_gbps"]),
+              _f(data["cold_gbps"] / data["raw_origin_read_gbps"], 2, "×"))
+    t.add_row("warm from disk (-> RAM)", _f(data["warm_disk_gbps"]), _f(data["raw_disk_read_gbps"]),
+              _f(data["disk_vs_raw"], 2, "×"))
+    t.add_row("warm from RAM, mapped", _f(data["warm_ram_map_gbps"]), "", "")
+    t.add_row("warm from RAM, every byte copied", _f(data["warm_ram_copy_gbps"]), _f(data["raw_memcpy_gbps"]),
+              _f(data["ram_copy_vs_memcpy"], 2, "×"))
+    console.print(t)
+    console.print(f"{data['processes']} processes loading it at once (cold): {data['origin_fetches_per_fragment']} "
+                  f"origin fetches per fragment; all held it after {data['all_processes_s']:.2f} s "
+                  f"(slowest {data['slowest_process_s']:.2f} s) vs one alone {data['one_process_cold_s']:.2f} s")
+
+
 def plot(path: Path, data: dict[str, Any]) -> None:
     import matplotlib
     import matplotlib.ticker

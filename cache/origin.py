@@ -1,0 +1,63 @@
+"""Where fragments come from when no tier has them: a local path (or a hub cache directory) or an
+HTTP(S) server, behind one small interface. Errors name the model and the origin."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+
+
+class OriginError(OSError):
+    pass
+
+
+class Origin(Protocol):
+    location: str
+
+    def read(self, file: str, offset: int, size: int) -> bytes: ...
+
+
+class LocalOrigin:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+
+    def read(self, file: str, offset: int, size: int) -> bytes:
+        path = self.root / file
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as exc:
+            raise OriginError(f"cannot read {file} from origin {self.location}: {exc.strerror or exc}") from exc
+        if len(data) != size:
+            raise OriginError(f"{file} at origin {self.location} is shorter than its manifest says")
+        return data
+
+
+class HttpOrigin:
+    """Byte ranges over HTTP(S) (`Range: bytes=a-b`), as any static file server or object store serves."""
+
+    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
+        self.location = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def read(self, file: str, offset: int, size: int) -> bytes:
+        req = urllib.request.Request(f"{self.location}/{file}",
+                                     headers={"Range": f"bytes={offset}-{offset + size - 1}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                data = resp.read()
+                if resp.status == 200 and len(data) > size:   # server ignored Range
+                    data = data[offset:offset + size]
+        except (urllib.error.URLError, OSError) as exc:
+            raise OriginError(f"cannot fetch {file} from origin {self.location}: {exc}") from exc
+        if len(data) != size:
+            raise OriginError(f"origin {self.location} returned {len(data)} bytes of {file}, expected {size}")
+        return data
+
+
+def origin_for(location: str) -> Origin:
+    return HttpOrigin(location) if location.startswith(("http://", "https://")) else LocalOrigin(location)
