@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from arbiter.stats import add as add_stats
@@ -30,7 +30,6 @@ class RunContext:
     worker: str
     gpu_id: str
     task: Any = None                  # the Celery task (for update_state / send_event), None in tests
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Hook:
@@ -53,7 +52,7 @@ class StreamHook(Hook):
 
 class ProgressHook(Hook):
     """`{step, total, quality}` to the job record, the event stream, Celery's PROGRESS state (clients) and a
-    `task-progress` event (Flower), at most every `interval_s` and always on the last step."""
+    `task-progress` event (Flower), at most every `interval_s`; the last step is the job's end instead."""
 
     def __init__(self, store: JobStore, interval_s: float) -> None:
         self.store, self.interval_s, self._last = store, interval_s, 0.0
