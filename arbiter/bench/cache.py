@@ -53,6 +53,22 @@ def _raw_disk_gbps(root: Path) -> float:
     return total / (time.perf_counter() - t0) / 1e9
 
 
+def _raw_write_gbps(src: Path, dest: Path) -> float:
+    """Plain writes of the same bytes into new files on the destination medium (what filling a tier costs
+    at least: on a VM, first-touch page allocation can dominate)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    total, elapsed = 0, 0.0
+    for i, p in enumerate(sorted(x for x in src.rglob("*") if x.is_file())):
+        data = p.read_bytes()
+        t0 = time.perf_counter()
+        with (dest / f"raw-{i}").open("wb") as f:
+            f.write(data)
+        elapsed += time.perf_counter() - t0
+        total += len(data)
+    shutil.rmtree(dest)
+    return total / elapsed / 1e9
+
+
 def _raw_memcpy_gbps(nbytes: int) -> float:
     src = np.frombuffer(np.random.default_rng(1).bytes(min(nbytes, 1 << 30)), dtype=np.uint8)
     dst = np.empty_like(src)
@@ -112,6 +128,8 @@ def run_cache(size_gib: float, processes: int, work_dir: Path | None = None) -> 
                     np.frombuffer(p.data, dtype=np.uint8).copy()
             ram_copy_gbps = gb / (time.perf_counter() - t0)
             raw_memcpy = _raw_memcpy_gbps(manifest.total_bytes)
+            raw_write_ram = _raw_write_gbps(origin_dir, shm / "raw-write")
+            raw_write_disk = _raw_write_gbps(origin_dir, work / "raw-write")
 
             # N processes on one node, cold, at once
             multi = redis.Redis.from_url(server.url)
@@ -137,7 +155,8 @@ def run_cache(size_gib: float, processes: int, work_dir: Path | None = None) -> 
         "cold_gbps": round(gb / cold_s, 3), "raw_origin_read_gbps": round(raw_origin, 3),
         "warm_disk_gbps": round(gb / warm_disk_s, 3), "raw_disk_read_gbps": round(raw_disk, 3),
         "warm_ram_map_gbps": round(gb / warm_ram_s, 3), "warm_ram_copy_gbps": round(ram_copy_gbps, 3),
-        "raw_memcpy_gbps": round(raw_memcpy, 3),
+        "raw_memcpy_gbps": round(raw_memcpy, 3), "raw_write_ram_gbps": round(raw_write_ram, 3),
+        "raw_write_disk_gbps": round(raw_write_disk, 3),
         "disk_vs_raw": round(gb / warm_disk_s / raw_disk, 3), "ram_copy_vs_memcpy": round(ram_copy_gbps / raw_memcpy, 3),
         "processes": processes, "origin_fetches": fetches, "origin_fetches_per_fragment": round(fetches / len(manifest.fragments), 3),
         "all_processes_s": round(all_s, 3), "slowest_process_s": round(max(times), 3), "one_process_cold_s": round(cold_s, 3),

@@ -82,6 +82,8 @@ def cache_table(console: Console, data: dict[str, Any]) -> None:
     t.add_row("warm from RAM, every byte copied", _f(data["warm_ram_copy_gbps"]), _f(data["raw_memcpy_gbps"]),
               _f(data["ram_copy_vs_memcpy"], 2, "×"))
     console.print(t)
+    console.print(f"plain writes of the same bytes, new files: /dev/shm {data['raw_write_ram_gbps']:.2f} GB/s, "
+                  f"disk {data['raw_write_disk_gbps']:.2f} GB/s (a tier fill is at least a write)")
     console.print(f"{data['processes']} processes loading it at once (cold): {data['origin_fetches_per_fragment']} "
                   f"origin fetches per fragment; all held it after {data['all_processes_s']:.2f} s "
                   f"(slowest {data['slowest_process_s']:.2f} s) vs one alone {data['one_process_cold_s']:.2f} s")
