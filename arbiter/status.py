@@ -15,6 +15,7 @@ from broker.app import all_queues
 from broker.client import Client
 from broker.schemas import GpuSnapshot
 from broker.states import JobState
+from cache.status import collect as cache_collect
 
 
 def gpu_snapshots(client: Client) -> list[GpuSnapshot]:
@@ -57,6 +58,7 @@ def collect(client: Client) -> dict[str, Any]:
         "queues": queue_depths(client),
         "jobs": jobs,
         "stats": read_stats(client.redis, client.keys),
+        "cache": cache_collect(client.redis, client.keys)["nodes"],
     }
 
 
@@ -95,3 +97,7 @@ def render(console: Console, data: dict[str, Any]) -> None:
     for k, v in sorted(data["stats"].items()):
         stats.add_row(k, str(v))
     console.print(stats)
+    for node, info in data["cache"].items():
+        console.print(f"cache {node}: " + "  ".join(
+            f"{tier} {v['hits']} hits / {v['misses']} misses" for tier, v in info["tiers"].items() if tier != "origin")
+            + f"  origin fetches {info['tiers']['origin']['hits']}")

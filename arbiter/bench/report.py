@@ -84,6 +84,10 @@ def cache_table(console: Console, data: dict[str, Any]) -> None:
     console.print(t)
     console.print(f"plain writes of the same bytes, new files: /dev/shm {data['raw_write_ram_gbps']:.2f} GB/s, "
                   f"disk {data['raw_write_disk_gbps']:.2f} GB/s (a tier fill is at least a write)")
+    d = data["disk_store"]
+    console.print(f"disk store, 32 MiB blobs: diskcache write {d['diskcache_write_gbps']:.2f} / read "
+                  f"{d['diskcache_read_gbps']:.2f} GB/s; files write {d['files_write_gbps']:.2f} / read "
+                  f"{d['files_read_gbps']:.2f} GB/s")
     console.print(f"{data['processes']} processes loading it at once (cold): {data['origin_fetches_per_fragment']} "
                   f"origin fetches per fragment; all held it after {data['all_processes_s']:.2f} s "
                   f"(slowest {data['slowest_process_s']:.2f} s) vs one alone {data['one_process_cold_s']:.2f} s")
