@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from arbiter.bench.common import pct
 from arbiter.stack import Stack, WorkerSpec
 from arbiter.stats import read as read_stats
 from arbiter.status import gpu_snapshots
@@ -77,13 +78,6 @@ class Load:
         return sum(1 for t in self.jobs if t.kind == kind and (t.status is None or t.status.state is JobState.QUEUED))
 
 
-def _pct(xs: list[float], p: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
 def summarise(jobs: list[Tracked]) -> dict[str, dict[str, float | int | None]]:
     groups: dict[str, list[Tracked]] = defaultdict(list)
     for t in jobs:
@@ -101,10 +95,10 @@ def summarise(jobs: list[Tracked]) -> dict[str, dict[str, float | int | None]]:
             "queued": sum(s is JobState.QUEUED for s in states),
             "failed": sum(s is JobState.FAILED for s in states),
             "cancelled": sum(s is JobState.CANCELLED for s in states),
-            "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95),
+            "p50_s": pct(lat, 50), "p95_s": pct(lat, 95),
             "mean_quality": statistics.fmean([t.result_quality for t in done if t.result_quality is not None])
             if done else None,
-            "ms_per_token_p50": _pct(per_tok, 50),
+            "ms_per_token_p50": pct(per_tok, 50),
         }
     return out
 

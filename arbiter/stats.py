@@ -11,19 +11,13 @@ from typing import Any
 
 import redis
 
+from broker.counters import add_counters
 from broker.keys import Keys
 
 
 def add(r: redis.Redis, keys: Keys, pipe: Any = None, **counters: float) -> None:
-    p = pipe or r.pipeline(transaction=False)
-    for name, value in counters.items():
-        name = name.replace("__", ".")
-        if isinstance(value, int):
-            p.hincrby(keys.stats(), name, value)
-        else:
-            p.hincrbyfloat(keys.stats(), name, value)
-    if pipe is None:
-        p.execute()
+    """Add to the arbiter's counters; `a__b` names the counter `a.b` (e.g. quality_sum__llm)."""
+    add_counters(r, keys.stats(), pipe, **{name.replace("__", "."): v for name, v in counters.items()})
 
 
 def read(r: redis.Redis, keys: Keys) -> dict[str, Any]:

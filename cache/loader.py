@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import redis
 
+from broker.counters import add_counters
 from broker.keys import Keys
 from broker.settings import Settings
 from cache.index import CacheIndex
@@ -49,10 +50,7 @@ class FragmentCache:
         self.index.heartbeat(usage)
 
     def _stat(self, **counters: float) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        for k, v in counters.items():
-            (pipe.hincrby if isinstance(v, int) else pipe.hincrbyfloat)(self.keys.cache_stats(self.node), k, v)
-        pipe.execute()
+        add_counters(self.r, self.keys.cache_stats(self.node), **counters)
 
     def _from_tiers(self, frag: Fragment) -> Pinned | None:
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from broker.errors import (
     SimulatedOOM,
 )
 from arbiter.budgets import budget_key
-from arbiter.ledger import parse_leases, weights_in
+from arbiter.ledger import parse_leases
 from broker.jobstore import decode_hash, status_from, transition_reply
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import TERMINAL, JobState
@@ -103,9 +103,8 @@ class View:
         pipe.get(rt.keys.job_checkpoint(job_id))
         pipe.get(rt.keys.predictor(rt.worker, rt.workload.value))
         job, budget, leases, checkpoint, predictor = pipe.execute()
-        held = weights_in(parse_leases(leases, time.time()), rt.worker)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
-                   held | set(rt.backend.resident()), checkpoint,
+                   rt.resident_variants(parse_leases(leases, time.time())), checkpoint,
                    StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor())
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from arbiter.ledger import Ledger
+from arbiter.ledger import Lease, Ledger, weights_in
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.schemas import Workload
@@ -84,10 +84,11 @@ class Runtime:
             return UNLIMITED_MIB
         return int(self.gpu.total_mib * (1 - self.settings.vram_reserve_fraction))
 
-    def resident_variants(self) -> set[str]:
-        """Variants this worker holds on the GPU: its weights leases (any of its processes), or this
-        process's own when the policy keeps no ledger of weights."""
-        return self.ledger.weights_held(self.gpu_id, self.worker) | set(self.backend.resident())
+    def resident_variants(self, leases: list[Lease] | None = None) -> set[str]:
+        """Variants this worker holds on the GPU: its weights leases (any of its processes; from `leases`
+        when the caller already read them), plus this process's own."""
+        held = self.ledger.weights_held(self.gpu_id, self.worker) if leases is None else weights_in(leases, self.worker)
+        return held | set(self.backend.resident())
 
     def control(self, job_id: str) -> tuple[str | None, float]:
         """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s)."""

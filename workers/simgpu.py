@@ -112,10 +112,10 @@ class SimGpu:
         self.r.hdel(self.keys.simgpu_weights(self.gpu_id), f"{holder}|{model}")
 
     def start_job(self, job_id: str, kernel: Kernel, mib: int) -> None:
+        """Allocate (or, called again, renew) a running job's activation memory."""
         self._allocate("jobs", job_id, mib, kernel.workload.value, kernel.pixels, kernel.worker)
 
-    def renew_job(self, job_id: str, kernel: Kernel, mib: int) -> None:
-        self._allocate("jobs", job_id, mib, kernel.workload.value, kernel.pixels, kernel.worker)
+    renew_job = start_job
 
     def end_job(self, job_id: str) -> None:
         self._paused.discard(job_id)

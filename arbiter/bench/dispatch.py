@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from arbiter.bench.common import bench_settings, pct, private_stack
 from arbiter.stack import WorkerSpec
@@ -20,42 +20,34 @@ from broker.client import Client
 CONCURRENCY = 2
 
 
-def _arbiter(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
+def _measure(send: Callable[[], Any], started_at: Callable[[Any], float], n_burst: int,
+             n_latency: int) -> dict[str, Any]:
+    """Burst throughput and one-at-a-time submit->start latency of one way of running a no-op job.
+    `send()` submits one; `started_at(handle)` waits for it and returns when it started (epoch s)."""
     for _ in range(20):   # warm-up
-        client.submit(workload="llm", prompt="warm", max_new_tokens=1).wait(timeout=30)
+        started_at(send())
     t0 = time.perf_counter()
-    handles = [client.submit(workload="llm", prompt="noop", max_new_tokens=1) for _ in range(n_burst)]
+    handles = [send() for _ in range(n_burst)]
     submit_s = time.perf_counter() - t0
     for h in handles:
-        h.wait(timeout=120)
+        started_at(h)
     total_s = time.perf_counter() - t0
     lat = []
     for _ in range(n_latency):
         sent = time.time()
-        h = client.submit(workload="llm", prompt="noop", max_new_tokens=1)
-        st = h.wait(timeout=30)
-        lat.append((st.started_at - sent) * 1000)
+        lat.append((started_at(send()) - sent) * 1000)
     return {"jobs_per_s": n_burst / total_s, "submit_per_s": n_burst / submit_s,
             "start_p50_ms": pct(lat, 50), "start_p99_ms": pct(lat, 99)}
+
+
+def _arbiter(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
+    return _measure(lambda: client.submit(workload="llm", prompt="noop", max_new_tokens=1),
+                    lambda h: h.wait(timeout=120).started_at, n_burst, n_latency)
 
 
 def _bare(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
-    app = client.app
-    for _ in range(20):
-        app.send_task(BARE_TASK, queue=BARE_QUEUE).get(timeout=30)
-    t0 = time.perf_counter()
-    results = [app.send_task(BARE_TASK, queue=BARE_QUEUE) for _ in range(n_burst)]
-    submit_s = time.perf_counter() - t0
-    for r in results:
-        r.get(timeout=120)
-    total_s = time.perf_counter() - t0
-    lat = []
-    for _ in range(n_latency):
-        sent = time.time()
-        started = app.send_task(BARE_TASK, queue=BARE_QUEUE).get(timeout=30)
-        lat.append((started - sent) * 1000)
-    return {"jobs_per_s": n_burst / total_s, "submit_per_s": n_burst / submit_s,
-            "start_p50_ms": pct(lat, 50), "start_p99_ms": pct(lat, 99)}
+    return _measure(lambda: client.app.send_task(BARE_TASK, queue=BARE_QUEUE),
+                    lambda r: r.get(timeout=120), n_burst, n_latency)
 
 
 def run_dispatch(n_burst: int, n_latency: int, log_dir: Path) -> dict[str, Any]:

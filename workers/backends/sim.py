@@ -10,6 +10,7 @@ import json
 import struct
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -85,7 +86,7 @@ class _SimBackend:
             self._resident.clear()
 
     def _run(self, job_id: str, kernel: Kernel, rung: Rung, steps: range, step_s: float,
-             body: "callable") -> None:  # type: ignore[valid-type]
+             body: Callable[[int], None]) -> None:
         self.gpu.start_job(job_id, kernel, rung.vram_mib)
         self._running[job_id] = (kernel, rung.vram_mib)
         try:
