@@ -104,6 +104,7 @@ def submit(
     workload: Annotated[Workload, typer.Argument(help="llm or diffusion")],
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.STANDARD,
+    model: Annotated[Optional[str], typer.Option(help="Model to run (default: the workload's first).")] = None,
     min_quality: Annotated[Optional[float], typer.Option(help="Never run below this quality.")] = None,
     deadline_s: Annotated[Optional[float], typer.Option(help="Must finish within this many seconds.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="llm: tokens to generate.")] = None,
@@ -118,7 +119,8 @@ def submit(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 600.0,
 ) -> None:
     """Submit a job; print its id (or, with --wait/--stream/--out, its result)."""
-    fields = {"workload": workload.value, "prompt": prompt, "priority": priority.value, "min_quality": min_quality,
+    fields = {"workload": workload.value, "prompt": prompt, "priority": priority.value, "model": model,
+              "min_quality": min_quality,
               "deadline_s": deadline_s, "max_new_tokens": max_new_tokens, "steps": steps, "width": width,
               "height": height, "seed": seed}
     with _client() as client:
@@ -382,6 +384,23 @@ def bench_cache(
 
     data = run_cache(size_gib, processes)
     cache_table(console, data)
+    _finish(data, json_path, None)
+
+
+@bench_app.command("affinity")
+def bench_affinity(
+    jobs: Annotated[int, typer.Option(help="Chat jobs in the trace.")] = 60,
+    per_s: Annotated[float, typer.Option("--rate", help="Arrivals per H100 second (Poisson).")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Time factor for the sim and the trace.")] = 0.5,
+    seed: Annotated[int, typer.Option()] = 1,
+    json_path: JsonOpt = None,
+) -> None:
+    """Model loads with and without affinity: two models, two llm workers, the same trace."""
+    from arbiter.bench.affinity import run_affinity
+    from arbiter.bench.report import affinity_table
+
+    data = run_affinity(jobs, per_s, scale, seed, LOGS)
+    affinity_table(console, data)
     _finish(data, json_path, None)
 
 

@@ -17,6 +17,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from broker.app import TASK_NAMES, create_app
+from broker.catalog import model_names
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -34,7 +35,7 @@ def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec
     if isinstance(data, JobSpec):
         data = data.model_dump(exclude_none=True)
     try:
-        return JobSpec.model_validate(data, context={"settings": settings})
+        spec = JobSpec.model_validate(data, context={"settings": settings})
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         parts = []
@@ -43,6 +44,14 @@ def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}" if loc != "job" else msg)
         raise InvalidJob("invalid job: " + "; ".join(parts), errors=errors) from None
+    models = model_names(spec.workload, settings)
+    if spec.model is None:
+        return spec.model_copy(update={"model": models[0]})
+    if spec.model not in models:
+        raise InvalidJob(f"invalid job: model: {spec.model!r} is not served for {spec.workload.value} jobs; "
+                         f"available: {', '.join(models)}",
+                         errors=[{"loc": ("model",), "msg": "unknown model", "input": spec.model}])
+    return spec
 
 
 def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec) -> None:

@@ -53,7 +53,7 @@ class Keys:
         return f"{self.prefix}:controls:{gpu_id}"
 
     def workers(self) -> str:
-        """Hash: worker name -> JSON {workload, gpu_id, concurrency, expires_at}."""
+        """Hash: worker name -> JSON {workload, gpu_id, node, concurrency, expires_at}."""
         return f"{self.prefix}:workers"
 
     def beat_lock(self) -> str:

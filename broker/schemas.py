@@ -49,6 +49,8 @@ class JobSpec(BaseModel):
 
     workload: Workload
     prompt: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=128,
+                              description="Which model (a ladder of variants); default: the workload's first.")
     priority: Priority = Priority.STANDARD
     min_quality: float | None = Field(None, description="Never run below this quality (default: workload floor).")
     deadline_s: float | None = Field(None, gt=0, description="Seconds after submit by which it must finish.")

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "
                                                           "request is hard-stopped (its process is killed).")
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
+    affinity_max_declines: int = Field(1, ge=0, description="How many times a job may be passed to a peer "
+                                       "that holds its model variant (0: no affinity).")
     requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
 
     # Fragment cache (model weights in tiers).
@@ -61,6 +63,12 @@ class Settings(BaseSettings):
     sim_gpu_vram_mib: int = Field(24 * 1024, gt=0)
     sim_time_scale: float = Field(1.0, gt=0, description="Multiplies every simulated duration (0.1 = 10x faster).")
     sim_pcie_gbps: float = Field(25.0, gt=0, description="Host-to-device rate for simulated weight loads.")
+    sim_origin_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/arbiter/sim-origin"),
+                                description="Where the sim's synthetic weight files are made (its origin).")
+    sim_weights_kib_per_mib: int = Field(4, gt=0, le=1024, description="Real KiB of synthetic weights per "
+                                         "simulated MiB (4 = 1/256 scale: llama-8b is 60 MiB of real bytes).")
+    sim_origin_gbps: float = Field(1.25, gt=0, description="Simulated origin rate, at full size (10 GbE).")
+    sim_disk_gbps: float = Field(3.0, gt=0, description="Simulated local disk read rate, at full size (NVMe).")
 
     # This worker process (set by `arbiter worker`; read by the task processes it forks).
     node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")

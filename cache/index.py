@@ -32,6 +32,16 @@ class CacheIndex:
         alive = self.r.mget([self.keys.cache_node_alive(n) for n in nodes]) if nodes else []
         return [n for n, a in zip(nodes, alive) if a]
 
+    def nodes_holding(self, shas: list[str], tier: str = "ram") -> set[str]:
+        """Live nodes whose `tier` holds every one of the fragments (a whole model variant)."""
+        nodes = self.alive_nodes()
+        if not shas or not nodes:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for n in nodes:
+            pipe.smismember(self.keys.cache_holdings(n, tier), shas)
+        return {n for n, held in zip(nodes, pipe.execute()) if all(held)}
+
     def where(self, sha: str, tiers: tuple[str, ...] = ("ram", "disk")) -> list[tuple[str, str]]:
         """(node, tier) pairs that hold the fragment, live nodes only."""
         nodes = self.alive_nodes()

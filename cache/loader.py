@@ -52,12 +52,23 @@ class FragmentCache:
     def _stat(self, **counters: float) -> None:
         add_counters(self.r, self.keys.cache_stats(self.node), **counters)
 
-    def _from_tiers(self, frag: Fragment) -> Pinned | None:
+    def _put(self, tier: FileTier, sha: str, data: bytes | memoryview, verified: bool = False) -> None:
+        """Store in a tier and keep the index true: the fragment added, whatever was evicted removed."""
+        evicted = tier.put(sha, data, verified=verified)
+        pipe = self.r.pipeline(transaction=False)
+        if evicted:
+            pipe.srem(self.keys.cache_holdings(self.node, tier.name), *evicted)
+        pipe.sadd(self.keys.cache_holdings(self.node, tier.name), sha)
+        pipe.execute()
+        if evicted:
+            self._stat(**{f"{tier.name}_evictions": len(evicted)})
+
+    def _from_tiers(self, frag: Fragment) -> tuple[Pinned, str] | None:
         t0 = time.perf_counter()
         pinned = self.ram.open(frag.sha256)
         if pinned is not None:
             self._stat(ram_hits=1, ram_bytes=frag.size, ram_s=time.perf_counter() - t0)
-            return pinned
+            return pinned, "ram"
         try:
             on_disk = self.disk.open(frag.sha256)
         except CorruptFragment as exc:
@@ -68,13 +79,14 @@ class FragmentCache:
         if on_disk is None:
             return None
         with on_disk:   # read back from local disk, checked there if the tier verifies reads
-            self.ram.put(frag.sha256, on_disk.data, verified=self.disk.verify_reads)
-        self.index.add("ram", frag.sha256)
+            self._put(self.ram, frag.sha256, on_disk.data, verified=self.disk.verify_reads)
         self._stat(ram_misses=1, disk_hits=1, disk_bytes=frag.size, disk_s=time.perf_counter() - t0)
-        return self.ram.open(frag.sha256)
+        pinned = self.ram.open(frag.sha256)
+        return (pinned, "disk") if pinned is not None else None
 
-    def fragment(self, frag: Fragment, origin: Origin, model: str, wait_s: float = 300.0) -> Pinned:
-        """The fragment's bytes, pinned in RAM, from wherever they are closest."""
+    def fragment(self, frag: Fragment, origin: Origin, model: str, wait_s: float = 300.0) -> tuple[Pinned, str]:
+        """The fragment's bytes, pinned in RAM, from wherever they are closest, and which tier served them
+        ("ram", "disk" or "origin")."""
         deadline = self.clock() + wait_s
         while True:
             got = self._from_tiers(frag)
@@ -94,29 +106,41 @@ class FragmentCache:
                         raise OriginError(f"model {model}: {exc}") from exc
                     self._stat(origin_fetches=1, origin_bytes=frag.size, origin_s=time.perf_counter() - t0,
                                ram_misses=1, disk_misses=1)
-                    self.disk.put(frag.sha256, data)                  # verifies the bytes once
-                    self.ram.put(frag.sha256, data, verified=True)
-                    self.index.add("disk", frag.sha256)
-                    self.index.add("ram", frag.sha256)
+                    self._put(self.disk, frag.sha256, data)                  # verifies the bytes once
+                    self._put(self.ram, frag.sha256, data, verified=True)
                 finally:
                     if self.r.get(lock) == token.encode():
                         self.r.delete(lock)
                 pinned = self.ram.open(frag.sha256)
                 if pinned is not None:
-                    return pinned
+                    return pinned, "origin"
                 continue   # evicted at once by a full RAM tier: read it again from disk
             if self.clock() > deadline:
                 raise TimeoutError(f"model {model}: fragment {frag.sha256[:12]} still loading elsewhere after {wait_s} s")
             time.sleep(0.01)   # another process on this node is fetching it: wait, then read the tier
 
-    def load(self, manifest: Manifest, origin: Origin) -> dict[str, np.ndarray]:
-        """Every tensor of the variant (copies, so no fragment stays pinned)."""
+    def load(self, manifest: Manifest, origin: Origin, served: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Every tensor of the variant (copies, so no fragment stays pinned). `served`, if given, is filled
+        with the bytes each tier served."""
         pinned: list[Pinned] = []
         try:
             for f in manifest.fragments:
-                pinned.append(self.fragment(f, origin, manifest.key))
+                p, source = self.fragment(f, origin, manifest.key)
+                pinned.append(p)
+                if served is not None:
+                    served[source] = served.get(source, 0) + f.size
             tensors = assemble(manifest, {f.sha256: p.data for f, p in zip(manifest.fragments, pinned)})
             return {k: v.copy() for k, v in tensors.items()}
         finally:
             for p in pinned:
                 p.close()
+
+    def stage(self, manifest: Manifest, origin: Origin) -> dict[str, int]:
+        """Bring every fragment of the variant into node RAM without assembling it; returns the bytes each
+        tier served ({"ram": .., "disk": .., "origin": ..})."""
+        served: dict[str, int] = {}
+        for f in manifest.fragments:
+            p, source = self.fragment(f, origin, manifest.key)
+            p.close()
+            served[source] = served.get(source, 0) + f.size
+        return served

@@ -73,12 +73,12 @@ class FileTier:
         os.utime(self.path(sha))   # recently used
         return pinned
 
-    def put(self, sha: str, data: bytes | memoryview, verified: bool = False) -> None:
+    def put(self, sha: str, data: bytes | memoryview, verified: bool = False) -> list[str]:
         """Store bytes under their hash, checked unless the caller just `verified` them (idempotent: a
-        concurrent writer of the same fragment is harmless)."""
+        concurrent writer of the same fragment is harmless). Returns the fragments evicted to make room."""
         if not verified and hashlib.sha256(data).hexdigest() != sha:
             raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash; not stored")
-        self.make_room(len(data))
+        evicted = self.make_room(len(data))
         dest = self.path(sha)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
@@ -89,6 +89,7 @@ class FileTier:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return evicted
 
     def entries(self) -> list[tuple[float, int, Path]]:
         out = []
@@ -106,13 +107,15 @@ class FileTier:
     def used_bytes(self) -> int:
         return sum(size for _, size, _ in self.entries())
 
-    def make_room(self, need: int) -> None:
-        """Evict least recently used, unpinned fragments until `need` more bytes fit in the budget."""
+    def make_room(self, need: int) -> list[str]:
+        """Evict least recently used, unpinned fragments until `need` more bytes fit in the budget;
+        returns the evicted fragments."""
         entries = sorted(self.entries())
         used = sum(size for _, size, _ in entries)
+        evicted: list[str] = []
         for _, size, path in entries:
             if used + need <= self.budget_bytes:
-                return
+                return evicted
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -126,6 +129,8 @@ class FileTier:
             path.unlink(missing_ok=True)
             os.close(fd)
             used -= size
+            evicted.append(path.name)
         if used + need > self.budget_bytes:
             raise OSError(f"the {self.name} tier cannot make room for {need} bytes: {used} of "
                           f"{self.budget_bytes} in use and pinned")
+        return evicted

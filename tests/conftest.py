@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,26 @@ from broker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 _db_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The fragment cache's tiers and the sim's weights origin in this session's own directories (workers
+    inherit them through the environment), never in the user's ~/.cache or a shared /dev/shm folder."""
+    base = tmp_path_factory.mktemp("cache")
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else base
+    ram = shm / f"arbiter-test-{os.getpid()}"
+    dirs = {"ARBITER_CACHE_DISK_DIR": str(base / "disk"), "ARBITER_CACHE_RAM_DIR": str(ram),
+            "ARBITER_SIM_ORIGIN_DIR": str(base / "origin")}
+    old = {k: os.environ.get(k) for k in dirs}
+    os.environ.update(dirs)
+    yield
+    shutil.rmtree(ram, ignore_errors=True)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture

@@ -26,15 +26,6 @@ class Rung:
         return int(self.params.get("steps") or self.params.get("max_new_tokens") or 0)
 
 
-# (quality, variant, share of the requested max_new_tokens)
-LLM_RUNGS: tuple[tuple[float, str, float], ...] = (
-    (1.0, "llama-8b", 1.0),
-    (0.85, "llama-8b-int8", 1.0),
-    (0.7, "llama-3b", 1.0),
-    (0.5, "llama-1b", 1.0),
-    (0.4, "llama-1b", 0.5),
-)
-
 # (quality, share of the requested steps, share of the requested side length)
 DIFFUSION_RUNGS: tuple[tuple[float, float, float], ...] = (
     (1.0, 1.0, 1.0),
@@ -53,7 +44,7 @@ def prompt_tokens(prompt: str) -> int:
 def llm_ladder(spec: JobSpec) -> list[Rung]:
     assert spec.workload is Workload.LLM and spec.max_new_tokens
     rungs = []
-    for quality, name, share in LLM_RUNGS:
+    for quality, name, share in prof.LLM_MODELS[spec.model or prof.model_names(Workload.LLM)[0]]:
         v = prof.LLM_VARIANTS[name]
         tokens = max(1, math.ceil(spec.max_new_tokens * share))
         kv = v.kv_mib_per_token * (prompt_tokens(spec.prompt) + tokens)

@@ -25,6 +25,7 @@ from broker.errors import (
     Preempted,
     SimulatedOOM,
 )
+from arbiter.affinity import pass_to
 from arbiter.budgets import budget_key
 from arbiter.ledger import parse_leases
 from broker.jobstore import decode_hash, status_from, transition_reply
@@ -32,6 +33,7 @@ from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import TERMINAL, JobState
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
 from workers.ladders import Rung, admissible_rungs, rung_cost_mib
+from workers.peers import ram_nodes, read_peers
 from workers.runtime import CurrentJob, Runtime
 
 log = logging.getLogger("arbiter.job")
@@ -125,6 +127,27 @@ def candidate_rungs(rt: Runtime, spec: JobSpec, view: View) -> list[Rung]:
     return allowed
 
 
+def pass_on(rt: Runtime, job_id: str, rung: Rung, view: View) -> None:
+    """Affinity: requeue the job for an idle peer that holds its variant, instead of loading it here."""
+    if not rt.admission or rung.variant in view.resident:
+        return
+    declines = int(view.job.get("declines") or 0)
+    if declines >= rt.settings.affinity_max_declines:
+        return
+    peers = read_peers(rt)
+    peer = pass_to(rung.variant, view.resident, rt.settings.node, peers,
+                   ram_nodes(rt, rung.variant) if any(p.node != rt.settings.node for p in peers) else set(),
+                   declines, rt.settings.affinity_max_declines)
+    if peer is None:
+        return
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.hincrby(rt.keys.job(job_id), "declines", 1)
+    add_stats(rt.redis, rt.keys, pipe=pipe, affinity_declines=1)
+    pipe.execute()
+    log.info("job %s passed to %s, which holds %s (this worker would load it)", job_id, peer.worker, rung.variant)
+    raise Reject(f"passed to {peer.worker}", requeue=True)
+
+
 def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View) -> Admitted:
     interactive = spec.priority is Priority.INTERACTIVE
     rungs, budget = candidate_rungs(rt, spec, view), view.budget
@@ -135,16 +158,17 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View) -> Admitted:
             raise exc
         add_stats(rt.redis, rt.keys, waits_quality=1)
         requeue(rt, job_id, f"budget {budget:.2f} is below its min_quality {spec.min_quality:.2f}")
+    pass_on(rt, job_id, rungs[0], view)
     deadline = time.monotonic() + rt.settings.allocation_timeout_s
     waiting = False
     held = view.resident
     while True:
         free = 0
         for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
-            resident = rung.variant in held
+            # the weights lease is always named: counted only if not held yet, renewed (re-made) if it is
             grant = rt.ledger.acquire(rt.gpu_id, rt.capacity_mib, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
                                       spec.priority.value, spec.workload.value, rt.worker,
-                                      None if resident else (rung.variant, rung.weights_mib), holder=rt.holder)
+                                      (rung.variant, rung.weights_mib), holder=rt.holder)
             if grant.held_elsewhere:
                 log.warning("job %s is running on another worker: this delivery is dropped", job_id)
                 raise Ignore()
@@ -211,13 +235,17 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
         rt.ledger.release(rt.gpu_id, job_id, fence)
         log.info("job %s not started: it is %s", job_id, state.value if state else "gone")
         raise Ignore()
-    rt.current = CurrentJob(job_id, fence)
+    rt.current = CurrentJob(job_id, fence, rung.variant)
     log.info("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")
     ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task)
     hooks = default_hooks(rt)
     try:
-        rt.backend.load(rung)
+        loading = rung.variant not in rt.backend.resident()
+        load_s = rt.backend.load(rung)
+        if loading:
+            add_stats(rt.redis, rt.keys, model_loads=1, model_load_s=load_s)
+            log.info("job %s: loaded %s in %.2f s", job_id, rung.variant, load_s)
         started = time.monotonic()
         output = rt.backend.generate(job_id, spec, rung, checkpoint, lambda info: run_hooks(hooks, ctx, info))
         run_s = time.monotonic() - started

@@ -20,6 +20,8 @@ from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.schemas import Workload
 from broker.settings import Settings, get_settings
+from cache.loader import FragmentCache
+from cache.loader import from_settings as cache_from_settings
 from workers.backends.base import Backend
 from workers.simgpu import SimGpu, parse_gpu
 
@@ -28,11 +30,15 @@ BACKENDS = ("sim", "noop")
 UNLIMITED_MIB = 1 << 40     # ledger capacity when the policy does no admission (leases still fence jobs)
 
 
-def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str) -> Backend:
+def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str, cache: FragmentCache | None = None,
+                 settings: Settings | None = None) -> Backend:
     if name == "sim":
         from workers.backends.sim import SimDiffusionBackend, SimLlmBackend
+        from workers.simweights import SimWeights
 
-        return SimLlmBackend(gpu, worker) if workload is Workload.LLM else SimDiffusionBackend(gpu, worker)
+        weights = SimWeights(cache, settings) if cache is not None and settings is not None else None
+        cls = SimLlmBackend if workload is Workload.LLM else SimDiffusionBackend
+        return cls(gpu, worker, weights)
     if name == "noop":
         from workers.backends.noop import NoopBackend
 
@@ -44,6 +50,7 @@ def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str) -> Bac
 class CurrentJob:
     job_id: str
     fence: int
+    variant: str = ""            # the model variant it runs (its weights lease is kept alive while loading)
     lost: bool = False           # the lease could not be renewed: another run owns the job now
 
 
@@ -61,7 +68,8 @@ class Runtime:
                           entry_ttl_s=settings.heartbeat_ttl_s)
         self.gpu.announce()
         self.worker = settings.worker_name or f"{self.workload.value}@{settings.node}"
-        self.backend = make_backend(settings.worker_backend, self.workload, self.gpu, self.worker)
+        self.cache = cache_from_settings(self.redis, settings)
+        self.backend = make_backend(settings.worker_backend, self.workload, self.gpu, self.worker, self.cache, settings)
         self.holder = f"{self.worker}/{os.getpid()}"   # job leases name the process: fencing within a worker too
         self.current: CurrentJob | None = None
         self._stop = threading.Event()
@@ -103,7 +111,7 @@ class Runtime:
         self.redis.ltrim(self.keys.beat_wake(), 0, 99)
 
     def _register(self) -> None:
-        entry = {"workload": self.workload.value, "gpu_id": self.gpu_id,
+        entry = {"workload": self.workload.value, "gpu_id": self.gpu_id, "node": self.settings.node,
                  "concurrency": self.settings.worker_concurrency,
                  "expires_at": time.time() + self.settings.heartbeat_ttl_s}
         self.redis.hset(self.keys.workers(), self.worker, json.dumps(entry))
@@ -126,10 +134,11 @@ class Runtime:
 
     def _renew(self) -> None:
         self._register()
+        self.cache.heartbeat()
         self.backend.heartbeat()
-        for variant in self.backend.resident():
-            self.ledger.renew_weights(self.gpu_id, self.worker, variant, self.settings.lease_ttl_s)
         cur = self.current
+        for variant in set(self.backend.resident()) | ({cur.variant} if cur and cur.variant else set()):
+            self.ledger.renew_weights(self.gpu_id, self.worker, variant, self.settings.lease_ttl_s)
         if cur and not cur.lost and not self.ledger.renew(self.gpu_id, cur.job_id, cur.fence, self.settings.lease_ttl_s):
             cur.lost = True
             log.warning("job %s lost its lease (fence %d): stopping it", cur.job_id, cur.fence)

@@ -121,7 +121,7 @@ def _cache(url: str, work: Path, node: str) -> FragmentCache:
 
 def _timed_load(cache: FragmentCache, manifest: Manifest, origin: LocalOrigin) -> float:
     t0 = time.perf_counter()
-    pinned = [cache.fragment(f, origin, manifest.key) for f in manifest.fragments]
+    pinned = [cache.fragment(f, origin, manifest.key)[0] for f in manifest.fragments]
     elapsed = time.perf_counter() - t0
     for p in pinned:
         p.close()

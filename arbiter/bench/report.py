@@ -143,3 +143,26 @@ def plot(path: Path, data: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def affinity_table(console: Console, data: dict[str, Any]) -> None:
+    t = Table(title=f"affinity: {data['jobs']} chat jobs on {' + '.join(data['models'])}, two llm workers "
+                    f"({', '.join(data['workers'])}), {data['per_s']}/s, scale {data['scale']}")
+    t.add_column("metric", no_wrap=True)
+    for r in data["runs"]:
+        t.add_column("affinity on" if r["affinity"] else "affinity off", justify="right")
+    rows = [
+        ("model loads", "model_loads", 0), ("seconds loading (H100 time)", "load_seconds", 1),
+        ("jobs passed to a peer", "passed_on", 0), ("latency p50 s", "latency_p50_s", 2),
+        ("latency p95 s", "latency_p95_s", 2), ("latency p99 s", "latency_p99_s", 2),
+        ("origin fetches / RAM hits / disk hits", None, 0), ("finished / failed", None, 0),
+    ]
+    for label, key, digits in rows:
+        if key:
+            t.add_row(label, *(_f(r[key], digits) for r in data["runs"]))
+        elif label.startswith("origin"):
+            t.add_row(label, *(f"{r['origin_fetches']} / {r['ram_hits']} / {r['disk_hits']}" for r in data["runs"]))
+        else:
+            t.add_row(label, *(f"{r['finished']} / {r['failed']}" for r in data["runs"]))
+    console.print(t)
+    console.print(f"loads saved by affinity: {data['loads_saved']} ({_f(data['loads_ratio'])}× fewer)")

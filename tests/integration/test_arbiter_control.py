@@ -14,7 +14,6 @@ from arbiter.beat import Beat
 from arbiter.ledger import Ledger
 from broker.errors import JobFailed
 from broker.keys import Keys
-from broker.states import JobState
 from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
 
@@ -56,7 +55,6 @@ def test_budgets_fall_under_pressure_and_recover(client, procs, settings):  # no
     worker, beat = procs
     worker("diffusion", concurrency=4, gpu="sim3:6GiB")
     beat()
-    gpu = "vm:sim3"
     jobs = [client.submit(workload="diffusion", priority="background", prompt=f"p{i}", steps=60, width=1024,
                           height=1024) for i in range(12)]
     budget = lambda: float(client.redis.hget(Keys().budgets(gpu_id), "diffusion.background") or 1.0)  # noqa: E731

@@ -1,6 +1,5 @@
 """Bad input through the client, the CLI and raw queue messages: clear errors, nothing enqueued, no crash."""
 
-import json
 import subprocess
 import sys
 

@@ -1,7 +1,6 @@
 """Submit -> result through real Redis and real Celery workers, for both workloads."""
 
 import io
-import time
 
 import pytest
 import redis

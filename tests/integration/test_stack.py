@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -16,7 +15,7 @@ import pytest
 from broker.client import Client
 from broker.redis_server import free_port
 from broker.settings import Settings
-from tests.conftest import ROOT, wait_until
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 

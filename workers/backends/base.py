@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from broker.schemas import JobSpec, Workload
+from cache.manifest import Manifest
 from workers.ladders import Rung
 
 
@@ -53,6 +54,9 @@ class Backend(Protocol):
 
     def resident(self) -> dict[str, int]:
         """Model variants this process holds on the GPU -> MiB."""
+
+    def manifest(self, variant: str) -> Manifest | None:
+        """The variant's weights as fragments (where the cache index can find them), if it has any."""
 
     def heartbeat(self) -> None:
         """Renew whatever the backend holds on the GPU (called periodically from a side thread)."""

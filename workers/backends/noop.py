@@ -31,6 +31,9 @@ class NoopBackend:
     def resident(self) -> dict[str, int]:
         return {}
 
+    def manifest(self, variant: str) -> None:
+        return None
+
     def heartbeat(self) -> None:
         pass
 

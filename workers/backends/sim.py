@@ -19,7 +19,9 @@ from broker.schemas import JobSpec, Workload
 from workers import simprofile as prof
 from workers.backends.base import Output, StepHook, StepInfo
 from workers.ladders import Rung, diffusion_ladder, llm_ladder, prompt_tokens
+from cache.manifest import Manifest
 from workers.simgpu import SimGpu
+from workers.simweights import SimWeights
 from workers.simprofile import Kernel
 
 RENEW_EVERY_S = 1.0
@@ -47,8 +49,10 @@ class _SimBackend:
     name = "sim"
     workload: Workload
 
-    def __init__(self, gpu: SimGpu, worker: str) -> None:
-        self.gpu, self.worker = gpu, worker
+    def __init__(self, gpu: SimGpu, worker: str, weights: SimWeights | None = None) -> None:
+        """With `weights`, a load brings the variant's synthetic weights into node RAM through the
+        fragment cache first; without, a load is the PCIe transfer alone."""
+        self.gpu, self.worker, self.weights = gpu, worker, weights
         self._resident: dict[str, int] = {}
         self._running: dict[str, tuple[Kernel, int]] = {}
         self._lock = threading.Lock()
@@ -64,7 +68,8 @@ class _SimBackend:
             if rung.variant in self._resident:
                 self.gpu.renew_weights(self.worker, rung.variant, rung.weights_mib)
                 return 0.0
-        seconds = self.gpu.load_weights(self.worker, rung.variant, rung.weights_mib)
+        seconds = self.weights.stage(rung.variant) if self.weights else 0.0
+        seconds += self.gpu.load_weights(self.worker, rung.variant, rung.weights_mib)
         with self._lock:
             self._resident = {rung.variant: rung.weights_mib}
         return seconds
@@ -72,6 +77,9 @@ class _SimBackend:
     def resident(self) -> dict[str, int]:
         with self._lock:
             return dict(self._resident)
+
+    def manifest(self, variant: str) -> Manifest | None:
+        return self.weights.manifest(variant) if self.weights else None
 
     def heartbeat(self) -> None:
         with self._lock:

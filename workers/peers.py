@@ -1,0 +1,38 @@
+"""What a worker reads about its peers to place a job by affinity (arbiter.affinity decides)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from arbiter.affinity import Peer
+from arbiter.ledger import parse_leases, weights_in
+from workers.runtime import Runtime
+
+
+def read_peers(rt: Runtime) -> list[Peer]:
+    """Live workers of this workload other than this one: their node, free slot and resident variants."""
+    now = time.time()
+    entries = {}
+    for name, raw in rt.redis.hgetall(rt.keys.workers()).items():
+        e = json.loads(raw)
+        if name.decode() != rt.worker and e["workload"] == rt.workload.value and e["expires_at"] >= now:
+            entries[name.decode()] = e
+    gpus = sorted({e["gpu_id"] for e in entries.values()})
+    pipe = rt.redis.pipeline(transaction=False)
+    for g in gpus:
+        pipe.hgetall(rt.keys.leases(g))
+    leases = {g: parse_leases(raw, now) for g, raw in zip(gpus, pipe.execute())}
+    peers = []
+    for name, e in entries.items():
+        held = leases[e["gpu_id"]]
+        running = sum(1 for lease in held if lease.kind == "job" and lease.worker.rsplit("/", 1)[0] == name)
+        peers.append(Peer(name, e.get("node", ""), running < int(e["concurrency"]),
+                          frozenset(weights_in(held, name))))
+    return peers
+
+
+def ram_nodes(rt: Runtime, variant: str) -> set[str]:
+    """Live nodes holding all of the variant's fragments in RAM (empty if the backend has no manifest)."""
+    manifest = rt.backend.manifest(variant)
+    return rt.cache.index.nodes_holding([f.sha256 for f in manifest.fragments]) if manifest else set()
