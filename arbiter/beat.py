@@ -19,7 +19,7 @@ from arbiter.budgets import BudgetConfig, BudgetState
 from arbiter.ledger import Ledger
 from arbiter.policy import Decisions, GpuView, PolicyConfig, RunningJob, WaitingJob, World, plan
 from arbiter.stats import add as add_stats
-from broker.app import create_app
+from broker.app import create_app, worker_queue, workload_queues
 from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -173,8 +173,27 @@ class Beat:
         decisions = plan(world, self.cfg)
         self.plan_us.append((time.perf_counter() - t0) * 1e6)
         self.apply(world, decisions)
+        self.reclaim_worker_queues()
         self.ticks += 1
         return decisions
+
+    def reclaim_worker_queues(self) -> int:
+        """Jobs passed by affinity to a worker that has since died go back to the front of their shared
+        queue (they have waited already); the dead worker's registry entry is dropped. Returns jobs moved."""
+        now, moved = self.clock(), 0
+        for name, raw in self.r.hgetall(self.keys.workers()).items():
+            entry = json.loads(raw)
+            if entry["expires_at"] >= now - self.settings.heartbeat_ttl_s:
+                continue
+            for shared in workload_queues(Workload(entry["workload"])):
+                while self.r.lmove(worker_queue(shared, name.decode()), shared, "RIGHT", "RIGHT"):
+                    moved += 1
+            self.r.hdel(self.keys.workers(), name)
+            log.warning("worker %s stopped heartbeating: dropped from the registry%s", name.decode(),
+                        f", {moved} jobs passed to it moved back to the shared queues" if moved else "")
+        if moved:
+            add_stats(self.r, self.keys, reclaimed_from_workers=moved)
+        return moved
 
     def apply(self, world: World, d: Decisions) -> None:
         now = self.clock()

@@ -65,8 +65,12 @@ def worker(
     get_settings.cache_clear()
     from workers.celery_app import app as celery_app
 
-    queues = ",".join(workload_queues(Workload(workload.value)))
-    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", worker_name, "-E",
+    queues = workload_queues(Workload(workload.value), worker_name)
+    from broker.app import direct_queue
+
+    known = {q.name for q in celery_app.conf.task_queues}
+    celery_app.conf.task_queues = [*celery_app.conf.task_queues, *(direct_queue(q) for q in queues if q not in known)]
+    celery_app.worker_main(["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-n", worker_name, "-E",
                             "--pool", "prefork", "--without-gossip", "--without-mingle", "-O", "fair",
                             "--loglevel", loglevel])
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.redis_server import EmbeddedRedis, ensure_redis, free_port
-from broker.settings import Settings
+from broker.settings import Settings, settings_env
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,7 @@ class Stack:
         return self.settings.redis_url
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env["ARBITER_REDIS_URL"] = self.settings.redis_url
-        env["ARBITER_SIM_TIME_SCALE"] = str(self.settings.sim_time_scale)
-        env["ARBITER_SIM_GPU_VRAM_MIB"] = str(self.settings.sim_gpu_vram_mib)
-        env["ARBITER_POLICY"] = self.settings.policy
+        env = settings_env(self.settings)
         env.update(extra)
         return env
 
@@ -67,10 +63,17 @@ class Stack:
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
         else:
             self.redis = ensure_redis(self.settings.redis_url)
+        counts = {w.workload: sum(x.workload == w.workload for x in self.workers) for w in self.workers}
+        seen: dict[str, int] = {}
         for w in self.workers:
-            self._spawn(f"worker-{w.workload}", [sys.executable, "-m", "arbiter", "worker", "--workload", w.workload,
-                                                 "--gpu", w.gpu, "--concurrency", str(w.concurrency),
-                                                 "--backend", w.backend])
+            argv = [sys.executable, "-m", "arbiter", "worker", "--workload", w.workload, "--gpu", w.gpu,
+                    "--concurrency", str(w.concurrency), "--backend", w.backend]
+            name = f"worker-{w.workload}"
+            if counts[w.workload] > 1:   # several workers of a workload: each its own name (and log)
+                seen[w.workload] = i = seen.get(w.workload, 0) + 1
+                name = f"{name}-{i}"
+                argv += ["--name", f"{w.workload}-{i}@{self.settings.node}"]
+            self._spawn(name, argv)
         if self.beat:
             self._spawn("beat", [sys.executable, "-m", "arbiter", "beat"])
         if self.flower:

@@ -27,9 +27,22 @@ BARE_QUEUE = "bench.bare"          # `arbiter bench dispatch`: bare Celery tasks
 BARE_TASK = "arbiter.bench.bare_noop"
 
 
-def workload_queues(workload: Workload) -> list[str]:
-    """The workload's queues, strongest first: the order a worker must drain them in."""
-    return [queue_name(workload, p) for p in PRIORITY_ORDER]
+def worker_queue(queue: str, worker: str) -> str:
+    """A worker's own queue beside a shared one: jobs passed to that worker by affinity."""
+    return f"{queue}@{worker}"
+
+
+def direct_queue(queue: str) -> Queue:
+    """A queue reached through the default exchange (the message goes to the list of that name, whatever
+    bindings exist): how a job is passed to one worker."""
+    return Queue(queue, Exchange(""), routing_key=queue)
+
+
+def workload_queues(workload: Workload, worker: str | None = None) -> list[str]:
+    """The workload's queues, strongest first: the order a worker must drain them in. A named worker
+    drains its own queue of each priority just before the shared one."""
+    shared = [queue_name(workload, p) for p in PRIORITY_ORDER]
+    return shared if worker is None else [q for s in shared for q in (worker_queue(s, worker), s)]
 
 
 def all_queues() -> list[str]:

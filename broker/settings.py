@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
     affinity_max_declines: int = Field(1, ge=0, description="How many times a job may be passed to a peer "
                                        "that holds its model variant (0: no affinity).")
+    affinity_max_backlog: int = Field(3, ge=1, description="A job that is not interactive may wait behind this "
+                                      "many jobs passed to a busy peer holding its variant, rather than load it.")
     requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
 
     # Fragment cache (model weights in tiers).
@@ -86,6 +88,20 @@ class Settings(BaseSettings):
     # Quality floors per workload (a job never runs below its own min_quality nor these).
     min_quality_llm: float = Field(0.4, ge=0.0, le=1.0)
     min_quality_diffusion: float = Field(0.3, ge=0.0, le=1.0)
+
+
+def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that gives a child process exactly these settings (its own worker_* and node
+    excepted): `base` (default: this process's environment) without its ARBITER_* variables, plus every
+    setting as ARBITER_<NAME>."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("ARBITER_")}
+    for name, value in settings.model_dump().items():
+        if name.startswith("worker_") or name == "node":
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"ARBITER_{name.upper()}"] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

@@ -2,7 +2,10 @@
 and nothing is unlinked when the process that wrote it exits — unlike multiprocessing.shared_memory on
 Python 3.11) and disk (files in a local directory). One class serves both; each has a byte budget.
 
-Writes are safe to repeat: a temp file, the hash verified, an atomic rename. A fragment being read is
+Writes are safe to repeat: a temp file, the hash verified, an atomic rename. A tier that verifies reads
+(disk) also keeps a fast checksum (xxh3-64, ~10 GB/s against SHA-256's ~1.5 here) beside each fragment,
+written once the SHA-256 was checked, so a read is checked at memory speed; a fragment without one is
+checked by its SHA-256. A fragment being read is
 pinned with a shared flock on its file; eviction (least recently used first) takes an exclusive,
 non-blocking lock and skips what it cannot get, so a fragment in use is never evicted, and a process that
 dies releases its pins with it."""
@@ -16,6 +19,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 
 class CorruptFragment(OSError):
@@ -51,6 +56,16 @@ class FileTier:
     def path(self, sha: str) -> Path:
         return self.root / sha[:2] / sha
 
+    def _checksum_path(self, sha: str) -> Path:
+        return self.root / sha[:2] / f".{sha}.xxh3"
+
+    def _intact(self, sha: str, data: memoryview) -> bool:
+        try:
+            expected = self._checksum_path(sha).read_text()
+        except FileNotFoundError:
+            return hashlib.sha256(data).hexdigest() == sha
+        return xxhash.xxh3_64_hexdigest(data) == expected
+
     def has(self, sha: str) -> bool:
         return self.path(sha).exists()
 
@@ -66,9 +81,10 @@ class FileTier:
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)   # fault every page in at once
         m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ) if size else None
         pinned = Pinned(memoryview(m) if m is not None else memoryview(b""), fd, m)
-        if self.verify_reads and hashlib.sha256(pinned.data).hexdigest() != sha:
+        if self.verify_reads and not self._intact(sha, pinned.data):
             pinned.close()
             self.path(sha).unlink(missing_ok=True)
+            self._checksum_path(sha).unlink(missing_ok=True)
             raise CorruptFragment(f"fragment {sha[:12]} in the {self.name} tier failed its hash check; dropped")
         os.utime(self.path(sha))   # recently used
         return pinned
@@ -81,6 +97,13 @@ class FileTier:
         evicted = self.make_room(len(data))
         dest = self.path(sha)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.verify_reads:   # the checksum first: a fragment is never visible without it
+            self._atomic_write(self._checksum_path(sha), xxhash.xxh3_64_hexdigest(data).encode())
+        self._atomic_write(dest, data)
+        return evicted
+
+    @staticmethod
+    def _atomic_write(dest: Path, data: bytes | memoryview) -> None:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -89,14 +112,13 @@ class FileTier:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return evicted
 
     def entries(self) -> list[tuple[float, int, Path]]:
         out = []
         for sub in self.root.iterdir() if self.root.exists() else []:
             if sub.is_dir():
                 for p in sub.iterdir():
-                    if not p.name.startswith(".tmp-"):
+                    if not p.name.startswith("."):   # temp files and checksums
                         try:
                             st = p.stat()
                         except FileNotFoundError:
@@ -127,6 +149,7 @@ class FileTier:
                 os.close(fd)
                 continue   # pinned: in use by some process
             path.unlink(missing_ok=True)
+            self._checksum_path(path.name).unlink(missing_ok=True)
             os.close(fd)
             used -= size
             evicted.append(path.name)

@@ -19,7 +19,7 @@ import redis
 
 from broker.client import Client
 from broker.redis_server import EmbeddedRedis
-from broker.settings import Settings
+from broker.settings import Settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 _db_numbers = itertools.count(1)
@@ -100,13 +100,7 @@ class WorkerProc:
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that gives a subprocess exactly these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
-    for name, value in settings.model_dump().items():
-        if name.startswith("worker_") or name == "node":
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"ARBITER_{name.upper()}"] = str(value)
+    env = settings_env(settings)
     env.update(PYTHONUNBUFFERED="1", ARBITER_LOG_LEVEL="INFO")
     env.update(extra)
     return env

@@ -7,11 +7,13 @@ import time
 
 from arbiter.affinity import Peer
 from arbiter.ledger import parse_leases, weights_in
+from broker.app import worker_queue
 from workers.runtime import Runtime
 
 
-def read_peers(rt: Runtime) -> list[Peer]:
-    """Live workers of this workload other than this one: their node, free slot and resident variants."""
+def read_peers(rt: Runtime, queue: str) -> list[Peer]:
+    """Live workers of this workload other than this one: their node, free slot, resident variants and the
+    jobs already passed to them on `queue` (a shared queue name)."""
     now = time.time()
     entries = {}
     for name, raw in rt.redis.hgetall(rt.keys.workers()).items():
@@ -19,16 +21,21 @@ def read_peers(rt: Runtime) -> list[Peer]:
         if name.decode() != rt.worker and e["workload"] == rt.workload.value and e["expires_at"] >= now:
             entries[name.decode()] = e
     gpus = sorted({e["gpu_id"] for e in entries.values()})
+    names = list(entries)
     pipe = rt.redis.pipeline(transaction=False)
     for g in gpus:
         pipe.hgetall(rt.keys.leases(g))
-    leases = {g: parse_leases(raw, now) for g, raw in zip(gpus, pipe.execute())}
+    for name in names:
+        pipe.llen(worker_queue(queue, name))
+    replies = pipe.execute()
+    leases = {g: parse_leases(raw, now) for g, raw in zip(gpus, replies)}
+    backlog = dict(zip(names, replies[len(gpus):]))
     peers = []
     for name, e in entries.items():
         held = leases[e["gpu_id"]]
         running = sum(1 for lease in held if lease.kind == "job" and lease.worker.rsplit("/", 1)[0] == name)
         peers.append(Peer(name, e.get("node", ""), running < int(e["concurrency"]),
-                          frozenset(weights_in(held, name))))
+                          frozenset(weights_in(held, name)), int(backlog[name])))
     return peers
 
 

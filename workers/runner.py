@@ -14,6 +14,7 @@ from celery.exceptions import Ignore, Reject
 
 from arbiter.predictor import StepPredictor, features, pick_for_deadline
 from arbiter.stats import add as add_stats
+from broker.app import direct_queue, worker_queue
 from broker.client import validate_spec
 from broker.errors import (
     Cancelled,
@@ -127,28 +128,33 @@ def candidate_rungs(rt: Runtime, spec: JobSpec, view: View) -> list[Rung]:
     return allowed
 
 
-def pass_on(rt: Runtime, job_id: str, rung: Rung, view: View) -> None:
-    """Affinity: requeue the job for an idle peer that holds its variant, instead of loading it here."""
-    if not rt.admission or rung.variant in view.resident:
+def pass_on(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, view: View, raw: Any, task: Any) -> None:
+    """Affinity: hand the job to a peer that holds its variant (onto the peer's own queue), instead of
+    loading the variant here."""
+    if not rt.admission or task is None or rung.variant in view.resident:
         return
     declines = int(view.job.get("declines") or 0)
     if declines >= rt.settings.affinity_max_declines:
         return
-    peers = read_peers(rt)
+    peers = read_peers(rt, spec.queue)
+    remote = any(p.node != rt.settings.node for p in peers)
     peer = pass_to(rung.variant, view.resident, rt.settings.node, peers,
-                   ram_nodes(rt, rung.variant) if any(p.node != rt.settings.node for p in peers) else set(),
-                   declines, rt.settings.affinity_max_declines)
+                   ram_nodes(rt, rung.variant) if remote else set(), declines, rt.settings.affinity_max_declines,
+                   may_wait=spec.priority is not Priority.INTERACTIVE, max_backlog=rt.settings.affinity_max_backlog)
     if peer is None:
         return
     pipe = rt.redis.pipeline(transaction=False)
     pipe.hincrby(rt.keys.job(job_id), "declines", 1)
     add_stats(rt.redis, rt.keys, pipe=pipe, affinity_declines=1)
     pipe.execute()
+    # the same message (task id = job id) onto the peer's queue, then this delivery is acknowledged; a crash
+    # in between delivers it twice, and the job record lets only one run start
+    task.app.send_task(task.name, args=[raw], task_id=job_id, queue=direct_queue(worker_queue(spec.queue, peer.worker)))
     log.info("job %s passed to %s, which holds %s (this worker would load it)", job_id, peer.worker, rung.variant)
-    raise Reject(f"passed to {peer.worker}", requeue=True)
+    raise Ignore()
 
 
-def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View) -> Admitted:
+def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View, raw: Any = None, task: Any = None) -> Admitted:
     interactive = spec.priority is Priority.INTERACTIVE
     rungs, budget = candidate_rungs(rt, spec, view), view.budget
     if not rungs:
@@ -158,7 +164,7 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View) -> Admitted:
             raise exc
         add_stats(rt.redis, rt.keys, waits_quality=1)
         requeue(rt, job_id, f"budget {budget:.2f} is below its min_quality {spec.min_quality:.2f}")
-    pass_on(rt, job_id, rungs[0], view)
+    pass_on(rt, job_id, spec, rungs[0], view, raw, task)
     deadline = time.monotonic() + rt.settings.allocation_timeout_s
     waiting = False
     held = view.resident
@@ -222,7 +228,7 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
         fail(rt, job_id, exc)
         raise exc
 
-    rung, fence = (a := admit(rt, job_id, spec, view)).rung, a.fence
+    rung, fence = (a := admit(rt, job_id, spec, view, raw, task)).rung, a.fence
     checkpoint = view.checkpoint
     now = time.time()
     pipe = rt.redis.pipeline(transaction=False)
@@ -241,11 +247,14 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task)
     hooks = default_hooks(rt)
     try:
-        loading = rung.variant not in rt.backend.resident()
+        before = set(rt.backend.resident())
         load_s = rt.backend.load(rung)
-        if loading:
+        if rung.variant not in before:
             add_stats(rt.redis, rt.keys, model_loads=1, model_load_s=load_s)
             log.info("job %s: loaded %s in %.2f s", job_id, rung.variant, load_s)
+            if rt.settings.worker_concurrency == 1:   # else another process of this worker may still use them
+                for variant in before - set(rt.backend.resident()):
+                    rt.ledger.release_weights(rt.gpu_id, rt.worker, variant)
         started = time.monotonic()
         output = rt.backend.generate(job_id, spec, rung, checkpoint, lambda info: run_hooks(hooks, ctx, info))
         run_s = time.monotonic() - started

@@ -1,5 +1,5 @@
-"""`arbiter bench affinity`: how many model loads affinity saves. Chat on two models (Poisson arrivals,
-seeded, each job naming one of two LLM families) served by two llm workers, each on its own sim GPU;
+"""`arbiter bench affinity`: how many model loads affinity saves. LLM jobs on two models (Poisson arrivals,
+seeded; each names one of two LLM families; 40 % interactive chat, 60 % standard API calls) served by two llm workers, each on its own sim GPU;
 the identical trace replayed with affinity off (any idle worker takes any job, loading what it lacks)
 and on (a worker passes a job to an idle peer that already holds its variant). Each run starts with a
 fresh Redis and an empty fragment cache, so both pay the same cold loads; weights move through the
@@ -29,7 +29,8 @@ def affinity_trace(jobs: int, per_s: float, seed: int) -> list[tuple[float, dict
     t, out = 0.0, []
     for i in range(jobs):
         t += rng.expovariate(per_s)
-        out.append((t, dict(workload="llm", priority="interactive", model=rng.choice(MODELS),
+        priority = "interactive" if rng.random() < 0.4 else "standard"
+        out.append((t, dict(workload="llm", priority=priority, model=rng.choice(MODELS),
                             prompt=f"question {i}", max_new_tokens=rng.choice((64, 128, 256)), seed=i)))
     return out
 

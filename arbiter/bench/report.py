@@ -146,7 +146,7 @@ def plot(path: Path, data: dict[str, Any]) -> None:
 
 
 def affinity_table(console: Console, data: dict[str, Any]) -> None:
-    t = Table(title=f"affinity: {data['jobs']} chat jobs on {' + '.join(data['models'])}, two llm workers "
+    t = Table(title=f"affinity: {data['jobs']} LLM jobs on {' + '.join(data['models'])}, two llm workers "
                     f"({', '.join(data['workers'])}), {data['per_s']}/s, scale {data['scale']}")
     t.add_column("metric", no_wrap=True)
     for r in data["runs"]:

@@ -71,3 +71,24 @@ def test_a_second_worker_loads_a_variant_from_node_ram(client, procs, settings):
     assert after["origin"]["hits"] == before["origin"]["hits"]      # nothing fetched again
     assert after["ram"]["hits"] > before["ram"]["hits"]
     wait_until(lambda: "llama-8b" in str(cache_status(client.redis, client.keys)["resident"]), timeout_s=5)
+
+
+def test_jobs_passed_to_a_dead_worker_go_back_to_the_shared_queue(client, procs, settings):  # noqa: F811
+    import json
+    import time
+
+    from broker.app import worker_queue
+
+    worker, beat = procs
+    # a worker that registered and died, with a job passed to it still on its own queue
+    client.redis.hset(client.keys.workers(), "llm-dead@test", json.dumps(
+        {"workload": "llm", "gpu_id": "vm:sim9", "node": "vm", "concurrency": 1, "expires_at": time.time() - 60}))
+    job = chat(client, "llama-3")
+    shared = "llm.standard"
+    raw = client.redis.rpop(shared)
+    assert raw is not None
+    client.redis.lpush(worker_queue(shared, "llm-dead@test"), raw)
+    worker("llm", gpu="sim0:40GiB", name="llm-alive@test")
+    beat()
+    assert job.result(timeout=30).text          # reclaimed by the beat, run by the live worker
+    assert not client.redis.hexists(client.keys.workers(), "llm-dead@test")

@@ -3,8 +3,8 @@
 from arbiter.affinity import Peer, pass_to
 
 
-def peer(name, idle=True, resident=(), node="n1"):
-    return Peer(name, node, idle, frozenset(resident))
+def peer(name, idle=True, resident=(), node="n1", backlog=0):
+    return Peer(name, node, idle, frozenset(resident), backlog)
 
 
 def test_runs_here_when_the_variant_is_resident_here():
@@ -16,8 +16,20 @@ def test_passes_to_an_idle_peer_holding_the_variant_in_vram():
     assert got is not None and got.worker == "b"
 
 
-def test_never_waits_for_a_busy_peer():
-    assert pass_to("v", set(), "n1", [peer("b", idle=False, resident={"v"})], set(), 0, 1) is None
+def test_an_interactive_job_never_waits_for_a_busy_peer():
+    assert pass_to("v", set(), "n1", [peer("b", idle=False, resident={"v"})], set(), 0, 1, may_wait=False) is None
+
+
+def test_other_jobs_wait_for_one_job_of_a_busy_holder_rather_than_load():
+    busy = peer("b", idle=False, resident={"v"})
+    assert pass_to("v", set(), "n1", [busy], set(), 0, 1, may_wait=True) == busy
+    # but not behind too much work already passed to it, and an idle holder comes first
+    assert pass_to("v", set(), "n1", [peer("b", idle=False, resident={"v"}, backlog=1)], set(), 0, 1,
+                   may_wait=True, max_backlog=1) is None
+    assert pass_to("v", set(), "n1", [peer("b", idle=False, resident={"v"}, backlog=1)], set(), 0, 1,
+                   may_wait=True, max_backlog=2) is not None
+    idle = peer("c", resident={"v"})
+    assert pass_to("v", set(), "n1", [busy, idle], set(), 0, 1, may_wait=True) == idle
 
 
 def test_a_job_is_passed_on_at_most_max_declines_times():
