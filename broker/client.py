@@ -45,6 +45,9 @@ def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec
             parts.append(f"{loc}: {msg}" if loc != "job" else msg)
         raise InvalidJob("invalid job: " + "; ".join(parts), errors=errors) from None
     models = model_names(spec.workload, settings)
+    if not models:
+        raise InvalidJob(f"invalid job: no {spec.workload.value} model is served here (model registry: "
+                         f"{settings.models_file or 'none'})")
     if spec.model is None:
         return spec.model_copy(update={"model": models[0]})
     if spec.model not in models:

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
                                       "many jobs passed to a busy peer holding its variant, rather than load it.")
     requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
 
+    # Models: a registry file (TOML, see broker/registry.py) for the real backends; without it, the sim catalog.
+    models_file: str = Field("", description="Model registry: which models and variants are served, and their "
+                                             "ladders.")
+
+    cpu_device_mib: int = Field(0, ge=0, description="Memory a real backend on `--gpu cpu` may lease "
+                                                   "(0: half of this machine's RAM).")
+
     # Fragment cache (model weights in tiers).
     cache_disk_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/arbiter/fragments"))
     cache_ram_dir: str = Field(default_factory=lambda: "/dev/shm/arbiter-fragments" if os.path.isdir("/dev/shm")

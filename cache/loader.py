@@ -17,7 +17,7 @@ from broker.counters import add_counters
 from broker.keys import Keys
 from broker.settings import Settings
 from cache.index import CacheIndex
-from cache.manifest import Fragment, Manifest, assemble
+from cache.manifest import Fragment, Manifest, assemble, join_fragments
 from cache.origin import Origin, OriginError
 from cache.tiers import CorruptFragment, FileTier, Pinned
 
@@ -119,9 +119,7 @@ class FragmentCache:
                 raise TimeoutError(f"model {model}: fragment {frag.sha256[:12]} still loading elsewhere after {wait_s} s")
             time.sleep(0.01)   # another process on this node is fetching it: wait, then read the tier
 
-    def load(self, manifest: Manifest, origin: Origin, served: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-        """Every tensor of the variant (copies, so no fragment stays pinned). `served`, if given, is filled
-        with the bytes each tier served."""
+    def _pinned(self, manifest: Manifest, origin: Origin, served: dict[str, int] | None) -> list[Pinned]:
         pinned: list[Pinned] = []
         try:
             for f in manifest.fragments:
@@ -129,6 +127,26 @@ class FragmentCache:
                 pinned.append(p)
                 if served is not None:
                     served[source] = served.get(source, 0) + f.size
+        except BaseException:
+            for p in pinned:
+                p.close()
+            raise
+        return pinned
+
+    def files(self, manifest: Manifest, origin: Origin, served: dict[str, int] | None = None) -> dict[str, bytearray]:
+        """Each file of the variant reassembled from its fragments (nothing stays pinned). `served`, if
+        given, is filled with the bytes each tier served."""
+        pinned = self._pinned(manifest, origin, served)
+        try:
+            return join_fragments(manifest, {f.sha256: p.data for f, p in zip(manifest.fragments, pinned)})
+        finally:
+            for p in pinned:
+                p.close()
+
+    def load(self, manifest: Manifest, origin: Origin, served: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Every tensor of the variant as numpy arrays (copies, so no fragment stays pinned)."""
+        pinned = self._pinned(manifest, origin, served)
+        try:
             tensors = assemble(manifest, {f.sha256: p.data for f, p in zip(manifest.fragments, pinned)})
             return {k: v.copy() for k, v in tensors.items()}
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -93,17 +94,45 @@ def build_manifest(root: Path | str, name: str, variant: str, fragment_mib: int 
                     headers=headers)
 
 
-def assemble(manifest: Manifest, fragment_bytes: dict[str, bytes | memoryview]) -> dict[str, np.ndarray]:
-    """Tensors of the manifest from its fragments' bytes (keyed by SHA-256)."""
+def join_fragments(manifest: Manifest, fragment_bytes: dict[str, bytes | memoryview]) -> dict[str, bytearray]:
+    """Each file of the manifest, byte for byte, from its fragments' bytes (keyed by SHA-256)."""
     files: dict[str, bytearray] = {}
     for frag in manifest.fragments:
         buf = files.setdefault(frag.file, bytearray())
         if len(buf) != frag.offset:
             raise ValueError(f"fragments of {frag.file} are not contiguous at offset {frag.offset}")
         buf += fragment_bytes[frag.sha256]
+    return files
+
+
+def assemble(manifest: Manifest, fragment_bytes: dict[str, bytes | memoryview]) -> dict[str, np.ndarray]:
+    """Tensors of the manifest (numpy dtypes only) from its fragments' bytes (keyed by SHA-256)."""
+    files = join_fragments(manifest, fragment_bytes)
     out = {}
     for t in manifest.tensors:
         start = manifest.headers[t.file]
         raw = memoryview(files[t.file])[start + t.start:start + t.end]
         out[t.name] = np.frombuffer(raw, dtype=DTYPES[t.dtype]).reshape(t.shape)
     return out
+
+
+def manifest_for(root: Path | str, name: str, variant: str, store: Path | str,
+                 fragment_mib: int = DEFAULT_FRAGMENT_MIB) -> Manifest:
+    """The manifest of a local model directory, built once and kept in `store` (hashing a large model
+    takes seconds): reused while the files' names, sizes and modification times are unchanged."""
+    root = Path(root)
+    files = _files(root)
+    stamp = hashlib.sha256(json.dumps(
+        [name, variant, fragment_mib] + [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+                                         for p in files]).encode()).hexdigest()
+    path = Path(store) / f"{stamp}.json"
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    manifest = build_manifest(root, name, variant, fragment_mib)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(manifest.model_dump_json())
+    os.replace(tmp, path)
+    return manifest

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.registry import Model
 from broker.schemas import JobSpec, Workload
 from workers import simprofile as prof
 
@@ -98,3 +99,24 @@ def admissible_rungs(ladder: list[Rung], budget: float, min_quality: float, resi
         return []
     limit = rung_cost_mib(capped, resident)
     return [r for r in ranked if r.quality <= budget + 1e-9 or rung_cost_mib(r, resident) <= limit]
+
+
+def registry_ladder(name: str, model: Model, spec: JobSpec, weights_mib: dict[str, int]) -> list[Rung]:
+    """The job's rungs under a registry model, best first, with the registry's VRAM estimates. Variants are
+    named `<model>/<variant>` (unique across models); `weights_mib` gives sizes the registry leaves out."""
+    rungs = []
+    for r in model.ladder:
+        v = model.variants[r.variant]
+        variant = f"{name}/{r.variant}"
+        wmib = v.weights_mib or weights_mib.get(variant, 0)
+        if spec.workload is Workload.LLM:
+            tokens = max(1, math.ceil((spec.max_new_tokens or 1) * r.tokens))
+            vram = int(math.ceil(v.kv_mib_per_token * (prompt_tokens(spec.prompt) + tokens) + 64))
+            params = {"variant": variant, "max_new_tokens": tokens}
+        else:
+            w, h = _side(spec.width or 512, r.side), _side(spec.height or 512, r.side)
+            steps = max(1, math.ceil((spec.steps or 1) * r.steps))
+            vram = int(math.ceil(v.activation_mib_512 * w * h / (512 * 512)))
+            params = {"variant": variant, "steps": steps, "width": w, "height": h, "guidance_scale": v.guidance_scale}
+        rungs.append(Rung(r.quality, variant, wmib, vram, params))
+    return rungs

@@ -1,0 +1,116 @@
+"""The `transformers` backend: a causal LM from the model registry, decoded token by token (greedy, the
+KV cache kept between steps), each token streamed to the job's stream. A checkpoint holds the token ids so
+far; a resumed job re-prefills prompt + those tokens and continues, so greedy decoding ends with the same
+text as an uninterrupted run. Weights come through the fragment cache."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from typing import Any
+
+from broker.registry import Registry
+from broker.schemas import JobSpec, Workload
+from broker.settings import Settings
+from cache.loader import FragmentCache
+from workers.backends.base import Output, StepHook, StepInfo
+from workers.backends.hfweights import HfWeights, check_estimate, load_module, module_mib
+from workers.device import RealDevice
+from workers.ladders import Rung, registry_ladder
+
+log = logging.getLogger(__name__)
+
+
+class TransformersLlmBackend:
+    name = "transformers"
+    workload = Workload.LLM
+
+    def __init__(self, registry: Registry, device: RealDevice, cache: FragmentCache, settings: Settings) -> None:
+        import torch  # noqa: F401  (fail at start-up, not at the first job, without the extra)
+        import transformers  # noqa: F401
+
+        self.registry, self.device = registry, device
+        self.weights = HfWeights(registry, self.name, cache, settings)
+        self._sizes = self.weights.weights_mib()
+        self._loaded: dict[str, tuple[Any, Any]] = {}     # variant -> (model, tokenizer)
+
+    def ladder(self, spec: JobSpec) -> list[Rung]:
+        return registry_ladder(spec.model or "", self.registry.model(spec.model or ""), spec, self._sizes)
+
+    def load(self, rung: Rung) -> float:
+        if rung.variant in self._loaded:
+            return 0.0
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.monotonic()
+        self._loaded.clear()           # one variant at a time: free the old one first
+        gc.collect()
+        key, v = rung.variant, self.weights.variant(rung.variant)
+        where = self.weights.dirs[key]
+        config = AutoConfig.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, v.dtype))
+        states, served = self.weights.state_dicts(key)
+        state = {name: t for file_state in states.values() for name, t in file_state.items()}
+        load_module(model, state, key)
+        model = model.to(self.device.torch_device).eval()
+        self._loaded[key] = (model, tokenizer)
+        check_estimate(f"{key} weights", rung.weights_mib, module_mib(model))
+        seconds = time.monotonic() - t0
+        log.info("%s loaded in %.2f s (%s)", key, seconds, ", ".join(f"{t}: {b >> 20} MiB" for t, b in served.items()))
+        return seconds
+
+    def _prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        if getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=True))
+        return list(tokenizer(prompt)["input_ids"])
+
+    def generate(self, job_id: str, spec: JobSpec, rung: Rung, checkpoint: bytes | None,
+                 on_step: StepHook) -> Output:
+        import torch
+
+        model, tokenizer = self._loaded[rung.variant]
+        total = int(rung.params["max_new_tokens"])
+        ids: list[int] = json.loads(checkpoint)["ids"] if checkpoint else []
+        resumed = len(ids)
+        dev = self.device.torch_device
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        eos = tokenizer.eos_token_id
+        with torch.inference_mode():
+            # prefill: the prompt (and, on resume, the tokens so far) in one pass
+            out = model(input_ids=torch.tensor([self._prompt_ids(tokenizer, spec.prompt) + ids], device=dev),
+                        use_cache=True)
+            for i in range(resumed, total):
+                next_id = int(out.logits[0, -1].argmax())
+                ids.append(next_id)
+                now = tokenizer.decode(ids, skip_special_tokens=True)
+                piece, text = now[len(text):], now
+                snapshot = list(ids)
+                on_step(StepInfo(i + 1, total, piece, lambda s=snapshot: json.dumps({"ids": s}).encode()))
+                if next_id == eos:
+                    break
+                out = model(input_ids=torch.tensor([[next_id]], device=dev), past_key_values=out.past_key_values,
+                            use_cache=True)
+        return Output(text=text, params=dict(rung.params), resumed_from_step=resumed)
+
+    def set_paused(self, job_id: str, paused: bool) -> None:
+        pass   # a real GPU has nothing to pause: the arbiter preempts instead
+
+    def resident(self) -> dict[str, int]:
+        return {k: self._sizes.get(k, 0) for k in self._loaded}
+
+    def manifest(self, variant: str) -> Any:
+        return self.weights.manifests.get(variant)
+
+    def heartbeat(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._loaded.clear()
+        gc.collect()
+
+
