@@ -34,30 +34,51 @@ def _client():
 @app.command()
 def worker(
     workload: Annotated[Workload, typer.Option(help="Which workload's queues to consume.")],
-    gpu: Annotated[str, typer.Option(help="GPU to bind: sim[N][:SIZE], e.g. sim:24GiB.")] = "sim",
+    gpu: Annotated[Optional[str], typer.Option(help="GPU to bind: sim[N][:SIZE] for the sim backend (default sim); "
+                                                    "0, cuda:0 or cpu for the real ones (default cpu).")] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Jobs at once on this GPU (llm: one decode batch).")] = 1,
-    backend: Annotated[str, typer.Option(help="Generation backend.")] = "sim",
+    backend: Annotated[str, typer.Option(help="Generation backend: sim, noop, transformers, diffusers, openai.")] = "sim",
+    models: Annotated[Optional[Path], typer.Option(help="Model registry (TOML) for the real backends.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Worker name (default <workload>-<gpu>@<node>).")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker for one workload on one GPU, draining its queues in strict priority order."""
     from broker.app import workload_queues
-    from workers.runtime import BACKENDS
+    from broker.registry import REAL_BACKENDS
+    from workers.runtime import check_backend
     from workers.simgpu import parse_gpu
 
-    from arbiter.gpu import parse_device
+    from arbiter.gpu import load_nvml, parse_device
 
+    if models is not None:
+        os.environ["ARBITER_MODELS_FILE"] = str(models.expanduser().resolve())
+        get_settings.cache_clear()
     settings = get_settings()
-    if parse_device(gpu) is not None:
-        raise InvalidJob(f"--gpu {gpu}: the {backend!r} backend runs on a simulated GPU (--gpu sim[N][:SIZE]); "
-                         "a CUDA device needs a real backend (transformers, diffusers: not built yet); "
-                         "`arbiter gpus` lists this node's devices")
-    if backend not in BACKENDS:
-        raise InvalidJob(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     try:
-        gpu_id, _ = parse_gpu(gpu, settings.node)
+        check_backend(backend, Workload(workload.value), settings)
     except ValueError as exc:
-        raise InvalidJob(str(exc)) from None
+        raise InvalidJob(f"--backend {backend}: {exc}") from None
+    if backend in REAL_BACKENDS:
+        gpu = gpu or "cpu"
+        index = parse_device(gpu)
+        if backend != "openai" and index is None and gpu != "cpu":
+            raise InvalidJob(f"--gpu {gpu}: the {backend} backend runs on a CUDA device (0, cuda:0) or on the cpu")
+        if index is not None and load_nvml() is None:
+            raise InvalidJob(f"--gpu {gpu}: NVML is not available on this node (no NVIDIA driver?); use --gpu cpu")
+        if backend != "openai" and concurrency != 1:
+            raise InvalidJob(f"--concurrency {concurrency}: the {backend} backend runs one job at a time per process "
+                             "(a model copy per process); start one worker per GPU")
+        gpu_id = f"{settings.node}:{'cpu' if index is None else index}"
+    else:
+        gpu = gpu or "sim"
+        if parse_device(gpu) is not None:
+            raise InvalidJob(f"--gpu {gpu}: the {backend!r} backend runs on a simulated GPU (--gpu sim[N][:SIZE]); "
+                             "a CUDA device needs a real backend (transformers, diffusers); `arbiter gpus` lists "
+                             "this node's devices")
+        try:
+            gpu_id, _ = parse_gpu(gpu, settings.node)
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from None
     worker_name = name or f"{workload.value}-{gpu_id.split(':')[-1]}@{settings.node}"
     os.environ.update(ARBITER_WORKER_WORKLOAD=workload.value, ARBITER_WORKER_GPU=gpu,
                       ARBITER_WORKER_BACKEND=backend, ARBITER_WORKER_NAME=worker_name,

@@ -5,6 +5,7 @@ fork-safe)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -12,25 +13,53 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from arbiter.ledger import Lease, Ledger, weights_in
+from broker.catalog import registry
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.registry import REAL_BACKENDS, Registry
 from broker.schemas import Workload
 from broker.settings import Settings, get_settings
 from cache.loader import FragmentCache
 from cache.loader import from_settings as cache_from_settings
 from workers.backends.base import Backend
+from workers.device import RealDevice
 from workers.simgpu import SimGpu, parse_gpu
 
 log = logging.getLogger(__name__)
-BACKENDS = ("sim", "noop")
+BACKENDS = ("sim", "noop", *REAL_BACKENDS)
+EXTRAS = {"transformers": ("llm", ("torch", "transformers")), "diffusers": ("diffusion", ("torch", "diffusers")),
+          "openai": ("openai", ("httpx",))}
 UNLIMITED_MIB = 1 << 40     # ledger capacity when the policy does no admission (leases still fence jobs)
 
 
-def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str, cache: FragmentCache | None = None,
+def check_backend(name: str, workload: Workload, settings: Settings) -> Registry | None:
+    """Everything a backend needs, checked before the worker starts: a known name, its extra installed, a
+    registry with models for it and their files present. Returns the registry (None for sim and noop)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    if name not in REAL_BACKENDS:
+        return None
+    extra, modules = EXTRAS[name]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"the {name} backend needs {', '.join(missing)}: pip install 'arbiter-gpu[{extra}]'")
+    reg = registry(settings)
+    if reg is None:
+        raise ValueError(f"the {name} backend needs a model registry: --models FILE (or ARBITER_MODELS_FILE)")
+    if not reg.names(workload, name):
+        raise ValueError(f"model registry {settings.models_file} has no {workload.value} model for the {name} "
+                         f"backend (it has: {', '.join(reg.models)})")
+    if name != "openai":
+        reg.check_files(name)
+    return reg
+
+
+def make_backend(name: str, workload: Workload, gpu: Any, worker: str, cache: FragmentCache | None = None,
                  settings: Settings | None = None) -> Backend:
     if name == "sim":
         from workers.backends.sim import SimDiffusionBackend, SimLlmBackend
@@ -43,7 +72,36 @@ def make_backend(name: str, workload: Workload, gpu: SimGpu, worker: str, cache:
         from workers.backends.noop import NoopBackend
 
         return NoopBackend(workload)
-    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    assert settings is not None and cache is not None
+    reg = check_backend(name, workload, settings)
+    assert reg is not None
+    if name == "transformers":
+        from workers.backends.transformers_llm import TransformersLlmBackend
+
+        return TransformersLlmBackend(reg, gpu, cache, settings)
+    if name == "diffusers":
+        from workers.backends.diffusers_image import DiffusersBackend
+
+        return DiffusersBackend(reg, gpu, cache, settings)
+    from workers.backends.openai_chat import OpenAIChatBackend, OpenAIEndpoint
+    from workers.ladders import registry_ladder
+
+    endpoints = {f"{m}/{v}": OpenAIEndpoint(var.base_url or "", var.served_model or "",
+                                            os.environ.get(var.api_key_env) if var.api_key_env else None,
+                                            var.send_priority)
+                 for m in reg.names(workload, "openai") for v, var in reg.model(m).variants.items()}
+    return OpenAIChatBackend(worker, endpoints,
+                             lambda spec: registry_ladder(spec.model or "", reg.model(spec.model or ""), spec, {}))
+
+
+def make_device(settings: Settings, r: redis.Redis, keys: Keys) -> SimGpu | RealDevice:
+    """The sim GPU for the sim and noop backends; the CUDA device or the CPU for the real ones."""
+    if settings.worker_backend in REAL_BACKENDS:
+        spec = "cpu" if settings.worker_backend == "openai" and settings.worker_gpu.startswith("sim") else settings.worker_gpu
+        return RealDevice(r, keys, spec, settings.node, settings.cpu_device_mib, settings.vram_reserve_fraction)
+    gpu_id, total_mib = parse_gpu(settings.worker_gpu, settings.node)
+    return SimGpu(r, keys, gpu_id, total_mib or settings.sim_gpu_vram_mib, time_scale=settings.sim_time_scale,
+                  pcie_gbps=settings.sim_pcie_gbps, entry_ttl_s=settings.heartbeat_ttl_s)
 
 
 @dataclass
@@ -62,10 +120,7 @@ class Runtime:
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.ledger = Ledger(self.redis, self.keys)
         self.workload = Workload(settings.worker_workload)
-        gpu_id, total_mib = parse_gpu(settings.worker_gpu, settings.node)
-        self.gpu = SimGpu(self.redis, self.keys, gpu_id, total_mib or settings.sim_gpu_vram_mib,
-                          time_scale=settings.sim_time_scale, pcie_gbps=settings.sim_pcie_gbps,
-                          entry_ttl_s=settings.heartbeat_ttl_s)
+        self.gpu = make_device(settings, self.redis, self.keys)
         self.gpu.announce()
         self.worker = settings.worker_name or f"{self.workload.value}@{settings.node}"
         self.cache = cache_from_settings(self.redis, settings)

@@ -5,9 +5,7 @@ text as an uninterrupted run. Weights come through the fragment cache."""
 
 from __future__ import annotations
 
-import gc
 import json
-import logging
 import time
 from typing import Any
 
@@ -16,14 +14,12 @@ from broker.schemas import JobSpec, Workload
 from broker.settings import Settings
 from cache.loader import FragmentCache
 from workers.backends.base import Output, StepHook, StepInfo
-from workers.backends.hfweights import HfWeights, check_estimate, load_module, module_mib
+from workers.backends.hfweights import HfBackend, check_estimate, load_module, module_mib
 from workers.device import RealDevice
-from workers.ladders import Rung, registry_ladder
-
-log = logging.getLogger(__name__)
+from workers.ladders import Rung
 
 
-class TransformersLlmBackend:
+class TransformersLlmBackend(HfBackend):
     name = "transformers"
     workload = Workload.LLM
 
@@ -31,13 +27,7 @@ class TransformersLlmBackend:
         import torch  # noqa: F401  (fail at start-up, not at the first job, without the extra)
         import transformers  # noqa: F401
 
-        self.registry, self.device = registry, device
-        self.weights = HfWeights(registry, self.name, cache, settings)
-        self._sizes = self.weights.weights_mib()
-        self._loaded: dict[str, tuple[Any, Any]] = {}     # variant -> (model, tokenizer)
-
-    def ladder(self, spec: JobSpec) -> list[Rung]:
-        return registry_ladder(spec.model or "", self.registry.model(spec.model or ""), spec, self._sizes)
+        super().__init__(registry, device, cache, settings)
 
     def load(self, rung: Rung) -> float:
         if rung.variant in self._loaded:
@@ -46,8 +36,7 @@ class TransformersLlmBackend:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.monotonic()
-        self._loaded.clear()           # one variant at a time: free the old one first
-        gc.collect()
+        self._free()
         key, v = rung.variant, self.weights.variant(rung.variant)
         where = self.weights.dirs[key]
         config = AutoConfig.from_pretrained(where)
@@ -59,9 +48,7 @@ class TransformersLlmBackend:
         model = model.to(self.device.torch_device).eval()
         self._loaded[key] = (model, tokenizer)
         check_estimate(f"{key} weights", rung.weights_mib, module_mib(model))
-        seconds = time.monotonic() - t0
-        log.info("%s loaded in %.2f s (%s)", key, seconds, ", ".join(f"{t}: {b >> 20} MiB" for t, b in served.items()))
-        return seconds
+        return self._loaded_in(key, t0, served)
 
     def _prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         if getattr(tokenizer, "chat_template", None):
@@ -96,21 +83,3 @@ class TransformersLlmBackend:
                 out = model(input_ids=torch.tensor([[next_id]], device=dev), past_key_values=out.past_key_values,
                             use_cache=True)
         return Output(text=text, params=dict(rung.params), resumed_from_step=resumed)
-
-    def set_paused(self, job_id: str, paused: bool) -> None:
-        pass   # a real GPU has nothing to pause: the arbiter preempts instead
-
-    def resident(self) -> dict[str, int]:
-        return {k: self._sizes.get(k, 0) for k in self._loaded}
-
-    def manifest(self, variant: str) -> Any:
-        return self.weights.manifests.get(variant)
-
-    def heartbeat(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._loaded.clear()
-        gc.collect()
-
-

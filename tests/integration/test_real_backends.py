@@ -1,0 +1,116 @@
+"""The real backends (transformers, diffusers, openai) through real Redis, real workers and a real beat,
+on tiny random models made locally (workers.tinymodels) and a small real OpenAI-compatible server."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from cache.status import collect as cache_status
+from tests.conftest import ROOT, wait_until, worker_env
+from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
+from tests.support.openai_server import FakeOpenAIServer, answer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url, tiny_models):
+    return fast_settings(redis_url, models_file=str(tiny_models), allocation_timeout_s=60.0)
+
+
+def test_transformers_worker_streams_a_chat_answer(client, procs):  # noqa: F811
+    worker, beat = procs
+    worker("llm", gpu="cpu", backend="transformers", name="tf-a@test")
+    beat()
+    job = client.submit(workload="llm", model="tiny-gpt", priority="interactive",
+                        prompt="hello from a chat user", max_new_tokens=24)
+    tokens = list(job.stream(timeout=60))
+    result = job.result(timeout=60)
+    assert len(tokens) == 24 and "".join(tokens) == result.text and result.text.strip()
+    assert result.quality == 1.0 and result.params["variant"] == "tiny-gpt/full"
+    again = client.submit(workload="llm", model="tiny-gpt", prompt="hello from a chat user", max_new_tokens=24)
+    assert again.result(timeout=60).text == result.text            # greedy: deterministic
+
+
+def test_diffusers_job_is_preempted_and_resumes_to_the_identical_png(client, procs, settings):  # noqa: F811
+    worker, beat = procs
+    worker("diffusion", gpu="cpu", backend="diffusers", name="sd-a@test")
+    beat()
+    spec = dict(workload="diffusion", model="tiny-sd", priority="background", prompt="a red fox in the snow",
+                steps=60, width=128, height=128, seed=7)
+    reference = client.submit(spec).result(timeout=120)
+    img = Image.open(io.BytesIO(reference.image_png))
+    assert img.size == (128, 128) and reference.quality == 1.0
+
+    job = client.submit(spec)
+    wait_until(lambda: (job.status().step or 0) >= 10, timeout_s=60)
+    preview = client.submit(workload="diffusion", model="tiny-sd", priority="interactive", prompt="preview",
+                            steps=2, width=64, height=64)
+    preview.result(timeout=60)
+    result = job.result(timeout=120)
+    assert result.preemptions >= 1 and result.runs >= 2
+    assert result.image_png == reference.image_png               # bit-identical on the CPU
+    events = list(job.events(timeout=1))
+    preempted = next(i for i, e in enumerate(events) if e["type"] == "state" and e["state"] == "preempted")
+    resumed = [int(e["step"]) for e in events[preempted:] if e["type"] == "progress"]
+    assert resumed and resumed[0] > 10                            # from its checkpoint, not from step 0
+
+
+def test_a_second_worker_loads_the_weights_from_node_ram(client, procs, settings):  # noqa: F811
+    worker, beat = procs
+    beat()
+    first = worker("llm", gpu="cpu", backend="transformers", name="tf-b@test")
+    client.submit(workload="llm", model="tiny-gpt", prompt="write a short poem", max_new_tokens=4).result(timeout=60)
+    before = cache_status(client.redis, client.keys)["nodes"][settings.node]["tiers"]
+    first.kill()
+    worker("llm", gpu="cpu", backend="transformers", name="tf-c@test")   # the only worker now: it must load
+    client.submit(workload="llm", model="tiny-gpt", prompt="paint a harbor", max_new_tokens=4).result(timeout=60)
+    after = cache_status(client.redis, client.keys)["nodes"][settings.node]["tiers"]
+    assert after["ram"]["hits"] > before["ram"]["hits"]
+    assert after["origin"]["hits"] == before["origin"]["hits"]         # nothing fetched from the origin again
+
+
+def test_openai_backend_worker_streams_from_a_real_server(client, procs, settings, tmp_path):  # noqa: F811
+    worker, beat = procs
+    with FakeOpenAIServer(model="served-chat", delay_s=0.002) as server:
+        registry = tmp_path / "openai.toml"
+        registry.write_text(f"""
+[models.remote-chat]
+workload = "llm"
+backend = "openai"
+[models.remote-chat.variants.main]
+base_url = "{server.base_url}"
+served_model = "served-chat"
+send_priority = true
+[[models.remote-chat.ladder]]
+quality = 1.0
+variant = "main"
+""")
+        worker("llm", backend="openai", name="oa-a@test", ARBITER_MODELS_FILE=str(registry))
+        beat()
+        c = client.__class__(settings=settings.model_copy(update={"models_file": str(registry)}))
+        job = c.submit(workload="llm", model="remote-chat", priority="interactive", prompt="hi there",
+                       max_new_tokens=12)
+        result = job.result(timeout=60)
+        c.close()
+        assert result.text == answer("hi there", 12)
+        assert server.requests[-1]["priority"] == 0 and server.requests[-1]["model"] == "served-chat"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--backend", "transformers"], "needs a model registry"),
+    (["--backend", "diffusers", "--models", "/nonexistent/models.toml"], "does not exist"),
+    (["--backend", "transformers", "--gpu", "sim"], "runs on a CUDA device"),
+    (["--backend", "warp-drive"], "unknown backend"),
+])
+def test_bad_worker_configuration_fails_at_start_up(settings, args, says):
+    env = worker_env(settings)
+    env.pop("ARBITER_MODELS_FILE", None)
+    if "--models" not in args and "needs a model registry" not in says:
+        env["ARBITER_MODELS_FILE"] = settings.models_file
+    proc = subprocess.run([sys.executable, "-m", "arbiter", "worker", "--workload", "llm", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
