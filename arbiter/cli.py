@@ -96,6 +96,11 @@ def worker(
                             "--loglevel", loglevel])
 
 
+class DemoBackend(StrEnum):
+    sim = "sim"
+    real = "real"
+
+
 class PolicyArg(StrEnum):
     arbiter = "arbiter"
     priority = "priority"
@@ -274,12 +279,14 @@ def demo(
     flower: Annotated[bool, typer.Option(help="Also start Flower.")] = False,
     seed: Annotated[int, typer.Option()] = 7,
     policy: Annotated[Optional[PolicyArg], typer.Option(help="Scheduling policy (default arbiter).")] = None,
+    backend: Annotated[DemoBackend, typer.Option(help="sim: the sim GPU with H100 timings; real: tiny "
+                                                      "transformers and diffusers models on the CPU.")] = "sim",
 ) -> None:
     """Start a stack, run mixed chat + batch load with a live table, print a summary per priority."""
     from arbiter.demo import run_demo
 
     run_demo(console, duration_s=duration_s, redis_url=redis_url, flower=flower, seed=seed,
-             policy=policy.value if policy else None)
+             policy=policy.value if policy else None, backend=DemoBackend(backend).value)
 
 
 try:  # typer >= 0.20 vendors click

@@ -41,26 +41,48 @@ class Tracked:
     run_s: float | None = None
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What the demo runs: the sim GPU with H100 timings, or tiny real models on the CPU."""
+
+    workers: tuple[WorkerSpec, ...]
+    fields: dict[str, dict]          # per kind: extra job fields (model, sizes)
+    standard_tokens: int
+    description: str
+
+
+SIM = Profile((WorkerSpec("llm", "sim:24GiB", 4), WorkerSpec("diffusion", "sim:24GiB", 2)),
+              {"llm": {}, "diffusion": {"steps": 30, "width": 1024, "height": 1024}}, 400,
+              "an llm worker (x4) and a diffusion worker (x2) on one simulated 24 GiB GPU (H100 timings)")
+REAL = Profile((WorkerSpec("llm", "cpu", 1, "transformers"), WorkerSpec("diffusion", "cpu", 1, "diffusers")),
+               {"llm": {"model": "tiny-gpt"}, "diffusion": {"model": "tiny-sd", "steps": 12, "width": 64,
+                                                             "height": 64}}, 64,
+               "a transformers worker and a diffusers worker on the CPU, with tiny random models made here "
+               "(their text and images are noise: the point is the real path, not the output)")
+
+
 @dataclass
 class Load:
     client: Client
     rng: random.Random
+    profile: Profile = SIM
     jobs: list[Tracked] = field(default_factory=list)
 
     def chat(self) -> None:
         n = self.rng.choice((48, 64, 96, 128, 160))
         h = self.client.submit(workload="llm", priority="interactive", prompt=self.rng.choice(CHAT_PROMPTS),
-                               max_new_tokens=n, seed=self.rng.randrange(1000))
+                               max_new_tokens=n, seed=self.rng.randrange(1000), **self.profile.fields["llm"])
         self.jobs.append(Tracked(h, "llm.interactive", tokens=n))
 
     def standard(self) -> None:
+        n = self.profile.standard_tokens
         h = self.client.submit(workload="llm", priority="standard", prompt="Draft a product description.",
-                               max_new_tokens=400, seed=self.rng.randrange(1000))
-        self.jobs.append(Tracked(h, "llm.standard", tokens=400))
+                               max_new_tokens=n, seed=self.rng.randrange(1000), **self.profile.fields["llm"])
+        self.jobs.append(Tracked(h, "llm.standard", tokens=n))
 
     def image(self) -> None:
         h = self.client.submit(workload="diffusion", priority="background", prompt=self.rng.choice(IMAGE_PROMPTS),
-                               steps=30, width=1024, height=1024, seed=self.rng.randrange(1000))
+                               seed=self.rng.randrange(1000), **self.profile.fields["diffusion"])
         self.jobs.append(Tracked(h, "diffusion.background"))
 
     def refresh(self) -> None:
@@ -133,24 +155,32 @@ def _gpu_line(client: Client) -> str:
 
 
 def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None = None, flower: bool = False,
-             seed: int = 7, policy: str | None = None) -> dict:
+             seed: int = 7, policy: str | None = None, backend: str = "sim") -> dict:
     if not console.is_terminal:
         console.width = max(console.width, 120)   # tables stay readable in logs and CI
     settings = get_settings()
+    profile = SIM
+    if backend == "real":
+        from workers.tinymodels import build_all
+
+        console.print("making tiny random models (once, in .arbiter/tiny-models)...")
+        registry = build_all(Path(".arbiter/tiny-models"))
+        settings = settings.model_copy(update={"models_file": str(registry.resolve())})
+        profile = REAL
     if policy:
         settings = settings.model_copy(update={"policy": policy})
     if redis_url:
         settings = settings.model_copy(update={"redis_url": redis_url})
-    stack = Stack(settings, [WorkerSpec("llm", "sim:24GiB", 4), WorkerSpec("diffusion", "sim:24GiB", 2)],
-                  flower=flower, private_redis=redis_url is None, log_dir=Path(".arbiter/demo-logs"))
-    console.print(f"[bold]Arbiter demo[/bold] (policy {settings.policy}): starting Redis, the beat, an llm worker "
-                  "(x4) and a diffusion worker (x2) on one simulated 24 GiB GPU (H100 timings)...")
+    stack = Stack(settings, list(profile.workers), flower=flower, private_redis=redis_url is None,
+                  log_dir=Path(".arbiter/demo-logs"))
+    console.print(f"[bold]Arbiter demo[/bold] (policy {settings.policy}): starting Redis, the beat, "
+                  f"{profile.description}...")
     with stack:
         stack.wait_for_workers()
         if flower:
             console.print(f"flower: http://127.0.0.1:{settings.flower_port} (user {settings.flower_user})")
         client = Client(settings=stack.settings)
-        load = Load(client, random.Random(seed))
+        load = Load(client, random.Random(seed), profile)
         t0 = time.monotonic()
         next_chat = t0 + 1.0
         with Live(console=console, refresh_per_second=4, transient=False) as live:

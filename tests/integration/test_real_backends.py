@@ -114,3 +114,16 @@ def test_bad_worker_configuration_fails_at_start_up(settings, args, says):
     proc = subprocess.run([sys.executable, "-m", "arbiter", "worker", "--workload", "llm", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+
+
+def test_real_demo_runs_the_tiny_models_through_the_whole_stack(tmp_path, tiny_models):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
+    env.update(PYTHONUNBUFFERED="1", COLUMNS="140", ARBITER_CACHE_DISK_DIR=str(tmp_path / "disk"),
+               ARBITER_CACHE_RAM_DIR=str(tmp_path / "ram"))
+    p = subprocess.run([sys.executable, "-m", "arbiter", "demo", "--backend", "real", "--duration", "8"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Summary per queue" in p.stdout and "0 not finished" in p.stdout
+    assert "llm.interactive" in p.stdout and (tmp_path / ".arbiter" / "tiny-models" / "models.toml").exists()
