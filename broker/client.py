@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Any, Iterator
@@ -79,25 +80,53 @@ class Client:
     def from_settings(cls, settings: Settings | None = None) -> Client:
         return cls(settings=settings)
 
-    def submit(self, spec: JobSpec | dict[str, Any] | None = None, /, **fields: Any) -> JobHandle:
-        """Validate, record and enqueue a job. Raises `InvalidJob` (nothing enqueued) on bad input."""
+    def submit(self, spec: JobSpec | dict[str, Any] | None = None, /, idempotency_key: str | None = None,
+               **fields: Any) -> JobHandle:
+        """Validate, record and enqueue a job. Raises `InvalidJob` (nothing enqueued) on bad input.
+
+        With an `idempotency_key`, submitting the same job again (a retry, a resumed batch) returns the job
+        the key first made instead of a new one, for as long as job records are kept; the same key with a
+        different job is refused."""
         data: JobSpec | dict[str, Any] = spec if spec is not None else {}
         if fields:
             base = data.model_dump(exclude_none=True) if isinstance(data, JobSpec) else dict(data)
             data = {**base, **fields}
         job = validate_spec(data, self.settings)
         job_id = str(uuid.uuid4())
+        if idempotency_key is not None:
+            existing = self._claim(idempotency_key, job_id, job)
+            if existing is not None:
+                return existing
         self.store.create(job_id, job)
         try:
             enqueue(self.app, self.settings, job_id, job)
         except Exception as exc:
             self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
                                   finished_at=time.time())
+            if idempotency_key is not None:   # a retry with this key may submit again
+                self.redis.delete(self.keys.idempotency(idempotency_key))
             raise
         if job.priority is Priority.INTERACTIVE:   # the beat's fast path: act now, not at the next tick
             self.redis.lpush(self.keys.beat_wake(), job_id)
             self.redis.ltrim(self.keys.beat_wake(), 0, 99)
         return JobHandle(self, job_id)
+
+    def _claim(self, key: str, job_id: str, job: JobSpec) -> JobHandle | None:
+        """Bind the key to this new job id, or return the job it is already bound to."""
+        if not 1 <= len(key) <= 200:
+            raise InvalidJob(f"invalid job: idempotency_key must be 1 to 200 characters, got {len(key)}")
+        digest = hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+        rkey = self.keys.idempotency(key)
+        if self.redis.set(rkey, f"{job_id}|{digest}", nx=True, ex=self.settings.result_ttl_s):
+            return None
+        bound = (self.redis.get(rkey) or b"").decode()
+        other, _, other_digest = bound.partition("|")
+        if other_digest and other_digest != digest:
+            raise InvalidJob(f"invalid job: idempotency_key {key!r} was already used for a different job ({other})")
+        deadline = time.monotonic() + 5.0   # the first submitter may still be writing the record
+        while not self.redis.exists(self.keys.job(other)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return JobHandle(self, other)
 
     def get(self, job_id: str) -> JobHandle:
         """A handle on an existing job; raises `JobNotFound` if there is no such record."""

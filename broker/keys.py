@@ -52,6 +52,10 @@ class Keys:
         """Hash: job id -> 'pause' | 'preempt' (what the beat asks running jobs to do)."""
         return f"{self.prefix}:controls:{gpu_id}"
 
+    def idempotency(self, key: str) -> str:
+        """String: '<job id>|<spec digest>' for a client's idempotency key (expires with job records)."""
+        return f"{self.prefix}:idem:{key}"
+
     def workers(self) -> str:
         """Hash: worker name -> JSON {workload, gpu_id, node, concurrency, expires_at}."""
         return f"{self.prefix}:workers"

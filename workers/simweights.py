@@ -61,6 +61,20 @@ def stage_seconds(settings: Settings, served: dict[str, int]) -> float:
             + served.get("disk", 0) * full / (settings.sim_disk_gbps * 1e9)) * settings.sim_time_scale
 
 
+class SimOrigin(LocalOrigin):
+    """The sim origin: reads take the simulated full-size time, spent while the single-flight lock is held,
+    so a peer waiting for the same fragment waits as long as it would on real hardware."""
+
+    def __init__(self, root: Path, settings: Settings) -> None:
+        super().__init__(root)
+        self.settings = settings
+
+    def read(self, file: str, offset: int, size: int) -> bytes:
+        data = super().read(file, offset, size)
+        time.sleep(stage_seconds(self.settings, {"origin": len(data)}))
+        return data
+
+
 class SimWeights:
     """A sim worker's weight loader: variant -> its synthetic weights through this node's cache."""
 
@@ -74,9 +88,10 @@ class SimWeights:
         return self._manifests[variant]
 
     def stage(self, variant: str) -> float:
-        """Load the variant's fragments into node RAM through the cache, sleeping the simulated time at
-        full size; returns those seconds."""
-        served = self.cache.stage(self.manifest(variant), LocalOrigin(Path(self.settings.sim_origin_dir) / variant))
-        seconds = stage_seconds(self.settings, served)
-        time.sleep(seconds)
-        return seconds
+        """Load the variant's fragments into node RAM through the cache, taking the simulated time at full
+        size (origin reads inside the fetch, disk reads after); returns the seconds it took."""
+        t0 = time.monotonic()
+        origin = SimOrigin(Path(self.settings.sim_origin_dir) / variant, self.settings)
+        served = self.cache.stage(self.manifest(variant), origin)
+        time.sleep(stage_seconds(self.settings, {"disk": served.get("disk", 0)}))
+        return time.monotonic() - t0
