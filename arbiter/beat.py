@@ -23,10 +23,12 @@ from broker.app import create_app, worker_queue, workload_queues
 from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.redis_server import connect
 from broker.schemas import GpuSnapshot, Priority, Workload, queue_name
 from broker.settings import Settings
 from broker.states import JobState, RUNNING_STATES
 
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"   # kombu's Redis transport keys (its defaults)
 log = logging.getLogger("arbiter.beat")
 
 _RENEW_LOCK = """
@@ -47,7 +49,7 @@ def policy_config(s: Settings) -> PolicyConfig:
 class Beat:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings, self.clock = settings, clock
-        self.r = redis.Redis.from_url(settings.redis_url)
+        self.r = connect(settings.redis_url)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.r, self.keys, settings.result_ttl_s)
         self.ledger = Ledger(self.r, self.keys, clock)
@@ -58,6 +60,7 @@ class Beat:
         self.budgets: dict[str, BudgetState] = {}
         self.plan_us: deque[float] = deque(maxlen=2000)
         self.ticks = 0
+        self._last_delivery_sweep = 0.0
 
     # -- leadership -----------------------------------------------------------------------------------------
     def lead(self) -> bool:
@@ -174,8 +177,47 @@ class Beat:
         self.plan_us.append((time.perf_counter() - t0) * 1e6)
         self.apply(world, decisions)
         self.reclaim_worker_queues()
+        if time.monotonic() - self._last_delivery_sweep >= min(10.0, self.settings.lost_delivery_s / 3):
+            self._last_delivery_sweep = time.monotonic()
+            self.restore_lost_deliveries()
         self.ticks += 1
         return decisions
+
+    def restore_lost_deliveries(self) -> int:
+        """Messages a worker took but never started stay in kombu's `unacked` hash until the visibility
+        timeout (hours: it must outlast the longest job) — e.g. a message held in reserve when the worker's
+        connection to Redis dropped. The beat puts back at the front of its queue any such message whose
+        job is still waiting to start (queued or preempted) `lost_delivery_s` after it was taken. Should the
+        first worker start it after all, the job record lets only one run start."""
+        now = time.time()
+        taken = self.r.zrangebyscore(UNACKED_INDEX, 0, now - self.settings.lost_delivery_s, start=0, num=500,
+                                     withscores=True)
+        restored = 0
+        for tag, taken_at in taken:
+            raw = self.r.hget(UNACKED, tag)
+            if raw is None:
+                self.r.zrem(UNACKED_INDEX, tag)
+                continue
+            try:
+                message, _exchange, routing_key = json.loads(raw)
+                job_id = message["headers"]["id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            state = self.r.hget(self.keys.job(job_id), "state")
+            if state is None or JobState(state.decode()) not in (JobState.QUEUED, JobState.PREEMPTED):
+                continue
+            message["headers"]["redelivered"] = True
+            pipe = self.r.pipeline()
+            pipe.rpush(routing_key, json.dumps(message))   # the front: BRPOP takes from the right
+            pipe.hdel(UNACKED, tag)
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.execute()
+            restored += 1
+            log.warning("job %s: its message was taken %.0f s ago but the job never started (a worker lost its "
+                        "connection?): put back on %s", job_id, now - taken_at, routing_key)
+        if restored:
+            add_stats(self.r, self.keys, deliveries_restored=restored)
+        return restored
 
     def reclaim_worker_queues(self) -> int:
         """Jobs passed by affinity to a worker that has since died go back to the front of their shared
@@ -183,7 +225,7 @@ class Beat:
         now, moved = self.clock(), 0
         for name, raw in self.r.hgetall(self.keys.workers()).items():
             entry = json.loads(raw)
-            if entry["expires_at"] >= now - self.settings.heartbeat_ttl_s:
+            if entry["expires_at"] >= now:
                 continue
             for shared in workload_queues(Workload(entry["workload"])):
                 while self.r.lmove(worker_queue(shared, name.decode()), shared, "RIGHT", "RIGHT"):

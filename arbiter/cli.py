@@ -121,11 +121,18 @@ def beat(
     b = Beat(s)
     stop = __import__("threading").Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = None
+    if s.metrics_port:   # Prometheus /metrics for the whole deployment (read from Redis at scrape time)
+        from arbiter.metrics import serve_metrics
+
+        server, _ = serve_metrics(s, s.metrics_port)
     try:
         b.run(stop)
     except KeyboardInterrupt:
         pass
     finally:
+        if server is not None:
+            server.shutdown()
         b.close()
 
 
@@ -242,6 +249,7 @@ def dev(
     """Run a local stack: Redis (embedded unless one answers at ARBITER_REDIS_URL), an llm and a diffusion
     worker on one sim GPU, and Flower. Ctrl-C stops everything."""
     from arbiter.stack import Stack, WorkerSpec
+    from broker.redis_server import redacted
 
     s = get_settings()
     if policy is not None:
@@ -251,14 +259,15 @@ def dev(
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
-        console.print(f"redis   {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
+        console.print(f"redis   {redacted(stack.redis_url)}" + (" (embedded)" if stack.redis else ""))
         stack.wait_for_workers()
         console.print(f"workers llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}, beat "
                       f"(policy {stack.settings.policy}); logs in .arbiter/logs/")
         if flower:
             console.print(f"flower  http://127.0.0.1:{s.flower_port}  (user {s.flower_user}, password "
                           f"{s.flower_password.get_secret_value()})")
-        console.print(f"try     ARBITER_REDIS_URL={stack.redis_url} arbiter submit llm 'hello' --priority interactive --stream")
+        console.print(f"try     ARBITER_REDIS_URL={redacted(stack.redis_url)} arbiter submit llm 'hello' --priority interactive "
+                      "--stream")
         console.print("[dim]Ctrl-C to stop[/dim]")
         while all(p.poll() is None for p in stack.procs.values()):
             time.sleep(0.5)
@@ -287,6 +296,79 @@ def demo(
 
     run_demo(console, duration_s=duration_s, redis_url=redis_url, flower=flower, seed=seed,
              policy=policy.value if policy else None, backend=DemoBackend(backend).value)
+
+
+@app.command()
+def gateway(
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default ARBITER_GATEWAY_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default ARBITER_GATEWAY_PORT, 8000).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Gateway processes.")] = 1,
+) -> None:
+    """Serve the HTTP API: native jobs (/v1/jobs), OpenAI-compatible (/v1/chat/completions,
+    /v1/images/generations, /v1/models), /metrics and /healthz. Callers need an API key (`arbiter keys`)."""
+    import uvicorn
+
+    s = get_settings()
+    with _client() as client:   # fail here, with one line, if Redis is unreachable
+        client.redis.ping()
+    uvicorn.run("arbiter.gateway.server:app", host=host or s.gateway_host, port=port or s.gateway_port,
+                workers=workers, log_level="info", proxy_headers=True)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the gateway (stored hashed in Redis).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A name for the key (its owner or use).")],
+    priorities: Annotated[str, typer.Option(help="Comma-separated priorities it may use.")] = "standard,background",
+    default: Annotated[Optional[str], typer.Option(help="Priority when a request names none (default: the lowest).")] = None,
+    rate: Annotated[int, typer.Option(min=0, help="Requests per minute (0: unlimited).")] = 600,
+    max_queued: Annotated[int, typer.Option(min=0, help="Jobs waiting or running at once (0: unlimited).")] = 1000,
+) -> None:
+    """Create a key and print it (once: only its hash is stored)."""
+    from arbiter.gateway.apikeys import KeyStore
+
+    with _client() as client:
+        try:
+            secret = KeyStore(client.redis, client.keys).create(
+                name, [p.strip() for p in priorities.split(",") if p.strip()], default, rate, max_queued)
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from None
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Keys with their priorities and limits (never the secrets)."""
+    from dataclasses import asdict
+
+    from arbiter.gateway.apikeys import KeyStore
+
+    with _client() as client:
+        keys = KeyStore(client.redis, client.keys).list()
+    if as_json:
+        console.print_json(json.dumps([asdict(k) for k in keys]))
+        return
+    from rich.table import Table
+
+    t = Table("name", "prefix", "priorities", "default", "rate/min", "max queued")
+    for k in keys:
+        t.add_row(k.name, k.prefix + "…", ",".join(k.priorities), k.default_priority, str(k.rate_per_min),
+                  str(k.max_queued))
+    console.print(t)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Revoke a key at once."""
+    from arbiter.gateway.apikeys import KeyStore
+
+    with _client() as client:
+        if not KeyStore(client.redis, client.keys).revoke(name):
+            raise InvalidJob(f"no key named {name!r}")
+    print(f"revoked {name}")
 
 
 try:  # typer >= 0.20 vendors click
@@ -434,6 +516,11 @@ def bench_affinity(
     data = run_affinity(jobs, per_s, scale, seed, LOGS)
     affinity_table(console, data)
     _finish(data, json_path, None)
+
+
+from arbiter.batch import batch_command  # noqa: E402  (registered here; the module imports typer only)
+
+app.command("batch")(batch_command)
 
 
 def main() -> None:

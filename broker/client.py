@@ -21,6 +21,7 @@ from broker.app import TASK_NAMES, create_app
 from broker.catalog import model_names
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
 from broker.jobstore import JobStore
+from broker.redis_server import connect
 from broker.keys import Keys
 from broker.schemas import JobResult, JobSpec, JobStatus, Priority, queue_name
 from broker.settings import Settings, get_settings
@@ -71,7 +72,7 @@ class Client:
         if redis_url is not None:
             s = s.model_copy(update={"redis_url": redis_url})
         self.settings = s
-        self.redis = redis.Redis.from_url(s.redis_url)
+        self.redis = connect(s.redis_url)
         self.keys = Keys(s.key_prefix)
         self.store = JobStore(self.redis, self.keys, s.result_ttl_s)
         self.app = create_app(s, name="arbiter-client")
@@ -106,18 +107,24 @@ class Client:
             if idempotency_key is not None:   # a retry with this key may submit again
                 self.redis.delete(self.keys.idempotency(idempotency_key))
             raise
+        if idempotency_key is not None:       # proof the message went out (see _claim)
+            self.redis.hset(self.keys.job(job_id), "enqueued", 1)
         if job.priority is Priority.INTERACTIVE:   # the beat's fast path: act now, not at the next tick
             self.redis.lpush(self.keys.beat_wake(), job_id)
             self.redis.ltrim(self.keys.beat_wake(), 0, 99)
         return JobHandle(self, job_id)
 
     def _claim(self, key: str, job_id: str, job: JobSpec) -> JobHandle | None:
-        """Bind the key to this new job id, or return the job it is already bound to."""
+        """Bind the key to this new job id (None: go on and submit it), or return the job it is bound to.
+
+        A submitter killed half-way is repaired here: a key whose job record never appeared is taken over,
+        and a bound job that is still queued without its `enqueued` mark is sent again (a second copy of a
+        message that did go out is a duplicate delivery, which the job record turns away)."""
         if not 1 <= len(key) <= 200:
             raise InvalidJob(f"invalid job: idempotency_key must be 1 to 200 characters, got {len(key)}")
         digest = hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
-        rkey = self.keys.idempotency(key)
-        if self.redis.set(rkey, f"{job_id}|{digest}", nx=True, ex=self.settings.result_ttl_s):
+        rkey, mine = self.keys.idempotency(key), f"{job_id}|{digest}"
+        if self.redis.set(rkey, mine, nx=True, ex=self.settings.result_ttl_s):
             return None
         bound = (self.redis.get(rkey) or b"").decode()
         other, _, other_digest = bound.partition("|")
@@ -125,8 +132,31 @@ class Client:
             raise InvalidJob(f"invalid job: idempotency_key {key!r} was already used for a different job ({other})")
         deadline = time.monotonic() + 5.0   # the first submitter may still be writing the record
         while not self.redis.exists(self.keys.job(other)) and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.02)
+        if not self.redis.exists(self.keys.job(other)):
+            if self._replace(rkey, bound, mine):   # its submitter died before writing the record
+                return None
+            return self._claim(key, job_id, job)
+        fields = self.store.raw(other)
+        stale = time.time() - float(fields.get("queued_at", time.time())) > 5.0
+        if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields and stale:
+            enqueue(self.app, self.settings, other, self.store.spec(other))   # its submitter died before sending
+            self.redis.hset(self.keys.job(other), "enqueued", 1)
         return JobHandle(self, other)
+
+    def _replace(self, key: str, old: str, new: str) -> bool:
+        """Set `key` to `new` only if it still holds `old` (another retrier may have done it first)."""
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if (pipe.get(key) or b"").decode() != old:
+                    return False
+                pipe.multi()
+                pipe.set(key, new, ex=self.settings.result_ttl_s)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
 
     def get(self, job_id: str) -> JobHandle:
         """A handle on an existing job; raises `JobNotFound` if there is no such record."""

@@ -40,6 +40,28 @@ def find_redis_server() -> str:
     )
 
 
+def connect(url: str, retry_s: float = 30.0) -> redis.Redis:
+    """A Redis client that rides out a restart: a command that meets a dropped connection is retried with
+    exponential backoff (50 ms doubling to 1 s) for about `retry_s` seconds before the error surfaces.
+    A command the server ran just before the connection dropped may run again on retry: every write
+    Arbiter makes is safe to repeat (guarded transitions, fenced leases), except counters, which may
+    count one event twice."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), int(retry_s) + 5),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                                socket_keepalive=True, health_check_interval=30)
+
+
+def redacted(url: str) -> str:
+    """The URL with its password masked, for printing."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    return url.replace(f":{parsed.password}@", ":***@", 1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

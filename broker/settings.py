@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(4_096, gt=0)
     max_steps_limit: int = Field(200, gt=0)
     max_image_side_px: int = Field(2_048, gt=0)
+    max_request_bytes: int = Field(1 << 20, gt=0, description="Largest request body the gateway reads.")
 
     # Timing. The visibility timeout must exceed the longest job (else Redis redelivers a running job).
     visibility_timeout_s: int = Field(4 * 3600, gt=0)
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
                                        "that holds its model variant (0: no affinity).")
     affinity_max_backlog: int = Field(3, ge=1, description="A job that is not interactive may wait behind this "
                                       "many jobs passed to a busy peer holding its variant, rather than load it.")
+    lost_delivery_s: float = Field(30.0, gt=0, description="A message a worker took but did not start within "
+                                   "this long is put back on its queue by the beat.")
     requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
 
     # Models: a registry file (TOML, see broker/registry.py) for the real backends; without it, the sim catalog.
@@ -86,6 +89,13 @@ class Settings(BaseSettings):
     worker_backend: str = "sim"
     worker_name: str = ""
     worker_concurrency: int = Field(1, gt=0)
+
+    # Gateway (HTTP, native and OpenAI-compatible).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    gateway_public_url: str = Field("", description="Base URL clients reach the gateway at (image URLs); "
+                                                    "default: the request's own.")
+    metrics_port: int = Field(0, ge=0, description="Serve Prometheus /metrics from the beat on this port (0: off).")
 
     # Flower.
     flower_port: int = 5555

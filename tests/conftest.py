@@ -179,8 +179,12 @@ def wait_for_worker(settings: Settings, w: WorkerProc, timeout_s: float = 30.0) 
         while time.monotonic() < deadline:
             if w.proc.poll() is not None:
                 raise RuntimeError(f"worker {w.name} exited: {w.output()[-3000:]}")
-            if app.control.ping(destination=[w.name], timeout=0.3):
-                return
+            try:
+                if app.control.ping(destination=[w.name], timeout=0.3):
+                    return
+            except (redis.ConnectionError, OSError):   # a Redis restarted by a fault test: reconnect
+                app.close()
+                app = create_app(settings, name="test-ping")
         raise TimeoutError(f"worker {w.name} did not answer: {w.output()[-3000:]}")
     finally:
         app.close()

@@ -18,7 +18,8 @@ def read_peers(rt: Runtime, queue: str) -> list[Peer]:
     entries = {}
     for name, raw in rt.redis.hgetall(rt.keys.workers()).items():
         e = json.loads(raw)
-        if name.decode() != rt.worker and e["workload"] == rt.workload.value and e["expires_at"] >= now:
+        fresh = now - e.get("seen_at", 0) <= 3 * e.get("renew_s", 1.0)   # renewed lately: alive, not just unexpired
+        if name.decode() != rt.worker and e["workload"] == rt.workload.value and fresh:
             entries[name.decode()] = e
     gpus = sorted({e["gpu_id"] for e in entries.values()})
     names = list(entries)

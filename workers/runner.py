@@ -29,6 +29,7 @@ from broker.errors import (
 from arbiter.affinity import pass_to
 from arbiter.budgets import budget_key
 from arbiter.ledger import parse_leases
+from arbiter.metrics import record_job
 from broker.jobstore import decode_hash, status_from, transition_reply
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import TERMINAL, JobState
@@ -309,6 +310,7 @@ def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, v
     pipe.hdel(rt.keys.controls(rt.gpu_id), job_id)
     add_stats(rt.redis, rt.keys, pipe=pipe, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
                                                "quality_reductions": int(rung.quality < 1.0)})
+    record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=pipe)
     steps_run = rung.total_steps - output.resumed_from_step
     if steps_run > 0:   # last writer wins among a worker's processes: fine for an online estimate
         view.predictor.update(_features(rung), run_s * 1000 / steps_run)

@@ -21,6 +21,7 @@ from arbiter.ledger import Lease, Ledger, weights_in
 from broker.catalog import registry
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.redis_server import connect
 from broker.registry import REAL_BACKENDS, Registry
 from broker.schemas import Workload
 from broker.settings import Settings, get_settings
@@ -115,7 +116,7 @@ class CurrentJob:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = connect(settings.redis_url)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.ledger = Ledger(self.redis, self.keys)
@@ -168,14 +169,20 @@ class Runtime:
     def _register(self) -> None:
         entry = {"workload": self.workload.value, "gpu_id": self.gpu_id, "node": self.settings.node,
                  "concurrency": self.settings.worker_concurrency,
-                 "expires_at": time.time() + self.settings.heartbeat_ttl_s}
+                 "expires_at": time.time() + self.settings.heartbeat_ttl_s, "seen_at": time.time(),
+                 "renew_s": self.renew_every_s}
         self.redis.hset(self.keys.workers(), self.worker, json.dumps(entry))
+
+    @property
+    def renew_every_s(self) -> float:
+        """How often the registration, resident weights and the running job's lease are renewed."""
+        return min(self.settings.heartbeat_interval_s, self.settings.lease_ttl_s / 3)
 
     def _heartbeat(self) -> None:
         """Snapshots every snapshot interval; worker registration, resident weights and the running job's
         lease every lease_ttl/3; and the hard stop of a job that ignores a preemption past the grace."""
         s = self.settings
-        renew_every = min(s.heartbeat_interval_s, s.lease_ttl_s / 3)
+        renew_every = self.renew_every_s
         last_renew = 0.0
         while not self._stop.wait(s.snapshot_interval_s):
             try:
@@ -211,6 +218,8 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         try:
+            self.redis.hdel(self.keys.workers(), self.worker)   # no more jobs handed to it (another process
+            # of this worker registers it again at its next renewal)
             for variant in self.backend.resident():
                 self.ledger.release_weights(self.gpu_id, self.worker, variant)
             self.backend.close()

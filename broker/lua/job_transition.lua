@@ -24,6 +24,9 @@ for i = 9, #ARGV, 2 do
   end
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'state', 'state', ARGV[1], 'from', current)
+if redis.call('TTL', KEYS[2]) < 0 then   -- a stream made by this change lives as long as the record
+  redis.call('EXPIRE', KEYS[2], math.max(redis.call('TTL', KEYS[1]), 1))
+end
 if ARGV[8] == '1' then
   redis.call('SADD', KEYS[4], ARGV[7])
 else

@@ -1,6 +1,8 @@
 """Model weights through the fragment cache, and affinity: jobs go to the worker whose GPU already holds
 their model variant. Real Redis, real workers, real files in the cache tiers."""
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def settings(redis_url):
-    return fast_settings(redis_url, sim_origin_gbps=20.0)
+def settings(redis_url, tmp_path_factory):
+    """Tiers of its own: the counts below start from an empty cache, whatever ran before."""
+    base = tmp_path_factory.mktemp("affinity-cache")
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else base
+    ram = Path(tempfile.mkdtemp(prefix="arbiter-test-affinity-", dir=shm))
+    yield fast_settings(redis_url, sim_origin_gbps=20.0, cache_disk_dir=str(base / "disk"), cache_ram_dir=str(ram))
+    shutil.rmtree(ram, ignore_errors=True)
 
 
 def chat(client, model, tokens=20):

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import io
 import struct
-import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from broker.registry import Registry
+from broker.registry import Variant
 from broker.schemas import JobSpec, Workload
-from broker.settings import Settings
-from cache.loader import FragmentCache
 from workers.backends.base import Output, StepHook, StepInfo
-from workers.backends.hfweights import HfBackend, check_estimate, load_module, module_mib
-from workers.device import RealDevice
+from workers.backends.hfweights import HfBackend, load_module
 from workers.ladders import Rung
+
 _CKPT = struct.Struct("<IIIII")    # step, batch, channels, height, width (latents follow as float32)
 
 
@@ -65,45 +63,36 @@ def _resumable(base: type) -> type:
 class DiffusersBackend(HfBackend):
     name = "diffusers"
     workload = Workload.DIFFUSION
+    requires = ("torch", "diffusers")
 
-    def __init__(self, registry: Registry, device: RealDevice, cache: FragmentCache, settings: Settings) -> None:
-        import diffusers  # noqa: F401  (fail at start-up, not at the first job, without the extra)
-        import torch  # noqa: F401
-
-        super().__init__(registry, device, cache, settings)
-
-    def load(self, rung: Rung) -> float:
-        if rung.variant in self._loaded:
-            return 0.0
+    def _build(self, key: str, variant: Variant, root: Path, states: dict[str, dict[str, Any]]) -> tuple[Any, list]:
         import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-        from diffusers import UNet2DConditionModel
+        from diffusers import (
+            AutoencoderKL,
+            DDIMScheduler,
+            EulerDiscreteScheduler,
+            StableDiffusionPipeline,
+            UNet2DConditionModel,
+        )
         from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-        t0 = time.monotonic()
-        self._free()
-        key, v = rung.variant, self.weights.variant(rung.variant)
-        root = self.weights.dirs[key]
-        dtype = getattr(torch, v.dtype)
+        dtype = getattr(torch, variant.dtype)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
-        states, served = self.weights.state_dicts(key)
         for sub, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
             files = [f for f in states if f.split("/")[0] == sub]
             if not files:
                 raise ValueError(f"{key}: no {sub} weights (.safetensors) under {root / sub}")
             load_module(module, {n: t for f in files for n, t in states[f].items()}, f"{key} {sub}")
-        scheduler_cls = DDIMScheduler if v.scheduler == "ddim" else EulerDiscreteScheduler
+        scheduler_cls = DDIMScheduler if variant.scheduler == "ddim" else EulerDiscreteScheduler
         pipe = _resumable(StableDiffusionPipeline)(
             vae=vae, text_encoder=text_encoder, tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
             unet=unet, scheduler=scheduler_cls.from_pretrained(root / "scheduler"), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         pipe = pipe.to(self.device.torch_device) if dtype == torch.float32 else pipe.to(self.device.torch_device, dtype)
         pipe.set_progress_bar_config(disable=True)
-        self._loaded[key] = pipe
-        check_estimate(f"{key} weights", rung.weights_mib, module_mib(unet, vae, text_encoder))
-        return self._loaded_in(key, t0, served)
+        return pipe, [unet, vae, text_encoder]
 
     def generate(self, job_id: str, spec: JobSpec, rung: Rung, checkpoint: bytes | None,
                  on_step: StepHook) -> Output:

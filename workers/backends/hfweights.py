@@ -91,8 +91,13 @@ class HfBackend:
 
     name = ""
     workload: Any = None
+    requires: tuple[str, ...] = ("torch",)
 
     def __init__(self, registry: Registry, device: Any, cache: FragmentCache, settings: Settings) -> None:
+        import importlib
+
+        for module in self.requires:   # fail at start-up, not at the first job, without the extra
+            importlib.import_module(module)
         self.registry, self.device = registry, device
         self.weights = HfWeights(registry, self.name, cache, settings)
         self._sizes = self.weights.weights_mib()
@@ -112,11 +117,24 @@ class HfBackend:
 
             torch.cuda.empty_cache()
 
-    def _loaded_in(self, key: str, t0: float, served: dict[str, int]) -> float:
+    def load(self, rung: Any) -> float:
+        """Make the rung's variant resident (the only one: the previous is freed first); seconds spent."""
+        if rung.variant in self._loaded:
+            return 0.0
+        t0 = time.monotonic()
+        self._free()
+        key = rung.variant
+        states, served = self.weights.state_dicts(key)
+        self._loaded[key], modules = self._build(key, self.weights.variant(key), self.weights.dirs[key], states)
+        check_estimate(f"{key} weights", rung.weights_mib, module_mib(*modules))
         seconds = time.monotonic() - t0
         log.info("%s loaded in %.2f s (%s)", key, seconds,
                  ", ".join(f"{tier}: {n >> 20} MiB" for tier, n in served.items()))
         return seconds
+
+    def _build(self, key: str, variant: Variant, root: Path, states: dict[str, dict[str, Any]]) -> tuple[Any, list]:
+        """The resident object for a variant from its config files and weights, and its torch modules."""
+        raise NotImplementedError
 
     def set_paused(self, job_id: str, paused: bool) -> None:
         pass   # a real GPU has nothing to pause: the arbiter preempts instead

@@ -6,49 +6,29 @@ text as an uninterrupted run. Weights come through the fragment cache."""
 from __future__ import annotations
 
 import json
-import time
+from pathlib import Path
 from typing import Any
 
-from broker.registry import Registry
+from broker.registry import Variant
 from broker.schemas import JobSpec, Workload
-from broker.settings import Settings
-from cache.loader import FragmentCache
 from workers.backends.base import Output, StepHook, StepInfo
-from workers.backends.hfweights import HfBackend, check_estimate, load_module, module_mib
-from workers.device import RealDevice
+from workers.backends.hfweights import HfBackend, load_module
 from workers.ladders import Rung
 
 
 class TransformersLlmBackend(HfBackend):
     name = "transformers"
     workload = Workload.LLM
+    requires = ("torch", "transformers")
 
-    def __init__(self, registry: Registry, device: RealDevice, cache: FragmentCache, settings: Settings) -> None:
-        import torch  # noqa: F401  (fail at start-up, not at the first job, without the extra)
-        import transformers  # noqa: F401
-
-        super().__init__(registry, device, cache, settings)
-
-    def load(self, rung: Rung) -> float:
-        if rung.variant in self._loaded:
-            return 0.0
+    def _build(self, key: str, variant: Variant, root: Path, states: dict[str, dict[str, Any]]) -> tuple[Any, list]:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        t0 = time.monotonic()
-        self._free()
-        key, v = rung.variant, self.weights.variant(rung.variant)
-        where = self.weights.dirs[key]
-        config = AutoConfig.from_pretrained(where)
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, v.dtype))
-        states, served = self.weights.state_dicts(key)
-        state = {name: t for file_state in states.values() for name, t in file_state.items()}
-        load_module(model, state, key)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root), dtype=getattr(torch, variant.dtype))
+        load_module(model, {name: t for file_state in states.values() for name, t in file_state.items()}, key)
         model = model.to(self.device.torch_device).eval()
-        self._loaded[key] = (model, tokenizer)
-        check_estimate(f"{key} weights", rung.weights_mib, module_mib(model))
-        return self._loaded_in(key, t0, served)
+        return (model, AutoTokenizer.from_pretrained(root)), [model]
 
     def _prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         if getattr(tokenizer, "chat_template", None):

@@ -1,0 +1,376 @@
+"""Prometheus metrics: a collector that reads Arbiter's Redis state at scrape time.
+
+Nothing is kept in process memory: every worker, the beat and the gateway write to Redis, and whichever
+process serves `/metrics` (the beat with `serve_metrics`, the gateway with `render`) reads it back, so one
+scrape sees the whole deployment. One scrape costs three pipelined round trips plus `cache.status.collect`
+(a few per cache node), whatever the number of jobs, and never raises: a missing or malformed key gives no
+sample. It reads the same keys as `arbiter status` (`arbiter/status.py`) but in its own pipelines rather
+than through those helpers (which take a `Client`, read one section per round trip and raise on one bad
+snapshot); the parsing is shared: `GpuSnapshot`, `ledger.parse_leases`, `broker.app`'s queue names,
+`cache.status.collect`.
+
+Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 1 when a GPU is over-used):
+
+- per GPU (label `gpu`): `gpu_vram_total_bytes`, `gpu_vram_used_bytes`, `gpu_vram_usable_bytes`,
+  `gpu_pressure_ratio`, `gpu_utilization_ratio` (where the device reports it), `gpu_leases{kind}` (kind
+  job | weights), `gpu_leased_bytes`, `budget_quality_ratio{workload,priority}`;
+- `queue_depth{queue}` for the six `<workload>.<priority>` queues, each counting its per-worker affinity
+  queues `<queue>@<worker>` too; `workers{workload}` (registered workers);
+- `jobs{state}` over at most `JOBS_SCAN_CAP` live jobs (the oldest, from the live index) and
+  `jobs_live` (the index's full size: when it exceeds the cap, `jobs` under-counts);
+- counters from the stats hash (`arbiter.stats`): `<name>_total` for `COUNTERS`, and
+  `checkpoint_seconds_total`, `step_seconds_total`, `model_load_seconds_total`; `quality_mean_ratio{workload}`
+  and `pressure_mean_ratio`;
+- cache per node and tier: `cache_hits_total`, `cache_misses_total`, `cache_loaded_bytes_total`,
+  `cache_used_bytes`, `cache_budget_bytes`, `cache_fragments` (origin: hits are origin fetches);
+- histograms per (workload, priority): `job_queue_wait_seconds` (submit to start) and
+  `job_duration_seconds` (run time), written by workers with `record_job`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from arbiter.ledger import Lease, parse_leases
+from broker.app import all_queues, worker_queue
+from broker.keys import Keys
+from broker.schemas import PRIORITY_ORDER, GpuSnapshot, Workload, queue_name
+from broker.settings import Settings
+from broker.states import TERMINAL, JobState
+from cache.status import collect as cache_collect
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+
+# Latency buckets (seconds) from a chat token burst (50 ms) to a large batch image (10 min).
+BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+HISTOGRAMS: dict[str, str] = {
+    "job_queue_wait_seconds": "Seconds from submit to the job's first start.",
+    "job_duration_seconds": "Seconds a job ran (its last run, from start to finish).",
+}
+
+# Stats-hash counters exposed as arbiter_<name>_total (see arbiter/stats.py for their meaning).
+COUNTERS: dict[str, str] = {
+    "preemptions": "Jobs preempted (checkpointed and requeued) for interactive work.",
+    "resumes": "Jobs resumed from a checkpoint.",
+    "pauses": "Pauses of background/standard jobs while interactive work ran.",
+    "ooms": "Simulated or real out-of-memory errors.",
+    "requeued_lost": "Running jobs whose lease vanished (worker lost), requeued by the beat.",
+    "deadline_shed": "Jobs failed because their deadline passed before they could start.",
+    "quality_reductions": "Jobs finished below quality 1.0.",
+    "allocations_ok": "VRAM leases granted.",
+    "allocations_failed": "VRAM lease requests refused.",
+    "model_loads": "Model variants made resident on a GPU.",
+    "affinity_declines": "Jobs passed to a peer worker that holds their model variant.",
+    "checkpoints": "Checkpoints saved.",
+    "budget_changes": "Quality budget changes made by the beat.",
+}
+# Stats-hash totals kept in other units: name -> (metric name, factor to seconds, help).
+SECONDS_COUNTERS: dict[str, tuple[str, float, str]] = {
+    "checkpoint_ms": ("checkpoint_seconds", 1e-3, "Seconds spent saving checkpoints."),
+    "step_ms": ("step_seconds", 1e-3, "Seconds spent in generation steps."),
+    "model_load_s": ("model_load_seconds", 1.0, "Seconds spent making model variants resident."),
+}
+
+JOBS_SCAN_CAP = 2000     # live jobs read per scrape for arbiter_jobs{state} (oldest first)
+LIVE_STATES = [s for s in JobState if s not in TERMINAL]
+
+
+def histogram_key(keys: Keys, metric: str, workload: str, priority: str) -> str:
+    """Hash: one histogram's counts. Fields `le:<bound>` (per-bucket, NOT cumulative: an observation adds
+    1 to the smallest bucket that holds it, `le:+Inf` past the last), `sum` (seconds) and `count`."""
+    return f"{keys.prefix}:metrics:hist:{metric}:{workload}.{priority}"
+
+
+def _bucket_field(bound: float) -> str:
+    return "le:+Inf" if math.isinf(bound) else f"le:{bound:g}"
+
+
+def _observe(pipe: Any, key: str, value: float) -> None:
+    if not math.isfinite(value):
+        return
+    value = max(0.0, value)
+    bound = next((b for b in BUCKETS if value <= b), math.inf)
+    pipe.hincrby(key, _bucket_field(bound), 1)
+    pipe.hincrbyfloat(key, "sum", value)
+    pipe.hincrby(key, "count", 1)
+
+
+def record_job(r: redis.Redis, keys: Keys, workload: str, priority: str, queue_wait_s: float, run_s: float,
+               pipe: Any = None) -> None:
+    """Add one finished job to the queue-wait and duration histograms of its (workload, priority); queued
+    on `pipe` if given (no reply to read), else sent at once in one round trip."""
+    p = pipe if pipe is not None else r.pipeline(transaction=False)
+    w, pr = str(getattr(workload, "value", workload)), str(getattr(priority, "value", priority))
+    _observe(p, histogram_key(keys, "job_queue_wait_seconds", w, pr), float(queue_wait_s))
+    _observe(p, histogram_key(keys, "job_duration_seconds", w, pr), float(run_s))
+    if pipe is None:
+        p.execute()
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(_s(v))
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _hash(raw: Any) -> dict[str, str]:
+    return {_s(a): _s(b) for a, b in raw.items()} if isinstance(raw, dict) else {}
+
+
+class ArbiterCollector(Collector):
+    """Reads Redis at each scrape and yields Arbiter's metric families (see the module docstring)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, jobs_scan_cap: int = JOBS_SCAN_CAP) -> None:
+        self.r, self.keys, self.jobs_scan_cap = r, keys, jobs_scan_cap
+
+    def describe(self) -> Iterable[Metric]:
+        return []     # metrics depend on what is in Redis; no describe-time scrape on register
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._collect()
+        except redis.RedisError as exc:   # Redis unreachable: an empty scrape (no second wait for the cache)
+            log.warning("metrics scrape: redis error: %s", exc)
+            return
+        except Exception:  # a scrape never raises; the log says what broke
+            log.exception("metrics scrape failed")
+        try:
+            yield from self._cache()
+        except Exception as exc:  # noqa: BLE001 - a scrape never fails on one section
+            log.warning("metrics scrape: cache section skipped: %s", exc)
+
+    # -- the scrape -------------------------------------------------------------------------------
+    def _collect(self) -> Iterator[Metric]:
+        k = self.keys
+        hist_keys = [(m, w.value, p.value, histogram_key(k, m, w.value, p.value))
+                     for m in HISTOGRAMS for w in Workload for p in PRIORITY_ORDER]
+        # Round trip 1: indexes and fixed-name hashes.
+        pipe = self.r.pipeline(transaction=False)
+        pipe.smembers(k.gpus())
+        pipe.hgetall(k.workers())
+        pipe.hgetall(k.stats())
+        pipe.zrange(k.jobs_live(), 0, max(0, self.jobs_scan_cap - 1))
+        pipe.zcard(k.jobs_live())
+        for *_, key in hist_keys:
+            pipe.hgetall(key)
+        gpus_raw, workers_raw, stats_raw, live_ids, live_n, *hists = pipe.execute(raise_on_error=False)
+        gpu_ids = sorted(_s(g) for g in gpus_raw) if isinstance(gpus_raw, (set, list)) else []
+        workers = _hash(workers_raw)
+        job_ids = [_s(j) for j in live_ids] if isinstance(live_ids, list) else []
+
+        # Round trip 2: per GPU, queue, affinity queue and live job.
+        affinity: list[tuple[str, str]] = []     # (shared queue, affinity list key)
+        by_workload: dict[str, int] = {}
+        for name, raw in sorted(workers.items()):
+            try:
+                wl = Workload(json.loads(raw)["workload"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            by_workload[wl.value] = by_workload.get(wl.value, 0) + 1
+            affinity += [(queue_name(wl, p), worker_queue(queue_name(wl, p), name)) for p in PRIORITY_ORDER]
+        queues = all_queues()
+        pipe = self.r.pipeline(transaction=False)
+        if gpu_ids:
+            pipe.mget([k.gpu_snapshot(g) for g in gpu_ids])
+        for g in gpu_ids:
+            pipe.hgetall(k.leases(g))
+            pipe.hgetall(k.budgets(g))
+        for q in queues:
+            pipe.llen(q)
+        for _, aq in affinity:
+            pipe.llen(aq)
+        for j in job_ids:
+            pipe.hget(k.job(j), "state")
+        replies = pipe.execute(raise_on_error=False) if len(pipe) else []
+        it = iter(replies)
+        snaps_raw = next(it) if gpu_ids else []
+        per_gpu = [(next(it), next(it)) for _ in gpu_ids]
+        depths = [next(it) for _ in queues]
+        aff_depths = [next(it) for _ in affinity]
+        states = [next(it) for _ in job_ids]
+
+        yield from self._gpus(gpu_ids, snaps_raw if isinstance(snaps_raw, list) else [], per_gpu)
+        yield from self._queues(queues, depths, affinity, aff_depths, by_workload)
+        yield from self._jobs(states, live_n)
+        yield from self._stats(_hash(stats_raw))
+        yield from self._histograms(hist_keys, hists)
+
+    def _gpus(self, gpu_ids: list[str], snaps_raw: list[Any], per_gpu: list[tuple[Any, Any]]) -> Iterator[Metric]:
+        total = GaugeMetricFamily("arbiter_gpu_vram_total_bytes", "GPU memory, total.", labels=["gpu"])
+        used = GaugeMetricFamily("arbiter_gpu_vram_used_bytes", "GPU memory in use (last snapshot).", labels=["gpu"])
+        usable = GaugeMetricFamily("arbiter_gpu_vram_usable_bytes", "GPU memory Arbiter may lease "
+                                   "(total minus the reserve).", labels=["gpu"])
+        pressure = GaugeMetricFamily("arbiter_gpu_pressure_ratio", "Used / usable VRAM (over 1 when over-used).",
+                                     labels=["gpu"])
+        util = GaugeMetricFamily("arbiter_gpu_utilization_ratio", "Compute utilization where reported.",
+                                 labels=["gpu"])
+        leases = GaugeMetricFamily("arbiter_gpu_leases", "Live VRAM leases.", labels=["gpu", "kind"])
+        leased = GaugeMetricFamily("arbiter_gpu_leased_bytes", "VRAM held by live leases.", labels=["gpu"])
+        budget = GaugeMetricFamily("arbiter_budget_quality_ratio", "Quality budget set by the beat.",
+                                   labels=["gpu", "workload", "priority"])
+        now = time.time()
+        for i, g in enumerate(gpu_ids):
+            raw = snaps_raw[i] if i < len(snaps_raw) else None
+            if raw:
+                try:
+                    snap = GpuSnapshot.model_validate_json(raw)
+                except ValueError:
+                    snap = None
+                if snap is not None:
+                    total.add_metric([g], snap.total_mib * MIB)
+                    used.add_metric([g], snap.used_mib * MIB)
+                    usable.add_metric([g], snap.usable_mib * MIB)
+                    pressure.add_metric([g], snap.pressure)
+                    if snap.utilization is not None:
+                        util.add_metric([g], snap.utilization)
+            lease_raw, budget_raw = per_gpu[i]
+            if isinstance(lease_raw, dict) and lease_raw:
+                live: list[Lease] = []
+                for field, value in lease_raw.items():
+                    try:
+                        live += parse_leases({field: value}, now)
+                    except (ValueError, AttributeError):
+                        continue
+                for kind in ("job", "weights"):
+                    leases.add_metric([g, kind], sum(1 for x in live if x.kind == kind))
+                leased.add_metric([g], sum(x.mib for x in live) * MIB)
+            for key, value in sorted(_hash(budget_raw).items()):
+                w, _, p = key.partition(".")
+                v = _num(value)
+                if v is not None and p:
+                    budget.add_metric([g, w, p], v)
+        yield from (total, used, usable, pressure, util, leases, leased, budget)
+
+    def _queues(self, queues: list[str], depths: list[Any], affinity: list[tuple[str, str]], aff_depths: list[Any],
+                by_workload: dict[str, int]) -> Iterator[Metric]:
+        depth: dict[str, int] = {}
+        for q, n in [*zip(queues, depths), *((s, n) for (s, _), n in zip(affinity, aff_depths))]:
+            if isinstance(n, int):
+                depth[q] = depth.get(q, 0) + n
+        fam = GaugeMetricFamily("arbiter_queue_depth", "Jobs waiting in a queue (its per-worker affinity "
+                                "queues included).", labels=["queue"])
+        for q in queues:
+            if q in depth:
+                fam.add_metric([q], depth[q])
+        yield fam
+        workers = GaugeMetricFamily("arbiter_workers", "Registered workers.", labels=["workload"])
+        for w in Workload:
+            workers.add_metric([w.value], by_workload.get(w.value, 0))
+        yield workers
+
+    def _jobs(self, states: list[Any], live_n: Any) -> Iterator[Metric]:
+        counts = {s.value: 0 for s in LIVE_STATES}
+        for st in states:
+            if st is not None and not isinstance(st, Exception):
+                counts[_s(st)] = counts.get(_s(st), 0) + 1
+        fam = GaugeMetricFamily("arbiter_jobs", f"Live jobs by state (at most {self.jobs_scan_cap} read per "
+                                "scrape, oldest first).", labels=["state"])
+        for state, n in counts.items():
+            fam.add_metric([state], n)
+        yield fam
+        if isinstance(live_n, int):
+            yield GaugeMetricFamily("arbiter_jobs_live", "Jobs not yet terminal (the live index's size).",
+                                    value=live_n)
+
+    def _stats(self, stats: dict[str, str]) -> Iterator[Metric]:
+        vals = {name: v for name, raw in stats.items() if (v := _num(raw)) is not None}
+        for name, doc in COUNTERS.items():
+            if name in vals:
+                yield CounterMetricFamily(f"arbiter_{name}_total", doc, value=vals[name])
+        for name, (metric, factor, doc) in SECONDS_COUNTERS.items():
+            if name in vals:
+                yield CounterMetricFamily(f"arbiter_{metric}_total", doc, value=vals[name] * factor)
+        quality = GaugeMetricFamily("arbiter_quality_mean_ratio", "Mean quality of finished jobs.",
+                                    labels=["workload"])
+        for w in Workload:
+            n = vals.get(f"quality_n.{w.value}")
+            if n:
+                quality.add_metric([w.value], vals.get(f"quality_sum.{w.value}", 0.0) / n)
+        yield quality
+        if vals.get("pressure_n"):
+            yield GaugeMetricFamily("arbiter_pressure_mean_ratio", "Mean GPU pressure seen by the beat.",
+                                    value=vals.get("pressure_sum", 0.0) / vals["pressure_n"])
+
+    def _histograms(self, hist_keys: list[tuple[str, str, str, str]], hists: list[Any]) -> Iterator[Metric]:
+        fams = {m: HistogramMetricFamily(f"arbiter_{m}", doc, labels=["workload", "priority"])
+                for m, doc in HISTOGRAMS.items()}
+        for (metric, w, p, _), raw in zip(hist_keys, hists):
+            h = _hash(raw)
+            if not h:
+                continue
+            cumulative, buckets = 0.0, []
+            for bound in (*BUCKETS, math.inf):
+                cumulative += _num(h.get(_bucket_field(bound))) or 0.0
+                buckets.append((floatToGoString(bound), cumulative))
+            # count is the +Inf bucket, so the exposition stays consistent even mid-write
+            fams[metric].add_metric([w, p], buckets, _num(h.get("sum")) or 0.0)
+        yield from fams.values()
+
+    def _cache(self) -> Iterator[Metric]:
+        nodes = cache_collect(self.r, self.keys).get("nodes", {})
+        lab = ["node", "tier"]
+        hits = CounterMetricFamily("arbiter_cache_hits_total", "Fragment reads served by a tier (origin: fetches).",
+                                   labels=lab)
+        misses = CounterMetricFamily("arbiter_cache_misses_total", "Fragment reads a tier could not serve.",
+                                     labels=lab)
+        loaded = CounterMetricFamily("arbiter_cache_loaded_bytes_total", "Bytes loaded from a tier.", labels=lab)
+        used = GaugeMetricFamily("arbiter_cache_used_bytes", "Bytes a tier holds.", labels=lab)
+        budget = GaugeMetricFamily("arbiter_cache_budget_bytes", "A tier's byte budget.", labels=lab)
+        frags = GaugeMetricFamily("arbiter_cache_fragments", "Fragments a tier holds.", labels=lab)
+        for node, info in sorted(nodes.items()):
+            for tier, v in info.get("tiers", {}).items():
+                hits.add_metric([node, tier], v.get("hits") or 0)
+                misses.add_metric([node, tier], v.get("misses") or 0)
+                loaded.add_metric([node, tier], v.get("bytes_loaded") or 0)
+                for fam, field in ((used, "used_bytes"), (budget, "budget_bytes"), (frags, "fragments")):
+                    if v.get(field) is not None:
+                        fam.add_metric([node, tier], v[field])
+        yield from (hits, misses, loaded, used, budget, frags)
+
+
+def registry_for(r: redis.Redis, keys: Keys) -> CollectorRegistry:
+    """A registry holding only Arbiter's collector (no process or platform metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ArbiterCollector(r, keys))
+    return registry
+
+
+def render(r: redis.Redis, keys: Keys) -> bytes:
+    """The text exposition of one scrape (for tests and the gateway's /metrics)."""
+    return generate_latest(registry_for(r, keys))
+
+
+def serve_metrics(settings: Settings, port: int, addr: str = "0.0.0.0") -> tuple[Any, Any]:
+    """Serve /metrics on addr:port from a daemon thread; returns (server, thread): stop with
+    `server.shutdown(); thread.join()`."""
+    server, thread = start_http_server(port, addr=addr,
+                                       registry=registry_for(scrape_client(settings), Keys(settings.key_prefix)))
+    return server, thread
+
+
+def scrape_client(settings: Settings) -> redis.Redis:
+    """A Redis client for scrapes: one quick retry at most, so a scrape answers within Prometheus' scrape
+    timeout even while Redis is down (the job path's clients retry for ~30 s instead)."""
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                retry=Retry(NoBackoff(), 1))

@@ -1,0 +1,166 @@
+"""The HTTP gateway as a user runs it: `arbiter gateway` as a process, real Redis, real workers, API keys,
+the native API and the official `openai` client."""
+
+import base64
+import io
+import json
+
+import httpx
+import pytest
+from PIL import Image
+
+from arbiter.gateway.apikeys import KeyStore
+from tests.conftest import wait_until
+from tests.integration.arbiter_helpers import fast_settings
+from tests.support.gateway import Gateway
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url):
+    return fast_settings(redis_url, sim_time_scale=0.1)
+
+
+@pytest.fixture(scope="module")
+def gateway(settings, start_worker, start_beat, client, tmp_path_factory):
+    start_worker("llm", concurrency=2)
+    start_worker("diffusion", concurrency=2)
+    start_beat()
+    gw = Gateway(settings, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    base = gw.base
+    store = KeyStore(client.redis, client.keys)
+    keys = {"chat": store.create("chat", ["interactive", "standard"], "interactive"),
+            "batch": store.create("batch", ["background"]),
+            "tight": store.create("tight", ["standard"], rate_per_min=3),
+            "small": store.create("small", ["background"], max_queued=1)}
+    yield base, keys
+    gw.stop()
+
+
+def h(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_keys_decide_who_may_submit_what(gateway):
+    base, keys = gateway
+    job = {"workload": "llm", "prompt": "hi", "max_new_tokens": 4}
+    assert httpx.post(base + "/v1/jobs", json=job).status_code == 401
+    assert httpx.post(base + "/v1/jobs", json=job, headers=h("ak_nope")).status_code == 401
+    r = httpx.post(base + "/v1/jobs", json={**job, "priority": "interactive"}, headers=h(keys["batch"]))
+    assert r.status_code == 403 and "background" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/jobs", json=job, headers={**h(keys["batch"]), "X-Arbiter-Priority": "interactive"})
+    assert r.status_code == 403
+    r = httpx.post(base + "/v1/jobs", json=job, headers=h(keys["batch"]))
+    assert r.status_code == 201
+    status = httpx.get(base + r.json()["status_url"], headers=h(keys["batch"])).json()["status"]
+    assert status["priority"] == "background"
+    # another key cannot see it
+    assert httpx.get(base + r.json()["status_url"], headers=h(keys["chat"])).status_code == 404
+
+
+def test_rate_and_queue_limits_answer_429_with_retry_after(gateway):
+    base, keys = gateway
+    job = {"workload": "llm", "prompt": "hi", "max_new_tokens": 2}
+    codes = [httpx.post(base + "/v1/jobs", json=job, headers=h(keys["tight"])).status_code for _ in range(4)]
+    assert codes[:3] == [201, 201, 201] and codes[3] == 429
+    long_job = {"workload": "diffusion", "prompt": "slow", "steps": 200, "width": 1024, "height": 1024}
+    assert httpx.post(base + "/v1/jobs", json=long_job, headers=h(keys["small"])).status_code == 201
+    r = httpx.post(base + "/v1/jobs", json=long_job, headers=h(keys["small"]))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_native_api_submit_events_result_and_cancel(gateway):
+    base, keys = gateway
+    r = httpx.post(base + "/v1/jobs", json={"workload": "llm", "prompt": "tell me", "max_new_tokens": 12},
+                   headers=h(keys["chat"]))
+    job_id = r.json()["job_id"]
+    events = []
+    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=h(keys["chat"]), timeout=30) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert [e for e in events if e["type"] == "token"] and events[-1]["state"] == "finished"
+    got = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).json()
+    assert got["status"]["state"] == "finished" and got["result"]["text"]
+    r = httpx.post(base + "/v1/jobs", json={"workload": "diffusion", "prompt": "x", "steps": 200, "width": 1024,
+                                            "height": 1024, "priority": "standard"}, headers=h(keys["chat"]))
+    cancelled = httpx.delete(f"{base}/v1/jobs/{r.json()['job_id']}", headers=h(keys["chat"]))
+    assert cancelled.status_code == 202
+    wait_until(lambda: httpx.get(f"{base}/v1/jobs/{r.json()['job_id']}", headers=h(keys["chat"]))
+               .json()["status"]["state"] == "cancelled", timeout_s=20)
+
+
+@pytest.mark.parametrize("body, status, says", [
+    ({"workload": "llm", "prompt": "x", "colour": "red"}, 422, "colour"),
+    ({"workload": "diffusion", "prompt": "x", "steps": -3}, 422, "steps"),
+    ({"workload": "diffusion", "prompt": "x", "steps": 10**9}, 422, "steps"),
+    ({"workload": "llm", "prompt": "x" * 20_000}, 422, "prompt"),
+    ({"workload": "sound", "prompt": "x"}, 422, "workload"),
+    ({"workload": "llm", "prompt": "x", "model": "gpt-9"}, 422, "model"),
+    ("[1, 2]", 400, "JSON object"),
+    ("{not json", 400, "not valid JSON"),
+])
+def test_bad_input_is_a_clear_4xx_and_enqueues_nothing(gateway, client, body, status, says):
+    base, keys = gateway
+    before = client.redis.llen("llm.standard") + client.redis.llen("diffusion.standard")
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(base + "/v1/jobs", content=content, headers={**h(keys["chat"]), "X-Arbiter-Priority": "standard",
+                                                                "Content-Type": "application/json"})
+    assert r.status_code == status and says in r.json()["error"]["message"], r.text
+    assert client.redis.llen("llm.standard") + client.redis.llen("diffusion.standard") == before
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(gateway):
+    base, keys = gateway
+    r = httpx.post(base + "/v1/jobs", content=b"x" * (2 << 20), headers=h(keys["chat"]))
+    assert r.status_code == 413
+    assert httpx.get(base + "/openapi.json").json()["paths"]["/v1/jobs"]
+
+
+def test_the_official_openai_client_chats_and_draws(gateway):
+    import openai
+
+    base, keys = gateway
+    oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
+    assert "llama-3" in [m.id for m in oa.models.list().data]
+    pieces = [c.choices[0].delta.content for c in oa.chat.completions.create(
+        model="llama-3", messages=[{"role": "user", "content": "hello"}], max_tokens=16, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 16
+    whole = oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=16)
+    assert whole.choices[0].message.content == "".join(pieces) and whole.usage.completion_tokens == 16
+    img = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="b64_json")
+    assert Image.open(io.BytesIO(base64.b64decode(img.data[0].b64_json))).size == (256, 256)
+    url = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="url").data[0].url
+    png = httpx.get(url, headers=h(keys["chat"]))
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="ak_wrong", max_retries=0).models.list()
+    batch = openai.OpenAI(base_url=base + "/v1", api_key=keys["batch"], max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        batch.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}],
+                                      extra_headers={"X-Arbiter-Priority": "interactive"})
+
+
+def test_keys_cli_and_metrics(gateway, settings):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, worker_env
+
+    base, keys = gateway
+    run = lambda *a: subprocess.run([sys.executable, "-m", "arbiter", "keys", *a], env=worker_env(settings),  # noqa: E731
+                                    cwd=ROOT, capture_output=True, text=True, timeout=60)
+    made = run("create", "cli-key", "--priorities", "background", "--rate", "5")
+    assert made.returncode == 0 and made.stdout.startswith("ak_")
+    secret = made.stdout.strip()
+    assert "cli-key" in run("list", "--json").stdout and secret not in run("list", "--json").stdout
+    assert httpx.get(base + "/v1/models", headers=h(secret)).status_code == 200
+    assert run("revoke", "cli-key").returncode == 0
+    assert httpx.get(base + "/v1/models", headers=h(secret)).status_code == 401
+    bad = run("create", "x", "--priorities", "urgent")
+    assert bad.returncode == 2 and "urgent" in bad.stderr
+    text = httpx.get(base + "/metrics").text
+    assert "arbiter_queue_depth" in text and "arbiter_job_duration_seconds_bucket" in text
