@@ -361,31 +361,14 @@ def _open_manifest(path: Path) -> Any:
 
 
 # -- submitting and waiting ------------------------------------------------------------------------
-_DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _submit(client: Any, ln: Line) -> tuple[str, bool]:
     """Submit the line with its idempotency key; returns (job id, whether an earlier run had submitted it).
-
-    `Client.submit` claims the key, then writes the job record, then sends the message: an earlier run killed
-    between those steps left a key without a record (nothing was enqueued: the key is dropped and the line
-    submitted afresh) or a queued record that may have no message (it is sent again: the worker that gets a
-    second delivery of a job finds it taken or finished and drops it)."""
-    from broker.client import enqueue, validate_spec
-
-    rkey = client.keys.idempotency(ln.key)
-    bound = client.redis.get(rkey)
-    if bound is None:
-        return client.submit(ln.spec, idempotency_key=ln.key).id, False
-    job_id = bound.decode().partition("|")[0]
-    state = client.redis.hget(client.keys.job(job_id), "state")
-    if state is None:
-        client.redis.eval(_DELETE_IF, 1, rkey, bound)
-        return client.submit(ln.spec, idempotency_key=ln.key).id, False
-    handle = client.submit(ln.spec, idempotency_key=ln.key)   # refuses a line changed since its first run
-    if state == b"queued":
-        enqueue(client.app, client.settings, handle.id, validate_spec(ln.spec, client.settings))
-    return handle.id, True
+    `Client.submit` also repairs what an earlier run killed inside a submit left behind (a key without a
+    record, a record whose message was never sent)."""
+    earlier = client.redis.exists(client.keys.idempotency(ln.key))
+    return client.submit(ln.spec, idempotency_key=ln.key).id, bool(earlier)
 
 
 # -- waiting ----------------------------------------------------------------------------------------

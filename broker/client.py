@@ -130,7 +130,7 @@ class Client:
         other, _, other_digest = bound.partition("|")
         if other_digest and other_digest != digest:
             raise InvalidJob(f"invalid job: idempotency_key {key!r} was already used for a different job ({other})")
-        deadline = time.monotonic() + 5.0   # the first submitter may still be writing the record
+        deadline = time.monotonic() + 2.0   # the first submitter may still be writing the record
         while not self.redis.exists(self.keys.job(other)) and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self.redis.exists(self.keys.job(other)):
@@ -138,7 +138,7 @@ class Client:
                 return None
             return self._claim(key, job_id, job)
         fields = self.store.raw(other)
-        stale = time.time() - float(fields.get("queued_at", time.time())) > 5.0
+        stale = time.time() - float(fields.get("queued_at", time.time())) > 2.0
         if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields and stale:
             enqueue(self.app, self.settings, other, self.store.spec(other))   # its submitter died before sending
             self.redis.hset(self.keys.job(other), "enqueued", 1)

@@ -195,7 +195,7 @@ def test_resume_completes_a_submit_cut_short(settings, client, tmp_path):
     for i, value in bind.items():
         client.redis.set(client.keys.idempotency(f"batch:{batch_key}:{i}"), value)
     ghost, orphan = (bind[i].split("|")[0] for i in ("a", "b"))
-    client.store.create(orphan, specs["b"])          # b has a record but no message on any queue
+    client.store.create(orphan, specs["b"], now=time.time() - 60)   # b: a record, no message (killed a minute ago)
 
     p = run_batch(settings, src, out, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
