@@ -17,7 +17,7 @@ from broker.counters import add_counters
 from broker.keys import Keys
 from broker.settings import Settings
 from cache.index import CacheIndex
-from cache.manifest import Fragment, Manifest, assemble, join_fragments
+from cache.manifest import Fragment, Manifest, join_fragments, tensors_in
 from cache.origin import Origin, OriginError
 from cache.tiers import CorruptFragment, FileTier, Pinned
 
@@ -144,14 +144,9 @@ class FragmentCache:
                 p.close()
 
     def load(self, manifest: Manifest, origin: Origin, served: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-        """Every tensor of the variant as numpy arrays (copies, so no fragment stays pinned)."""
-        pinned = self._pinned(manifest, origin, served)
-        try:
-            tensors = assemble(manifest, {f.sha256: p.data for f, p in zip(manifest.fragments, pinned)})
-            return {k: v.copy() for k, v in tensors.items()}
-        finally:
-            for p in pinned:
-                p.close()
+        """Every tensor of the variant as numpy arrays (views into bytes of their own: no fragment stays
+        pinned). `served`, if given, is filled with the bytes each tier served."""
+        return tensors_in(manifest, self.files(manifest, origin, served))
 
     def stage(self, manifest: Manifest, origin: Origin) -> dict[str, int]:
         """Bring every fragment of the variant into node RAM without assembling it; returns the bytes each

@@ -107,7 +107,11 @@ def join_fragments(manifest: Manifest, fragment_bytes: dict[str, bytes | memoryv
 
 def assemble(manifest: Manifest, fragment_bytes: dict[str, bytes | memoryview]) -> dict[str, np.ndarray]:
     """Tensors of the manifest (numpy dtypes only) from its fragments' bytes (keyed by SHA-256)."""
-    files = join_fragments(manifest, fragment_bytes)
+    return tensors_in(manifest, join_fragments(manifest, fragment_bytes))
+
+
+def tensors_in(manifest: Manifest, files: dict[str, bytearray]) -> dict[str, np.ndarray]:
+    """Tensors of the manifest (numpy dtypes only), as views into its files' bytes."""
     out = {}
     for t in manifest.tensors:
         start = manifest.headers[t.file]

@@ -39,6 +39,11 @@ class Limit:
     retry_after_s: int = 0
 
 
+def _decode(raw: bytes) -> ApiKey:
+    d = json.loads(raw)
+    return ApiKey(**{**d, "priorities": tuple(d["priorities"])})
+
+
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -65,11 +70,7 @@ class KeyStore:
         return secret
 
     def list(self) -> list[ApiKey]:
-        out = []
-        for raw in self.r.hvals(self.table):
-            d = json.loads(raw)
-            out.append(ApiKey(**{**d, "priorities": tuple(d["priorities"])}))
-        return sorted(out, key=lambda k: k.name)
+        return sorted((_decode(raw) for raw in self.r.hvals(self.table)), key=lambda k: k.name)
 
     def revoke(self, name: str) -> bool:
         for h, raw in self.r.hgetall(self.table).items():
@@ -82,10 +83,7 @@ class KeyStore:
         if not secret:
             return None
         raw = self.r.hget(self.table, _hash(secret))
-        if raw is None:
-            return None
-        d = json.loads(raw)
-        return ApiKey(**{**d, "priorities": tuple(d["priorities"])})
+        return None if raw is None else _decode(raw)
 
     def admit(self, key: ApiKey) -> Limit | None:
         """Count one request against the key's rate (a fixed one-minute window); a Limit if over."""

@@ -32,8 +32,7 @@ class HfWeights:
     def __init__(self, registry: Registry, backend: str, cache: FragmentCache, settings: Settings) -> None:
         self.registry, self.cache, self.settings = registry, cache, settings
         self.manifests: dict[str, Manifest] = {}
-        self.dirs: dict[str, Path] = {}
-        registry.check_files(backend)
+        self.dirs: dict[str, Path] = {}   # (the registry's files were checked at start-up: check_backend)
         for mname in (n for n, m in registry.models.items() if m.backend == backend):
             for vname, v in registry.models[mname].variants.items():
                 key = f"{mname}/{vname}"
