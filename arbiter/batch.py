@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
+from arbiter import batch_improve
 from broker.schemas import Priority, Workload
 
 MANIFEST = "manifest.jsonl"
@@ -34,7 +35,7 @@ LOCK_FILE = ".batch.lock"
 POLL_S = 0.2
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SPEC_FIELDS = ("workload", "prompt", "model", "priority", "min_quality", "deadline_s", "seed", "max_new_tokens",
-               "steps", "width", "height")
+               "steps", "width", "height", "improve")
 TERMINAL_STATES = ("finished", "failed", "cancelled")
 
 
@@ -56,6 +57,7 @@ class Tally:
     inflight_preemptions: int = 0  # of the jobs still in flight, as last polled
     states: Counter = field(default_factory=Counter)
     reattached: int = 0            # lines whose job an earlier run had submitted
+    improved: int = 0              # outputs rewritten at full quality (--improve)
 
     def quality_text(self) -> str:
         if not self.qualities:
@@ -82,6 +84,9 @@ def batch_command(
                                                                  "flight keep running; rerun to collect them).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Submit again the lines whose job failed or was cancelled in "
                                                     "an earlier run.")] = False,
+    improve: Annotated[bool, typer.Option(help="Lines that finish below full quality are redone at full quality "
+                                               "when the GPU would otherwise idle; wait for that and rewrite their "
+                                               "output and manifest line (version 2).")] = False,
 ) -> None:
     """Run every line of a JSONL file as a job; write each output as it finishes, with a progress bar.
 
@@ -110,7 +115,7 @@ def batch_command(
 
     with Client.from_settings() as client:
         lines, bad = _parse(src, workload.value, priority.value, model,
-                            lambda spec: validate_spec(spec, client.settings))
+                            lambda spec: validate_spec(spec, client.settings), improve)
         finished_before, failed_before = _read_manifest(out_dir / MANIFEST)
         todo: deque[Line] = deque()
         not_retried = 0
@@ -184,6 +189,14 @@ def batch_command(
                         stop["why"] = f"--timeout {timeout:g} s passed"
                     elif not ended and (todo or inflight):
                         time.sleep(POLL_S)
+                if improve and not stop["why"] and not todo and not inflight:
+                    waiting = batch_improve.pending(out_dir / MANIFEST)
+                    if waiting:
+                        job = progress.add_task("improving", total=len(waiting))
+                        tally.improved = batch_improve.wait(
+                            client, waiting, out_dir, lambda e: _append(manifest, e), _write_atomic,
+                            None if timeout is None else started + timeout, stop,
+                            lambda n, _total: progress.update(job, completed=n))
         except KeyboardInterrupt:
             stop["why"] = "interrupted"
         except Exception:   # Redis gone, disk full...: what is written stands, a rerun goes on from there
@@ -201,7 +214,8 @@ def batch_command(
                       f"already done before this run {already}"
                       + (f", re-attached to {tally.reattached} job(s) submitted before" if tally.reattached else "")
                       + (f", failed before (not retried) {not_retried}" if not_retried else "")
-                      + (f"; {tally.quality_text()}, preemptions {tally.preemptions}" if tally.qualities else ""),
+                      + (f"; {tally.quality_text()}, preemptions {tally.preemptions}" if tally.qualities else "")
+                      + (f"; improved to full quality {tally.improved}" if improve else ""),
                       soft_wrap=True)
         lock.close()
         if stop["why"]:
@@ -219,7 +233,7 @@ batch_command.__doc__ = "\n\n".join(" ".join(p.split()) for p in (batch_command.
 
 # -- input --------------------------------------------------------------------------------------------
 def _parse(src: Path, workload: str, priority: str, model: str | None,
-           validate: Any) -> tuple[list[Line], list[tuple[int, str | None, str]]]:
+           validate: Any, improve: bool = False) -> tuple[list[Line], list[tuple[int, str | None, str]]]:
     """The valid lines, and (line number, id, reason) of each bad one."""
     from broker.errors import InvalidJob
 
@@ -253,7 +267,7 @@ def _parse(src: Path, workload: str, priority: str, model: str | None,
                 reason = "missing prompt" if "prompt" not in obj else "prompt must be a non-empty string"
                 bad.append((lineno, ident, reason))
                 continue
-            spec = {"workload": workload, "priority": priority, **obj}
+            spec = {"workload": workload, "priority": priority, **({"improve": True} if improve else {}), **obj}
             if model is not None and "model" not in obj and spec["workload"] == workload:
                 spec["model"] = model
             try:
@@ -423,7 +437,7 @@ def _collect(client: Any, ln: Line, out_dir: Path) -> dict[str, Any]:
     _write_atomic(out_dir / name, data)
     entry.update(quality=res.quality, params=res.params, preemptions=res.preemptions, queued_at=res.queued_at,
                  started_at=res.started_at, finished_at=res.finished_at, latency_s=round(res.latency_s, 4),
-                 file=name)
+                 file=name, version=res.version, improve=bool(ln.spec.get("improve")))
     return entry
 
 

@@ -17,14 +17,17 @@ import redis
 
 from arbiter.budgets import BudgetConfig, BudgetState
 from arbiter.ledger import Ledger
-from arbiter.policy import Decisions, GpuView, PolicyConfig, RunningJob, WaitingJob, World, plan
+from arbiter.policy import Decisions, PolicyConfig, World, plan
+from arbiter.world import read as read_world_snapshot
 from arbiter.stats import add as add_stats
-from broker.app import create_app, worker_queue, workload_queues
+from broker import parking
+from broker.app import create_app, shared_queue, worker_queue, workload_queues
 from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.lua import load
 from broker.redis_server import connect
-from broker.schemas import GpuSnapshot, Priority, Workload, queue_name
+from broker.schemas import ParkedJob, Workload
 from broker.settings import Settings
 from broker.states import JobState, RUNNING_STATES
 
@@ -43,7 +46,7 @@ def policy_config(s: Settings) -> PolicyConfig:
         budgets=BudgetConfig(pressure_threshold=s.pressure_threshold if on else 1e9,
                              recover_below=s.recover_below, step=s.budget_step,
                              floors={"llm": s.min_quality_llm, "diffusion": s.min_quality_diffusion}),
-        yield_compute=on, preempt=on)
+        yield_compute=on, preempt=on, contention_window_s=s.contention_window_s)
 
 
 class Beat:
@@ -58,31 +61,63 @@ class Beat:
         self.token = uuid.uuid4().hex
         self._renew_lock = self.r.register_script(_RENEW_LOCK)
         self.budgets: dict[str, BudgetState] = {}
+        self.interactive_seen: dict[str, float] = {}
         self.plan_us: deque[float] = deque(maxlen=2000)
         self.ticks = 0
         self._last_delivery_sweep = 0.0
+        self._last_sweep = 0.0
+        self._reclaim_queue = self.r.register_script(load("queue_reclaim", "arbiter.lua"))
 
     # -- leadership -----------------------------------------------------------------------------------------
+    def lock_ttl_s(self) -> float:
+        """The leader lock (and the published policy) expire after 4 ticks without renewal, 2 s at least."""
+        return max(2.0, self.settings.beat_interval_s * 4)
+
     def lead(self) -> bool:
-        """Take or keep the leader lock (expires after 4 ticks without renewal)."""
-        ttl_ms = int(max(2.0, self.settings.beat_interval_s * 4) * 1000)
+        """Take or keep the leader lock."""
+        ttl_ms = int(self.lock_ttl_s() * 1000)
         if self._renew_lock(keys=[self.keys.beat_lock()], args=[self.token, ttl_ms]):
             return True
         return bool(self.r.set(self.keys.beat_lock(), self.token, nx=True, px=ttl_ms))
+
+    def publish_policy(self) -> None:
+        """The leader names its policy, for as long as its lock lives."""
+        ttl_ms = int(self.lock_ttl_s() * 1000)
+        self.r.set(self.keys.beat_policy(), self.settings.policy, px=ttl_ms)
+
+    def policy_clash(self) -> str | None:
+        """Why this beat must not run: the live leader runs another `ARBITER_POLICY` (a failover would change
+        the policy silently). Checked at start and while standing by; the beat then exits with this message."""
+        theirs = self.r.get(self.keys.beat_policy())
+        if theirs is None or theirs.decode() == self.settings.policy:
+            return None
+        return (f"arbiter beat refused: ARBITER_POLICY={self.settings.policy}, but the leading beat runs policy "
+                f"{theirs.decode()!r}; every beat of one Redis must run the same policy (stop the other beats to "
+                f"change it)")
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         leading = False
         log.info("beat %s started (policy %s, every %.2f s)", self.token[:8], self.settings.policy,
                  self.settings.beat_interval_s)
+        started = time.monotonic()
         while not stop.is_set():
             try:
+                if not leading and (clash := self.policy_clash()):
+                    # a leader killed just now leaves its policy for one lock TTL: a restart with a new policy
+                    # waits that long before it is refused
+                    if time.monotonic() - started < self.lock_ttl_s():
+                        stop.wait(self.settings.beat_interval_s)
+                        continue
+                    log.error("%s", clash)
+                    raise SystemExit(clash)
                 now_leading = self.lead()
                 if now_leading != leading:
                     log.info("beat %s is %s", self.token[:8], "the leader" if now_leading else "standing by")
                     leading = now_leading
                     self.budgets = self._stored_budgets() if leading else {}
                 if leading:
+                    self.publish_policy()
                     self.tick()
                     woke = self.r.blpop([self.keys.beat_wake()], timeout=self.settings.beat_interval_s)
                     if woke:
@@ -93,7 +128,7 @@ class Beat:
                 log.warning("beat: redis unavailable (%s); retrying", exc)
                 stop.wait(self.settings.beat_interval_s)
         if leading:
-            self.r.delete(self.keys.beat_lock())
+            self.r.delete(self.keys.beat_lock(), self.keys.beat_policy())
 
     def _stored_budgets(self) -> dict[str, BudgetState]:
         out = {}
@@ -109,50 +144,13 @@ class Beat:
 
     def read_world(self) -> World:
         now = self.clock()
-        gpu_ids = self._gpu_ids()
-        pipe = self.r.pipeline(transaction=False)
-        for g in gpu_ids:
-            pipe.get(self.keys.gpu_snapshot(g))
-            pipe.hgetall(self.keys.controls(g))
-        pipe.hgetall(self.keys.workers())
-        pipe.hgetall(self.keys.waiting_vram())
-        for w in Workload:
-            pipe.llen(queue_name(w, Priority.INTERACTIVE))
-        replies = pipe.execute()
-        snaps = {g: replies[2 * i] for i, g in enumerate(gpu_ids)}
-        controls = {g: replies[2 * i + 1] for i, g in enumerate(gpu_ids)}
-        workers_raw, waiting_raw = replies[2 * len(gpu_ids)], replies[2 * len(gpu_ids) + 1]
-        queued = {w.value: int(n) for w, n in zip(Workload, replies[2 * len(gpu_ids) + 2:])}
-
-        slots: dict[str, dict[str, int]] = {}
-        for raw in workers_raw.values():
-            w = json.loads(raw)
-            if w["expires_at"] >= now:
-                per = slots.setdefault(w["gpu_id"], {})
-                per[w["workload"]] = per.get(w["workload"], 0) + int(w["concurrency"])
-        waiting: dict[str, list[WaitingJob]] = {}
-        for job_id, raw in waiting_raw.items():
-            w = json.loads(raw)
-            waiting.setdefault(w["gpu_id"], []).append(WaitingJob(job_id.decode(), w["workload"], w["priority"], w["mib"]))
-
-        gpus, leased, preempting = [], set(), set()
-        for g in gpu_ids:
-            leases = self.ledger.leases(g)
-            leased |= {lease.field for lease in leases if lease.kind == "job"}
-            preempting |= {k.decode() for k, v in controls[g].items() if v.decode().startswith("preempt")}
-            if not snaps[g]:
-                continue    # no live worker publishes this GPU
-            snap = GpuSnapshot.model_validate_json(snaps[g])
-            usable = int(snap.total_mib * (1 - self.settings.vram_reserve_fraction))
-            held = sum(lease.mib for lease in leases)
-            gpus.append(GpuView(
-                gpu_id=g, pressure=max(snap.used_mib, held) / usable if usable else 1.0, capacity_mib=usable,
-                held_mib=held, slots=slots.get(g, {}), waiting_vram=tuple(waiting.get(g, ())),
-                running=tuple(RunningJob(lease.field, lease.workload, lease.priority,
-                                         lease.worker.rsplit("/", 1)[0], lease.mib)   # holder -> worker
-                              for lease in leases if lease.kind == "job")))
-        return World(gpus=tuple(gpus), queued_interactive=queued, budgets=dict(self.budgets),
-                     preempting=frozenset(preempting), lost=tuple(self._lost(leased, now)))
+        seen = read_world_snapshot(self.r, self.keys, now)
+        leased = {x.field for g in seen.gpus for x in g.leases if x.kind == "job"}
+        preempting = {j for g in seen.gpus for j, v in g.controls.items() if v.startswith("preempt")}
+        return World(gpus=tuple(g.view for g in seen.gpus if g.view is not None),
+                     queued_interactive=seen.queued_interactive(), budgets=dict(self.budgets),
+                     preempting=frozenset(preempting), lost=tuple(self._lost(leased, now)),
+                     queued=seen.queued(), parked=seen.parked, now=now, interactive_seen=dict(self.interactive_seen))
 
     def _lost(self, leased: set[str], now: float) -> list[str]:
         """Jobs in a running state that hold no live lease and have not changed for a lease TTL: their
@@ -187,8 +185,9 @@ class Beat:
         """Messages a worker took but never started stay in kombu's `unacked` hash until the visibility
         timeout (hours: it must outlast the longest job) — e.g. a message held in reserve when the worker's
         connection to Redis dropped. The beat puts back at the front of its queue any such message whose
-        job is still waiting to start (queued or preempted) `lost_delivery_s` after it was taken. Should the
-        first worker start it after all, the job record lets only one run start."""
+        job is still waiting to start (queued or preempted) `lost_delivery_s` after it was taken, on its
+        shared queue (a message passed to a worker's own queue is rerouted). Should the first worker start it
+        after all, the job record lets only one run start."""
         now = time.time()
         taken = self.r.zrangebyscore(UNACKED_INDEX, 0, now - self.settings.lost_delivery_s, start=0, num=500,
                                      withscores=True)
@@ -207,6 +206,11 @@ class Beat:
             if state is None or JobState(state.decode()) not in (JobState.QUEUED, JobState.PREEMPTED):
                 continue
             message["headers"]["redelivered"] = True
+            routing_key = shared_queue(routing_key)   # never back to a worker's own queue: it may be gone
+            try:
+                message["properties"]["delivery_info"]["routing_key"] = routing_key
+            except (KeyError, TypeError):
+                pass
             pipe = self.r.pipeline()
             pipe.rpush(routing_key, json.dumps(message))   # the front: BRPOP takes from the right
             pipe.hdel(UNACKED, tag)
@@ -221,21 +225,77 @@ class Beat:
 
     def reclaim_worker_queues(self) -> int:
         """Jobs passed by affinity to a worker that has since died go back to the front of their shared
-        queue (they have waited already); the dead worker's registry entry is dropped. Returns jobs moved."""
+        queue (they have waited already), their routing rewritten to it; the dead worker's registry entry is
+        dropped. Every few seconds also the sweeps for what a dead worker or beat leaves behind: own queues
+        of workers no longer registered, and expired waiting entries. Returns jobs moved."""
         now, moved = self.clock(), 0
         for name, raw in self.r.hgetall(self.keys.workers()).items():
             entry = json.loads(raw)
             if entry["expires_at"] >= now:
                 continue
-            for shared in workload_queues(Workload(entry["workload"])):
-                while self.r.lmove(worker_queue(shared, name.decode()), shared, "RIGHT", "RIGHT"):
-                    moved += 1
+            n = sum(self._reclaim(worker_queue(shared, name.decode()), shared)
+                    for shared in workload_queues(Workload(entry["workload"])))
             self.r.hdel(self.keys.workers(), name)
             log.warning("worker %s stopped heartbeating: dropped from the registry%s", name.decode(),
-                        f", {moved} jobs passed to it moved back to the shared queues" if moved else "")
+                        f", {n} jobs passed to it moved back to the shared queues" if n else "")
+            moved += n
+        if time.monotonic() - self._last_sweep >= min(5.0, self.settings.lease_ttl_s):
+            self._last_sweep = time.monotonic()
+            moved += self.sweep_orphan_queues()
+            self.sweep_waiting()
         if moved:
             add_stats(self.r, self.keys, reclaimed_from_workers=moved)
         return moved
+
+    def _reclaim(self, private: str, shared: str) -> int:
+        return int(self._reclaim_queue(keys=[private, shared], args=[private, shared]))
+
+    def sweep_orphan_queues(self) -> int:
+        """Own queues (`<workload>.<priority>@<worker>`) of workers not in the registry: a message restored
+        there after its worker's entry was dropped (kombu restores to the queue it was delivered from) would
+        wait forever. Moved back to their shared queue (SCAN, never KEYS). Returns messages moved."""
+        now = self.clock()
+        live = {n.decode() for n, raw in self.r.hgetall(self.keys.workers()).items()
+                if json.loads(raw)["expires_at"] >= now}
+        moved = 0
+        for w in Workload:
+            for name in self.r.scan_iter(match=f"{w.value}.*@*", count=1000, _type="list"):
+                queue = name.decode()
+                shared, _, worker = queue.partition("@")
+                if worker in live or shared not in workload_queues(w):
+                    continue
+                n = self._reclaim(queue, shared)
+                if n:
+                    log.warning("%d jobs on the queue of gone worker %s moved back to %s", n, worker, shared)
+                moved += n
+        return moved
+
+    def sweep_waiting(self) -> int:
+        """Interactive jobs waiting in a worker for VRAM (`waiting:vram`) whose entry outlived its expiry
+        (`expires_at`, else `since` + the allocation timeout + a lease TTL — past that, the worker that waits
+        is gone; a live one fails the job at the timeout): the job goes back to its queue, the entry leaves
+        (it would keep the GPU's background work paused). Entries of jobs no longer waiting leave too."""
+        now, s = time.time(), self.settings
+        swept = 0
+        for job_id_b, raw in self.r.hgetall(self.keys.waiting_vram()).items():
+            job_id = job_id_b.decode()
+            try:
+                entry = json.loads(raw)
+                expires = float(entry.get("expires_at") or
+                                float(entry["since"]) + s.allocation_timeout_s + s.lease_ttl_s)
+            except (ValueError, KeyError, TypeError):
+                expires = 0.0
+            if expires > now:
+                continue
+            ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}),
+                                              last_requeue="its worker stopped waiting for VRAM (gone)")
+            self.r.hdel(self.keys.waiting_vram(), job_id)
+            swept += 1
+            if ok:
+                enqueue(self.app, s, job_id, self.store.spec(job_id))
+                add_stats(self.r, self.keys, requeued_lost=1)
+                log.warning("job %s waited for VRAM in a worker that is gone: back on its queue", job_id)
+        return swept
 
     def apply(self, world: World, d: Decisions) -> None:
         now = self.clock()
@@ -243,14 +303,16 @@ class Beat:
         for gpu in world.gpus:
             state = d.budgets[gpu.gpu_id]
             pipe.hset(self.keys.budgets(gpu.gpu_id), mapping=state.budgets)
-            pipe.hincrbyfloat(self.keys.stats(), "pressure_sum", gpu.pressure)
+            pipe.hincrbyfloat(self.keys.stats(), "pressure_sum", gpu.pressure.ratio)
             pipe.hincrby(self.keys.stats(), "pressure_n", 1)
-        for gpu_id, key in d.budget_changes.items():
-            b = d.budgets[gpu_id].budgets[key]
-            log.info("budget %s on %s -> %.2f", key, gpu_id, b)
-            pipe.hincrby(self.keys.stats(), "budget_changes", 1)
+        for gpu_id, changed in d.budget_changes.items():
+            log.info("budgets on %s (pressure %.2f): %s", gpu_id,
+                     next(g.pressure.ratio for g in world.gpus if g.gpu_id == gpu_id),
+                     ", ".join(f"{k} -> {d.budgets[gpu_id].budgets[k]:.2f}" for k in changed))
+            pipe.hincrby(self.keys.stats(), "budget_changes", len(changed))
         pipe.execute()
         self.budgets = d.budgets
+        self.interactive_seen = d.interactive_seen
         for gpu in world.gpus:
             self._apply_controls(gpu.gpu_id, d.controls.get(gpu.gpu_id, {}), now)
         for gpu_id, job_id, reason in d.preempt:
@@ -259,9 +321,16 @@ class Beat:
             add_stats(self.r, self.keys, preemptions_requested=len(d.preempt))
         for job_id in d.requeue:
             self.requeue_lost(job_id)
+        released = {job_id for job_id, _ in d.release}
+        for job_id, why in d.release:
+            self.release_parked(job_id, why)
+        self.sweep_parked(tuple(p for p in world.parked if p.job_id not in released))
         self.r.hset(self.keys.stats(), mapping={"plan_us_p99": self.plan_p99_us(), "beat_ticks": self.ticks})
 
     def _apply_controls(self, gpu_id: str, want: dict[str, str], now: float) -> None:
+        """Write the controls as '<action>:<since>:<stamp>': `since` when the action was first asked (the
+        preemption grace runs from it), `stamp` renewed every tick. A worker ignores a control whose stamp is
+        a few lease TTLs old, so a dead beat leaves no job paused for its whole outage."""
         key = self.keys.controls(gpu_id)
         have = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
         pipe = self.r.pipeline(transaction=False)
@@ -269,8 +338,9 @@ class Beat:
             if job_id not in want:
                 pipe.hdel(key, job_id)
         for job_id, action in want.items():
-            if have.get(job_id, "").partition(":")[0] != action:
-                pipe.hset(key, job_id, f"{action}:{now}")
+            old_action, _, rest = have.get(job_id, "").partition(":")
+            since = rest.partition(":")[0] if old_action == action and rest else repr(now)
+            pipe.hset(key, job_id, f"{action}:{since}:{now!r}")
         pipe.execute()
 
     def requeue_lost(self, job_id: str) -> None:
@@ -285,6 +355,24 @@ class Beat:
         add_stats(self.r, self.keys, requeued_lost=1)
         log.warning("job %s lost its worker (no lease renewal for %.0f s): requeued from its last checkpoint",
                     job_id, self.settings.lease_ttl_s)
+
+    def release_parked(self, job_id: str, why: str) -> None:
+        if parking.release(self.r, self.keys, self.store, self.app, self.settings, job_id, why):
+            add_stats(self.r, self.keys, parked_released=1)
+
+    def sweep_parked(self, parked: tuple[ParkedJob, ...]) -> None:
+        """Entries of jobs that are no longer waiting (started by a duplicate delivery, cancelled, expired)."""
+        if not parked:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for p in parked:
+            pipe.hget(self.keys.job(p.job_id), "state")
+            pipe.hget(self.keys.parked(), p.job_id)
+        replies = pipe.execute()
+        for p, state, raw in zip(parked, replies[::2], replies[1::2]):
+            live = state is not None and JobState(state.decode()) in parking.PARKABLE
+            if not live and raw is not None:
+                parking.drop(self.r, self.keys, p.job_id, raw)
 
     def plan_p99_us(self) -> float:
         if not self.plan_us:

@@ -1,10 +1,25 @@
-"""GPU memory pressure -> a quality budget per (workload, priority). Pure functions, no Redis.
+"""GPU demand -> a quality budget per (workload, priority). Pure functions, no Redis.
 
-Above `pressure_threshold` the budget of the lowest priority is lowered first (background diffusion,
-then background llm, then standard, interactive last), one step per change and never below the
-workload's floor. Below `recover_below` budgets are raised again, interactive first. Between the two
-nothing changes, and after any change budgets hold for `hold_ticks` ticks so its effect can show in the
-pressure before the next one: budgets do not flap."""
+The signal (`Demand`, built by the beat) is demand, never resident weights: the pressure on the VRAM jobs
+can use (`arbiter.pressure`: leased + asked for by waiting jobs, over usable minus weights), whether the
+GPU is idle, whether interactive work needs it (running, waiting or queued there, or seen within the
+last `contention_window_s`), whether lower-priority work is there to yield (running, queued or parked), and
+the quality parked jobs wait for. One tick:
+
+1. **Idle** (nothing running, waiting, queued or parked for the GPU): every budget is 1.0 at once.
+   Resident weights alone never hold quality down.
+2. **Memory over** `pressure_threshold`: the budget of the lowest class drops one step (diffusion.background
+   first, then llm.background, diffusion.standard, llm.standard, interactive last), never below the
+   workload's floor.
+3. **Compute contended** — interactive work needs the GPU while lower-priority work is there: the lowest
+   non-interactive class drops one step (cheaper rungs finish sooner and leave the card to the person
+   waiting); interactive budgets never move for this.
+4. **Under** `recover_below` (and not 3.): every lowered budget rises one step.
+5. **A parked job** waits for a budget of at least q on key k, and the GPU has room (not over the
+   threshold) and no interactive work: k is raised to q, so the job runs rather than waits.
+
+Between the thresholds nothing moves, and after a change (but 1. and 5.) budgets hold for `hold_ticks`
+ticks so its effect can show before the next one: budgets do not flap."""
 
 from __future__ import annotations
 
@@ -18,6 +33,8 @@ DEGRADE_ORDER: tuple[BudgetKey, ...] = (
     "diffusion.background", "llm.background", "diffusion.standard", "llm.standard",
     "diffusion.interactive", "llm.interactive",
 )
+NON_INTERACTIVE: tuple[BudgetKey, ...] = tuple(k for k in DEGRADE_ORDER if not k.endswith(".interactive"))
+_EPS = 1e-9
 
 
 def budget_key(workload: Workload | str, priority: Priority | str) -> BudgetKey:
@@ -48,21 +65,59 @@ class BudgetState:
     def get(self, workload: Workload | str, priority: Priority | str) -> float:
         return self.budgets.get(budget_key(workload, priority), 1.0)
 
+    @property
+    def is_full(self) -> bool:
+        return all(self.budgets.get(k, 1.0) >= 1.0 - _EPS for k in DEGRADE_ORDER)
 
-def next_budgets(state: BudgetState, pressure: float, cfg: BudgetConfig) -> tuple[BudgetState, str | None]:
-    """The budgets after one tick at this pressure, and which key changed (None if none did)."""
+
+@dataclass(frozen=True)
+class Demand:
+    """What one GPU asks of its budgets this tick."""
+
+    pressure: float                  # arbiter.pressure: (jobs + waiting) / room for jobs
+    idle: bool = False               # no job running, waiting, queued or parked for this GPU
+    contended: bool = False          # interactive work needs this GPU (now, or within the contention window)
+    backlog: bool = False            # lower-priority work is there to yield (running, queued or parked)
+    wanted: dict[BudgetKey, float] = field(default_factory=dict)   # key -> quality a parked job waits for
+
+
+def next_budgets(state: BudgetState, demand: Demand, cfg: BudgetConfig) -> tuple[BudgetState, list[BudgetKey]]:
+    """The budgets after one tick, and the keys that changed."""
+    budgets = {k: state.budgets.get(k, 1.0) for k in DEGRADE_ORDER}
+    if demand.idle:
+        return BudgetState.full(), [k for k in DEGRADE_ORDER if budgets[k] < 1.0 - _EPS]
+    over = demand.pressure > cfg.pressure_threshold
+    if not over and not demand.contended:      # 5. a parked job the GPU could run: raise its key for it
+        raised = [k for k, q in sorted(demand.wanted.items()) if k in budgets and budgets[k] < min(1.0, q) - _EPS]
+        if raised:
+            for k in raised:
+                budgets[k] = round(min(1.0, demand.wanted[k]), 4)
+            return BudgetState(_ordered(budgets, raised), cfg.hold_ticks), raised
     if state.hold > 0:
-        return BudgetState(state.budgets, state.hold - 1), None
-    budgets = dict(state.budgets)
-    if pressure > cfg.pressure_threshold:
-        for key in DEGRADE_ORDER:
+        return BudgetState(budgets, state.hold - 1), []
+    if over or (demand.contended and demand.backlog):   # 2./3. one step down, lowest class first
+        for key in DEGRADE_ORDER if over else NON_INTERACTIVE:
             floor = cfg.floor(key)
-            if budgets.get(key, 1.0) > floor + 1e-9:
-                budgets[key] = round(max(floor, budgets.get(key, 1.0) - cfg.step), 4)
-                return BudgetState(budgets, cfg.hold_ticks), key
-    elif pressure < cfg.recover_below:
-        for key in reversed(DEGRADE_ORDER):
-            if budgets.get(key, 1.0) < 1.0 - 1e-9:
-                budgets[key] = round(min(1.0, budgets.get(key, 1.0) + cfg.step), 4)
-                return BudgetState(budgets, cfg.hold_ticks), key
-    return BudgetState(budgets, 0), None
+            if budgets[key] > floor + _EPS:
+                budgets[key] = round(max(floor, budgets[key] - cfg.step), 4)
+                return BudgetState(budgets, cfg.hold_ticks), [key]
+    elif demand.pressure < cfg.recover_below:  # 4. every lowered budget one step up
+        up = [k for k in DEGRADE_ORDER if budgets[k] < 1.0 - _EPS]
+        for key in up:
+            budgets[key] = round(min(1.0, budgets[key] + cfg.step), 4)
+        if up:
+            return BudgetState(budgets, cfg.hold_ticks), up
+    return BudgetState(budgets, 0), []
+
+
+def _ordered(budgets: dict[BudgetKey, float], raised: list[BudgetKey]) -> dict[BudgetKey, float]:
+    """Keep the priority order after raising some keys for parked jobs: a higher priority of the same
+    workload is never below a lower one."""
+    out = dict(budgets)
+    for workload in ("llm", "diffusion"):
+        floor_q = 0.0
+        for prio in ("background", "standard", "interactive"):
+            key = f"{workload}.{prio}"
+            floor_q = max(floor_q, out[key])
+            out[key] = floor_q
+    return out

@@ -21,8 +21,16 @@ from broker.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Arbiter: a GPU job broker with priority queues, quality budgets and preemption.")
-console = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's usual output; a pipe or file gets lines that never wrap mid-line and tables
+    as wide as their content (rich would otherwise wrap everything at 80 columns)."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, soft_wrap=not tty, width=None if tty or os.environ.get("COLUMNS") else 250)
+
+
+console = _console()
+err = _console(stderr=True)
 
 
 def _client():
@@ -120,7 +128,18 @@ def beat(
     logging.getLogger("arbiter").setLevel(logging.INFO)
     b = Beat(s)
     stop = __import__("threading").Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_term(*_: object) -> None:
+        """Stop after the current tick; if that takes more than 5 s (Redis gone: its client retries for ~30 s),
+        or on a second signal, exit now — the leader lock expires by itself."""
+        if stop.is_set():
+            os._exit(0)
+        stop.set()
+        timer = __import__("threading").Timer(5.0, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_term)
     server = None
     if s.metrics_port:   # Prometheus /metrics for the whole deployment (read from Redis at scrape time)
         from arbiter.metrics import serve_metrics
@@ -154,10 +173,12 @@ def submit(
     out: Annotated[Optional[Path], typer.Option(help="Write the output (PNG or text) here (implies --wait).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 600.0,
+    improve: Annotated[bool, typer.Option(help="If it finishes below full quality, re-run it at full quality "
+                                               "when the GPU would otherwise idle and replace its result.")] = False,
 ) -> None:
     """Submit a job; print its id (or, with --wait/--stream/--out, its result)."""
     fields = {"workload": workload.value, "prompt": prompt, "priority": priority.value, "model": model,
-              "min_quality": min_quality,
+              "min_quality": min_quality, "improve": improve or None,
               "deadline_s": deadline_s, "max_new_tokens": max_new_tokens, "steps": steps, "width": width,
               "height": height, "seed": seed}
     with _client() as client:
@@ -166,6 +187,7 @@ def submit(
             console.print_json(json.dumps({"job_id": handle.id})) if as_json else print(handle.id)
             return
         if stream:
+            err.print(f"job {handle.id}", highlight=False)   # to cancel or look it up; stdout stays the text
             for token in handle.stream(timeout=timeout):
                 print(token, end="", flush=True)
             print()
@@ -216,10 +238,39 @@ def status_cmd(
     with _client() as client:
         if job_id:
             st = client.get(job_id).status()
-            console.print_json(st.model_dump_json()) if as_json else console.print(st)
+            console.print_json(st.model_dump_json()) if as_json else console.print(_job_table(st))
             return
         data = collect(client)
         console.print_json(json.dumps(data)) if as_json else render(console, data)
+
+
+def _job_table(st):
+    """One job's status as a two-column table (field, value)."""
+    from datetime import datetime
+
+    from rich.table import Table
+
+    def at(ts: float | None) -> str:
+        return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    progress = f"{st.step}/{st.total}" if st.total else "-"
+    rows = [("job", st.job_id), ("state", st.state.value), ("workload", st.workload.value),
+            ("priority", st.priority.value), ("progress", progress),
+            ("quality", "-" if st.quality is None else f"{st.quality:.2f}"),
+            ("worker", st.worker or "-"), ("gpu", st.gpu_id or "-"), ("runs", str(st.runs)),
+            ("preemptions", str(st.preemptions)), ("queued", at(st.queued_at)), ("started", at(st.started_at)),
+            ("finished", at(st.finished_at))]
+    if st.started_at is not None:
+        end = st.finished_at if st.finished_at is not None else time.time()
+        rows.append(("waited / ran", f"{st.started_at - st.queued_at:.3f} s / {end - st.started_at:.3f} s"))
+    if st.error:
+        rows.append(("error", st.error))
+    for name, value in rows:
+        t.add_row(name, value)
+    return t
 
 
 @app.command()
@@ -241,33 +292,49 @@ def gpus(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
 @app.command()
 def dev(
     flower: Annotated[bool, typer.Option(help="Also start Flower.")] = True,
+    gateway: Annotated[bool, typer.Option(help="Also start the HTTP gateway (and make a development API key).")] = True,
+    gateway_port: Annotated[Optional[int], typer.Option(help="The gateway's port (default ARBITER_GATEWAY_PORT, 8000).")] = None,
     llm_concurrency: Annotated[int, typer.Option(min=1)] = 4,
     diffusion_concurrency: Annotated[int, typer.Option(min=1)] = 1,
     gpu: Annotated[str, typer.Option(help="The sim GPU both workers share.")] = "sim:24GiB",
     policy: Annotated[Optional[PolicyArg], typer.Option(help="Scheduling policy (default: ARBITER_POLICY or arbiter).")] = None,
 ) -> None:
     """Run a local stack: Redis (embedded unless one answers at ARBITER_REDIS_URL), an llm and a diffusion
-    worker on one sim GPU, and Flower. Ctrl-C stops everything."""
+    worker on one sim GPU, the beat, Flower and the gateway (with a development API key allowed every
+    priority). Ctrl-C stops everything."""
     from arbiter.stack import Stack, WorkerSpec
     from broker.redis_server import redacted
 
     s = get_settings()
     if policy is not None:
         s = s.model_copy(update={"policy": policy.value})
+    if gateway_port is not None:
+        s = s.model_copy(update={"gateway_port": gateway_port})
     stack = Stack(s, [WorkerSpec("llm", gpu, llm_concurrency), WorkerSpec("diffusion", gpu, diffusion_concurrency)],
-                  flower=flower, log_dir=Path(".arbiter/logs"))
+                  flower=flower, gateway=gateway, log_dir=Path(".arbiter/logs"))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
-        console.print(f"redis   {redacted(stack.redis_url)}" + (" (embedded)" if stack.redis else ""))
+        redis_url = redacted(stack.redis_url)
+        console.print(f"redis    {redis_url}" + (" (embedded)" if stack.redis else ""), soft_wrap=True)
         stack.wait_for_workers()
-        console.print(f"workers llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}, beat "
-                      f"(policy {stack.settings.policy}); logs in .arbiter/logs/")
+        console.print(f"workers  llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}, beat "
+                      f"(policy {stack.settings.policy}); logs in .arbiter/logs/", soft_wrap=True)
         if flower:
-            console.print(f"flower  http://127.0.0.1:{s.flower_port}  (user {s.flower_user}, password "
-                          f"{s.flower_password.get_secret_value()})")
-        console.print(f"try     ARBITER_REDIS_URL={redacted(stack.redis_url)} arbiter submit llm 'hello' --priority interactive "
-                      "--stream")
+            console.print(f"flower   http://127.0.0.1:{s.flower_port}  (user {s.flower_user}, password "
+                          f"{s.flower_password.get_secret_value()})", soft_wrap=True)
+        if gateway:
+            stack.wait_for_gateway()
+            key = stack.dev_key()
+            console.print(f"gateway  {stack.gateway_url}  (docs {stack.gateway_url}/docs)", soft_wrap=True)
+            console.print(f"api key  {key}  (development key: every priority, no limits)", soft_wrap=True,
+                          highlight=False)
+            console.print(f"try      curl -s {stack.gateway_url}/v1/chat/completions -H 'Authorization: Bearer "
+                          f"{key}' -H 'Content-Type: application/json' -d '{{\"model\": \"llama-3\", "
+                          f"\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], "
+                          f"\"service_tier\": \"priority\"}}'", soft_wrap=True, highlight=False, markup=False)
+        console.print(f"try      ARBITER_REDIS_URL={redis_url} arbiter submit llm 'hello' --priority interactive "
+                      "--stream", soft_wrap=True, highlight=False)
         console.print("[dim]Ctrl-C to stop[/dim]")
         while all(p.poll() is None for p in stack.procs.values()):
             time.sleep(0.5)
@@ -306,13 +373,11 @@ def gateway(
 ) -> None:
     """Serve the HTTP API: native jobs (/v1/jobs), OpenAI-compatible (/v1/chat/completions,
     /v1/images/generations, /v1/models), /metrics and /healthz. Callers need an API key (`arbiter keys`)."""
-    import uvicorn
+    from arbiter.gateway.serve import serve
 
-    s = get_settings()
     with _client() as client:   # fail here, with one line, if Redis is unreachable
         client.redis.ping()
-    uvicorn.run("arbiter.gateway.server:app", host=host or s.gateway_host, port=port or s.gateway_port,
-                workers=workers, log_level="info", proxy_headers=True)
+    serve(get_settings(), host, port, workers)
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the gateway (stored hashed in Redis).")
@@ -488,15 +553,17 @@ def bench_preempt(
 
 @bench_app.command("cache")
 def bench_cache(
-    size_gib: Annotated[float, typer.Option("--size", help="Synthetic model size in GiB.")] = 2.0,
-    processes: Annotated[int, typer.Option(help="Processes loading it at once.")] = 4,
+    size_gib: Annotated[float, typer.Option("--size", help="Synthetic model size in GiB.")] = 1.0,
+    processes: Annotated[int, typer.Option("--nodes", "--processes", help="Simulated nodes loading it at once.")] = 4,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of ours vs raw per measurement.")] = 5,
+    model_gb: Annotated[float, typer.Option("--model-gb", help="Real-model comparison size (0: skip).")] = 1.0,
     json_path: JsonOpt = None,
 ) -> None:
-    """Real bytes through the real tiers: cold, warm disk, warm RAM vs the raw medium; N concurrent loaders."""
+    """Real bytes through the real tiers, interleaved rounds vs the raw medium; a real model; N nodes."""
     from arbiter.bench.cache import run_cache
-    from arbiter.bench.report import cache_table
+    from arbiter.bench.cache_report import cache_table
 
-    data = run_cache(size_gib, processes)
+    data = run_cache(size_gib, processes, rounds=rounds, model_gb=model_gb)
     cache_table(console, data)
     _finish(data, json_path, None)
 
@@ -517,6 +584,10 @@ def bench_affinity(
     affinity_table(console, data)
     _finish(data, json_path, None)
 
+
+from arbiter.bench.gpu import gpu_command  # noqa: E402  (torch and the models are imported when it runs)
+
+bench_app.command("gpu")(gpu_command)
 
 from arbiter.batch import batch_command  # noqa: E402  (registered here; the module imports typer only)
 

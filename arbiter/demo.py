@@ -17,7 +17,7 @@ from rich.table import Table
 from arbiter.bench.common import pct
 from arbiter.stack import Stack, WorkerSpec
 from arbiter.stats import read as read_stats
-from arbiter.status import gpu_snapshots
+from arbiter.world import read as read_world
 from broker.client import Client, JobHandle
 from broker.schemas import JobStatus
 from broker.settings import get_settings
@@ -82,7 +82,7 @@ class Load:
 
     def image(self) -> None:
         h = self.client.submit(workload="diffusion", priority="background", prompt=self.rng.choice(IMAGE_PROMPTS),
-                               seed=self.rng.randrange(1000), **self.profile.fields["diffusion"])
+                               seed=self.rng.randrange(1000), improve=True, **self.profile.fields["diffusion"])
         self.jobs.append(Tracked(h, "diffusion.background"))
 
     def refresh(self) -> None:
@@ -143,15 +143,43 @@ COUNTERS = ("preemptions", "resumes", "pauses", "quality_reductions", "allocatio
 
 def _gpu_line(client: Client) -> str:
     lines = []
-    for g in gpu_snapshots(client):
-        budgets = {k.decode(): float(v) for k, v in client.redis.hgetall(client.keys.budgets(g.gpu_id)).items()}
-        b = "  ".join(f"{k} {budgets.get(k, 1.0):.2f}" for k in ("diffusion.background", "llm.background",
-                                                                   "llm.standard", "llm.interactive"))
-        lines.append(f"{g.gpu_id}: {g.used_mib}/{g.usable_mib} MiB, pressure {g.pressure:.2f}, "
-                     f"{len(g.jobs)} jobs | budgets: {b}")
+    for g in read_world(client.redis, client.keys, time.time()).gpus:
+        if g.snapshot is None or g.pressure is None:
+            continue
+        b = "  ".join(f"{k} {g.budgets.get(k, 1.0):.2f}" for k in ("diffusion.background", "llm.background",
+                                                                     "llm.standard", "llm.interactive"))
+        lines.append(f"{g.gpu_id}: {g.snapshot.used_mib}/{g.snapshot.usable_mib} MiB, pressure {g.pressure.ratio:.2f}"
+                     f" ({g.pressure.demand_mib}/{g.pressure.room_mib} MiB), {len(g.snapshot.jobs)} jobs | budgets: {b}")
     stats = read_stats(client.redis, client.keys)
     lines.append("counters: " + "  ".join(f"{k} {stats.get(k, 0)}" for k in COUNTERS))
     return "\n".join(lines) if lines else "no GPU snapshot yet"
+
+
+def _wait_for_full_budgets(client: Client, timeout_s: float) -> float | None:
+    """When every GPU's budgets are all back at 1.0 (monotonic time), or None."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        gpus = [g for g in read_world(client.redis, client.keys, time.time()).gpus if g.snapshot is not None]
+        if gpus and all(v >= 1.0 for g in gpus for v in g.budgets.values()):
+            return time.monotonic()
+        time.sleep(0.1)
+    return None
+
+
+def _watch_improvements(client: Client, load: Load, live: Live, timeout_s: float) -> int:
+    """Follow the flood's degraded images while their improvement runs replace them; how many were."""
+    degraded = [t for t in load.jobs if t.kind == "diffusion.background" and t.result_quality is not None
+                and t.result_quality < 1.0]
+    deadline = time.monotonic() + timeout_s
+    improved = 0
+    while time.monotonic() < deadline:
+        improved = sum(1 for t in degraded if client.redis.hexists(client.keys.job(t.handle.id), "improved_at"))
+        live.update(Group(f"improving the flood's degraded images on the idle GPU: {improved}/{len(degraded)} "
+                          "at quality 1.0", _gpu_line(client)))
+        if improved == len(degraded):
+            break
+        time.sleep(0.25)
+    return improved
 
 
 def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None = None, flower: bool = False,
@@ -210,7 +238,19 @@ def run_demo(console: Console, duration_s: float = 45.0, redis_url: str | None =
                 if all(t.status and t.status.state in TERMINAL for t in load.jobs):
                     break
                 time.sleep(0.25)
+            load_stopped = time.monotonic()
+            recovered_s = _wait_for_full_budgets(client, timeout_s=30)
+            improved = _watch_improvements(client, load, live, timeout_s=60)
         console.print()
+        if recovered_s is None:
+            console.print("[red]budgets were not back at 1.0 within 30 s of the load ending[/red]")
+        else:
+            console.print(f"budgets back at 1.0 on every GPU {recovered_s - load_stopped + 0.0:.1f} s after the "
+                          "last job ended (the GPU is idle: resident weights are not contention)")
+        degraded = [t for t in load.jobs if t.kind == "diffusion.background" and t.result_quality is not None
+                    and t.result_quality < 1.0]
+        console.print(f"improvement: {improved} of the {len(degraded)} images the flood left below full quality "
+                      "were re-run at quality 1.0 on the idle GPU and replaced (version 1 kept)")
         summary = summarise(load.jobs)
         console.print(_table(summary, f"Summary per queue, policy {stack.settings.policy} "
                                       "(latency: submit to result; ms/tok: run time per token)"))

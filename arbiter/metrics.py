@@ -2,7 +2,8 @@
 
 Nothing is kept in process memory: every worker, the beat and the gateway write to Redis, and whichever
 process serves `/metrics` (the beat with `serve_metrics`, the gateway with `render`) reads it back, so one
-scrape sees the whole deployment. One scrape costs three pipelined round trips plus `cache.status.collect`
+scrape sees the whole deployment. One scrape costs three pipelined round trips (one of them
+`arbiter.world.read`, for the pressure the beat acts on) plus `cache.status.collect`
 (a few per cache node), whatever the number of jobs, and never raises: a missing or malformed key gives no
 sample. It reads the same keys as `arbiter status` (`arbiter/status.py`) but in its own pipelines rather
 than through those helpers (which take a `Client`, read one section per round trip and raise on one bad
@@ -45,6 +46,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from arbiter.ledger import Lease, parse_leases
+from arbiter.pressure import Pressure
+from arbiter.world import read as read_world
 from broker.app import all_queues, worker_queue
 from broker.keys import Keys
 from broker.schemas import PRIORITY_ORDER, GpuSnapshot, Workload, queue_name
@@ -78,6 +81,9 @@ COUNTERS: dict[str, str] = {
     "affinity_declines": "Jobs passed to a peer worker that holds their model variant.",
     "checkpoints": "Checkpoints saved.",
     "budget_changes": "Quality budget changes made by the beat.",
+    "waits_quality": "Jobs parked because their min_quality was above the budget (waiting_for_budget).",
+    "waits_vram": "Non-interactive jobs parked because their VRAM did not fit (waiting_for_vram).",
+    "parked_released": "Parked jobs put back on their queue by the beat.",
 }
 # Stats-hash totals kept in other units: name -> (metric name, factor to seconds, help).
 SECONDS_COUNTERS: dict[str, tuple[str, float, str]] = {
@@ -210,19 +216,22 @@ class ArbiterCollector(Collector):
         aff_depths = [next(it) for _ in affinity]
         states = [next(it) for _ in job_ids]
 
-        yield from self._gpus(gpu_ids, snaps_raw if isinstance(snaps_raw, list) else [], per_gpu)
+        seen = {g.gpu_id: g.pressure for g in read_world(self.r, self.keys, time.time(), gpu_ids).gpus if g.pressure}
+        yield from self._gpus(gpu_ids, snaps_raw if isinstance(snaps_raw, list) else [], per_gpu, seen)
         yield from self._queues(queues, depths, affinity, aff_depths, by_workload)
         yield from self._jobs(states, live_n)
         yield from self._stats(_hash(stats_raw))
         yield from self._histograms(hist_keys, hists)
 
-    def _gpus(self, gpu_ids: list[str], snaps_raw: list[Any], per_gpu: list[tuple[Any, Any]]) -> Iterator[Metric]:
+    def _gpus(self, gpu_ids: list[str], snaps_raw: list[Any], per_gpu: list[tuple[Any, Any]],
+              pressures: dict[str, Pressure]) -> Iterator[Metric]:
         total = GaugeMetricFamily("arbiter_gpu_vram_total_bytes", "GPU memory, total.", labels=["gpu"])
         used = GaugeMetricFamily("arbiter_gpu_vram_used_bytes", "GPU memory in use (last snapshot).", labels=["gpu"])
         usable = GaugeMetricFamily("arbiter_gpu_vram_usable_bytes", "GPU memory Arbiter may lease "
                                    "(total minus the reserve).", labels=["gpu"])
-        pressure = GaugeMetricFamily("arbiter_gpu_pressure_ratio", "Used / usable VRAM (over 1 when over-used).",
-                                     labels=["gpu"])
+        pressure = GaugeMetricFamily("arbiter_gpu_pressure_ratio", "Demand for the VRAM jobs can use: (leased by "
+                                     "jobs + asked for by waiting jobs) / (usable - resident weights); over 1 "
+                                     "when more is asked for than fits. What the budgets follow.", labels=["gpu"])
         util = GaugeMetricFamily("arbiter_gpu_utilization_ratio", "Compute utilization where reported.",
                                  labels=["gpu"])
         leases = GaugeMetricFamily("arbiter_gpu_leases", "Live VRAM leases.", labels=["gpu", "kind"])
@@ -241,7 +250,8 @@ class ArbiterCollector(Collector):
                     total.add_metric([g], snap.total_mib * MIB)
                     used.add_metric([g], snap.used_mib * MIB)
                     usable.add_metric([g], snap.usable_mib * MIB)
-                    pressure.add_metric([g], snap.pressure)
+                    if g in pressures:
+                        pressure.add_metric([g], pressures[g].ratio)
                     if snap.utilization is not None:
                         util.add_metric([g], snap.utilization)
             lease_raw, budget_raw = per_gpu[i]

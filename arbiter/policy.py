@@ -1,13 +1,16 @@
 """What the arbiter decides each tick, as pure functions over a read-only view of the world
 (vLLM's "decide, then apply"): budgets per GPU, which jobs to preempt, which to pause so interactive work
-gets the GPU's compute, and which jobs lost their lease (their worker died) and must be requeued.
-`arbiter.beat` reads the world from Redis, calls `plan`, and applies the decisions."""
+gets the GPU's compute, which parked jobs may go back to their queue, and which jobs lost their lease
+(their worker died) and must be requeued. `arbiter.beat` reads the world from Redis, calls `plan`, and
+applies the decisions."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from arbiter.budgets import BudgetConfig, BudgetState, next_budgets
+from arbiter.budgets import BudgetConfig, BudgetState, Demand, next_budgets
+from arbiter.pressure import Pressure
+from broker.schemas import ParkedJob
 
 INTERACTIVE, STANDARD, BACKGROUND = "interactive", "standard", "background"
 VICTIM_ORDER = (BACKGROUND, STANDARD)      # who yields to interactive work, first to last
@@ -33,12 +36,14 @@ class WaitingJob:
 @dataclass(frozen=True)
 class GpuView:
     gpu_id: str
-    pressure: float
-    capacity_mib: int
-    held_mib: int
+    pressure: Pressure
     running: tuple[RunningJob, ...] = ()
     slots: dict[str, int] = field(default_factory=dict)         # workload -> worker slots on this GPU
-    waiting_vram: tuple[WaitingJob, ...] = ()
+    waiting_vram: tuple[WaitingJob, ...] = ()                   # interactive jobs waiting in their worker
+
+    @property
+    def free_mib(self) -> int:
+        return self.pressure.free_mib
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class World:
     budgets: dict[str, BudgetState]                              # gpu id -> last budgets
     preempting: frozenset[str] = frozenset()                     # job ids already flagged to preempt
     lost: tuple[str, ...] = ()                                   # running-state jobs with no live lease
+    queued: dict[str, int] = field(default_factory=dict)         # workload -> jobs in its shared queues
+    parked: tuple[ParkedJob, ...] = ()
+    now: float = 0.0
+    interactive_seen: dict[str, float] = field(default_factory=dict)   # gpu id -> last time interactive work was there
 
 
 @dataclass(frozen=True)
@@ -55,15 +64,19 @@ class PolicyConfig:
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     yield_compute: bool = True         # pause background/standard jobs while interactive work needs the GPU
     preempt: bool = True
+    recheck_parked_s: float = 30.0     # a parked job goes back to its queue at least this often, to look again
+    contention_window_s: float = 5.0   # interactive work seen this recently still counts as contention
 
 
 @dataclass
 class Decisions:
     budgets: dict[str, BudgetState] = field(default_factory=dict)
-    budget_changes: dict[str, str] = field(default_factory=dict)     # gpu id -> key that changed
+    budget_changes: dict[str, list[str]] = field(default_factory=dict)   # gpu id -> keys that changed
     controls: dict[str, dict[str, str]] = field(default_factory=dict)  # gpu id -> job id -> pause|preempt
     preempt: list[tuple[str, str, str]] = field(default_factory=list)  # (gpu id, job id, reason), new ones
     requeue: list[str] = field(default_factory=list)                   # lost jobs to requeue
+    release: list[tuple[str, str]] = field(default_factory=list)       # (parked job id, why) back to its queue
+    interactive_seen: dict[str, float] = field(default_factory=dict)   # gpu id -> last time interactive work was there
 
 
 def choose_victims(candidates: list[RunningJob], need_mib: int, count: int = 0) -> list[RunningJob]:
@@ -92,11 +105,71 @@ def yielding_jobs(gpu: GpuView, interactive_waiting: bool) -> list[RunningJob]:
             and not (j.workload == "llm" and j.worker in batched)]
 
 
+def demand(gpu: GpuView, world: World, cfg: PolicyConfig) -> Demand:
+    """The budget signal of one GPU: its pressure, whether it is idle, whether interactive work is there,
+    and the quality jobs parked for a budget on its workloads wait for."""
+    workloads = set(gpu.slots) or {j.workload for j in gpu.running}
+    # improvement runs wait for an idle GPU: they are not demand, and budgets are not raised for them
+    parked = [p for p in world.parked if p.workload in workloads and not p.improvement]
+    wanted: dict[str, float] = {}
+    for p in parked:
+        if p.reason == "budget":
+            wanted[p.key] = max(wanted.get(p.key, 0.0), p.needs_budget or p.min_quality)
+    queued = sum(world.queued.get(w, 0) for w in workloads)
+    queued_interactive = sum(world.queued_interactive.get(w, 0) for w in workloads)
+    idle = not gpu.running and not gpu.waiting_vram and not parked and gpu.pressure.demand_mib == 0 and not queued
+    backlog = any(j.priority != INTERACTIVE for j in gpu.running) or bool(parked) or queued > queued_interactive
+    seen = world.interactive_seen.get(gpu.gpu_id)
+    contended = interactive_now(gpu, world) or (seen is not None and world.now - seen < cfg.contention_window_s)
+    return Demand(pressure=gpu.pressure.ratio, idle=idle, contended=contended, backlog=backlog, wanted=wanted)
+
+
+def interactive_now(gpu: GpuView, world: World) -> bool:
+    """Interactive work running, waiting for VRAM, or queued for one of this GPU's workloads."""
+    return any(j.priority == INTERACTIVE for j in gpu.running) or \
+        any(w.priority == INTERACTIVE for w in gpu.waiting_vram) or \
+        any(world.queued_interactive.get(w, 0) > 0 for w in gpu.slots)
+
+
+def release_parked(world: World, budgets: dict[str, BudgetState], cfg: PolicyConfig) -> list[tuple[str, str]]:
+    """Parked jobs that may run now, oldest first, with why: a GPU serving the workload has the budget the
+    job needs, or room for the VRAM of its rung under that GPU's budget now (each release takes its share
+    of the room), or it has waited `recheck_parked_s` (it looks again)."""
+    free = {g.gpu_id: g.free_mib for g in world.gpus}
+    serving: dict[str, list[str]] = {}
+    for g in world.gpus:
+        for w in set(g.slots) or {j.workload for j in g.running}:
+            serving.setdefault(w, []).append(g.gpu_id)
+    out = []
+    for p in sorted(world.parked, key=lambda p: (p.since, p.job_id)):
+        gpus = serving.get(p.workload, [])
+        budget = {g: budgets[g].budgets.get(p.key, 1.0) if g in budgets else 1.0 for g in gpus}
+        why = None
+        if p.reason == "budget":
+            need = p.needs_budget or p.min_quality
+            ok = [g for g in gpus if budget[g] >= need - 1e-9]
+            if ok:
+                why = f"budget {budget[ok[0]]:.2f} on {ok[0]} admits a rung >= its min_quality {p.min_quality:.2f}"
+        else:
+            fits = [g for g in gpus if free[g] >= p.need_mib(budget[g])]
+            if fits:
+                free[fits[0]] -= p.need_mib(budget[fits[0]])
+                why = f"{p.need_mib(budget[fits[0]])} MiB free on {fits[0]}"
+        if why is None and world.now - p.since >= cfg.recheck_parked_s:
+            why = f"parked {world.now - p.since:.0f} s: looking again"
+        if why is not None:
+            out.append((p.job_id, why))
+    return out
+
+
 def plan(world: World, cfg: PolicyConfig) -> Decisions:
-    d = Decisions(requeue=list(world.lost))
+    d = Decisions(requeue=list(world.lost), interactive_seen=dict(world.interactive_seen))
     left_to_free = dict(world.queued_interactive)     # queued interactive jobs not yet given a slot
     for gpu in sorted(world.gpus, key=lambda g: g.gpu_id):
-        state, changed = next_budgets(world.budgets.get(gpu.gpu_id, BudgetState.full()), gpu.pressure, cfg.budgets)
+        if interactive_now(gpu, world):
+            d.interactive_seen[gpu.gpu_id] = world.now
+        state, changed = next_budgets(world.budgets.get(gpu.gpu_id, BudgetState.full()), demand(gpu, world, cfg),
+                                      cfg.budgets)
         d.budgets[gpu.gpu_id] = state
         if changed:
             d.budget_changes[gpu.gpu_id] = changed
@@ -107,9 +180,8 @@ def plan(world: World, cfg: PolicyConfig) -> Decisions:
                 controls[j.job_id] = "preempt"
         if cfg.preempt:
             # 1. interactive jobs waiting for VRAM on this GPU
-            free = gpu.capacity_mib - gpu.held_mib
             waiting = [w for w in gpu.waiting_vram if w.priority == INTERACTIVE]
-            need = sum(w.mib for w in waiting) - free
+            need = sum(w.mib for w in waiting) - gpu.free_mib
             if waiting and need > 0:
                 for v in choose_victims(live, need):
                     controls[v.job_id] = "preempt"
@@ -132,4 +204,5 @@ def plan(world: World, cfg: PolicyConfig) -> Decisions:
             for j in yielding_jobs(gpu, interactive_waiting):
                 controls.setdefault(j.job_id, "pause")
         d.controls[gpu.gpu_id] = controls
+    d.release = release_parked(world, d.budgets, cfg)
     return d

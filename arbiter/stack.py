@@ -1,6 +1,6 @@
-"""Start and stop a local stack (Redis, workers, Flower) as child processes, with no orphans: each child
-runs in its own process group, dies with its parent (PR_SET_PDEATHSIG on Linux), and is stopped with
-SIGTERM then SIGKILL on Ctrl-C."""
+"""Start and stop a local stack (Redis, workers, beat, Flower, the gateway) as child processes, with no
+orphans: each child runs in its own process group, dies with its parent (PR_SET_PDEATHSIG on Linux), and
+is stopped with SIGTERM then SIGKILL on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -24,7 +25,10 @@ def _die_with_parent() -> None:
     os.setsid()
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            # PR_SET_PDEATHSIG: if the supervisor dies without stopping us (SIGKILL, a crash), the kernel kills us
+            # too. SIGKILL, not SIGTERM: a Celery worker's warm shutdown can hang while its Redis (another child
+            # of the same supervisor) is gone; its jobs are safe (acks_late, leases, checkpoints).
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
         except OSError:
             pass
 
@@ -37,12 +41,18 @@ class WorkerSpec:
     backend: str = "sim"
 
 
+# Flower's task list: the queue (= priority) it was routed to, the result (with its quality) and, for a job that
+# waits (RETRY), Arbiter's reason in the exception column
+FLOWER_TASKS_COLUMNS = "name,uuid,state,routing_key,received,started,runtime,worker,result,exception"
+
+
 @dataclass
 class Stack:
     settings: Settings
     workers: list[WorkerSpec] = field(default_factory=list)
     flower: bool = True
     beat: bool = True
+    gateway: bool = False
     private_redis: bool = False
     log_dir: Path | None = None
     redis: EmbeddedRedis | None = None
@@ -78,17 +88,57 @@ class Stack:
             self._spawn("beat", [sys.executable, "-m", "arbiter", "beat"])
         if self.flower:
             user, password = self.settings.flower_user, self.settings.flower_password.get_secret_value()
+            # credentials through Flower's own environment variable, never the command line (`ps` shows it)
             self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
                                    f"--port={self.settings.flower_port}", "--address=127.0.0.1",
-                                   f"--basic-auth={user}:{password}", "--persistent=False"])
+                                   "--persistent=False"], FLOWER_BASIC_AUTH=f"{user}:{password}",
+                        FLOWER_TASKS_COLUMNS=FLOWER_TASKS_COLUMNS)
+        if self.gateway:
+            self._spawn("gateway", [sys.executable, "-m", "arbiter", "gateway", "--port",
+                                    str(self.settings.gateway_port)])
         return self
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
+
+    def wait_for_gateway(self, timeout_s: float = 30.0) -> None:
+        """Block until the gateway's /healthz answers 200."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc = self.procs["gateway"]
+            if proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with code {proc.returncode} while starting "
+                                   f"(is port {self.settings.gateway_port} taken? --gateway-port)")
+            try:
+                with urllib.request.urlopen(self.gateway_url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        raise TimeoutError(f"the gateway did not answer at {self.gateway_url} within {timeout_s} s")
+
+    def dev_key(self, name: str = "dev") -> str:
+        """A fresh development API key allowed every priority (default standard), no limits; replaces
+        an earlier key of that name."""
+        from arbiter.gateway.apikeys import KeyStore
+        from broker.client import Client
+
+        with Client(settings=self.settings) as client:
+            store = KeyStore(client.redis, client.keys)
+            store.revoke(name)
+            return store.create(name, ["interactive", "standard", "background"], "standard", rate_per_min=0,
+                                max_queued=0)
+
+    def _spawn(self, name: str, argv: list[str], **env: str) -> None:
         out = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the child)
-        self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+        self.procs[name] = subprocess.Popen(argv, env={**self.env(), **env}, stdout=out, stderr=subprocess.STDOUT,
                                             preexec_fn=_die_with_parent)
 
     def wait_for_workers(self, timeout_s: float = 60.0, extra: int = 0) -> None:
@@ -111,6 +161,17 @@ class Stack:
             app.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM to every child's process group, SIGKILL to what is left after `timeout_s`, then Redis. A
+        second Ctrl-C or SIGTERM while stopping is ignored: an interrupted stop would leave orphans."""
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
+            if threading.current_thread() is threading.main_thread() else {}
+        try:
+            self._stop(timeout_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, timeout_s: float) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
                 try:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from arbiter.budgets import DEGRADE_ORDER
-from arbiter.ledger import Ledger
+from arbiter.world import read as read_world
 from arbiter.stats import read as read_stats
 from broker.app import all_queues
 from broker.client import Client
@@ -32,7 +32,7 @@ def queue_depths(client: Client) -> dict[str, int]:
 
 
 def collect(client: Client) -> dict[str, Any]:
-    ledger = Ledger(client.redis, client.keys)
+    seen = read_world(client.redis, client.keys, time.time())
     jobs = []
     for job_id in client.store.live_ids()[:500]:
         try:
@@ -42,20 +42,22 @@ def collect(client: Client) -> dict[str, Any]:
         if st.state is not JobState.QUEUED:
             jobs.append(st.model_dump(mode="json"))
     gpus = []
-    for g in gpu_snapshots(client):
-        leases = ledger.leases(g.gpu_id)
-        budgets = {k.decode(): float(v) for k, v in client.redis.hgetall(client.keys.budgets(g.gpu_id)).items()}
-        controls = {k.decode(): v.decode().partition(":")[0]
-                    for k, v in client.redis.hgetall(client.keys.controls(g.gpu_id)).items()}
-        gpus.append({**g.model_dump(mode="json"), "usable_mib": g.usable_mib, "pressure": round(g.pressure, 4),
-                     "leased_mib": sum(x.mib for x in leases), "budgets": budgets, "controls": controls,
+    for g in seen.gpus:
+        if g.snapshot is None or g.pressure is None:
+            continue
+        p = g.pressure
+        gpus.append({**g.snapshot.model_dump(mode="json"), "usable_mib": g.snapshot.usable_mib,
+                     "pressure": round(p.ratio, 4), "room_mib": p.room_mib, "demand_mib": p.demand_mib,
+                     "weights_mib": p.weights_mib, "leased_mib": sum(x.mib for x in g.leases),
+                     "budgets": g.budgets, "controls": {k: v.partition(":")[0] for k, v in g.controls.items()},
                      "leases": [{"holder": x.field, "kind": x.kind, "mib": x.mib, "priority": x.priority,
-                                 "worker": x.worker} for x in leases]})
+                                 "worker": x.worker} for x in g.leases]})
     return {
-        "taken_at": time.time(),
+        "taken_at": seen.now,
         "policy": client.settings.policy,
         "gpus": gpus,
-        "queues": queue_depths(client),
+        "queues": seen.queues,
+        "parked": [p.model_dump(mode="json") | {"waiting_for": p.explain()} for p in seen.parked],
         "jobs": jobs,
         "stats": read_stats(client.redis, client.keys),
         "cache": cache_collect(client.redis, client.keys)["nodes"],
@@ -63,17 +65,19 @@ def collect(client: Client) -> dict[str, Any]:
 
 
 def render(console: Console, data: dict[str, Any]) -> None:
-    gpus = Table(title=f"GPUs (policy {data['policy']})")
-    for col in ("gpu", "kind", "VRAM used / usable MiB", "leased MiB", "pressure", "resident", "jobs"):
+    gpus = Table(title=f"GPUs (policy {data['policy']}; pressure = job demand / room left by weights)")
+    for col in ("gpu", "kind", "VRAM used / usable MiB", "weights MiB", "demand / room MiB", "pressure",
+                "resident", "jobs"):
         gpus.add_column(col)
     for g in data["gpus"]:
-        gpus.add_row(g["gpu_id"], g["kind"], f"{g['used_mib']} / {g['usable_mib']}", str(g["leased_mib"]),
-                     f"{g['pressure']:.2f}", ", ".join(r.split("|")[-1] for r in g["resident"]), str(len(g["jobs"])))
+        gpus.add_row(g["gpu_id"], g["kind"], f"{g['used_mib']} / {g['usable_mib']}", str(g["weights_mib"]),
+                     f"{g['demand_mib']} / {g['room_mib']}", f"{g['pressure']:.2f}",
+                     ", ".join(r.split("|")[-1] for r in g["resident"]), str(len(g["jobs"])))
     console.print(gpus)
     budgets = Table(title="Quality budgets (lowest priority degrades first)")
     budgets.add_column("gpu")
-    for key in reversed(DEGRADE_ORDER):
-        budgets.add_column(key, justify="right")
+    for key in reversed(DEGRADE_ORDER):   # "llm" over "interactive": headers fit a narrow terminal whole
+        budgets.add_column(key.replace(".", "\n"), justify="right", no_wrap=True)
     for g in data["gpus"]:
         budgets.add_row(g["gpu_id"], *(f"{g['budgets'].get(k, 1.0):.2f}" for k in reversed(DEGRADE_ORDER)))
     console.print(budgets)
@@ -84,12 +88,12 @@ def render(console: Console, data: dict[str, Any]) -> None:
         queues.add_row(q, str(n))
     console.print(queues)
     jobs = Table(title="Live jobs (not queued)")
-    for col in ("job", "workload", "priority", "state", "quality", "step", "gpu"):
+    for col in ("job", "workload", "priority", "state", "quality", "step", "gpu", "waiting for"):
         jobs.add_column(col)
     for j in data["jobs"]:
         jobs.add_row(j["job_id"][:8], j["workload"], j["priority"], j["state"],
                      "" if j["quality"] is None else f"{j['quality']:.2f}",
-                     f"{j['step'] or 0}/{j['total'] or '?'}", j["gpu_id"] or "")
+                     f"{j['step'] or 0}/{j['total'] or '?'}", j["gpu_id"] or "", j.get("waiting_for") or "")
     console.print(jobs)
     stats = Table(title="Counters")
     stats.add_column("counter")

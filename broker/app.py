@@ -13,7 +13,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from broker.schemas import PRIORITY_ORDER, Workload, queue_name
+from broker.schemas import PRIORITY_ORDER, Workload, improve_queue, queue_name
 from broker.settings import Settings
 
 TASK_NAMES: dict[Workload, str] = {
@@ -32,6 +32,11 @@ def worker_queue(queue: str, worker: str) -> str:
     return f"{queue}@{worker}"
 
 
+def shared_queue(queue: str) -> str:
+    """The shared queue a queue belongs to: itself, or the one a worker's own queue stands beside."""
+    return queue.partition("@")[0]
+
+
 def direct_queue(queue: str) -> Queue:
     """A queue reached through the default exchange (the message goes to the list of that name, whatever
     bindings exist): how a job is passed to one worker."""
@@ -42,7 +47,8 @@ def workload_queues(workload: Workload, worker: str | None = None) -> list[str]:
     """The workload's queues, strongest first: the order a worker must drain them in. A named worker
     drains its own queue of each priority just before the shared one."""
     shared = [queue_name(workload, p) for p in PRIORITY_ORDER]
-    return shared if worker is None else [q for s in shared for q in (worker_queue(s, worker), s)]
+    own = shared if worker is None else [q for s in shared for q in (worker_queue(s, worker), s)]
+    return [*own, improve_queue(workload)]      # improvement runs last, when nothing else waits
 
 
 def all_queues() -> list[str]:
@@ -50,7 +56,8 @@ def all_queues() -> list[str]:
 
 
 def create_app(settings: Settings, name: str = "arbiter") -> Celery:
-    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
+    # the result backend retries while Redis is full (broker/backend.py) instead of failing the worker
+    app = Celery(name, broker=settings.redis_url, backend=f"broker.backend:Backend+{settings.redis_url}")
     transport = {
         "queue_order_strategy": "priority",
         "visibility_timeout": settings.visibility_timeout_s,
@@ -69,6 +76,8 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
         worker_send_task_events=True,
         result_extended=True,
         result_expires=settings.result_ttl_s,
+        result_backend_always_retry=True,
+        result_backend_max_retries=10_000,          # with Celery's backoff (≤ 10 s apart): hours
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,

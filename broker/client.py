@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import redis
 from celery import Celery
@@ -19,7 +21,7 @@ from pydantic import ValidationError
 
 from broker.app import TASK_NAMES, create_app
 from broker.catalog import model_names
-from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
+from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
 from broker.redis_server import connect
 from broker.keys import Keys
@@ -29,7 +31,43 @@ from broker.states import TERMINAL, JobState
 
 # States a client may cancel directly; a running (or paused) job is stopped by its worker at the next step.
 _CANCEL_DIRECTLY = frozenset({JobState.QUEUED, JobState.WAITING_FOR_VRAM, JobState.WAITING_FOR_WEIGHTS,
-                              JobState.PREEMPTED})
+                              JobState.WAITING_FOR_BUDGET, JobState.PREEMPTED})
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def redis_unavailable(exc: redis.RedisError) -> RedisUnavailable:
+    """Arbiter's own error for a Redis error, naming its cause."""
+    if isinstance(exc, redis.OutOfMemoryError) or "OOM command not allowed" in str(exc):
+        return RedisUnavailable("is out of memory", f"it refuses writes at its maxmemory limit ({exc}); free "
+                                "memory or raise maxmemory, then retry")
+    if isinstance(exc, redis.ReadOnlyError):
+        return RedisUnavailable("is read-only", f"this server is a replica ({exc}); point ARBITER_REDIS_URL at "
+                                "the primary (or a Sentinel), then retry")
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return RedisUnavailable("is unreachable", f"{exc}; retry once it is back")
+    return RedisUnavailable("refused a command", str(exc))
+
+
+def _translated(fn: F) -> F:
+    """Redis errors out of a client call become `RedisUnavailable` (Arbiter's own, naming the cause)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except redis.RedisError as exc:
+                raise redis_unavailable(exc) from exc
+        return gen  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise redis_unavailable(exc) from exc
+    return wrapper  # type: ignore[return-value]
 
 
 def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec:
@@ -81,6 +119,7 @@ class Client:
     def from_settings(cls, settings: Settings | None = None) -> Client:
         return cls(settings=settings)
 
+    @_translated
     def submit(self, spec: JobSpec | dict[str, Any] | None = None, /, idempotency_key: str | None = None,
                **fields: Any) -> JobHandle:
         """Validate, record and enqueue a job. Raises `InvalidJob` (nothing enqueued) on bad input.
@@ -93,6 +132,10 @@ class Client:
             base = data.model_dump(exclude_none=True) if isinstance(data, JobSpec) else dict(data)
             data = {**base, **fields}
         job = validate_spec(data, self.settings)
+        if job.improves is not None:
+            raise InvalidJob("invalid job: improves: set by Arbiter on its own improvement runs; submit with "
+                             "improve: true instead", errors=[{"loc": ("improves",), "msg": "not accepted at submit",
+                                                               "type": "value_error"}])
         job_id = str(uuid.uuid4())
         if idempotency_key is not None:
             existing = self._claim(idempotency_key, job_id, job)
@@ -158,6 +201,7 @@ class Client:
             except redis.WatchError:
                 return False
 
+    @_translated
     def get(self, job_id: str) -> JobHandle:
         """A handle on an existing job; raises `JobNotFound` if there is no such record."""
         self.store.raw(job_id)
@@ -181,9 +225,11 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
 
+    @_translated
     def status(self) -> JobStatus:
         return self.client.store.status(self.id)
 
+    @_translated
     def events(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
         """Every event of the job (state changes, progress, tokens) until it ends or `timeout` passes."""
         store, last = self.client.store, "0-0"
@@ -210,11 +256,13 @@ class JobHandle:
                 seen = int(event["index"])
                 yield event["text"]
 
+    @_translated
     def wait(self, timeout: float | None = None) -> JobStatus:
         for _ in self.events(timeout):
             pass
         return self.status()
 
+    @_translated
     def result(self, timeout: float | None = None) -> JobResult:
         """The result once the job finishes. Raises `JobFailed`, `Cancelled` or `Timeout`."""
         st = self.wait(timeout)
@@ -226,11 +274,13 @@ class JobHandle:
         assert result is not None, "finished job without a result"
         return result
 
+    @_translated
     def cancel(self) -> JobState:
         """Cancel the job. A queued job is cancelled at once; a running one stops at its next step.
         Returns the state right after the request (a terminal job is left as it is)."""
         store = self.client.store
-        store.request_cancel(self.id)
+        if not store.request_cancel(self.id):   # nothing is written for an unknown or expired id
+            raise JobNotFound(self.id)
         done, state = store.transition(self.id, JobState.CANCELLED, allowed=_CANCEL_DIRECTLY,
                                        error="cancelled by client", finished_at=time.time())
         if done:

@@ -69,6 +69,15 @@ class JobNotFound(ArbiterError, KeyError):
         return self.args[0]
 
 
+class RedisUnavailable(ArbiterError):
+    """Redis refused or could not take a command: full (`maxmemory`), read-only (a demoted primary), or
+    unreachable. `cause` names which; the request can be retried once Redis is healthy again."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"Redis {cause}: {detail}")
+        self.cause, self.detail = cause, detail
+
+
 class JobFailed(ArbiterError):
     """`JobHandle.result()` of a job that ended in failure; carries the worker's error message."""
 

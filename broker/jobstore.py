@@ -2,12 +2,18 @@
 
 Celery's own states (PENDING/STARTED/SUCCESS...) cannot say "preempted" or "waiting for VRAM", and its
 revokes live in worker memory only, so Arbiter keeps one hash per job plus an event stream. Every state
-change goes through one atomic Lua script that checks the transition table in `broker.states`."""
+change goes through one atomic Lua script that checks the transition table in `broker.states`.
+
+Fencing: a run's writes after its start (tokens, progress, checkpoints, its end) carry the fence its lease
+was granted with and are accepted only while the record names that fence (`job_write.lua`,
+`job_settle.lua`): a stale run — its worker stopped past the lease TTL while another took the job over —
+writes nothing. A run ends in one script (`settle`): output or checkpoint, fields, state, lease, control."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import redis
@@ -16,15 +22,27 @@ from broker.errors import JobNotFound
 from broker.keys import Keys
 from broker.lua import load
 from broker.schemas import JobResult, JobSpec, JobStatus, Progress
-from broker.states import ALLOWED_FROM, RUNNING_STATES, TERMINAL, JobState
+from broker.states import ALLOWED_FROM, RUNNING_STATES, TERMINAL, WAITING, JobState
 
 STREAM_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The reply of `JobStore.settle`: done, the state now, and why not ('state' | 'fence' | '')."""
+
+    ok: bool
+    state: JobState | None
+    refused_by: str = ""
 
 
 class JobStore:
     def __init__(self, r: redis.Redis, keys: Keys, ttl_s: int) -> None:
         self.r, self.keys, self.ttl_s = r, keys, ttl_s
         self._transition = r.register_script(load("job_transition"))
+        self._write = r.register_script(load("job_write"))
+        self._settle = r.register_script(load("job_settle"))
+        self._cancel_request = r.register_script(load("job_cancel_request"))
 
     # -- writes -----------------------------------------------------------------------------------
     def create(self, job_id: str, spec: JobSpec, now: float | None = None) -> None:
@@ -44,26 +62,68 @@ class JobStore:
 
     def transition(self, job_id: str, to: JobState, allowed: frozenset[JobState] | None = None,
                    pipe: Any = None, incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,
-                   **fields: Any) -> tuple[bool, JobState | None]:
+                   owner_fence: int | None = None, **fields: Any) -> tuple[bool, JobState | None]:
         """Atomically move to `to` if the current state may go there (per `ALLOWED_FROM`, or only from
-        `allowed` when given, which must be a subset), setting `fields`, incrementing `incr` and setting
-        `setnx` fields that have no value yet. Returns (done, state now); queued on `pipe` if given (then
-        read the reply with `transition_reply`)."""
+        `allowed` when given, which must be a subset) and, with `owner_fence`, the record still names that
+        fence; setting `fields`, incrementing `incr` and setting `setnx` fields that have no value yet.
+        Returns (done, state now); queued on `pipe` if given (then read the reply with `transition_reply`)."""
         src = ALLOWED_FROM[to] if allowed is None else allowed & ALLOWED_FROM[to]
         k = self.keys
         flat: list[Any] = []
         items = [*fields.items(), *((f"+{n}", v) for n, v in (incr or {}).items()),
                  *((f"?{n}", v) for n, v in (setnx or {}).items())]
         for name, value in items:
-            flat += [name, value if isinstance(value, (str, int, float, bytes)) else json.dumps(value)]
+            flat += [name, _arg(value)]
         reply = self._transition(
-            keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running()],
+            keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.job_checkpoint(job_id),
+                  k.fence(job_id)],
             args=[to.value, ",".join(s.value for s in src), time.time(),
                   1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
-                  *flat],
+                  "" if owner_fence is None else owner_fence, *flat],
             client=pipe,
         )
         return (False, None) if pipe is not None else transition_reply(reply)
+
+    def settle(self, job_id: str, states: tuple[JobState, ...], fence: int, gpu_id: str,
+               allowed: frozenset[JobState] = RUNNING_STATES, output: bytes | None = None,
+               checkpoint: bytes | None = None, incr: dict[str, int] | None = None, **fields: Any) -> Settled:
+        """End a run in one atomic, fenced step (`job_settle.lua`): from a state in `allowed`, through each
+        of `states` (each step checked against the transition table here), writing `output` (kept
+        `ttl_s`) or a preemption's `checkpoint` (kept as long as a live record), `fields` and `incr`,
+        releasing the job's lease on `gpu_id` if it still carries `fence` and dropping its control."""
+        src = allowed & ALLOWED_FROM[states[0]]
+        for a, b in zip(states, states[1:]):
+            if a not in ALLOWED_FROM[b]:
+                raise ValueError(f"a job cannot go from {a.value} to {b.value}")
+        k, final = self.keys, states[-1]
+        blob_key, blob, blob_ttl = (k.job_output(job_id), output, self.ttl_s) if output is not None else \
+            (k.job_checkpoint(job_id), checkpoint, self.ttl_s * 7) if checkpoint is not None else (k.job(job_id), b"", 0)
+        flat: list[Any] = []
+        for name, value in [*fields.items(), *((f"+{n}", v) for n, v in (incr or {}).items())]:
+            flat += [name, _arg(value)]
+        reply = self._settle(
+            keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.leases(gpu_id),
+                  k.controls(gpu_id), blob_key, k.job_checkpoint(job_id), k.fence(job_id)],
+            args=[",".join(s.value for s in states), ",".join(s.value for s in src), time.time(),
+                  1 if final in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, fence, blob_ttl, blob or b"",
+                  *flat],
+        )
+        ok, state, *why = reply
+        state = _s(state)
+        return Settled(bool(ok), JobState(state) if state else None, _s(why[0]) if why else "")
+
+    def write_owned(self, job_id: str, fence: int, fields: dict[str, Any] | None = None,
+                    event: dict[str, Any] | None = None, checkpoint: bytes | None = None) -> bool:
+        """A running job's own write (`job_write.lua`): record fields, one event, a checkpoint — accepted
+        only while the job runs (or is paused) under `fence`. False: refused, the caller no longer owns it."""
+        flat: list[Any] = [len(fields or {})]
+        for name, value in (fields or {}).items():
+            flat += [name, _arg(value)]
+        for name, value in (event or {}).items():
+            flat += [name, _arg(value)]
+        return bool(self._write(
+            keys=[self.keys.job(job_id), self.keys.job_events(job_id), self.keys.job_checkpoint(job_id)],
+            args=[fence, STREAM_MAXLEN, self.ttl_s * 7 if checkpoint is not None else 0, checkpoint or b"", *flat]))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         self.r.hset(self.keys.job(job_id), mapping=fields)
@@ -71,20 +131,29 @@ class JobStore:
     def incr(self, job_id: str, field: str) -> int:
         return int(self.r.hincrby(self.keys.job(job_id), field, 1))
 
-    def publish_progress(self, job_id: str, progress: Progress, pipe: Any = None) -> None:
+    def publish_progress(self, job_id: str, progress: Progress, pipe: Any = None, fence: int | None = None) -> bool:
+        """Progress to the record and the event stream; with `fence`, only as the job's owner (returns False
+        when refused)."""
+        if fence is not None:
+            return self.write_owned(job_id, fence, progress.model_dump(), {"type": "progress", **progress.model_dump()})
         p = pipe or self.r.pipeline(transaction=False)
         p.hset(self.keys.job(job_id), mapping=progress.model_dump())
         p.xadd(self.keys.job_events(job_id), {"type": "progress", **progress.model_dump()},
                maxlen=STREAM_MAXLEN, approximate=True)
         if pipe is None:
             p.execute()
+        return True
 
-    def publish_token(self, job_id: str, text: str, index: int, pipe: Any = None) -> None:
+    def publish_token(self, job_id: str, text: str, index: int, pipe: Any = None, fence: int | None = None) -> bool:
+        if fence is not None:
+            return self.write_owned(job_id, fence, event={"type": "token", "text": text, "index": index})
         (pipe or self.r).xadd(self.keys.job_events(job_id), {"type": "token", "text": text, "index": index},
                               maxlen=STREAM_MAXLEN, approximate=True)
+        return True
 
-    def request_cancel(self, job_id: str) -> None:
-        self.r.hset(self.keys.job(job_id), "cancel_requested", 1)
+    def request_cancel(self, job_id: str) -> bool:
+        """Flag the job for its worker to stop; False (nothing written) if there is no such job."""
+        return bool(self._cancel_request(keys=[self.keys.job(job_id)]))
 
     def save_result(self, result: JobResult, pipe: Any = None) -> None:
         k = self.keys
@@ -127,8 +196,14 @@ class JobStore:
     def running_ids(self) -> list[str]:
         return sorted(_s(x) for x in self.r.smembers(self.keys.jobs_running()))
 
-    def save_checkpoint(self, job_id: str, blob: bytes) -> None:
+    def save_checkpoint(self, job_id: str, blob: bytes, quality: float | None = None, fence: int | None = None) -> bool:
+        """The job's resumable state (kept as long as a live record); with `fence`, only as its owner, with
+        the rung's `quality` in the same step."""
+        if fence is not None:
+            return self.write_owned(job_id, fence, {} if quality is None else {"checkpoint_quality": quality},
+                                    checkpoint=blob)
         self.r.set(self.keys.job_checkpoint(job_id), blob, ex=self.ttl_s * 7)
+        return True
 
     def checkpoint(self, job_id: str) -> bytes | None:
         return self.r.get(self.keys.job_checkpoint(job_id))
@@ -155,7 +230,12 @@ def status_from(job_id: str, d: dict[str, str]) -> JobStatus:
         worker=d.get("worker"), gpu_id=d.get("gpu_id"), preemptions=int(d.get("preemptions", 0)),
         runs=int(d.get("runs", 0)), error=d.get("error"), queued_at=float(d["queued_at"]),
         started_at=_float(d.get("started_at")), finished_at=_float(d.get("finished_at")),
+        waiting_for=d.get("waiting_for") if JobState(d["state"]) in WAITING else None,
     )
+
+
+def _arg(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bytes)) else json.dumps(value)
 
 
 def _s(v: Any) -> str:

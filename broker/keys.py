@@ -23,6 +23,10 @@ class Keys:
         """String: the job's binary output (PNG bytes)."""
         return f"{self.prefix}:job:{job_id}:output"
 
+    def job_output_version(self, job_id: str, version: int) -> str:
+        """String: an earlier version of the job's image, kept when an improvement run replaced it."""
+        return f"{self.prefix}:job:{job_id}:output:v{version}"
+
     def job_checkpoint(self, job_id: str) -> str:
         """String: the job's latest resumable state (JSON)."""
         return f"{self.prefix}:job:{job_id}:checkpoint"
@@ -63,6 +67,10 @@ class Keys:
     def beat_lock(self) -> str:
         return f"{self.prefix}:beat:leader"
 
+    def beat_policy(self) -> str:
+        """String with the leader lock's TTL: the policy the leading beat runs (a beat with another refuses)."""
+        return f"{self.prefix}:beat:policy"
+
     def beat_wake(self) -> str:
         """List: pushed on an interactive submit (and job ends) so the beat acts before its next tick."""
         return f"{self.prefix}:beat:wake"
@@ -77,6 +85,11 @@ class Keys:
     def waiting_vram(self) -> str:
         """Hash: job id -> JSON {gpu_id, mib, priority, workload, since} of jobs waiting for VRAM."""
         return f"{self.prefix}:waiting:vram"
+
+    def parked(self) -> str:
+        """Hash: job id -> JSON `ParkedEntry` of jobs waiting outside the queues (for a budget or VRAM);
+        the beat puts each back on its queue when it can run. Entries leave with their job."""
+        return f"{self.prefix}:waiting:parked"
 
     # the fragment cache
     def cache_nodes(self) -> str:
@@ -97,6 +110,15 @@ class Keys:
     def cache_lock(self, node: str, sha: str) -> str:
         """String with a TTL: one loader per node fetches this fragment from origin (single flight)."""
         return f"{self.prefix}:cache:lock:{node}:{sha}"
+
+    def cache_fetch(self, sha: str) -> str:
+        """String with a TTL: one node of the cluster fetches this fragment from the origin (the others
+        wait for it to appear on that node, then fetch it from there)."""
+        return f"{self.prefix}:cache:fetch:{sha}"
+
+    def cache_peer(self, node: str) -> str:
+        """String with a TTL, renewed by the node's cache heartbeat: the URL of the node's fragment server."""
+        return f"{self.prefix}:cache:peer:{node}"
 
     def cache_stats(self, node: str) -> str:
         """Hash: per tier hits, misses, bytes and seconds loaded; origin fetches."""

@@ -61,6 +61,11 @@ class JobSpec(BaseModel):
     steps: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
     height: int | None = Field(None, gt=0)
+    # quality as resources return
+    improve: bool = Field(False, description="If it finishes below quality 1.0, re-run it at full quality when "
+                          "the GPU would otherwise idle and replace its result (the first kept as version 1).")
+    improves: str | None = Field(None, min_length=1, max_length=64, description="Set by Arbiter on an "
+                                 "improvement run: the job whose result it replaces.")
 
     @field_validator("prompt")
     @classmethod
@@ -105,11 +110,19 @@ class JobSpec(BaseModel):
 
     @property
     def queue(self) -> str:
-        return queue_name(self.workload, self.priority)
+        return improve_queue(self.workload) if self.improves else queue_name(self.workload, self.priority)
 
 
 def queue_name(workload: Workload | str, priority: Priority | str) -> str:
     return f"{Workload(workload).value}.{Priority(priority).value}"
+
+
+IMPROVE_BAND = "improve"
+
+
+def improve_queue(workload: Workload | str) -> str:
+    """The band below background: improvement runs, drained only when every other queue is empty."""
+    return f"{Workload(workload).value}.{IMPROVE_BAND}"
 
 
 class Progress(BaseModel):
@@ -136,6 +149,7 @@ class JobStatus(BaseModel):
     queued_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    waiting_for: str | None = None     # why a waiting job cannot run yet, in numbers
 
     @property
     def done(self) -> bool:
@@ -163,6 +177,9 @@ class JobResult(BaseModel):
     runs: int = 1
     worker: str
     gpu_id: str
+    version: int = 1                   # 2 once an improvement run replaced it (`improve: true`)
+    improved_at: float | None = None
+    improved_by: str | None = None     # the improvement run's job id
 
     @property
     def queue_wait_s(self) -> float:
@@ -190,6 +207,45 @@ class GpuJob(BaseModel):
     worker: str
 
 
+class ParkedJob(BaseModel):
+    """A job that cannot run yet and waits outside the queues, holding no worker slot: for a budget of at
+    least `min_quality` (reason "budget") or for `mib` of VRAM (reason "vram"). Written by the worker that
+    parked it (`<prefix>:waiting:parked`), put back on its queue by the beat when it can run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    workload: str
+    priority: str
+    reason: str                  # "budget" | "vram"
+    gpu_id: str                  # where it was refused
+    since: float
+    min_quality: float = 0.0     # budget: the job's min_quality
+    needs_budget: float = 0.0    # budget: the lowest budget that admits a rung >= min_quality (ladders are discrete)
+    mib: int = 0                 # vram: what its best rung within the budget needs
+    budget: float = 1.0          # the budget it saw when it was parked
+    improvement: bool = False    # an improvement run: waits for an idle GPU, is not demand
+    rungs: list[tuple[float, int]] = Field(default_factory=list)   # (budget, VRAM MiB it would ask for under it)
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}.{self.priority}"
+
+    def need_mib(self, budget: float) -> int:
+        """The VRAM it would ask for under this budget (the rung its worker's admission picks there; the
+        lowest level's if the budget is below all)."""
+        fits = [mib for q, mib in sorted(self.rungs, reverse=True) if q <= budget + 1e-9]
+        if fits:
+            return fits[0]
+        return min((mib for _, mib in self.rungs), default=self.mib)
+
+    def explain(self) -> str:
+        """The reason in numbers, as `arbiter status`, the gateway and the client show it."""
+        if self.reason == "budget":
+            return f"needs quality >= {self.min_quality:.2f}; budget {self.budget:.2f} on {self.gpu_id}"
+        return f"needs {self.mib} MiB of VRAM on {self.gpu_id}"
+
+
 class GpuSnapshot(BaseModel):
     """One GPU's memory as its worker last saw it (pynvml on real GPUs, the sim GPU otherwise).
     Workers publish it to Redis; the arbiter, `arbiter status` and metrics only read it."""
@@ -214,6 +270,3 @@ class GpuSnapshot(BaseModel):
     def free_mib(self) -> int:
         return self.total_mib - self.used_mib
 
-    @property
-    def pressure(self) -> float:
-        return self.used_mib / self.usable_mib if self.usable_mib else 1.0

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     pressure_threshold: float = Field(0.85, gt=0)
     recover_below: float = Field(0.70, gt=0)
     budget_step: float = Field(0.15, gt=0, le=1)
+    contention_window_s: float = Field(5.0, ge=0, description="Interactive work seen on a GPU this recently "
+                                       "still counts as contention: lower-priority budgets keep dropping.")
     vram_reserve_fraction: float = Field(0.1, ge=0, lt=1, description="usable VRAM = total x (1 - this)")
     lease_ttl_s: float = Field(6.0, gt=0, description="A lease not renewed for this long is reclaimed.")
     allocation_timeout_s: float = Field(10.0, ge=0, description="How long an interactive job waits for VRAM.")
@@ -54,7 +56,6 @@ class Settings(BaseSettings):
                                       "many jobs passed to a busy peer holding its variant, rather than load it.")
     lost_delivery_s: float = Field(30.0, gt=0, description="A message a worker took but did not start within "
                                    "this long is put back on its queue by the beat.")
-    requeue_backoff_s: float = Field(0.2, ge=0, description="Pause before a job that cannot run yet is requeued.")
 
     # Models: a registry file (TOML, see broker/registry.py) for the real backends; without it, the sim catalog.
     models_file: str = Field("", description="Model registry: which models and variants are served, and their "
@@ -70,6 +71,8 @@ class Settings(BaseSettings):
     cache_ram_budget_mib: int = Field(4 * 1024, gt=0)
     cache_disk_budget_mib: int = Field(64 * 1024, gt=0)
     cache_fragment_mib: int = Field(32, gt=0, le=1024)
+    cache_peer_host: str = Field("127.0.0.1", description="Address this node's fragment server binds to and "
+                                 "announces (peers fetch fragments from it); set the node's LAN address on a cluster.")
 
     # Simulated GPU (dev, tests, demo, bench).
     sim_gpu_vram_mib: int = Field(24 * 1024, gt=0)
@@ -95,6 +98,16 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_public_url: str = Field("", description="Base URL clients reach the gateway at (image URLs); "
                                                     "default: the request's own.")
+    gateway_url_ttl_s: int = Field(3600, gt=0, description="How long a signed image URL "
+                                   "(response_format=url) stays valid.")
+    gateway_streams_per_key: int = Field(16, ge=1, description="Open event streams (SSE) one API key may hold; "
+                                         "one more answers 429.")
+    gateway_heartbeat_s: float = Field(15.0, gt=0, description="A quiet event stream sends a comment this often.")
+    gateway_body_timeout_s: float = Field(30.0, gt=0, description="A request body not fully received within "
+                                          "this long is answered 408 and its connection closed.")
+    gateway_header_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent a whole "
+                                            "request head within this long (idle or slow) is closed.")
+    gateway_max_json_depth: int = Field(32, ge=2, description="Deepest JSON nesting a request body may have.")
     metrics_port: int = Field(0, ge=0, description="Serve Prometheus /metrics from the beat on this port (0: off).")
 
     # Flower.

@@ -1,5 +1,5 @@
 """kombu's Redis transport, hardened: a message that is not valid JSON, pushed straight onto a queue,
-is logged and dropped instead of killing the worker.
+is logged and dropped instead of killing the worker; and acknowledging rides out a full Redis.
 
 Stock kombu decodes the envelope inside its BRPOP handler; a `JSONDecodeError` there escapes to Celery's
 consumer as an "Unrecoverable error" and the whole worker exits (tests/integration/test_bad_input.py
@@ -13,10 +13,22 @@ from queue import Empty
 
 from kombu.transport import redis as kombu_redis
 
+from broker.backend import retry_while_full
+
 log = logging.getLogger(__name__)
 
 
+class QoS(kombu_redis.QoS):
+    """Acknowledging a message is a MULTI of deletions that a full Redis refuses whole: retried until memory
+    returns, instead of the worker exiting with "Unrecoverable error"."""
+
+    def ack(self, delivery_tag):  # type: ignore[no-untyped-def]
+        return retry_while_full(lambda: kombu_redis.QoS.ack(self, delivery_tag), log, "acknowledge a message")
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
     def _brpop_read(self, **options):  # type: ignore[no-untyped-def]
         try:
             return super()._brpop_read(**options)

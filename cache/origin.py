@@ -3,10 +3,14 @@ HTTP(S) server, behind one small interface. Errors name the model and the origin
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
+
+from cache.tiers import WriteInto, sendfile_from
 
 
 class OriginError(OSError):
@@ -61,3 +65,28 @@ class HttpOrigin:
 
 def origin_for(location: str) -> Origin:
     return HttpOrigin(location) if location.startswith(("http://", "https://")) else LocalOrigin(location)
+
+
+@contextmanager
+def stream(origin: Origin, file: str, offset: int, size: int) -> Iterator[WriteInto]:
+    """The byte range as a `write_into` for `FileTier.fill`: copied in the kernel from a plain local origin,
+    else read through the origin's `read` (an origin that overrides it — counts, throttles — keeps it)."""
+    if type(origin) is LocalOrigin:
+        path = origin.root / file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise OriginError(f"cannot read {file} from origin {origin.location}: {exc.strerror or exc}") from exc
+        try:
+            if os.fstat(fd).st_size < offset + size:
+                raise OriginError(f"{file} at origin {origin.location} is shorter than its manifest says")
+            yield sendfile_from(fd, offset)
+        finally:
+            os.close(fd)
+        return
+    view = memoryview(origin.read(file, offset, size))
+
+    def write_into(fd: int, at: int, n: int) -> int:
+        return os.write(fd, view[at:at + n])
+
+    yield write_into

@@ -2,44 +2,77 @@
 and nothing is unlinked when the process that wrote it exits — unlike multiprocessing.shared_memory on
 Python 3.11) and disk (files in a local directory). One class serves both; each has a byte budget.
 
-Writes are safe to repeat: a temp file, the hash verified, an atomic rename. A tier that verifies reads
-(disk) also keeps a fast checksum (xxh3-64, ~10 GB/s against SHA-256's ~1.5 here) beside each fragment,
-written once the SHA-256 was checked, so a read is checked at memory speed; a fragment without one is
-checked by its SHA-256. A fragment being read is
-pinned with a shared flock on its file; eviction (least recently used first) takes an exclusive,
-non-blocking lock and skips what it cannot get, so a fragment in use is never evicted, and a process that
-dies releases its pins with it."""
+Writes are safe to repeat: a temp file, the hash verified, an atomic rename. A fill streams the bytes into
+the temp file (`sendfile` from a local file, or chunks from a socket) while another thread hashes what has
+landed, so hashing overlaps the copy. A tier that verifies reads (disk) also keeps a fast checksum (xxh3-64,
+~10 GB/s against SHA-256's ~1.5 here) beside each fragment, written once the SHA-256 was checked, so a read
+is checked at memory speed. A fragment being read is pinned with a shared flock on its file; eviction
+(least recently used first) takes an exclusive, non-blocking lock and skips what it cannot get, so a
+fragment in use is never evicted, and a process that dies releases its pins with it. A tier may keep
+fragments mapped (`keep_mapped_bytes`): a later hit is a lookup, not a map + populate.
+
+A budget larger than the free space of the tier's directory is reported loudly at start-up and clamped to
+what fits; running out of space while writing raises `TierFull`, naming the tier and the path."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
+from queue import SimpleQueue
+from typing import Callable
 
 import xxhash
+
+log = logging.getLogger(__name__)
+CHUNK = 8 << 20
+WriteInto = Callable[[int, int, int], int]   # (fd, offset in the fragment, at most n) -> bytes written
 
 
 class CorruptFragment(OSError):
     pass
 
 
-@dataclass
-class Pinned:
-    """A fragment's bytes, mapped read-only and pinned until `close()`."""
+class TierFull(OSError):
+    """A tier cannot store a fragment: out of space on its file system, or its budget is pinned."""
 
-    data: memoryview
-    _fd: int
-    _map: mmap.mmap | None
+
+class _Map:
+    """One open, shared-locked, mapped fragment file; unmapped and unlocked when the last user drops it."""
+
+    def __init__(self, fd: int, size: int, populate: bool = True) -> None:
+        self.fd, self.size = fd, size
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        self.m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ) if size else None
+
+    def __del__(self) -> None:
+        try:
+            if self.m is not None:
+                self.m.close()
+        except BufferError:
+            pass   # a view is still exported: the mapping goes with the mmap object
+        os.close(self.fd)   # drops the shared flock
+
+
+class Pinned:
+    """A fragment's bytes, pinned until `close()`: a mapping of a tier file (`fd` is that file) or, where no
+    tier could store it, bytes of this process (`fd` is None)."""
+
+    def __init__(self, data: memoryview, owner: object = None, fd: int | None = None) -> None:
+        self.data, self._owner, self.fd = data, owner, fd
 
     def close(self) -> None:
         self.data.release()
-        if self._map is not None:
-            self._map.close()
-        os.close(self._fd)   # drops the shared flock
+        self._owner = None
 
     def __enter__(self) -> Pinned:
         return self
@@ -48,10 +81,44 @@ class Pinned:
         self.close()
 
 
+def _out_of_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class FileTier:
-    def __init__(self, name: str, root: Path | str, budget_bytes: int, verify_reads: bool = False) -> None:
+    def __init__(self, name: str, root: Path | str, budget_bytes: int, verify_reads: bool = False,
+                 keep_mapped_bytes: int = 0) -> None:
         self.name, self.root, self.budget_bytes, self.verify_reads = name, Path(root), budget_bytes, verify_reads
+        self.keep_mapped_bytes = keep_mapped_bytes
+        self._held: OrderedDict[str, _Map] = OrderedDict()
+        self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._sweep_temp_files()
+        self.space_warning = self.check_space()
+
+    def check_space(self) -> str | None:
+        """Clamp the budget to the free space of the directory (plus what the tier holds), loudly: a budget
+        that cannot fit would fail every fill with ENOSPC. Returns the warning, if any."""
+        usage = shutil.disk_usage(self.root)
+        fits = usage.free + self.used_bytes()
+        if self.budget_bytes <= fits:
+            return None
+        msg = (f"the {self.name} tier's budget ({self.budget_bytes >> 20} MiB) is larger than the free space "
+               f"of {self.root} ({usage.free >> 20} MiB free, {usage.total >> 20} MiB in all); using "
+               f"{int(fits * 0.95) >> 20} MiB")
+        log.error("%s", msg)
+        self.budget_bytes = int(fits * 0.95)
+        return msg
+
+    def _sweep_temp_files(self, older_than_s: float = 3600.0) -> None:
+        """Temp files of writers that died mid-fill (the live ones are younger)."""
+        now = time.time()
+        for p in self.root.glob("*/.tmp-*"):
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
 
     def path(self, sha: str) -> Path:
         return self.root / sha[:2] / sha
@@ -69,41 +136,104 @@ class FileTier:
     def has(self, sha: str) -> bool:
         return self.path(sha).exists()
 
-    def open(self, sha: str) -> Pinned | None:
+    def _held_map(self, sha: str) -> _Map | None:
+        with self._lock:
+            held = self._held.get(sha)
+            if held is None:
+                return None
+            if os.fstat(held.fd).st_nlink == 0:   # deleted behind our back (not evicted: we pin it)
+                del self._held[sha]
+                return None
+            self._held.move_to_end(sha)
+            return held
+
+    def _hold(self, sha: str, held: _Map) -> None:
+        with self._lock:
+            self._held[sha] = held
+            total = sum(h.size for h in self._held.values())
+            while total > self.keep_mapped_bytes and self._held:
+                _, old = self._held.popitem(last=False)
+                total -= old.size
+
+    def release_held(self) -> None:
+        """Unpin every fragment this process keeps mapped (so they can be evicted)."""
+        with self._lock:
+            self._held.clear()
+
+    def open(self, sha: str, verify: bool | None = None) -> Pinned | None:
         """The fragment pinned and mapped, or None if this tier does not hold it. With `verify_reads`, a
         fragment whose bytes no longer match its name is deleted and reported as missing."""
+        held = self._held_map(sha)
+        if held is not None:
+            return Pinned(memoryview(held.m) if held.m is not None else memoryview(b""), held, held.fd)
         try:
             fd = os.open(self.path(sha), os.O_RDONLY)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
-        size = os.fstat(fd).st_size
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)   # fault every page in at once
-        m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ) if size else None
-        pinned = Pinned(memoryview(m) if m is not None else memoryview(b""), fd, m)
-        if self.verify_reads and not self._intact(sha, pinned.data):
+        mapped = _Map(fd, os.fstat(fd).st_size)
+        pinned = Pinned(memoryview(mapped.m) if mapped.m is not None else memoryview(b""), mapped, fd)
+        if (self.verify_reads if verify is None else verify) and not self._intact(sha, pinned.data):
             pinned.close()
+            del mapped
             self.path(sha).unlink(missing_ok=True)
             self._checksum_path(sha).unlink(missing_ok=True)
-            raise CorruptFragment(f"fragment {sha[:12]} in the {self.name} tier failed its hash check; dropped")
-        os.utime(self.path(sha))   # recently used
+            raise CorruptFragment(f"fragment {sha[:12]} in the {self.name} tier ({self.path(sha)}) failed its "
+                                  "hash check; dropped")
+        os.utime(fd)   # recently used
+        if self.keep_mapped_bytes:
+            self._hold(sha, mapped)
         return pinned
 
     def put(self, sha: str, data: bytes | memoryview, verified: bool = False) -> list[str]:
         """Store bytes under their hash, checked unless the caller just `verified` them (idempotent: a
         concurrent writer of the same fragment is harmless). Returns the fragments evicted to make room."""
-        if not verified and hashlib.sha256(data).hexdigest() != sha:
-            raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash; not stored")
-        evicted = self.make_room(len(data))
+        view = memoryview(data)
+
+        def write_into(fd: int, offset: int, n: int) -> int:
+            return os.write(fd, view[offset:offset + n])
+
+        return self.fill(sha, len(view), write_into, verify=not verified)
+
+    def fill(self, sha: str, size: int, write_into: WriteInto, verify: bool = True) -> list[str]:
+        """Store a fragment written by `write_into` chunk by chunk into a temp file, hashed (SHA-256 if
+        `verify`, xxh3 for a tier that verifies reads) by a second thread as the chunks land; renamed into
+        place once the hash matched. Returns the fragments evicted to make room."""
+        evicted = self.make_room(size)
         dest = self.path(sha)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.verify_reads:   # the checksum first: a fragment is never visible without it
-            self._atomic_write(self._checksum_path(sha), xxhash.xxh3_64_hexdigest(data).encode())
-        self._atomic_write(dest, data)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size) if size else None   # ENOSPC now, not mid-copy
+            except OSError as exc:
+                if _out_of_space(exc):
+                    raise
+            sums = stream_hashed(fd, size, write_into, verify, self.verify_reads)
+            if verify and sums["sha"] != sha:
+                raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash; not stored in the "
+                                      f"{self.name} tier")
+            os.close(fd)
+            fd = -1
+            if self.verify_reads:   # the checksum first: a fragment is never visible without it
+                self._atomic_write(self._checksum_path(sha), sums["xxh"].encode())
+            os.replace(tmp, dest)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if _out_of_space(exc):
+                raise TierFull(exc.errno, f"the {self.name} tier is out of space writing fragment {sha[:12]} "
+                                          f"({size} bytes) into {dest.parent}: {os.strerror(exc.errno)}") from exc
+            raise
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
         return evicted
 
     @staticmethod
-    def _atomic_write(dest: Path, data: bytes | memoryview) -> None:
+    def _atomic_write(dest: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -131,7 +261,16 @@ class FileTier:
 
     def make_room(self, need: int) -> list[str]:
         """Evict least recently used, unpinned fragments until `need` more bytes fit in the budget;
-        returns the evicted fragments."""
+        returns the evicted fragments. This process's own kept mappings are given up before failing."""
+        try:
+            return self._make_room(need)
+        except TierFull:
+            if not self._held:
+                raise
+            self.release_held()
+            return self._make_room(need)
+
+    def _make_room(self, need: int) -> list[str]:
         entries = sorted(self.entries())
         used = sum(size for _, size, _ in entries)
         evicted: list[str] = []
@@ -154,6 +293,72 @@ class FileTier:
             used -= size
             evicted.append(path.name)
         if used + need > self.budget_bytes:
-            raise OSError(f"the {self.name} tier cannot make room for {need} bytes: {used} of "
-                          f"{self.budget_bytes} in use and pinned")
+            raise TierFull(errno.ENOSPC, f"the {self.name} tier ({self.root}) cannot make room for {need} bytes: "
+                                         f"{used} of {self.budget_bytes} in use and pinned")
         return evicted
+
+
+def sendfile_from(src_fd: int, src_offset: int) -> WriteInto:
+    """A `write_into` copying from an open file in the kernel (no user-space buffer)."""
+
+    def write_into(fd: int, offset: int, n: int) -> int:
+        try:
+            return os.sendfile(fd, src_fd, src_offset + offset, n)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            return os.write(fd, os.pread(src_fd, n, src_offset + offset))
+
+    return write_into
+
+
+def stream_hashed(fd: int, size: int, write_into: WriteInto, sha256: bool, xxh3: bool) -> dict[str, str]:
+    """Copy `size` bytes into `fd` with `write_into` while a second thread hashes each chunk that landed
+    (read back through a mapping of `fd`: no second copy). Returns {"sha": .., "xxh": ..} as asked."""
+    m = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+    done: SimpleQueue = SimpleQueue()
+    sums: dict[str, str] = {"sha": "", "xxh": ""}
+
+    def hash_landed() -> None:
+        h, x = hashlib.sha256() if sha256 else None, xxhash.xxh3_64() if xxh3 else None
+        view = memoryview(m) if m is not None else memoryview(b"")
+        while (span := done.get()) is not None:
+            chunk = view[span[0]:span[1]]
+            if h is not None:
+                h.update(chunk)
+            if x is not None:
+                x.update(chunk)
+            chunk.release()
+        view.release()
+        sums.update(sha=h.hexdigest() if h else "", xxh=x.hexdigest() if x else "")
+
+    hasher = threading.Thread(target=hash_landed, name="tier-hash", daemon=True)
+    hasher.start()
+    try:
+        offset = 0
+        while offset < size:
+            n = write_into(fd, offset, min(CHUNK, size - offset))
+            if n <= 0:
+                raise OSError(errno.EIO, f"source ended at byte {offset} of {size}")
+            done.put((offset, offset + n))
+            offset += n
+    finally:
+        done.put(None)
+        hasher.join()
+        if m is not None:
+            m.close()
+    return sums
+
+
+def fill_anonymous(sha: str, size: int, write_into: WriteInto) -> Pinned:
+    """A verified fragment in this process's memory (an anonymous memfd), for when no tier can store it."""
+    fd = os.memfd_create(f"fragment-{sha[:12]}")
+    try:
+        got = stream_hashed(fd, size, write_into, True, False)["sha"]
+        if got != sha:
+            raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash")
+        mapped = _Map(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Pinned(memoryview(mapped.m) if mapped.m is not None else memoryview(b""), mapped, fd)

@@ -17,6 +17,7 @@ import fakeredis
 import pytest
 import redis
 
+from arbiter.stack import _die_with_parent
 from broker.client import Client
 from broker.redis_server import EmbeddedRedis
 from broker.settings import Settings, settings_env
@@ -115,6 +116,11 @@ class WorkerProc:
                 self.proc.wait()
 
 
+# preexec_fn of every worker and beat: a new session (the test signals the whole group) that the kernel kills if
+# pytest dies, so a test run killed midway leaves no worker or beat behind
+die_with_parent = _die_with_parent
+
+
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that gives a subprocess exactly these settings."""
     env = settings_env(settings)
@@ -138,7 +144,7 @@ def start_worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
             [sys.executable, "-m", "arbiter", "worker", "--workload", workload, "--gpu", gpu,
              "--concurrency", str(concurrency), "--name", name, "--backend", backend],
             env=worker_env(settings, **env), stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=ROOT,
+            preexec_fn=die_with_parent, cwd=ROOT,
         )
         w = WorkerProc(proc, log, name)
         started.append(w)
@@ -160,7 +166,7 @@ def start_beat(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     def start(**env: str) -> WorkerProc:
         log = logs / f"beat-{len(started)}.log"
         proc = subprocess.Popen([sys.executable, "-m", "arbiter", "beat"], env=worker_env(settings, **env),
-                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent, cwd=ROOT)
         b = WorkerProc(proc, log, f"beat-{len(started)}")
         started.append(b)
         return b

@@ -8,14 +8,14 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from broker.app import BARE_TASK, TASK_NAMES, create_app
 from broker.errors import ArbiterError
 from broker.schemas import Workload
 from broker.settings import get_settings
 from workers import runner
-from workers.runtime import close_runtime, get_runtime
+from workers.runtime import GpuConflict, check_gpu_size, close_runtime, get_runtime, make_device
 
 log = logging.getLogger(__name__)
 app = create_app(get_settings())
@@ -53,6 +53,29 @@ def diffusion_generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def bare_noop() -> float:
     """A bare Celery task (no Arbiter path at all): the dispatch benchmark's baseline. Returns its start."""
     return time.time()
+
+
+@worker_init.connect
+def _check_gpu(**_: Any) -> None:
+    """At start-up, in the worker's main process (before any pool process): refuse a gpu id a live worker
+    announces with another size. SystemExit passes through Celery's signal dispatch and stops the worker
+    with the message."""
+    s = get_settings()
+    if not s.worker_name:
+        return
+    from broker.keys import Keys
+    from broker.redis_server import connect
+
+    r = connect(s.redis_url)
+    try:
+        keys = Keys(s.key_prefix)
+        gpu = make_device(s, r, keys)
+        check_gpu_size(r, keys, s.worker_name, gpu.gpu_id, gpu.total_mib)
+    except GpuConflict as exc:
+        log.critical("worker %s refused to start: %s", s.worker_name, exc)
+        raise SystemExit(f"arbiter worker {s.worker_name}: {exc}") from None
+    finally:
+        r.close()
 
 
 @worker_process_init.connect

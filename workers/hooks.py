@@ -1,7 +1,12 @@
 """Behaviour around a running job as small hooks (dramatiq's middleware shape), run after every step.
 
 A hook marked `critical` may stop the job by raising (cancel, preemption); any other hook's exception
-is logged and swallowed, so a broken progress or metrics hook never fails a job."""
+is logged and swallowed, so a broken progress or metrics hook never fails a job.
+
+Every write a hook makes carries the run's fence (`RunContext.fence`): a stale run's token, progress or
+checkpoint is refused by Redis, logged once, and the run stops at its next control check (`LeaseLost`).
+Controls expire: a pause or preemption whose stamp the beat has not renewed for `control_ttl_s` (a dead
+beat) is ignored, so no job stays paused for a whole beat outage."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from broker.schemas import JobSpec, Progress
 from broker.states import JobState
 from workers.backends.base import StepInfo
 from workers.ladders import Rung
-from workers.runtime import Runtime
+from workers.runtime import Runtime, control_ttl_s, parse_control
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,15 @@ class RunContext:
     worker: str
     gpu_id: str
     task: Any = None                  # the Celery task (for update_state / send_event), None in tests
+    fence: int | None = None          # the run's lease fence: its writes are accepted only while it owns the job
+    fenced_out: bool = False          # a write was refused: another run owns the job now
+
+    def refused(self, what: str) -> None:
+        """A fenced write was refused: log once, and the control hook stops the run at its next check."""
+        if not self.fenced_out:
+            self.fenced_out = True
+            log.warning("job %s: this run (fence %s) no longer owns the job; its %s was refused and it stops",
+                        self.job_id, self.fence, what)
 
 
 class Hook:
@@ -46,13 +60,15 @@ class StreamHook(Hook):
         self.store = store
 
     def after_step(self, ctx: RunContext, info: StepInfo) -> None:
-        if info.token is not None:
-            self.store.publish_token(ctx.job_id, info.token, info.step - 1)
+        if info.token is not None and not self.store.publish_token(ctx.job_id, info.token, info.step - 1,
+                                                                    fence=ctx.fence):
+            ctx.refused("token")
 
 
 class ProgressHook(Hook):
     """`{step, total, quality}` to the job record, the event stream, Celery's PROGRESS state (clients) and a
-    `task-progress` event (Flower), at most every `interval_s`; the last step is the job's end instead."""
+    `task-started` event with those fields (Flower), at most every `interval_s`; the last step is the job's end
+    instead."""
 
     def __init__(self, store: JobStore, interval_s: float) -> None:
         self.store, self.interval_s, self._last = store, interval_s, 0.0
@@ -63,10 +79,14 @@ class ProgressHook(Hook):
             return   # the last step's progress is the job's end, published with its result
         self._last = now
         progress = Progress(step=info.step, total=info.total, quality=ctx.rung.quality)
-        self.store.publish_progress(ctx.job_id, progress)
+        if not self.store.publish_progress(ctx.job_id, progress, fence=ctx.fence):
+            ctx.refused("progress")
+            return
         if ctx.task is not None and ctx.task.request.id == ctx.job_id:
             ctx.task.update_state(state="PROGRESS", meta=progress.model_dump())
-            ctx.task.send_event("task-progress", **progress.model_dump())
+            # a `task-started` event carrying the fields, not a custom `task-progress`: Celery's event state
+            # ranks an unknown state above REVOKED, so a cancelled job would have stayed "PROGRESS" in Flower
+            ctx.task.send_event("task-started", **progress.model_dump())
 
 
 class ControlHook(Hook):
@@ -84,7 +104,8 @@ class ControlHook(Hook):
         pipe.hget(self.rt.keys.job(job_id), "cancel_requested")
         pipe.hget(self.rt.keys.controls(self.rt.gpu_id), job_id)
         cancel, control = pipe.execute()
-        return bool(cancel), (control.decode().partition(":")[0] if control else None)
+        action, _ = parse_control(control, time.time(), control_ttl_s(self.rt.settings.lease_ttl_s))
+        return bool(cancel), action
 
     def after_step(self, ctx: RunContext, info: StepInfo) -> None:
         cancel, action = self._read(ctx.job_id)
@@ -96,12 +117,14 @@ class ControlHook(Hook):
             raise Preempted(f"job {ctx.job_id} preempted at step {info.step}/{info.total}", info.capture(),
                             info.step)
         cur = self.rt.current
-        if cur is not None and cur.lost:
+        if ctx.fenced_out or (cur is not None and cur.lost):
             raise LeaseLost(f"job {ctx.job_id} lost its lease at step {info.step}/{info.total}")
 
     def _pause(self, ctx: RunContext, info: StepInfo) -> tuple[bool, str | None]:
         store = self.rt.store
-        store.transition(ctx.job_id, JobState.PAUSED)
+        if not store.transition(ctx.job_id, JobState.PAUSED, owner_fence=ctx.fence)[0]:
+            ctx.refused("pause")
+            return False, None
         self.rt.backend.set_paused(ctx.job_id, True)
         add_stats(self.rt.redis, self.rt.keys, pauses=1)
         log.info("job %s paused at step %d/%d (interactive work on %s)", ctx.job_id, info.step, info.total,
@@ -115,7 +138,9 @@ class ControlHook(Hook):
                     return cancel, action
         finally:
             self.rt.backend.set_paused(ctx.job_id, False)
-            store.transition(ctx.job_id, JobState.RUNNING, allowed=frozenset({JobState.PAUSED}))
+            if not store.transition(ctx.job_id, JobState.RUNNING, allowed=frozenset({JobState.PAUSED}),
+                                    owner_fence=ctx.fence)[0]:
+                ctx.refused("resume")
             log.info("job %s resumed after a pause", ctx.job_id)
 
 
@@ -132,8 +157,9 @@ class CheckpointHook(Hook):
         if now - self._last < self.interval_s or info.step >= info.total:
             return
         blob = info.capture()
-        self.rt.store.save_checkpoint(ctx.job_id, blob)
-        self.rt.store.set_fields(ctx.job_id, checkpoint_quality=ctx.rung.quality)
+        if not self.rt.store.save_checkpoint(ctx.job_id, blob, quality=ctx.rung.quality, fence=ctx.fence):
+            ctx.refused("checkpoint")
+            return
         done = time.monotonic()
         add_stats(self.rt.redis, self.rt.keys, checkpoints=1, checkpoint_ms=(done - now) * 1000,
                   step_ms=(now - self._step_t) * 1000)

@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery.exceptions import Ignore, Reject
 
 from arbiter.predictor import StepPredictor, features, pick_for_deadline
 from arbiter.stats import add as add_stats
 from broker.app import direct_queue, worker_queue
-from broker.client import validate_spec
+from broker.client import enqueue, validate_spec
 from broker.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -30,16 +31,18 @@ from arbiter.affinity import pass_to
 from arbiter.budgets import budget_key
 from arbiter.ledger import parse_leases
 from arbiter.metrics import record_job
-from broker.jobstore import decode_hash, status_from, transition_reply
+from broker.jobstore import Settled, decode_hash, status_from, transition_reply
 from broker.schemas import JobResult, JobSpec, Priority
-from broker.states import TERMINAL, JobState
+from broker.states import STARTABLE, TERMINAL, JobState
+from workers import flower
+from workers.improve import adopt, queue_improvement
+from workers.waiting import park, release_here
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
 from workers.ladders import Rung, admissible_rungs, rung_cost_mib
 from workers.peers import ram_nodes, read_peers
 from workers.runtime import CurrentJob, Runtime
 
 log = logging.getLogger("arbiter.job")
-STARTABLE = frozenset({JobState.QUEUED, JobState.WAITING_FOR_VRAM, JobState.WAITING_FOR_WEIGHTS})
 
 
 def parse_message(rt: Runtime, job_id: str, raw: Any) -> JobSpec:
@@ -78,14 +81,6 @@ class Admitted:
 def fail(rt: Runtime, job_id: str, exc: Exception, **fields: Any) -> None:
     rt.store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=time.time(), **fields)
     log.error("job %s failed: %s", job_id, exc)
-
-
-def requeue(rt: Runtime, job_id: str, why: str) -> None:
-    """Back of its queue, same id, state queued: the job waits without holding a worker slot."""
-    rt.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}))
-    log.info("job %s requeued: %s", job_id, why)
-    time.sleep(rt.settings.requeue_backoff_s)
-    raise Reject(why, requeue=True)
 
 
 @dataclass
@@ -152,6 +147,7 @@ def pass_on(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, view: View, raw
     # in between delivers it twice, and the job record lets only one run start
     task.app.send_task(task.name, args=[raw], task_id=job_id, queue=direct_queue(worker_queue(spec.queue, peer.worker)))
     log.info("job %s passed to %s, which holds %s (this worker would load it)", job_id, peer.worker, rung.variant)
+    flower.waiting(task, "queued", f"passed to {peer.worker}, which holds {rung.variant}")
     raise Ignore()
 
 
@@ -163,8 +159,7 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View, raw: Any = None, 
             exc = InsufficientQuality(spec.min_quality or 0.0, budget)
             fail(rt, job_id, exc)
             raise exc
-        add_stats(rt.redis, rt.keys, waits_quality=1)
-        requeue(rt, job_id, f"budget {budget:.2f} is below its min_quality {spec.min_quality:.2f}")
+        park(rt, job_id, spec, "budget", budget, task=task)
     pass_on(rt, job_id, spec, rungs[0], view, raw, task)
     deadline = time.monotonic() + rt.settings.allocation_timeout_s
     waiting = False
@@ -189,13 +184,15 @@ def admit(rt: Runtime, job_id: str, spec: JobSpec, view: View, raw: Any = None, 
         need = min(rung_cost_mib(r, held) for r in rungs)   # the least it could run with
         if not interactive:
             add_stats(rt.redis, rt.keys, allocations_failed=1)
-            requeue(rt, job_id, f"needs {rungs[0].vram_mib} MiB VRAM on {rt.gpu_id}, {free} MiB free")
+            park(rt, job_id, spec, "vram", budget, mib=rung_cost_mib(rungs[0], held), task=task)
         if not waiting:   # tell the arbiter, which preempts background work to make room
             waiting = True
             rt.store.transition(job_id, JobState.WAITING_FOR_VRAM)
+            now = time.time()   # `expires_at`: the beat sweeps the entry if this worker dies while it waits
             rt.redis.hset(rt.keys.waiting_vram(), job_id, json.dumps(
-                {"gpu_id": rt.gpu_id, "mib": need, "priority": spec.priority.value,
-                 "workload": spec.workload.value, "since": time.time()}))
+                {"gpu_id": rt.gpu_id, "mib": need, "priority": spec.priority.value, "workload": spec.workload.value,
+                 "since": now, "worker": rt.worker,
+                 "expires_at": now + rt.settings.allocation_timeout_s + rt.settings.lease_ttl_s}))
             rt.wake_beat(job_id)
         if time.monotonic() > deadline:
             rt.redis.hdel(rt.keys.waiting_vram(), job_id)
@@ -245,54 +242,100 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     rt.current = CurrentJob(job_id, fence, rung.variant)
     log.info("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")
-    ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task)
+    ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task, fence=fence)
     hooks = default_hooks(rt)
-    try:
-        before = set(rt.backend.resident())
-        load_s = rt.backend.load(rung)
-        if rung.variant not in before:
-            add_stats(rt.redis, rt.keys, model_loads=1, model_load_s=load_s)
-            log.info("job %s: loaded %s in %.2f s", job_id, rung.variant, load_s)
-            if rt.settings.worker_concurrency == 1:   # else another process of this worker may still use them
-                for variant in before - set(rt.backend.resident()):
-                    rt.ledger.release_weights(rt.gpu_id, rt.worker, variant)
-        started = time.monotonic()
-        output = rt.backend.generate(job_id, spec, rung, checkpoint, lambda info: run_hooks(hooks, ctx, info))
-        run_s = time.monotonic() - started
-    except Preempted as exc:
-        _preempted(rt, job_id, spec, fence, exc)
-    except LeaseLost as exc:
-        log.warning("%s; another run owns the job now", exc)
-        raise Ignore() from None
-    except Cancelled as exc:
-        store.transition(job_id, JobState.CANCELLED, error=str(exc), finished_at=time.time())
-        _cleanup(rt, job_id, fence)
-        log.info("job %s cancelled: %s", job_id, exc)
-        raise
-    except SimulatedOOM as exc:
-        add_stats(rt.redis, rt.keys, ooms=1)
-        fail(rt, job_id, exc, oom=1)
-        _cleanup(rt, job_id, fence)
-        raise
-    except Exception as exc:
-        store.transition(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
-        _cleanup(rt, job_id, fence)
-        log.exception("job %s failed", job_id)
-        raise
+    try:   # the heartbeat renews the lease until the run has settled (its end may wait out a full Redis)
+        try:
+            before = set(rt.backend.resident())
+            load_s = rt.backend.load(rung)
+            if rung.variant not in before:
+                add_stats(rt.redis, rt.keys, model_loads=1, model_load_s=load_s)
+                log.info("job %s: loaded %s in %.2f s", job_id, rung.variant, load_s)
+                if rt.settings.worker_concurrency == 1:   # else another process of this worker may still use them
+                    for variant in before - set(rt.backend.resident()):
+                        rt.ledger.release_weights(rt.gpu_id, rt.worker, variant)
+            started = time.monotonic()
+            output = rt.backend.generate(job_id, spec, rung, checkpoint, lambda info: run_hooks(hooks, ctx, info))
+            run_s = time.monotonic() - started
+        except Preempted as exc:
+            _preempted(rt, job_id, spec, fence, exc, task)
+        except LeaseLost as exc:
+            log.warning("%s; another run owns the job now", exc)
+            raise Ignore() from None
+        except Cancelled as exc:
+            _cleanup(rt, job_id, fence, JobState.CANCELLED, error=str(exc))
+            log.info("job %s cancelled: %s", job_id, exc)
+            flower.revoked(task, job_id, str(exc))   # REVOKED in Flower and Celery's backend, no traceback
+            raise Ignore() from None
+        except SimulatedOOM as exc:
+            add_stats(rt.redis, rt.keys, ooms=1)
+            _cleanup(rt, job_id, fence, JobState.FAILED, error=str(exc), oom=1)
+            log.error("job %s failed: %s", job_id, exc)
+            raise
+        except Exception as exc:
+            _cleanup(rt, job_id, fence, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
+            log.exception("job %s failed", job_id)
+            raise
+        # queued before the finish, so whoever sees the job finished also sees its improvement run named
+        queue_improvement(rt, job_id, spec, rung.quality, task)
+        summary = _finished(rt, job_id, spec, rung, fence, view, output, run_s, now)
     finally:
         rt.current = None
-    return _finished(rt, job_id, spec, rung, fence, view, output, run_s, now)
+    release_here(rt, task)
+    if spec.improves is not None:
+        adopt(rt, job_id, spec)
+    return summary
 
 
-def _cleanup(rt: Runtime, job_id: str, fence: int) -> None:
-    rt.ledger.release(rt.gpu_id, job_id, fence)
-    rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
+REDIS_RETRY_S = 600.0   # how long a run's end waits for Redis to take writes again (full, restarting)
+
+
+def redis_refused(exc: redis.RedisError) -> bool:
+    """A Redis error that passes: full (`maxmemory`, also as an error raised inside a script), read-only
+    (a replica being promoted), or a dropped connection (a restart)."""
+    text = str(exc)
+    return isinstance(exc, (redis.OutOfMemoryError, redis.ReadOnlyError, redis.ConnectionError,
+                            redis.TimeoutError)) or "OOM command not allowed" in text or "READONLY" in text
+
+
+def _settle(rt: Runtime, job_id: str, fence: int, what: str, **kw: Any) -> Settled:
+    """`JobStore.settle`, riding out a full or restarting Redis (retry with backoff, the lease renewed by the
+    heartbeat meanwhile). A refusal because another run owns the job is logged once and drops this run
+    (`Ignore`: its delivery is acknowledged, nothing is stored)."""
+    delay, deadline, warned = 0.05, time.monotonic() + REDIS_RETRY_S, False
+    while True:
+        try:
+            done = rt.store.settle(job_id, fence=fence, gpu_id=rt.gpu_id, **kw)
+            break
+        except redis.RedisError as exc:
+            if not redis_refused(exc) or time.monotonic() > deadline:
+                raise
+            if not warned:
+                log.warning("job %s: Redis refused its %s (%s); retrying until it takes writes again", job_id,
+                            what, exc)
+                warned = True
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+    if not done.ok and done.refused_by == "fence":
+        log.warning("job %s: this run (fence %d) no longer owns the job (another run does): its %s is dropped",
+                    job_id, fence, what)
+        raise Ignore()
+    return done
+
+
+def _cleanup(rt: Runtime, job_id: str, fence: int, to: JobState, **fields: Any) -> None:
+    """A run ends without a result (cancelled, failed): one fenced step — state, lease, control; a terminal
+    job's checkpoint goes with it."""
+    done = _settle(rt, job_id, fence, to.value, states=(to,), finished_at=time.time(), **fields)
+    if not done.ok:
+        log.info("job %s not marked %s: it is %s", job_id, to.value, done.state.value if done.state else "gone")
 
 
 def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, view: View, output: Any,
               run_s: float, started_at: float) -> dict[str, Any]:
-    """Record the result and end the job in one round trip: result, final transition, then the lease
-    (a running job without a lease is what the beat treats as lost), counters and the predictor."""
+    """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
+    lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
+    (another owns the job now) finishes nothing. Then, best effort, counters and the predictor."""
     d = view.job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
@@ -301,13 +344,14 @@ def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, v
         preemptions=int(d.get("preemptions", 0)), runs=int(d.get("runs", 0)) + 1, worker=rt.worker,
         gpu_id=rt.gpu_id,
     )
-    store, w = rt.store, spec.workload.value
+    w = spec.workload.value
+    done = _settle(rt, job_id, fence, "result", states=(JobState.FINISHED,), allowed=frozenset({JobState.RUNNING}),
+                   output=result.image_png, result=json.dumps(result.summary()), finished_at=result.finished_at,
+                   step=rung.total_steps, total=rung.total_steps)
+    if not done.ok:  # cancelled in the very last moment: the cancel wins
+        log.info("job %s finished but is %s", job_id, done.state.value if done.state else "gone")
+        raise Ignore()
     pipe = rt.redis.pipeline(transaction=False)
-    store.save_result(result, pipe=pipe)
-    store.transition(job_id, JobState.FINISHED, pipe=pipe, finished_at=result.finished_at)
-    rt.ledger.release(rt.gpu_id, job_id, fence, pipe=pipe)
-    pipe.delete(rt.keys.job_checkpoint(job_id))
-    pipe.hdel(rt.keys.controls(rt.gpu_id), job_id)
     add_stats(rt.redis, rt.keys, pipe=pipe, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
                                                "quality_reductions": int(rung.quality < 1.0)})
     record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=pipe)
@@ -318,30 +362,32 @@ def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, v
     if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
         pipe.lpush(rt.keys.beat_wake(), "interactive done")
         pipe.ltrim(rt.keys.beat_wake(), 0, 99)
-    replies = pipe.execute()
-    ok, state = transition_reply(replies[2 if result.image_png is not None else 1])
-    if not ok:  # cancelled in the very last moment: the cancel wins, the result is kept for inspection
-        log.info("job %s finished but is %s", job_id, state.value if state else "gone")
+    try:
+        pipe.execute()
+    except redis.RedisError as exc:   # the job is finished; only counters are lost
+        log.warning("job %s finished, but its counters were not recorded: %s", job_id, exc)
     log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, w, spec.priority.value, rung.quality,
              result.latency_s)
     return result.summary()
 
 
-def _preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted) -> None:
-    """vLLM's one guarded transition: checkpoint, count, release the lease, back of the queue."""
-    store = rt.store
-    if exc.checkpoint:
-        store.save_checkpoint(job_id, exc.checkpoint)
-        store.set_fields(job_id, checkpoint_quality=store.status(job_id).quality or 1.0)
-    ok, state = store.transition(job_id, JobState.PREEMPTED)
-    if not ok:
-        log.info("job %s could not be preempted: it is %s", job_id, state.value if state else "gone")
+def _preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted, task: Any = None) -> None:
+    """vLLM's one guarded transition, as one fenced step: checkpoint, count, release the lease, state
+    preempted then queued; then a new message to the job's shared queue (never a worker's own queue, which
+    may have no live consumer) and this delivery is acknowledged. A crash in between leaves the old message
+    unacknowledged: delivered again later, it finds the job taken or finished and is dropped."""
+    quality = rt.store.r.hget(rt.keys.job(job_id), "quality")
+    fields: dict[str, Any] = {"checkpoint_quality": float(quality or 1.0)} if exc.checkpoint else {}
+    done = _settle(rt, job_id, fence, "preemption", states=(JobState.PREEMPTED, JobState.QUEUED),
+                   checkpoint=exc.checkpoint or None, incr={"preemptions": 1}, **fields)
+    if not done.ok:
+        log.info("job %s could not be preempted: it is %s", job_id, done.state.value if done.state else "gone")
         raise Ignore()
-    store.incr(job_id, "preemptions")
-    rt.ledger.release(rt.gpu_id, job_id, fence)
-    rt.redis.hdel(rt.keys.controls(rt.gpu_id), job_id)
-    store.transition(job_id, JobState.QUEUED)
     add_stats(rt.redis, rt.keys, preemptions=1)
     log.info("job %s preempted at step %d: checkpointed, lease released, requeued (%s %s)", job_id, exc.step,
              spec.workload.value, spec.priority.value)
-    raise Reject(str(exc), requeue=True)
+    if task is None:   # no Celery app to send with (a direct call): Celery puts the message back
+        raise Reject(str(exc), requeue=True)
+    enqueue(task.app, rt.settings, job_id, spec)
+    flower.waiting(task, JobState.QUEUED.value, f"preempted at step {exc.step}: checkpointed, back on {spec.queue}")
+    raise Ignore()

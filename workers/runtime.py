@@ -113,6 +113,50 @@ class CurrentJob:
     lost: bool = False           # the lease could not be renewed: another run owns the job now
 
 
+def control_ttl_s(lease_ttl_s: float) -> float:
+    """How long a control (pause, preempt) counts without the beat renewing its stamp: a few lease TTLs."""
+    return 3 * lease_ttl_s
+
+
+def parse_control(raw: bytes | str | None, now: float, ttl_s: float) -> tuple[str | None, float]:
+    """A control as the beat writes it, '<action>:<since>:<stamp>' (or the older '<action>:<since>'):
+    (action, since) — or (None, 0) when there is none or its stamp is older than `ttl_s` (the beat that
+    wrote it is gone)."""
+    if not raw:
+        return None, 0.0
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    action, _, rest = text.partition(":")
+    since_s, _, stamp_s = rest.partition(":")
+    since = float(since_s or 0)
+    stamp = float(stamp_s or since_s or 0)
+    if stamp and now - stamp > ttl_s:
+        return None, 0.0
+    return action, since
+
+
+class GpuConflict(ValueError):
+    """Two live workers announce one gpu id with different sizes."""
+
+
+def check_gpu_size(r: redis.Redis, keys: Keys, worker: str, gpu_id: str, total_mib: int,
+                   now: float | None = None) -> None:
+    """Refuse a gpu id that a live worker (another name) announces with another size: the ledger would grant
+    from one size while the GPU's snapshot says another (interactive jobs failing "available 0 MiB" while
+    `arbiter status` shows low pressure)."""
+    now = time.time() if now is None else now
+    announced = r.hget(keys.simgpu_info(gpu_id), "total_mib")
+    for name, raw in r.hgetall(keys.workers()).items():
+        other, entry = name.decode(), json.loads(raw)
+        if other == worker or entry.get("gpu_id") != gpu_id or entry.get("expires_at", 0) < now:
+            continue
+        size = entry.get("total_mib", int(announced) if announced else None)
+        if size is not None and int(size) != total_mib:
+            raise GpuConflict(
+                f"gpu id {gpu_id} is already announced by live worker {other} with {int(size)} MiB; this worker "
+                f"({worker}) says {total_mib} MiB. One GPU has one size: start both with the same --gpu size, or "
+                f"give them different gpu ids (sim0, sim1, ...)")
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -125,6 +169,7 @@ class Runtime:
         self.gpu.announce()
         self.worker = settings.worker_name or f"{self.workload.value}@{settings.node}"
         self.cache = cache_from_settings(self.redis, settings)
+        self.cache.serve(settings.cache_peer_host)   # this node's fragments for its peers (TTL, renewed by heartbeat)
         self.backend = make_backend(settings.worker_backend, self.workload, self.gpu, self.worker, self.cache, settings)
         self.holder = f"{self.worker}/{os.getpid()}"   # job leases name the process: fencing within a worker too
         self.current: CurrentJob | None = None
@@ -155,12 +200,10 @@ class Runtime:
         return held | set(self.backend.resident())
 
     def control(self, job_id: str) -> tuple[str | None, float]:
-        """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s)."""
+        """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s); a control
+        the beat stopped renewing (a dead beat) counts as none."""
         raw = self.redis.hget(self.keys.controls(self.gpu_id), job_id)
-        if not raw:
-            return None, 0.0
-        action, _, since = raw.decode().partition(":")
-        return action, float(since or 0)
+        return parse_control(raw, time.time(), control_ttl_s(self.settings.lease_ttl_s))
 
     def wake_beat(self, why: str) -> None:
         self.redis.lpush(self.keys.beat_wake(), why)
@@ -168,7 +211,7 @@ class Runtime:
 
     def _register(self) -> None:
         entry = {"workload": self.workload.value, "gpu_id": self.gpu_id, "node": self.settings.node,
-                 "concurrency": self.settings.worker_concurrency,
+                 "concurrency": self.settings.worker_concurrency, "total_mib": self.gpu.total_mib,
                  "expires_at": time.time() + self.settings.heartbeat_ttl_s, "seen_at": time.time(),
                  "renew_s": self.renew_every_s}
         self.redis.hset(self.keys.workers(), self.worker, json.dumps(entry))

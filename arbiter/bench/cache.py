@@ -1,12 +1,19 @@
-"""`arbiter bench cache`: real bytes through the real tiers on this machine. A synthetic model (random
-fp16 tensors in safetensors files) is loaded cold (origin -> disk + RAM), warm from disk, and warm from
-RAM, each beside the raw rate of the same medium measured in the same run: a plain sequential read of
-the same files (disk) and a numpy memcpy of the same bytes (RAM). Then N processes load the model at
-once: origin fetches per fragment, and the time for all versus one alone.
+"""`arbiter bench cache`: real bytes through the real tiers on this machine, each measurement repeated in
+interleaved rounds against the raw rate of the same medium (`arbiter/bench/rounds.py`):
 
-Page cache: the origin and disk tier files are read through the page cache, and so is the raw disk read
-(it runs right after the files were written or read); dropping caches needs root on the host, which this
-sandbox does not give, so the disk figures are page-cache figures on both sides — like with like."""
+- cold: origin -> RAM tier (hashed while copied; the disk copy is written behind, timed separately) vs
+  *raw* = a plain sequential `read()` of the origin files into a reused buffer;
+- warm disk: every fragment served from the disk tier (mapped, xxh3-checked; promoted to RAM behind, not
+  timed) vs *raw* = a plain sequential `read()` of the same disk-tier files into a reused buffer;
+- warm RAM: every fragment through the cache and every byte copied out into one staging buffer (as a loader
+  fills a pinned buffer for the GPU) vs *raw* = a numpy memcpy of as many bytes into the same buffer;
+- a real model (~1 GB random-weights GPT-2) built from the RAM tier's mappings vs `from_pretrained`
+  (`arbiter/bench/cache_model.py`);
+- N simulated nodes (separate tier directories, one Redis, a fragment server each) loading the model at
+  once: origin fetches per fragment across the cluster.
+
+Page cache: dropping it needs root on the host, which this sandbox does not give, so origin and disk reads
+are page-cache reads on both sides — like with like."""
 
 from __future__ import annotations
 
@@ -20,12 +27,15 @@ from typing import Any
 import numpy as np
 import redis
 
+from arbiter.bench.rounds import interleaved, summary, timed
 from broker.keys import Keys
 from broker.redis_server import EmbeddedRedis
 from cache.loader import FragmentCache
 from cache.manifest import Manifest, build_manifest
 from cache.origin import LocalOrigin
 from cache.tiers import FileTier
+
+FRAGMENT_MIB = 32
 
 
 def _synthetic_model(root: Path, size_gib: float) -> None:
@@ -44,160 +54,152 @@ def _synthetic_model(root: Path, size_gib: float) -> None:
         i += 1
 
 
-def _raw_disk_gbps(root: Path) -> float:
-    total, t0 = 0, time.perf_counter()
-    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+def _read_files(paths: list[Path], buf: bytearray) -> None:
+    view = memoryview(buf)
+    for p in paths:
         with p.open("rb", buffering=0) as f:
-            while chunk := f.read(32 << 20):
-                total += len(chunk)
-    return total / (time.perf_counter() - t0) / 1e9
+            while f.readinto(view):
+                pass
 
 
-def _raw_write_gbps(src: Path, dest: Path) -> float:
-    """Plain writes of the same bytes into new files on the destination medium (what filling a tier costs
-    at least: on a VM, first-touch page allocation can dominate)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    total, elapsed = 0, 0.0
-    for i, p in enumerate(sorted(x for x in src.rglob("*") if x.is_file())):
-        data = p.read_bytes()
-        t0 = time.perf_counter()
-        with (dest / f"raw-{i}").open("wb") as f:
-            f.write(data)
-        elapsed += time.perf_counter() - t0
-        total += len(data)
-    shutil.rmtree(dest)
-    return total / elapsed / 1e9
+def make_cache(url: str, base: Path, shm: Path, node: str, serve: bool = False) -> FragmentCache:
+    base.mkdir(parents=True, exist_ok=True)
+    shm.mkdir(parents=True, exist_ok=True)
+    room = lambda p: int(shutil.disk_usage(p).free * 0.4)  # noqa: E731  (budgets that fit, several nodes)
+    ram = FileTier("ram", shm / f"ram-{node}", room(shm), keep_mapped_bytes=room(shm))
+    cache = FragmentCache(redis.Redis.from_url(url), Keys("bench"), node, ram,
+                          FileTier("disk", base / f"disk-{node}", room(base), verify_reads=True))
+    if serve:
+        cache.serve()
+    return cache
 
 
-def diskcache_vs_files(work: Path, blobs: list[bytes]) -> dict[str, float]:
-    """The disk tier's store, chosen by measurement: diskcache (SQLite index, values as files) against
-    plain files + atomic rename, writing then reading the same fragment-sized blobs."""
-    work.mkdir(parents=True, exist_ok=True)
-    import hashlib
-
-    import diskcache
-
-    gb = sum(len(b) for b in blobs) / 1e9
-    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
-    out: dict[str, float] = {}
-    dc = diskcache.Cache(str(work / "dc"), size_limit=1 << 40)
-    t0 = time.perf_counter()
-    for sha, b in zip(shas, blobs):
-        dc.set(sha, b)
-    out["diskcache_write_gbps"] = gb / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for sha in shas:
-        dc.get(sha, read=True).read()
-    out["diskcache_read_gbps"] = gb / (time.perf_counter() - t0)
-    dc.close()
-    tier = FileTier("disk", work / "files", 1 << 40)
-    t0 = time.perf_counter()
-    for sha, b in zip(shas, blobs):
-        tier.put(sha, b, verified=True)
-    out["files_write_gbps"] = gb / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for sha in shas:
-        with tier.open(sha) as p:
-            bytes(p.data)
-    out["files_read_gbps"] = gb / (time.perf_counter() - t0)
-    return {k: round(v, 3) for k, v in out.items()}
-
-
-def _raw_memcpy_gbps(nbytes: int) -> float:
-    src = np.frombuffer(np.random.default_rng(1).bytes(min(nbytes, 1 << 30)), dtype=np.uint8)
-    dst = np.empty_like(src)
-    reps = max(1, nbytes // len(src))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        np.copyto(dst, src)
-    return reps * len(src) / (time.perf_counter() - t0) / 1e9
-
-
-def _cache(url: str, work: Path, node: str) -> FragmentCache:
-    return FragmentCache(redis.Redis.from_url(url), Keys("bench"), node,
-                         FileTier("ram", work / f"shm-{node}", 64 << 30),
-                         FileTier("disk", work / f"disk-{node}", 256 << 30, verify_reads=True))
-
-
-def _timed_load(cache: FragmentCache, manifest: Manifest, origin: LocalOrigin) -> float:
-    t0 = time.perf_counter()
-    pinned = [cache.fragment(f, origin, manifest.key)[0] for f in manifest.fragments]
-    elapsed = time.perf_counter() - t0
-    for p in pinned:
+def _load(cache: FragmentCache, manifest: Manifest, origin: LocalOrigin) -> None:
+    for p in cache.pinned(manifest, origin):
         p.close()
-    return elapsed
 
 
-def _worker(url: str, work: str, manifest_json: str, origin: str, barrier: Any, out: Any) -> None:
-    cache = _cache(url, Path(work), "multi")
+def _clear(tier: FileTier, cache: FragmentCache) -> None:
+    tier.release_held()
+    shutil.rmtree(tier.root, ignore_errors=True)
+    tier.root.mkdir(parents=True)
+    cache.r.delete(cache.keys.cache_holdings(cache.node, tier.name))
+
+
+def tier_rounds(cache: FragmentCache, manifest: Manifest, origin_dir: Path, rounds: int) -> dict[str, Any]:
+    origin, n = LocalOrigin(origin_dir), manifest.total_bytes
+    buf = bytearray(32 << 20)
+    origin_files = sorted(origin_dir.rglob("*.safetensors"))
+    behind: list[float] = []
+
+    def cold_before() -> None:
+        cache.flush()
+        _clear(cache.ram, cache)
+        _clear(cache.disk, cache)
+
+    def cold_after() -> None:
+        behind.append(timed(cache.flush))
+
+    cold = interleaved(rounds, n, lambda: _load(cache, manifest, origin), lambda: _read_files(origin_files, buf),
+                       0.5, before=cold_before, after=cold_after)
+    cold["disk_written_behind_s"] = summary(behind)
+    disk_files = [cache.disk.path(f.sha256) for f in manifest.fragments]
+
+    def disk_before() -> None:
+        cache.flush()
+        _clear(cache.ram, cache)
+
+    disk = interleaved(rounds, n, lambda: _load(cache, manifest, origin), lambda: _read_files(disk_files, buf),
+                       0.8, before=disk_before, after=cache.flush)
+    _load(cache, manifest, origin)   # RAM holds every fragment (and keeps it mapped) from here on
+    cache.flush()
+    staging = np.zeros(max(f.size for f in manifest.fragments), dtype=np.uint8)
+    src = np.frombuffer(np.random.default_rng(1).bytes(len(staging)), dtype=np.uint8)
+    sizes = [f.size for f in manifest.fragments]
+
+    def ram_copy() -> None:
+        for f in manifest.fragments:
+            p, _ = cache.fragment(f, origin, manifest.key)
+            with p:
+                np.copyto(staging[:f.size], np.frombuffer(p.data, dtype=np.uint8))
+
+    def memcpy() -> None:
+        for size in sizes:
+            np.copyto(staging[:size], src[:size])
+
+    ram = interleaved(rounds, n, ram_copy, memcpy, 0.8)
+    lookups = [timed(lambda: _load(cache, manifest, origin)) for _ in range(rounds)]
+    ram["mapped_only_gbps"] = summary([n / s / 1e9 for s in lookups])
+    return {"cold": cold, "disk": disk, "ram": ram}
+
+
+def _node(url: str, base: str, shm: str, node: str, manifest_json: str, origin: str, barrier: Any, out: Any) -> None:
+    cache = make_cache(url, Path(base), Path(shm), node, serve=True)
     manifest = Manifest.model_validate_json(manifest_json)
     barrier.wait()
-    out.put(_timed_load(cache, manifest, LocalOrigin(origin)))
+    t0 = time.perf_counter()
+    served = cache.stage(manifest, LocalOrigin(origin))
+    out.put((node, time.perf_counter() - t0, served))
+    barrier.wait()   # keep serving until every node is done
+    cache.close()
 
 
-def run_cache(size_gib: float, processes: int, work_dir: Path | None = None) -> dict[str, Any]:
+def cluster(url: str, base: Path, shm: Path, manifest: Manifest, origin_dir: Path, nodes: int) -> dict[str, Any]:
+    """`nodes` processes, each a node with its own tiers and fragment server, load the model at once."""
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(nodes), ctx.Queue()
+    names = [f"node{i}" for i in range(nodes)]
+    procs = [ctx.Process(target=_node, args=(url, str(base), str(shm), name, manifest.model_dump_json(),
+                                              str(origin_dir), barrier, out)) for name in names]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    all_s = time.perf_counter() - t0
+    for p in procs:
+        p.join(60)
+    r = redis.Redis.from_url(url)
+    stats = [{k.decode(): float(v) for k, v in r.hgetall(Keys("bench").cache_stats(n)).items()} for n in names]
+    fetches = sum(int(s.get("origin_fetches", 0)) for s in stats)
+    served: dict[str, int] = {}
+    for _, _, s in results:
+        for k, v in s.items():
+            served[k] = served.get(k, 0) + v
+    return {"nodes": nodes, "origin_fetches": fetches,
+            "origin_fetches_per_fragment": round(fetches / len(manifest.fragments), 3),
+            "peer_fetches": sum(int(s.get("peer_fetches", 0)) for s in stats),
+            "peer_failures": sum(int(s.get("peer_failures", 0)) for s in stats),
+            "bytes_by_source": served, "all_nodes_s": round(all_s, 3),
+            "slowest_node_s": round(max(t for _, t, _ in results), 3)}
+
+
+def run_cache(size_gib: float, processes: int, work_dir: Path | None = None, rounds: int = 5,
+              model_gb: float = 1.0) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="arbiter-bench-cache-", dir=work_dir))
     shm = Path(tempfile.mkdtemp(prefix="arbiter-bench-shm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
         origin_dir = work / "origin"
         _synthetic_model(origin_dir, size_gib)
-        manifest = build_manifest(origin_dir, "synthetic", f"{size_gib}g", fragment_mib=32)
-        gb = manifest.total_bytes / 1e9
+        manifest = build_manifest(origin_dir, "synthetic", f"{size_gib}g", fragment_mib=FRAGMENT_MIB)
         with EmbeddedRedis() as server:
-            origin = LocalOrigin(origin_dir)
-            cache = FragmentCache(redis.Redis.from_url(server.url), Keys("bench"), "one",
-                                  FileTier("ram", shm / "ram-one", 64 << 30),
-                                  FileTier("disk", work / "disk-one", 256 << 30, verify_reads=True))
-            cold_s = _timed_load(cache, manifest, origin)
-            raw_origin = _raw_disk_gbps(origin_dir)
-            warm_ram_s = _timed_load(cache, manifest, origin)
-            shutil.rmtree(shm / "ram-one")                       # RAM tier gone: the disk tier serves
-            cache.ram.root.mkdir(parents=True)
-            warm_disk_s = _timed_load(cache, manifest, origin)
-            raw_disk = _raw_disk_gbps(work / "disk-one")
-            # RAM tier hit = mapping pages already in shared memory; to compare with a memcpy, copy every
-            # byte into one reused buffer (as a loader fills a pinned staging buffer): like with like
-            staging = np.empty(max(f.size for f in manifest.fragments), dtype=np.uint8)
-            staging.fill(0)
-            t0 = time.perf_counter()
-            for f in manifest.fragments:
-                with cache.ram.open(f.sha256) as p:
-                    np.copyto(staging[:f.size], np.frombuffer(p.data, dtype=np.uint8))
-            ram_copy_gbps = gb / (time.perf_counter() - t0)
-            raw_memcpy = _raw_memcpy_gbps(manifest.total_bytes)
-            raw_write_ram = _raw_write_gbps(origin_dir, shm / "raw-write")
-            raw_write_disk = _raw_write_gbps(origin_dir, work / "raw-write")
-            blobs = [origin.read(f.file, f.offset, f.size) for f in manifest.fragments[:16]]
-            diskcache_vs_files(work / "round1", blobs)    # first round pays the VM's first-touch cost
-            store = diskcache_vs_files(work / "round2", blobs)
+            cache = make_cache(server.url, work, shm, "one")
+            tiers = tier_rounds(cache, manifest, origin_dir, rounds)
+            cache.close()
+            shutil.rmtree(shm / "ram-one", ignore_errors=True)
+            model = None
+            if model_gb > 0:
+                from arbiter.bench.cache_model import run_model
 
-            # N processes on one node, cold, at once
-            multi = redis.Redis.from_url(server.url)
-            ctx = mp.get_context("fork")
-            barrier, out = ctx.Barrier(processes), ctx.Queue()
-            (work / "shm-multi").mkdir(exist_ok=True)
-            procs = [ctx.Process(target=_worker, args=(server.url, str(work), manifest.model_dump_json(),
-                                                       str(origin_dir), barrier, out)) for _ in range(processes)]
-            t0 = time.perf_counter()
-            for p in procs:
-                p.start()
-            times = [out.get(timeout=600) for _ in procs]
-            all_s = time.perf_counter() - t0
-            for p in procs:
-                p.join(30)
-            fetches = int(float(multi.hget(Keys("bench").cache_stats("multi"), "origin_fetches") or 0))
+                model = run_model(server.url, work / "model", shm / "model", model_gb, max(2, rounds // 2))
+            nodes = cluster(server.url, work, shm, manifest, origin_dir, processes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
     return {
         "scenario": "cache", "model_bytes": manifest.total_bytes, "fragments": len(manifest.fragments),
-        "fragment_mib": 32, "page_cache": "warm on both sides (see the module docstring)",
-        "cold_gbps": round(gb / cold_s, 3), "raw_origin_read_gbps": round(raw_origin, 3),
-        "warm_disk_gbps": round(gb / warm_disk_s, 3), "raw_disk_read_gbps": round(raw_disk, 3),
-        "warm_ram_map_gbps": round(gb / warm_ram_s, 3), "warm_ram_copy_gbps": round(ram_copy_gbps, 3),
-        "raw_memcpy_gbps": round(raw_memcpy, 3), "raw_write_ram_gbps": round(raw_write_ram, 3),
-        "raw_write_disk_gbps": round(raw_write_disk, 3), "disk_store": store,
-        "disk_vs_raw": round(gb / warm_disk_s / raw_disk, 3), "ram_copy_vs_memcpy": round(ram_copy_gbps / raw_memcpy, 3),
-        "processes": processes, "origin_fetches": fetches, "origin_fetches_per_fragment": round(fetches / len(manifest.fragments), 3),
-        "all_processes_s": round(all_s, 3), "slowest_process_s": round(max(times), 3), "one_process_cold_s": round(cold_s, 3),
+        "fragment_mib": FRAGMENT_MIB, "rounds": rounds, "page_cache": "warm on both sides (see the module docstring)",
+        "raw": {"cold": "plain sequential read() of the origin files into a reused 32 MiB buffer",
+                "disk": "plain sequential read() of the disk tier's files into a reused 32 MiB buffer",
+                "ram": "numpy memcpy of as many bytes into the same staging buffer"},
+        **tiers, "model": model, "cluster": nodes,
     }

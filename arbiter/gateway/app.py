@@ -1,252 +1,171 @@
 """The gateway's HTTP app: a native jobs API and OpenAI-compatible endpoints, each a thin layer over
 `broker.client` (validation, records, queues and results are the client's; the gateway adds only HTTP,
-API keys and the OpenAI wire format). Errors are JSON naming the problem, with a 4xx status for anything
-the caller sent wrong; a 500 means a bug here, never bad input."""
+API keys and the OpenAI wire format). Its OpenAPI schema is the contract: every body and response is a
+model, the API-key schemes are declared, and /docs works offline (Swagger UI served from a package).
+
+Nothing here blocks the event loop: Redis calls run on worker threads (plain `def` routes, or
+`run_in_threadpool`), and waits on jobs in short slices on threads of their own (`streams.py`)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import time
-from typing import Any, Iterator
+from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+import anyio
+from fastapi import Depends, FastAPI, Header, Path, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
+from redis import RedisError
 
-from arbiter.gateway.apikeys import ApiKey, KeyStore
-from arbiter.gateway.openai_api import chat_completion, chat_prompt, image_request, sse
-from broker.catalog import model_names
-from broker.client import Client, JobHandle
-from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
-from broker.schemas import Priority, Workload
+from arbiter.gateway import errors as errs
+from arbiter.gateway.apikeys import ApiKey
+from arbiter.gateway.context import Ctx
+from arbiter.gateway.errors import ApiError
+from arbiter.gateway.guards import BodyGuard
+from arbiter.gateway.models import (CancelReply, Health, JobCreated, JobRequest, JobResultOut, JobView,
+                                    errors, sse_response)
+from arbiter.gateway.streams import job_events
+from broker.errors import Timeout
+from broker.schemas import Priority
 from broker.settings import Settings
 
-log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None, fields: list | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-        self.headers, self.fields = headers or {}, fields
-
-
-def _error(status: int, message: str, kind: str, param: str | None = None, fields: list | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": status}
-    if fields:
-        body["fields"] = [{"loc": [str(x) for x in f.get("loc", ())], "msg": str(f.get("msg", ""))} for f in fields]
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+JobId = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$", description="A job id.")
+SSE = sse_response("Server-sent events: `event: <type>` + `data: <json>`; `: keep-alive` comments while quiet.")
+PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "The PNG."}
 
 
 def create_gateway(settings: Settings) -> FastAPI:
-    client = Client(settings=settings)
-    store = KeyStore(client.redis, client.keys)
-    app = FastAPI(title="Arbiter gateway", version="0.1.0",
-                  description="Generation jobs with priorities, quality budgets and preemption.")
-    app.state.client, app.state.keys = client, store
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind, exc.param, exc.fields, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid request", "invalid_request_error", fields=list(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _bug(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("gateway error")
-        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return _error(413, f"request body is {length} bytes; at most {settings.max_request_bytes} are accepted",
-                          "invalid_request_error")
-        return await call_next(request)
-
-    async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > settings.max_request_bytes:
-            raise ApiError(413, f"request body is over {settings.max_request_bytes} bytes")
-        try:
-            data = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
-        return data
-
-    def caller(request: Request) -> ApiKey:
-        """The caller's API key (Authorization: Bearer, or X-API-Key), or 401."""
-        header = request.headers.get("authorization", "")
-        secret = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        key = store.lookup(secret)
-        if key is None:
-            raise ApiError(401, "missing or unknown API key (send Authorization: Bearer <key>)",
-                           "authentication_error", headers={"WWW-Authenticate": "Bearer"})
-        return key
-
-    def auth(request: Request, asked: Any = None) -> tuple[ApiKey, Priority]:
-        """The caller's key, counted against its rate, and the priority it may submit at (the body's,
-        else the X-Arbiter-Priority header's, else the key's default)."""
-        key = caller(request)
-        limit = store.admit(key)
-        if limit:
-            raise ApiError(limit.status, limit.message, "rate_limit_error",
-                           headers={"Retry-After": str(max(1, limit.retry_after_s))})
-        wanted = asked or request.headers.get("x-arbiter-priority") or key.default_priority
-        try:
-            priority = Priority(wanted)
-        except ValueError:
-            raise ApiError(400, f"priority {wanted!r} is not one of interactive, standard, background",
-                           param="priority") from None
-        if not key.allows(priority):
-            raise ApiError(403, f"key {key.name!r} may submit at {', '.join(key.priorities)}; not {priority.value}",
-                           "permission_error", param="priority")
-        return key, priority
-
-    def submit(key: ApiKey, fields: dict[str, Any], idempotency_key: str | None) -> JobHandle:
-        limit = store.can_queue(key)
-        if limit:
-            raise ApiError(limit.status, limit.message, "rate_limit_error",
-                           headers={"Retry-After": str(limit.retry_after_s)})
-        try:
-            handle = client.submit(fields, idempotency_key=idempotency_key)
-        except InvalidJob as exc:
-            raise ApiError(422, str(exc), fields=exc.errors) from None
-        store.track(key, handle.id)
-        client.redis.set(_owner(handle.id), key.name, ex=settings.result_ttl_s)
-        return handle
-
-    def _owner(job_id: str) -> str:
-        return f"{client.keys.prefix}:owner:{job_id}"
-
-    def owned(request: Request, job_id: str) -> JobHandle:
-        """The caller's own job (another key's job is reported as missing)."""
-        key = caller(request)
-        owner = client.redis.get(_owner(job_id))
-        if owner is None or owner.decode() != key.name:
-            raise ApiError(404, f"no job {job_id} for this key", "not_found_error")
-        try:
-            return client.get(job_id)
-        except JobNotFound:
-            raise ApiError(404, f"job {job_id} has expired or does not exist", "not_found_error") from None
-
-    def wait_result(handle: JobHandle, timeout: float) -> Any:
-        try:
-            return handle.result(timeout=timeout)
-        except Timeout:
-            raise ApiError(504, f"job {handle.id} did not finish within {timeout:.0f} s; it continues: "
-                                f"GET /v1/jobs/{handle.id}", "timeout_error") from None
-        except (JobFailed, Cancelled) as exc:
-            raise ApiError(502 if isinstance(exc, JobFailed) else 409, f"job {handle.id}: {exc}",
-                           "job_error") from None
+    ctx = Ctx(settings)
+    app = FastAPIOffline(title="Arbiter gateway", version="0.2.0",
+                         description="Generation jobs with priorities, quality budgets and preemption: a native "
+                                     "jobs API and OpenAI-compatible endpoints. Authorize with an API key "
+                                     "(`arbiter keys create`).")
+    app.state.ctx, app.state.client, app.state.keys = ctx, ctx.client, ctx.keys
+    app.add_middleware(BodyGuard, max_bytes=settings.max_request_bytes, timeout_s=settings.gateway_body_timeout_s,
+                       max_depth=settings.gateway_max_json_depth)
+    errs.install(app)
+    caller = ctx.dependency()
+    maybe_caller = ctx.optional_dependency()
 
     # -- native API -------------------------------------------------------------------------------------
-    @app.post("/v1/jobs", status_code=201, summary="Submit a job (a JobSpec)")
-    async def create_job(request: Request) -> dict[str, Any]:
-        fields = await body_of(request)
-        key, priority = auth(request, fields.get("priority"))
-        handle = submit(key, {**fields, "priority": priority.value}, request.headers.get("idempotency-key"))
-        return {"job_id": handle.id, "status_url": f"/v1/jobs/{handle.id}"}
+    @app.post("/v1/jobs", status_code=201, tags=["jobs"], response_model=JobCreated,
+              summary="Submit a job (a JobSpec)",
+              responses=errors(400, 401, 403, 413, 422, 429, 503))
+    def create_job(job: JobRequest, key: ApiKey = Depends(caller),  # type: ignore[valid-type]
+                   x_arbiter_priority: Priority | None = Header(None, description="Priority when the body has none."),
+                   idempotency_key: str | None = Header(None, description="Retries with this key return the "
+                                                                          "job it first made.")) -> JobCreated:
+        fields = job.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+        priority = ctx.priority(key, fields.get("priority"), x_arbiter_priority)
+        handle = ctx.submit(key, {**fields, "priority": priority.value}, idempotency_key)
+        return JobCreated(job_id=handle.id, status_url=f"/v1/jobs/{handle.id}")
 
-    @app.get("/v1/jobs/{job_id}", summary="A job's state, progress and (when finished) result")
-    def get_job(job_id: str, request: Request) -> dict[str, Any]:
-        handle = owned(request, job_id)
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 502, 503),
+             summary="A job's state, progress and (when finished) result; image_png in standard base64")
+    def get_job(job_id: str = JobId, key: ApiKey = Depends(caller)) -> JobView:
+        handle = ctx.owned(key, job_id)
         st = handle.status()
-        out: dict[str, Any] = {"status": st.model_dump(mode="json")}
-        if st.done and st.state.value == "finished":
-            out["result"] = json.loads(handle.result(timeout=1).model_dump_json())
-        return out
+        result = None
+        if st.state.value == "finished":
+            result = JobResultOut.model_validate(ctx.result_of(handle).model_dump())
+        return JobView(status=st, result=result)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, summary="Cancel a job")
-    def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
-        return {"job_id": job_id, "state": owned(request, job_id).cancel().value}
+    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"], response_model=CancelReply,
+                summary="Cancel a job",
+                responses=errors(401, 404, 503))
+    def cancel_job(job_id: str = JobId, key: ApiKey = Depends(caller)) -> CancelReply:
+        return CancelReply(job_id=job_id, state=ctx.owned(key, job_id).cancel().value)
 
-    @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: state, progress, tokens")
-    def job_events(job_id: str, request: Request) -> StreamingResponse:
-        handle = owned(request, job_id)
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], summary="Server-sent events: state, progress, tokens",
+             response_class=StreamingResponse, responses={200: SSE, **errors(401, 404, 429, 503)})
+    async def events(job_id: str = JobId, key: ApiKey = Depends(caller)) -> StreamingResponse:
+        handle = await run_in_threadpool(ctx.owned, key, job_id)
+        return await stream(ctx, key, _native(job_events(handle, ctx.waiters, settings.visibility_timeout_s,
+                                                         settings.gateway_heartbeat_s)))
 
-        def gen() -> Iterator[bytes]:
-            for event in handle.events(timeout=settings.visibility_timeout_s):
-                yield f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
-
-        return StreamingResponse(gen(), media_type="text/event-stream")
-
-    @app.get("/v1/jobs/{job_id}/image.png", summary="A finished image job's PNG")
-    def job_image(job_id: str, request: Request) -> Response:
-        result = wait_result(owned(request, job_id), timeout=1)
+    @app.get("/v1/jobs/{job_id}/image.png", tags=["jobs"],
+             summary="A finished image job's PNG (API key, or a signed link)",
+             response_class=Response, responses={200: PNG, **errors(401, 403, 404, 409, 422, 502, 503)})
+    def job_image(job_id: str = JobId, key: ApiKey | None = Depends(maybe_caller),
+                  expires: int | None = Query(None, ge=0, lt=2**53, description="Signed links: expiry (epoch s)."),
+                  sig: str | None = Query(None, pattern="^[0-9a-f]{64}$", description="Signed links: the "
+                                                                                           "signature.")
+                  ) -> Response:
+        if expires is not None and sig is not None:
+            why = ctx.signer.check(job_id, expires, sig)
+            if why:
+                raise ApiError(403, why, "permission_error", param="sig")
+            handle = ctx.job(job_id)
+        elif key is None:
+            raise ApiError(401, "send an API key, or use the signed link the images endpoint returned",
+                           "authentication_error", headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+        else:
+            handle = ctx.owned(key, job_id)
+        result = ctx.result_of(handle)
         if not result.image_png:
-            raise ApiError(404, f"job {job_id} has no image", "not_found_error")
-        return Response(result.image_png, media_type="image/png")
+            raise ApiError(404, f"job {job_id} has no image", "not_found_error", param="job_id")
+        return Response(result.image_png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    # -- OpenAI-compatible ------------------------------------------------------------------------------
-    @app.get("/v1/models")
-    def list_models(request: Request) -> dict[str, Any]:
-        caller(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "arbiter",
-                                            "workload": w.value} for w in Workload for name in model_names(w, settings)]}
+    from arbiter.gateway.openai_routes import add_openai_routes
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        body = await body_of(request)
-        key, priority = auth(request)
-        try:
-            prompt = chat_prompt(body.get("messages"))
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
-        fields = {"workload": "llm", "prompt": prompt, "priority": priority.value, "model": body.get("model"),
-                  "max_new_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
-                  "seed": body.get("seed") or 0}
-        handle = submit(key, {k: v for k, v in fields.items() if v is not None}, request.headers.get("idempotency-key"))
-        model = handle.client.store.spec(handle.id).model or ""
-        if body.get("stream"):
-            return StreamingResponse(sse(chat_completion(handle, model, stream=True)), media_type="text/event-stream")
-        result = wait_result(handle, timeout=settings.allocation_timeout_s + 600)
-        return next(chat_completion(handle, model, stream=False, result=result))
-
-    @app.post("/v1/images/generations")
-    async def images(request: Request) -> dict[str, Any]:
-        body = await body_of(request)
-        key, priority = auth(request)
-        try:
-            jobs, response_format = image_request(body, priority.value)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        idem = request.headers.get("idempotency-key")
-        handles = [submit(key, fields, f"{idem}:{i}" if idem else None) for i, fields in enumerate(jobs)]
-        base = settings.gateway_public_url.rstrip("/") or str(request.base_url).rstrip("/")
-        data = []
-        for h in handles:
-            result = wait_result(h, timeout=settings.allocation_timeout_s + 600)
-            if response_format == "url":
-                data.append({"url": f"{base}/v1/jobs/{h.id}/image.png"})
-            else:
-                data.append({"b64_json": json.loads(result.model_dump_json(include={"image_png"}))["image_png"]})
-        return {"created": int(time.time()), "data": data}
+    add_openai_routes(app, ctx, caller)
 
     # -- operations -------------------------------------------------------------------------------------
-    @app.get("/healthz")
-    def health() -> dict[str, Any]:
-        client.redis.ping()
-        return {"ok": True}
+    health_key = f"{ctx.client.keys.prefix}:gateway:health"
+
+    @app.get("/healthz", tags=["operations"], response_model=Health, responses=errors(503),
+             summary="200 while Redis accepts writes; 503 (with Retry-After) when it does not")
+    def health() -> Health:
+        ctx.client.redis.set(health_key, str(time.time()), ex=60)
+        return Health(ok=True)
 
     from arbiter.metrics import render, scrape_client
 
     scrape_redis = scrape_client(settings)
 
-    @app.get("/metrics")
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             summary="Prometheus metrics (read from Redis at scrape time)",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(503)})
     def metrics() -> Response:
-        return Response(render(scrape_redis, client.keys), media_type="text/plain; version=0.0.4")
+        return Response(render(scrape_redis, ctx.client.keys), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def _native(events: AsyncIterator[dict[str, str] | None]) -> AsyncIterator[bytes | None]:
+    async for event in events:
+        yield None if event is None else \
+            f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+async def stream(ctx: Ctx, key: ApiKey, chunks: AsyncIterator[bytes | None]) -> StreamingResponse:
+    """An SSE response of `chunks` (None: nothing new) holding one of the key's stream slots (429 when it
+    has none left): `: keep-alive` comments while quiet, the slot refreshed as it beats and freed when the
+    stream ends or the client leaves (Starlette cancels the stream on disconnect)."""
+    slot = await run_in_threadpool(ctx.slots.acquire, key.name)
+    if slot is None:
+        raise ApiError(429, f"key {key.name!r} holds {ctx.settings.gateway_streams_per_key} open streams, its "
+                            f"limit; close one", "rate_limit_error", code="too_many_streams",
+                       headers={"Retry-After": "5"})
+
+    async def body() -> AsyncIterator[bytes]:
+        refreshed = time.monotonic()
+        try:
+            async for chunk in chunks:
+                yield b": keep-alive\n\n" if chunk is None else chunk
+                if time.monotonic() - refreshed >= ctx.settings.gateway_heartbeat_s:
+                    refreshed = time.monotonic()
+                    await run_in_threadpool(ctx.slots.refresh, key.name, slot)
+        except (Timeout, RedisError) as exc:
+            yield f"event: error\ndata: {json.dumps({'type': 'error', 'message': str(exc)})}\n\n".encode()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await run_in_threadpool(ctx.slots.release, key.name, slot)
+                except RedisError:
+                    pass   # the slot expires by itself
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

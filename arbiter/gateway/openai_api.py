@@ -1,112 +1,107 @@
-"""The OpenAI wire format over Arbiter jobs: chat messages to a prompt, a job's tokens to chat completion
-(chunks), an images request to diffusion jobs. Pure translation; the app does HTTP and keys."""
+"""The OpenAI wire format over Arbiter jobs: chat messages to a prompt, a job's tokens to a chat completion
+(or its chunks), an images request to diffusion jobs. Pure translation; the routes do HTTP and keys."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from broker.client import JobHandle
-from broker.errors import ArbiterError
-from broker.schemas import JobResult
-from broker.states import JobState
+from arbiter.gateway.errors import ApiError
+from arbiter.gateway.models import ChatMessage, ChatRequest, ImageRequest
+from broker.schemas import JobResult, Priority
+from workers.ladders import prompt_tokens
 
-ROLES = ("system", "user", "assistant", "developer", "tool")
-_SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
-
-
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):   # [{"type": "text", "text": ...}, ...]
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if parts and all(isinstance(p, str) for p in parts):
-            return "".join(parts)
-    raise ValueError(f"{where}.content must be a string or a list of text parts")
+TIERS = {"priority": Priority.INTERACTIVE, "flex": Priority.BACKGROUND}   # auto, default: the key's default
 
 
-def chat_prompt(messages: Any) -> str:
+def tier_priority(service_tier: str | None) -> Priority | None:
+    """OpenAI's `service_tier` as an Arbiter priority (None: not given, or the key's default)."""
+    return TIERS.get(service_tier or "")
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
     """One prompt from chat messages: a lone user message as it is, a conversation as labelled turns."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content}")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}] needs a role ({', '.join(ROLES)}) and content")
-        turns.append((m["role"], _text(m.get("content"), f"messages[{i}]")))
+    turns = [(m.role, m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
+             for m in messages]
     if len(turns) == 1 and turns[0][0] == "user":
         return turns[0][1]
     return "\n".join(f"{role.capitalize()}: {text}" for role, text in turns) + "\nAssistant:"
 
 
-def _chunk(job_id: str, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+def refuse_unsupported(body: ChatRequest) -> None:
+    """400 naming the field for what Arbiter cannot do (rather than silently doing something else)."""
+    if body.tools:
+        raise ApiError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server", param="logprobs",
+                       code="unsupported_parameter")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format",
+                       code="unsupported_parameter")
 
 
-def _finish_reason(result: JobResult) -> str:
-    return "length" if result.params.get("max_new_tokens") else "stop"
+def chat_job(body: ChatRequest, priority: Priority) -> dict[str, Any]:
+    fields = {"workload": "llm", "prompt": chat_prompt(body.messages), "priority": priority.value,
+              "model": body.model, "max_new_tokens": body.max_completion_tokens or body.max_tokens,
+              "seed": body.seed or 0}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
-def chat_completion(handle: JobHandle, model: str, stream: bool, result: JobResult | None = None
-                    ) -> Iterator[dict[str, Any]]:
-    """A chat.completion (stream=False: one object from `result`) or its chunks as the job produces them."""
-    if not stream:
-        assert result is not None
-        completion = int(result.params.get("max_new_tokens") or 0)
-        prompt_tokens = max(1, len(handle.client.store.spec(handle.id).prompt) // 4)
-        yield {"id": f"chatcmpl-{handle.id}", "object": "chat.completion", "created": int(result.finished_at),
-               "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                            "finish_reason": _finish_reason(result)}],
-               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                         "total_tokens": prompt_tokens + completion},
-               "arbiter": {"job_id": handle.id, "quality": result.quality, "params": result.params,
-                           "preemptions": result.preemptions}}
-        return
-    yield _chunk(handle.id, model, {"role": "assistant", "content": ""})
-    for token in handle.stream():
-        yield _chunk(handle.id, model, {"content": token})
-    st = handle.status()
-    if st.state is not JobState.FINISHED:
-        yield {"error": {"message": f"job {handle.id} {st.state.value}: {st.error or ''}".strip(),
-                         "type": "job_error", "code": st.state.value}}
-        return
-    try:
-        reason = _finish_reason(handle.result(timeout=5))
-    except ArbiterError:
-        reason = "stop"
-    yield _chunk(handle.id, model, {}, reason)
+def chat_params(body: ChatRequest) -> dict[str, str]:
+    """Job fields → the request fields they came from (so an error names the caller's field)."""
+    return {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+            "prompt": "messages", "seed": "seed", "model": "model"}
 
 
-def sse(events: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    for e in events:
-        yield f"data: {json.dumps(e)}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+def usage(prompt: str, completion_tokens: int) -> dict[str, int]:
+    """Token counts: completion tokens as generated; prompt tokens as estimated by the ladders
+    (about 4 characters a token — the sim and the backends do not report a tokenizer's count)."""
+    p = prompt_tokens(prompt)
+    return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
 
 
-def image_request(body: dict[str, Any], priority: str) -> tuple[list[dict[str, Any]], str]:
-    """Diffusion job fields for an images.generate request (n jobs, seeds seed..seed+n-1) and the
-    response format. Extensions beyond OpenAI's fields: steps, seed, min_quality, deadline_s."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError("prompt must be a non-empty string")
-    n = body.get("n", 1)
-    if not isinstance(n, int) or not 1 <= n <= 4:
-        raise ValueError("n must be an integer from 1 to 4")
-    fmt = body.get("response_format") or "b64_json"
-    if fmt not in ("b64_json", "url"):
-        raise ValueError("response_format must be b64_json or url")
-    size = body.get("size") or "512x512"
-    m = _SIZE.match(str(size))
-    if not m:
-        raise ValueError(f"size {size!r} must be WIDTHxHEIGHT, e.g. 512x512")
-    seed = body.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError("seed must be a non-negative integer")
-    base = {"workload": "diffusion", "prompt": prompt, "priority": priority, "model": body.get("model"),
-            "width": int(m.group(1)), "height": int(m.group(2)), "steps": body.get("steps"),
-            "min_quality": body.get("min_quality"), "deadline_s": body.get("deadline_s")}
+def finish_reason(completion_tokens: int, max_new_tokens: int | None) -> str:
+    return "length" if max_new_tokens and completion_tokens >= max_new_tokens else "stop"
+
+
+def completion(job_id: str, model: str, result: JobResult, prompt: str, completion_tokens: int) -> dict[str, Any]:
+    mnt = result.params.get("max_new_tokens")
+    return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(result.finished_at),
+            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                         "finish_reason": finish_reason(completion_tokens, mnt)}],
+            "usage": usage(prompt, completion_tokens),
+            "arbiter": {"job_id": job_id, "quality": result.quality, "params": result.params,
+                        "preemptions": result.preemptions}}
+
+
+def chunk(job_id: str, model: str, delta: dict[str, Any] | None, finish: str | None = None,
+          usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """A chat.completion.chunk; with `usage_` (and delta None) the final usage-only chunk."""
+    c: dict[str, Any] = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": model,
+                         "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage_ is not None:
+        c["usage"] = usage_
+    return c
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def image_jobs(body: ImageRequest, priority: Priority) -> list[dict[str, Any]]:
+    """Diffusion job fields for an images.generate request: n jobs, seeds seed … seed+n-1."""
+    width, height = (int(x) for x in body.size.split("x"))
+    base = {"workload": "diffusion", "prompt": body.prompt, "priority": priority.value, "model": body.model,
+            "width": width, "height": height, "steps": body.steps, "min_quality": body.min_quality,
+            "deadline_s": body.deadline_s}
     base = {k: v for k, v in base.items() if v is not None}
-    return [{**base, "seed": seed + i} for i in range(n)], fmt
+    return [{**base, "seed": body.seed + i} for i in range(body.n)]
+
+
+IMAGE_PARAMS = {"width": "size", "height": "size", "prompt": "prompt", "model": "model", "steps": "steps",
+                "min_quality": "min_quality", "deadline_s": "deadline_s", "seed": "seed"}

@@ -1,9 +1,14 @@
--- Move a job to a new state if, and only if, its current state is one of the allowed ones.
+-- Move a job to a new state if, and only if, its current state is one of the allowed ones (and, when an
+-- owner fence is given, the record still names that fence: a stale run moves nothing).
 -- KEYS[1] job hash   KEYS[2] job events stream   KEYS[3] live-jobs sorted set   KEYS[4] running-jobs set
+-- KEYS[5] the job's checkpoint   KEYS[6] the job's fence counter
 -- ARGV[1] new state  ARGV[2] allowed current states, comma separated  ARGV[3] now (epoch s)
 -- ARGV[4] 1 if the new state is terminal  ARGV[5] ttl_s for a terminal record  ARGV[6] stream maxlen
--- ARGV[7] job id     ARGV[8] 1 if the new state is running or paused   ARGV[9..] field, value pairs
+-- ARGV[7] job id     ARGV[8] 1 if the new state is running or paused   ARGV[9] owner fence ('' for none)
+-- ARGV[10..] field, value pairs
 --   (a field named '+name' is incremented by the value; '?name' is set only if it has no value yet)
+-- A terminal state drops the checkpoint (nothing resumes a finished, failed or cancelled job) and gives the
+-- fence counter the record's TTL, so nothing of the job outlives its record.
 -- Returns {1, new state} or {0, current state} (current is '' when the record does not exist).
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, ''} end
@@ -12,8 +17,9 @@ for s in string.gmatch(ARGV[2], '[^,]+') do
   if s == current then allowed = true break end
 end
 if not allowed then return {0, current} end
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[9] then return {0, current} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local op, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
   if op == '+' then
     redis.call('HINCRBY', KEYS[1], name, ARGV[i + 1])
@@ -36,5 +42,7 @@ if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[7])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('DEL', KEYS[5])
+  redis.call('EXPIRE', KEYS[6], ARGV[5])
 end
 return {1, ARGV[1]}

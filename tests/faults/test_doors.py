@@ -70,17 +70,20 @@ def test_cli(settings, client, args, says):
     ("/v1/jobs", json.dumps({"workload": "llm", "prompt": "x", "steps": 3}), 422),
     ("/v1/chat/completions", json.dumps({"model": "llama-3", "messages": "hello"}), 400),
     ("/v1/chat/completions", json.dumps({"model": "llama-3", "messages": [{"role": "wizard", "content": "x"}]}), 400),
-    ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 422),
+    ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 400),
     ("/v1/chat/completions", json.dumps({"model": "llama-3", "messages": [{"role": "user", "content": "x"}],
-                                         "max_tokens": -4}), 422),
+                                         "max_tokens": -4}), 400),
     ("/v1/images/generations", json.dumps({"prompt": "x", "n": 10}), 400),
     ("/v1/images/generations", json.dumps({"prompt": "x", "size": "huge"}), 400),
-    ("/v1/images/generations", json.dumps({"prompt": "x", "size": "99999x99999"}), 422),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "size": "99999x99999"}), 400),
     ("/v1/images/generations", json.dumps({"prompt": "", "size": "512x512"}), 400),
 ])
 def test_gateway_and_openai_endpoints(door, client, path, body, status):
     gw, auth = door
     r = httpx.post(gw.base + path, content=body, headers={**auth, "Content-Type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
-    assert r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert error["message"] and error.get("fields", [{"loc": ["body"]}])[0]["loc"]
+    if status in (400, 422) and "JSON" not in error["message"] and "object" not in error["message"]:
+        assert error["param"], error   # names the field at fault
     assert nothing_enqueued(client) and gw.proc.poll() is None

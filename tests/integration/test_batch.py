@@ -228,3 +228,43 @@ def test_ctrl_c_exits_130_with_a_resume_hint(settings, client, tmp_path):
     p = run_batch(settings, src, out, timeout=60)   # and the hint works
     assert p.returncode == 0, p.stdout + p.stderr
     assert sorted(e["id"] for e in manifest(out)) == sorted(str(i) for i in range(1, 11))
+
+
+def test_improve_rewrites_degraded_outputs_at_full_quality(settings, client, start_beat, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from arbiter.budgets import DEGRADE_ORDER
+
+    warm = client.submit(workload="diffusion", prompt="warm", steps=2, width=64, height=64).result(timeout=60)
+    beat_gpu = warm.gpu_id
+    # a flood left the budgets low and no beat runs yet: the lines finish degraded
+    client.redis.hset(client.keys.budgets(beat_gpu), mapping={k: 0.3 if k.startswith("diffusion") else 0.4
+                                                              for k in DEGRADE_ORDER})
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": f"img{i}", "prompt": f"a fox {i}", "steps": 10, "width": 256,
+                                              "height": 256} for i in range(3)])
+    out = tmp_path / "out"
+    proc = start_batch(settings, src, out, "--improve", log=tmp_path / "batch.log")
+    try:
+        wait_until(lambda: len(manifest(out)) == 3, timeout_s=60)
+        first = {e["id"]: e for e in manifest(out)}
+        assert all(e["quality"] < 1.0 and e["version"] == 1 for e in first.values())
+        before = {i: (out / f"{i}.png").read_bytes() for i in first}
+        assert proc.poll() is None                        # it waits for the improvements
+        beat = start_beat()                               # an idle GPU: budgets back at 1.0, the runs go
+        assert proc.wait(60) == 0, (tmp_path / "batch.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = manifest(out)
+    last = {e["id"]: e for e in lines}
+    assert len(lines) == 6 and all(e["version"] == 2 and e["quality"] == 1.0 for e in last.values())
+    for ident, entry in last.items():
+        data = (out / entry["file"]).read_bytes()
+        assert data != before[ident]
+        img = Image.open(io.BytesIO(data))
+        img.load()                                        # decodes fully
+        assert img.size == (256, 256)
+    assert "improved to full quality 3" in (tmp_path / "batch.log").read_text()
+    beat.kill(signal.SIGTERM)

@@ -47,3 +47,14 @@ def test_bench_cli_writes_json(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "preempt", "--trials", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["measured"] == 1
+
+
+def test_cache_bench_completes_and_counts_origin_fetches(tmp_path):
+    from arbiter.bench.cache import run_cache
+
+    d = run_cache(0.05, 2, work_dir=tmp_path, rounds=2, model_gb=0.02)
+    for key in ("cold", "disk", "ram"):
+        assert len(d[key]["ratios"]) == 2 and d[key]["verdict"]
+    assert d["model"]["same_tensors"] and d["model"]["same_logits"]
+    assert d["cluster"]["origin_fetches_per_fragment"] == 1.0
+    json.dumps(d)

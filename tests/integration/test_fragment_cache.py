@@ -55,9 +55,11 @@ def test_cold_then_warm_loads_fill_the_tiers(redis_url, tmp_path, model):
     stats = {k.decode(): float(v) for k, v in cache.r.hgetall(Keys().cache_stats("n1")).items()}
     assert stats["origin_fetches"] == len(manifest.fragments)
     cache.load(manifest, LocalOrigin(root))                       # warm: RAM
+    cache.flush()                                                 # the disk copies are written behind
     for f in manifest.fragments:
         cache.ram.path(f.sha256).unlink()                         # RAM gone (a reboot): disk serves
     cache.load(manifest, LocalOrigin(root))
+    cache.flush()                                                 # promotions back to RAM
     stats = {k.decode(): float(v) for k, v in cache.r.hgetall(Keys().cache_stats("n1")).items()}
     assert stats["origin_fetches"] == len(manifest.fragments)
     assert stats["ram_hits"] == len(manifest.fragments) and stats["disk_hits"] == len(manifest.fragments)
@@ -105,6 +107,7 @@ def test_corrupted_fragment_is_refetched(redis_url, tmp_path, model):
     root, manifest, weights = model
     cache = make_cache(redis_url, tmp_path, node="rot")
     cache.load(manifest, LocalOrigin(root))
+    cache.flush()
     frag = manifest.fragments[0]
     cache.ram.path(frag.sha256).unlink()
     cache.disk.path(frag.sha256).write_bytes(b"\0" * frag.size)

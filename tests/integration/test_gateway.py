@@ -118,30 +118,78 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(gateway):
     assert httpx.get(base + "/openapi.json").json()["paths"]["/v1/jobs"]
 
 
+def full_png(data: bytes, size: tuple[int, int]) -> None:
+    """Decodes every byte (CRCs included), not only the header."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    assert img.size == size and img.format == "PNG"
+
+
 def test_the_official_openai_client_chats_and_draws(gateway):
     import openai
 
     base, keys = gateway
     oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
     assert "llama-3" in [m.id for m in oa.models.list().data]
-    pieces = [c.choices[0].delta.content for c in oa.chat.completions.create(
-        model="llama-3", messages=[{"role": "user", "content": "hello"}], max_tokens=16, stream=True)
-        if c.choices and c.choices[0].delta.content]
+    chunks = list(oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hello"}],
+                                             max_tokens=16, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) == 16
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 16
     whole = oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hello"}],
-                                       max_tokens=16)
+                                       max_completion_tokens=16, service_tier="priority")
     assert whole.choices[0].message.content == "".join(pieces) and whole.usage.completion_tokens == 16
-    img = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="b64_json")
-    assert Image.open(io.BytesIO(base64.b64decode(img.data[0].b64_json))).size == (256, 256)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.prompt_tokens >= 1
+    job_id = whole.id.removeprefix("chatcmpl-")
+    got = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).json()
+    assert got["status"]["priority"] == "interactive"   # service_tier=priority
+
+    img = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="b64_json", n=2)
+    assert len(img.data) == 2
+    for d in img.data:
+        full_png(base64.b64decode(d.b64_json, validate=True), (256, 256))   # standard alphabet, as OpenAI's docs
     url = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="url").data[0].url
-    png = httpx.get(url, headers=h(keys["chat"]))
-    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert keys["chat"] not in url and "sig=" in url
+    png = httpx.get(url)                      # a browser: no API key
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    full_png(png.content, (256, 256))
+    tampered = url.replace("expires=", "expires=1")
+    assert httpx.get(tampered).status_code == 403
+    assert httpx.get(url.split("?")[0]).status_code == 401
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert bad.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as bad:
+        oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    assert bad.value.body["param"] == "max_tokens" and "max_new_tokens" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        oa.images.generate(prompt="x", size="99999x99999")
+    assert bad.value.body["param"] == "size"
+    with pytest.raises(openai.BadRequestError) as bad:
+        oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}],
+                                   tools=[{"type": "function", "function": {"name": "f"}}])
+    assert bad.value.body["param"] == "tools"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base + "/v1", api_key="ak_wrong", max_retries=0).models.list()
     batch = openai.OpenAI(base_url=base + "/v1", api_key=keys["batch"], max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):
         batch.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}],
                                       extra_headers={"X-Arbiter-Priority": "interactive"})
+
+
+def test_native_image_is_standard_base64(gateway):
+    base, keys = gateway
+    r = httpx.post(base + "/v1/jobs", json={"workload": "diffusion", "prompt": "fox", "width": 128, "height": 64,
+                                            "steps": 6}, headers=h(keys["chat"]))
+    job_id = r.json()["job_id"]
+    wait_until(lambda: httpx.get(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).json()["status"]["state"]
+               == "finished", timeout_s=30)
+    b64 = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).json()["result"]["image_png"]
+    full_png(base64.b64decode(b64, validate=True), (128, 64))
+    assert base64.b64decode(b64) == httpx.get(f"{base}/v1/jobs/{job_id}/image.png", headers=h(keys["chat"])).content
 
 
 def test_keys_cli_and_metrics(gateway, settings):

@@ -3,9 +3,11 @@
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -15,7 +17,7 @@ import pytest
 from broker.client import Client
 from broker.redis_server import free_port
 from broker.settings import Settings
-from tests.conftest import wait_until
+from tests.conftest import die_with_parent, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +31,11 @@ def http_get(url, user=None, password=None):
 
 
 def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
-    redis_port, flower_port = free_port(), free_port()
+    redis_port, flower_port, gateway_port = free_port(), free_port(), free_port()
     env = dict(os.environ, ARBITER_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ARBITER_FLOWER_PORT=str(flower_port),
-               ARBITER_FLOWER_PASSWORD="s3cret", PYTHONUNBUFFERED="1")
+               ARBITER_FLOWER_PASSWORD="s3cret", ARBITER_GATEWAY_PORT=str(gateway_port), PYTHONUNBUFFERED="1")
     log = tmp_path / "dev.log"
-    proc = subprocess.Popen([sys.executable, "-m", "arbiter", "dev"], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "arbiter", "dev"], env=env, cwd=tmp_path, preexec_fn=die_with_parent,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "Ctrl-C to stop" in log.read_text() or proc.poll() is not None, timeout_s=60)
@@ -42,6 +44,10 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
         assert f"http://127.0.0.1:{flower_port}" in out and "s3cret" in out
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 4   # redis, two workers (+ pool children), flower
+        # Flower's credentials come from its environment, never its command line (visible to all in `ps`)
+        assert not any("s3cret" in " ".join(c.cmdline()) for c in children)
+
+        _printed_gateway_answers(out, gateway_port)
 
         client = Client(settings=Settings(redis_url=env["ARBITER_REDIS_URL"]))
         job = client.submit(workload="llm", prompt="hi flower", priority="interactive", max_new_tokens=5)
@@ -63,7 +69,9 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
         assert task["name"] == "arbiter.llm.generate" and task["routing_key"] == "llm.interactive"
         client.close()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)      # as a service manager (or `pkill`, or `timeout`) stops it,
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)      # twice: a signal during the stop must not leave orphans
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -73,6 +81,24 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
     gone = psutil.wait_procs(children, timeout=15)[1]
     assert not gone, f"orphans left running: {gone}"
     assert proc.returncode == 0
+
+
+def _printed_gateway_answers(out, port):
+    """The gateway and the development key `arbiter dev` printed work as printed: interactive chat."""
+    import openai
+
+    gateway = re.search(r"^gateway +(http://\S+)", out, re.M).group(1)
+    key = re.search(r"^api key +(ak_\S+)", out, re.M).group(1)
+    assert gateway == f"http://127.0.0.1:{port}"
+    oa = openai.OpenAI(base_url=gateway + "/v1", api_key=key, max_retries=0)
+    reply = oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       service_tier="priority")
+    assert reply.usage.completion_tokens == 4
+    import httpx
+
+    job = httpx.get(f"{gateway}/v1/jobs/{reply.id.removeprefix('chatcmpl-')}",
+                    headers={"Authorization": f"Bearer {key}"}).json()
+    assert job["status"]["priority"] == "interactive"
 
 
 def _flower_up(base):

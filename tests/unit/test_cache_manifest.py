@@ -75,3 +75,50 @@ def test_tier_refuses_wrong_bytes_and_detects_corruption(tmp_path):
     with pytest.raises(CorruptFragment):
         tier.open(sha)
     assert not tier.has(sha)                    # dropped, so the next load refetches it
+
+
+def test_mapped_files_give_the_same_tensors_without_a_copy(model_dir, tmp_path):
+    """Each file as one contiguous mapping of its fragment files (tensors spanning two fragments included),
+    tensors as views of it, and a fragment with no file behind it (a full tier) copied in."""
+    import hashlib
+
+    import torch
+
+    from cache.mapped import map_files, torch_tensors
+    from cache.tiers import Pinned
+
+    m = build_manifest(model_dir, "tiny", "fp32", fragment_mib=1)
+    blobs = read_all(model_dir, m)
+    tier = FileTier("ram", tmp_path / "ram", 1 << 30)
+    for sha, blob in blobs.items():
+        tier.put(sha, blob)
+    pinned = [tier.open(f.sha256) for f in m.fragments]
+    pinned[-1] = Pinned(memoryview(blobs[m.fragments[-1].sha256]))     # process memory, no fd
+    tensors = torch_tensors(m, map_files(m, pinned))
+    expected = assemble(m, blobs)
+    for file_tensors in tensors.values():
+        for name, t in file_tensors.items():
+            assert np.array_equal(t.numpy(), expected[name]), name
+    w = tensors["unet.safetensors"]["unet.w"]
+    w.mul_(0)                                                           # copy-on-write: the tier is untouched
+    assert hashlib.sha256(tier.path(m.fragments[0].sha256).read_bytes()).hexdigest() == m.fragments[0].sha256
+    assert w.data_ptr() != 0 and isinstance(w, torch.Tensor)
+
+
+def test_a_kept_mapping_is_served_again_and_released_for_eviction(tmp_path):
+    import hashlib
+
+    tier = FileTier("ram", tmp_path / "t", budget_bytes=2000, keep_mapped_bytes=2000)
+    blobs = [bytes([i]) * 1000 for i in range(3)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    tier.put(shas[0], blobs[0])
+    first = tier.open(shas[0])
+    fd = first.fd
+    first.close()
+    again = tier.open(shas[0])                  # a lookup: the same mapping, still open
+    assert again.fd == fd and list(tier._held) == [shas[0]]
+    again.close()
+    tier.put(shas[1], blobs[1])
+    tier.open(shas[1]).close()                  # both kept mapped, so both pinned
+    tier.put(shas[2], blobs[2])                 # needs room: our own kept mappings are given up, LRU evicted
+    assert not tier.has(shas[0]) and tier.has(shas[1]) and tier.has(shas[2])

@@ -77,7 +77,9 @@ def test_flower_runs_celery_on_the_workers_app_with_auth(services):
     cmd = argv(services["flower"])
     assert cmd[:3] == ["celery", "-A", "workers.celery_app"] and "flower" in cmd
     assert importlib.util.find_spec("workers.celery_app") is not None
-    assert any(a.startswith("--basic-auth=${FLOWER_USER") and "${FLOWER_PASSWORD" in a for a in cmd)
+    assert not any("basic-auth" in a or "PASSWORD" in a for a in cmd)      # nothing secret in `ps`
+    auth = services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${FLOWER_USER") and "${FLOWER_PASSWORD" in auth
     assert "--port=5555" in cmd
 
 

@@ -1,5 +1,14 @@
 from arbiter.budgets import BudgetState
 from arbiter.policy import GpuView, PolicyConfig, RunningJob, WaitingJob, World, choose_victims, plan
+from arbiter.pressure import Pressure
+from broker.schemas import ParkedJob
+
+
+def gv(gpu_id, pressure, capacity, held, **kw):
+    """A GPU view with `held` MiB leased by jobs out of `capacity` of room, at this pressure ratio."""
+    jobs = held
+    waiting = max(0, int(pressure * capacity) - jobs)
+    return GpuView(gpu_id, Pressure(usable_mib=capacity, weights_mib=0, jobs_mib=jobs, waiting_mib=waiting), **kw)
 
 CFG = PolicyConfig()
 
@@ -17,7 +26,7 @@ def test_victims_background_first_largest_first():
 
 
 def test_interactive_waiting_for_vram_preempts_background():
-    gpu = GpuView("g", 0.95, 10_000, 9_800, running=(job(1, mib=600), job(2, mib=300)), slots={"diffusion": 2},
+    gpu = gv("g", 0.95, 10_000, 9_800, running=(job(1, mib=600), job(2, mib=300)), slots={"diffusion": 2},
                   waiting_vram=(WaitingJob("chat", "llm", "interactive", 500),))
     d = plan(World((gpu,), {}, {}), CFG)
     assert [p[1] for p in d.preempt] == ["j1"]
@@ -25,39 +34,77 @@ def test_interactive_waiting_for_vram_preempts_background():
 
 
 def test_interactive_queued_with_all_slots_busy_preempts_one_per_waiting_job():
-    gpu = GpuView("g", 0.5, 10_000, 2_000, running=(job(1), job(2, priority="standard")), slots={"diffusion": 2})
+    gpu = gv("g", 0.5, 10_000, 2_000, running=(job(1), job(2, priority="standard")), slots={"diffusion": 2})
     d = plan(World((gpu,), {"diffusion": 1}, {}), CFG)
     assert [p[1] for p in d.preempt] == ["j1"]
     assert d.controls["g"] == {"j1": "preempt", "j2": "pause"}
-    idle = GpuView("g", 0.5, 10_000, 2_000, running=(job(1),), slots={"diffusion": 2})
+    idle = gv("g", 0.5, 10_000, 2_000, running=(job(1),), slots={"diffusion": 2})
     assert plan(World((idle,), {"diffusion": 1}, {}), CFG).preempt == []      # a free slot: no preemption
 
 
 def test_running_interactive_pauses_others_except_its_llm_batch():
-    gpu = GpuView("g", 0.5, 10_000, 2_000, slots={"llm": 4, "diffusion": 1}, running=(
+    gpu = gv("g", 0.5, 10_000, 2_000, slots={"llm": 4, "diffusion": 1}, running=(
         RunningJob("chat", "llm", "interactive", "l@n", 100), RunningJob("doc", "llm", "standard", "l@n", 100),
         job(1), RunningJob("other", "llm", "background", "l2@n", 100)))
     d = plan(World((gpu,), {}, {}), CFG)
     assert d.controls["g"] == {"j1": "pause", "other": "pause"}
-    quiet = GpuView("g", 0.5, 10_000, 2_000, slots={"diffusion": 1}, running=(job(1),))
+    quiet = gv("g", 0.5, 10_000, 2_000, slots={"diffusion": 1}, running=(job(1),))
     assert plan(World((quiet,), {}, {}), CFG).controls["g"] == {}
 
 
 def test_already_preempting_jobs_stay_flagged_and_are_not_counted_twice():
-    gpu = GpuView("g", 0.5, 10_000, 2_000, running=(job(1), job(2)), slots={"diffusion": 2})
+    gpu = gv("g", 0.5, 10_000, 2_000, running=(job(1), job(2)), slots={"diffusion": 2})
     d = plan(World((gpu,), {"diffusion": 1}, {}, preempting=frozenset({"j1"})), CFG)
     assert d.controls["g"]["j1"] == "preempt" and d.preempt == []
 
 
 def test_budgets_follow_pressure_and_lost_jobs_are_requeued():
-    gpu = GpuView("g", 0.97, 10_000, 9_000)
+    gpu = gv("g", 0.97, 10_000, 9_000)
     d = plan(World((gpu,), {}, {"g": BudgetState.full()}, lost=("dead",)), CFG)
-    assert d.budgets["g"].budgets["diffusion.background"] < 1.0 and d.budget_changes["g"] == "diffusion.background"
+    assert d.budgets["g"].budgets["diffusion.background"] < 1.0 and d.budget_changes["g"] == ["diffusion.background"]
     assert d.requeue == ["dead"]
 
 
 def test_policy_switches():
-    gpu = GpuView("g", 0.5, 10_000, 2_000, running=(job(1), RunningJob("c", "llm", "interactive", "l", 1)),
+    gpu = gv("g", 0.5, 10_000, 2_000, running=(job(1), RunningJob("c", "llm", "interactive", "l", 1)),
                   slots={"diffusion": 1})
     d = plan(World((gpu,), {"diffusion": 3}, {}), PolicyConfig(yield_compute=False, preempt=False))
     assert d.controls["g"] == {} and d.preempt == []
+
+
+def parked(i, reason="budget", workload="diffusion", priority="background", since=0.0, **kw):
+    return ParkedJob(job_id=f"p{i}", workload=workload, priority=priority, reason=reason, gpu_id="g",
+                     since=since, **kw)
+
+
+def test_an_idle_gpu_gets_full_budgets_whatever_its_weights_take():
+    low = BudgetState({k: 0.3 if k.startswith("diffusion") else 0.4 for k in BudgetState.full().budgets})
+    for weights_share in (0.2, 0.79, 0.95):
+        usable = 22_000
+        gpu = GpuView("g", Pressure(usable, int(usable * weights_share), 0), slots={"diffusion": 1, "llm": 1})
+        d = plan(World((gpu,), {}, {"g": low}), CFG)
+        assert d.budgets["g"].is_full, weights_share
+        # but not while work is queued for it (it is not idle: budgets move by the pressure instead)
+        d = plan(World((gpu,), {}, {"g": BudgetState(low.budgets, hold=2)}, queued={"diffusion": 3}), CFG)
+        assert not d.budgets["g"].is_full
+
+
+def test_a_job_parked_for_a_budget_is_released_when_a_gpu_serving_it_reaches_it():
+    gpu = gv("g", 0.75, 10_000, 2_000, slots={"diffusion": 1})
+    low = BudgetState({**BudgetState.full().budgets, "diffusion.background": 0.3})
+    world = World((gpu,), {}, {"g": low}, parked=(parked(1, min_quality=0.9),), now=1.0)
+    d = plan(world, CFG)      # the GPU has room and no interactive work: the budget is raised for it
+    assert d.budgets["g"].budgets["diffusion.background"] == 0.9
+    assert [j for j, _ in d.release] == ["p1"]
+    busy = gv("g", 0.75, 10_000, 2_000, slots={"diffusion": 1}, running=(RunningJob("c", "diffusion", "interactive", "w", 10),))
+    d = plan(World((busy,), {}, {"g": low}, parked=(parked(1, min_quality=0.9),), now=1.0), CFG)
+    assert d.release == [] and d.budgets["g"].budgets["diffusion.background"] == 0.3
+
+
+def test_jobs_parked_for_vram_are_released_while_room_lasts_oldest_first():
+    gpu = gv("g", 0.5, 10_000, 8_000, slots={"diffusion": 4}, running=(job(1, mib=8_000),))
+    world = World((gpu,), {}, {}, parked=(parked(2, "vram", since=2, mib=1_500), parked(1, "vram", since=1, mib=1_500),
+                                          parked(3, "vram", since=3, mib=400)), now=5.0)
+    assert [j for j, _ in plan(world, CFG).release] == ["p1", "p3"]     # p2 no longer fits after p1
+    stale = World((gpu,), {}, {}, parked=(parked(2, "vram", since=0, mib=5_000),), now=31.0)
+    assert [j for j, _ in plan(stale, CFG).release] == ["p2"]           # it looks again every 30 s

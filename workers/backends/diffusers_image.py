@@ -22,7 +22,7 @@ import numpy as np
 from broker.registry import Variant
 from broker.schemas import JobSpec, Workload
 from workers.backends.base import Output, StepHook, StepInfo
-from workers.backends.hfweights import HfBackend, load_module
+from workers.backends.hfweights import HfBackend, load_module, no_init
 from workers.ladders import Rung
 
 _CKPT = struct.Struct("<IIIII")    # step, batch, channels, height, width (latents follow as float32)
@@ -77,9 +77,10 @@ class DiffusersBackend(HfBackend):
         from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
         dtype = getattr(torch, variant.dtype)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+        with no_init():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
         for sub, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
             files = [f for f in states if f.split("/")[0] == sub]
             if not files:

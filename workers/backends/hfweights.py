@@ -1,19 +1,26 @@
 """What the transformers and diffusers backends share: a registry variant's safetensors loaded through the
 fragment cache (so a second worker on the node, or a switch back, reads RAM or disk rather than the
-origin), placed into a torch module, and the VRAM estimate checked against what was really allocated."""
+origin), placed into a torch module, and the VRAM estimate checked against what was really allocated.
+
+No copy on the way: each safetensors file is one contiguous mapping of its fragments' tier files
+(`cache/mapped.py`), its tensors are `torch.frombuffer` views of it, and the module takes them as its
+parameters (`load_state_dict(assign=True)`) after being built without initialising weights it is about
+to replace. The only copy is the one to the device."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from broker.registry import Registry, Variant
 from broker.settings import Settings
 from cache.loader import FragmentCache
 from cache.manifest import Manifest, manifest_for
+from cache.mapped import map_files, torch_tensors
 from cache.origin import LocalOrigin
 
 log = logging.getLogger(__name__)
@@ -48,18 +55,30 @@ class HfWeights:
         return {k: max(1, m.total_bytes // MIB) for k, m in self.manifests.items()}
 
     def state_dicts(self, key: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-        """Tensors per safetensors file (relative path -> name -> tensor) through the cache, and the bytes
-        each tier served."""
-        from safetensors.torch import load
-
+        """Tensors per safetensors file (relative path -> name -> tensor) through the cache, as views of the
+        tiers' mappings (the fragments stay pinned while a tensor lives), and the bytes each source served."""
         served: dict[str, int] = {}
-        files = self.cache.files(self.manifests[key], LocalOrigin(self.dirs[key]), served)
-        return {f: load(bytes(buf)) for f, buf in files.items()}, served
+        manifest = self.manifests[key]
+        pinned = self.cache.pinned(manifest, LocalOrigin(self.dirs[key]), served)
+        return torch_tensors(manifest, map_files(manifest, pinned)), served
+
+
+@contextmanager
+def no_init() -> Iterator[None]:
+    """Build torch modules without initialising their weights (they are replaced by loaded ones at once):
+    random init of a large model costs more than loading it."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        yield
 
 
 def load_module(module: Any, state: dict[str, Any], what: str) -> None:
-    """Load a state dict; only weights the module ties to others may be missing."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    """Load a state dict, taking its tensors as the module's own (no copy; one of another dtype is
+    converted); only weights the module ties to others may be missing."""
+    own = module.state_dict()
+    state = {k: t.to(own[k].dtype) if k in own and own[k].dtype != t.dtype else t for k, t in state.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(module.config, "tie_word_embeddings", False)}

@@ -12,7 +12,7 @@ from typing import Any
 from broker.registry import Variant
 from broker.schemas import JobSpec, Workload
 from workers.backends.base import Output, StepHook, StepInfo
-from workers.backends.hfweights import HfBackend, load_module
+from workers.backends.hfweights import HfBackend, load_module, no_init
 from workers.ladders import Rung
 
 
@@ -25,7 +25,8 @@ class TransformersLlmBackend(HfBackend):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root), dtype=getattr(torch, variant.dtype))
+        with no_init():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root), dtype=getattr(torch, variant.dtype))
         load_module(model, {name: t for file_state in states.values() for name, t in file_state.items()}, key)
         model = model.to(self.device.torch_device).eval()
         return (model, AutoTokenizer.from_pretrained(root)), [model]

@@ -1,0 +1,157 @@
+"""What every route shares: the client, the key store, the URL signer, the stream slots, the waiters'
+thread limiter, and the key-aware steps (who is calling, at which priority, submit, own, wait). The
+synchronous steps talk to Redis and run on worker threads; `wait` never blocks the event loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from arbiter.gateway.apikeys import ApiKey, KeyStore
+from arbiter.gateway.errors import ApiError, param_of
+from arbiter.gateway.signing import UrlSigner
+from arbiter.gateway.streams import StreamSlots, job_events
+from broker.client import Client, JobHandle
+from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
+from broker.schemas import JobResult, JobSpec, Priority
+from broker.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An Arbiter API key (`arbiter keys create`), as `Authorization: Bearer ak_…`.")
+x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="x-api-key",
+                         description="The same API key in an X-API-Key header.")
+WAITERS = 64   # threads that may sit in a blocking Redis read for a waiting request at once
+
+
+def _secret(creds: HTTPAuthorizationCredentials | None = Security(bearer),
+            alt: str | None = Security(x_api_key)) -> str | None:
+    return creds.credentials if creds else alt
+
+
+class Ctx:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = Client(settings=settings)
+        self.keys = KeyStore(self.client.redis, self.client.keys)
+        prefix = self.client.keys.prefix
+        self.signer = UrlSigner(self.client.redis, f"{prefix}:gateway:url_secret", settings.gateway_url_ttl_s)
+        self.slots = StreamSlots(self.client.redis, prefix, settings.gateway_streams_per_key,
+                                 ttl_s=3 * settings.gateway_heartbeat_s + 5)
+        self.waiters = anyio.CapacityLimiter(WAITERS)
+
+    # -- dependencies (plain functions: FastAPI runs them on its thread pool) ------------------------------
+    def api_key(self, secret: str | None) -> ApiKey:
+        key = self.keys.lookup(secret)
+        if key is None:
+            raise ApiError(401, "missing or unknown API key (send Authorization: Bearer <key>)",
+                           "authentication_error", headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+        return key
+
+    def dependency(self) -> Any:
+        def caller(secret: str | None = Security(_secret)) -> ApiKey:
+            return self.api_key(secret)
+        return caller
+
+    def optional_dependency(self) -> Any:
+        def maybe(secret: str | None = Security(_secret)) -> ApiKey | None:
+            return self.api_key(secret) if secret else None
+        return maybe
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def priority(self, key: ApiKey, asked: Priority | str | None, header: str | None) -> Priority:
+        """Count the request against the key's rate; the priority it submits at (the body's, else the
+        X-Arbiter-Priority header's, else the key's default), if the key allows it."""
+        limit = self.keys.admit(key)
+        if limit:
+            raise ApiError(limit.status, limit.message, "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, limit.retry_after_s))})
+        wanted = asked or header or key.default_priority
+        try:
+            priority = Priority(wanted)
+        except ValueError:
+            raise ApiError(400, f"priority {wanted!r} is not one of interactive, standard, background",
+                           param="X-Arbiter-Priority" if not asked else "priority") from None
+        if not key.allows(priority):
+            raise ApiError(403, f"key {key.name!r} may submit at {', '.join(key.priorities)}; not {priority.value}",
+                           "permission_error", param="priority")
+        return priority
+
+    def submit(self, key: ApiKey, fields: dict[str, Any], idempotency_key: str | None,
+               params: dict[str, str] | None = None, status: int = 422) -> JobHandle:
+        """Submit under the key's queue cap. `params` renames job fields to the request's own in errors."""
+        limit = self.keys.can_queue(key)
+        if limit:
+            raise ApiError(limit.status, limit.message, "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(limit.retry_after_s)})
+        try:
+            handle = self.client.submit(fields, idempotency_key=idempotency_key)
+        except InvalidJob as exc:
+            field = param_of(exc.errors, JobSpec.model_fields) or _named(str(exc))
+            if field == "idempotency_key" or "idempotency_key" in str(exc):
+                field = "Idempotency-Key"
+            param = (params or {}).get(field or "", field)
+            located = [{**e, "loc": ["body", *(e.get("loc") or ([param] if param else []))]} for e in exc.errors]
+            raise ApiError(status, str(exc), param=param, fields=located, code="invalid_value") from None
+        self.keys.track(key, handle.id)
+        self.client.redis.set(self._owner(handle.id), key.name, ex=self.settings.result_ttl_s)
+        return handle
+
+    def _owner(self, job_id: str) -> str:
+        return f"{self.client.keys.prefix}:owner:{job_id}"
+
+    def owned(self, key: ApiKey, job_id: str) -> JobHandle:
+        """The caller's own job (another key's job is reported as missing)."""
+        owner = self.client.redis.get(self._owner(job_id))
+        if owner is None or owner.decode() != key.name:
+            raise ApiError(404, f"no job {job_id} for this key", "not_found_error", param="job_id")
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> JobHandle:
+        try:
+            return self.client.get(job_id)
+        except JobNotFound:
+            raise ApiError(404, f"job {job_id} has expired or does not exist", "not_found_error",
+                           param="job_id") from None
+
+    @staticmethod
+    def result_of(handle: JobHandle) -> JobResult:
+        """The result of a job that has ended (no waiting): its error as an ApiError otherwise."""
+        st = handle.status()
+        if not st.done:
+            raise ApiError(409, f"job {handle.id} is {st.state.value}; it has no result yet", "job_error",
+                           code=st.state.value)
+        try:
+            return handle.result(timeout=1)
+        except (JobFailed, Cancelled) as exc:
+            raise ApiError(502 if isinstance(exc, JobFailed) else 409, f"job {handle.id}: {exc}", "job_error",
+                           code="job_failed" if isinstance(exc, JobFailed) else "job_cancelled") from None
+
+    async def wait(self, handle: JobHandle, request: Request) -> tuple[JobResult, int]:
+        """Wait for the job off the event loop; its result and how many tokens it produced. A caller that
+        disconnects stops the wait (the job goes on: GET /v1/jobs/{id})."""
+        timeout_s = self.settings.allocation_timeout_s + 600
+        tokens = -1
+        try:
+            async for event in job_events(handle, self.waiters, timeout_s, heartbeat_s=1.0):
+                if event is None:
+                    if await request.is_disconnected():
+                        raise ApiError(408, "client went away", "timeout_error")
+                elif event.get("type") == "token":
+                    tokens = max(tokens, int(event["index"]))
+        except Timeout:
+            raise ApiError(504, f"job {handle.id} did not finish within {timeout_s:.0f} s; it continues: "
+                                f"GET /v1/jobs/{handle.id}", "timeout_error") from None
+        result = await anyio.to_thread.run_sync(self.result_of, handle, limiter=self.waiters)
+        return result, tokens + 1
+
+
+def _named(message: str) -> str | None:
+    """The JobSpec field an InvalidJob message is about ("invalid job: steps 300 is over …")."""
+    text = message.removeprefix("invalid job: ")
+    for name in JobSpec.model_fields:
+        if text.startswith(name):
+            return name
+    return None

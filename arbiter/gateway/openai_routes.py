@@ -1,0 +1,106 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions (streaming or not, usage included),
+/v1/images/generations (b64_json in standard base64, or signed links). Translation lives in openai_api."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
+
+from arbiter.gateway import openai_api as oa
+from arbiter.gateway.apikeys import ApiKey
+from arbiter.gateway.context import Ctx
+from arbiter.gateway.models import (ChatCompletion, ChatRequest, ImageData, ImageRequest, ImagesResponse,
+                                    ModelCard, ModelList, errors, sse_response)
+from arbiter.gateway.streams import job_events
+from broker.catalog import model_names
+from broker.client import JobHandle
+from broker.schemas import Priority, Workload
+
+CHAT_STREAM = sse_response("With stream=true: chat.completion.chunk events, then `data: [DONE]`.")
+
+
+def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
+    settings = ctx.settings
+
+    @app.get("/v1/models", response_model=ModelList, summary="Models served (llm and diffusion)",
+             responses=errors(401, 503), tags=["openai"])
+    def list_models(key: ApiKey = Depends(caller)) -> ModelList:
+        return ModelList(data=[ModelCard(id=name, workload=w.value) for w in Workload
+                               for name in model_names(w, settings)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, summary="Chat completion (an llm job)",
+              tags=["openai"],
+              responses={200: CHAT_STREAM, **errors(400, 401, 403, 408, 409, 413, 429, 502, 503, 504)})
+    async def chat(body: ChatRequest, request: Request, key: ApiKey = Depends(caller),
+                   x_arbiter_priority: Priority | None = Header(
+                       None, description="Arbiter priority (else service_tier, else the key's default)."),
+                   idempotency_key: str | None = Header(None)) -> Any:
+        oa.refuse_unsupported(body)
+        priority = await run_in_threadpool(ctx.priority, key, oa.tier_priority(body.service_tier),
+                                           x_arbiter_priority)
+        fields = oa.chat_job(body, priority)
+        handle = await run_in_threadpool(ctx.submit, key, fields, idempotency_key, oa.chat_params(body), 400)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            from arbiter.gateway.app import stream
+
+            return await stream(ctx, key, _chat_chunks(ctx, handle, body.model, fields, include_usage))
+        result, tokens = await ctx.wait(handle, request)
+        return oa.completion(handle.id, body.model, result, fields["prompt"], tokens)
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Images (diffusion jobs)",
+              tags=["openai"], response_model_exclude_none=True,
+              responses=errors(400, 401, 403, 408, 409, 413, 429, 502, 503, 504))
+    async def images(body: ImageRequest, request: Request, key: ApiKey = Depends(caller),
+                     x_arbiter_priority: Priority | None = Header(None), idempotency_key: str | None = Header(None)
+                     ) -> ImagesResponse:
+        priority = await run_in_threadpool(ctx.priority, key, oa.tier_priority(body.service_tier),
+                                           x_arbiter_priority)
+        handles = []
+        for i, fields in enumerate(oa.image_jobs(body, priority)):
+            idem = f"{idempotency_key}:{i}" if idempotency_key else None
+            handles.append(await run_in_threadpool(ctx.submit, key, fields, idem, oa.IMAGE_PARAMS, 400))
+        base = settings.gateway_public_url.rstrip("/") or str(request.base_url).rstrip("/")
+        data = []
+        for h in handles:
+            result, _ = await ctx.wait(h, request)
+            if body.response_format == "url":
+                expires, sig = await run_in_threadpool(ctx.signer.sign, h.id)
+                data.append(ImageData(url=f"{base}/v1/jobs/{h.id}/image.png?expires={expires}&sig={sig}"))
+            else:
+                data.append(ImageData(b64_json=base64.b64encode(result.image_png or b"").decode()))
+        return ImagesResponse(created=int(time.time()), data=data)
+
+
+async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str, Any],
+                       include_usage: bool) -> AsyncIterator[bytes | None]:
+    """chat.completion.chunk events as the job produces tokens (each index once, also after a resume),
+    a final chunk with its finish_reason, the usage chunk when asked, then [DONE]."""
+    yield oa.sse(oa.chunk(handle.id, model, {"role": "assistant", "content": ""}))
+    seen, state = -1, ""
+    async for event in job_events(handle, ctx.waiters, ctx.settings.visibility_timeout_s,
+                                  ctx.settings.gateway_heartbeat_s):
+        if event is None:
+            yield None
+        elif event.get("type") == "token" and int(event["index"]) > seen:
+            seen = int(event["index"])
+            yield oa.sse(oa.chunk(handle.id, model, {"content": event["text"]}))
+        elif event.get("type") == "state":
+            state = event["state"]
+    if not state:
+        state = (await anyio.to_thread.run_sync(handle.status, limiter=ctx.waiters)).state.value
+    if state != "finished":
+        error = (await anyio.to_thread.run_sync(handle.status, limiter=ctx.waiters)).error or ""
+        yield oa.sse({"error": {"message": f"job {handle.id} {state}: {error}".strip(), "type": "job_error",
+                                "param": None, "code": state}})
+        return
+    tokens = seen + 1
+    yield oa.sse(oa.chunk(handle.id, model, {}, oa.finish_reason(tokens, fields.get("max_new_tokens"))))
+    if include_usage:
+        yield oa.sse(oa.chunk(handle.id, model, None, usage_=oa.usage(fields["prompt"], tokens)))
+    yield oa.DONE

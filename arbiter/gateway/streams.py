@@ -1,0 +1,86 @@
+"""Waiting on jobs without blocking the event loop: a job's events read in short blocking slices on worker
+threads of their own (a `CapacityLimiter` apart from FastAPI's pool, so waiters never starve the other
+endpoints), heartbeat ticks while a job is quiet, and a cap on the event streams one API key holds open
+(counted in Redis across gateway processes; a slot not refreshed by its heartbeat expires)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import partial
+from typing import AsyncIterator
+
+import anyio
+import redis
+
+from broker.client import JobHandle
+from broker.errors import Timeout
+from broker.states import TERMINAL, JobState
+
+SLICE_MS = 500          # one blocking XREAD; a disconnect or a cancel is noticed within about this long
+
+
+def _read(handle: JobHandle, last: str) -> list[tuple[str, dict[str, str]]]:
+    return list(handle.client.store.events(handle.id, last, SLICE_MS))
+
+
+async def job_events(handle: JobHandle, limiter: anyio.CapacityLimiter, timeout_s: float,
+                     heartbeat_s: float) -> AsyncIterator[dict[str, str] | None]:
+    """The job's events until it ends; `None` after every `heartbeat_s` without one. Raises `Timeout`."""
+    last, deadline = "0-0", time.monotonic() + timeout_s
+    quiet_since = time.monotonic()
+    while True:
+        batch = await anyio.to_thread.run_sync(partial(_read, handle, last), limiter=limiter)
+        for last, event in batch:
+            quiet_since = time.monotonic()
+            yield event
+            if event.get("type") == "state" and JobState(event["state"]) in TERMINAL:
+                return
+        if not batch:
+            status = await anyio.to_thread.run_sync(handle.status, limiter=limiter)
+            if status.state in TERMINAL:   # its stream expired or was trimmed
+                return
+        now = time.monotonic()
+        if now >= deadline:
+            raise Timeout(f"job {handle.id} still running after {timeout_s:.0f} s")
+        if now - quiet_since >= heartbeat_s:
+            quiet_since = now
+            yield None
+
+
+class StreamSlots:
+    """At most `per_key` open streams per API key: a sorted set of stream ids scored by their expiry."""
+
+    def __init__(self, r: redis.Redis, prefix: str, per_key: int, ttl_s: float) -> None:
+        self.r, self.prefix, self.per_key, self.ttl_s = r, prefix, per_key, ttl_s
+
+    def _key(self, key_name: str) -> str:
+        return f"{self.prefix}:apikey:{key_name}:streams"
+
+    def acquire(self, key_name: str) -> str | None:
+        """A slot id, or None when the key already holds `per_key` live streams."""
+        now, slot, k = time.time(), uuid.uuid4().hex, self._key(key_name)
+        pipe = self.r.pipeline()
+        pipe.zremrangebyscore(k, "-inf", now)
+        pipe.zcard(k)
+        _, held = pipe.execute()
+        if held >= self.per_key:
+            return None
+        pipe = self.r.pipeline()
+        pipe.zadd(k, {slot: now + self.ttl_s})
+        pipe.expire(k, int(self.ttl_s) + 1)
+        pipe.execute()
+        return slot
+
+    def refresh(self, key_name: str, slot: str) -> None:
+        k = self._key(key_name)
+        pipe = self.r.pipeline()
+        pipe.zadd(k, {slot: time.time() + self.ttl_s}, xx=True)
+        pipe.expire(k, int(self.ttl_s) + 1)
+        pipe.execute()
+
+    def release(self, key_name: str, slot: str) -> None:
+        self.r.zrem(self._key(key_name), slot)
+
+    def held(self, key_name: str) -> int:
+        return int(self.r.zcount(self._key(key_name), time.time(), "+inf"))

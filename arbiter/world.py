@@ -1,0 +1,152 @@
+"""The world as the arbiter sees it, read from Redis in one pipelined pass: every GPU's snapshot, leases,
+budgets and controls, the workers' slots, jobs waiting for VRAM in their worker, parked jobs and queue
+depths. The beat plans from it; `arbiter status` and the metrics show the same numbers (pressure above
+all: `arbiter.pressure`, defined once)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from arbiter.ledger import Lease, parse_leases
+from arbiter.policy import GpuView, RunningJob, WaitingJob
+from arbiter.pressure import Pressure, measure
+from broker.app import all_queues
+from broker.keys import Keys
+from broker.schemas import IMPROVE_BAND, GpuSnapshot, ParkedJob
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """One GPU as read: what its worker published, the ledger, and what the beat decided last."""
+
+    gpu_id: str
+    snapshot: GpuSnapshot | None           # None: no live worker publishes this GPU
+    leases: tuple[Lease, ...]
+    budgets: dict[str, float]
+    controls: dict[str, str]               # job id -> "pause:<ts>" | "preempt:<ts>"
+    view: GpuView | None                   # what the policy sees (None without a snapshot)
+
+    @property
+    def pressure(self) -> Pressure | None:
+        return self.view.pressure if self.view else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    gpus: tuple[GpuState, ...]
+    queues: dict[str, int]                       # queue -> depth
+    parked: tuple[ParkedJob, ...] = ()
+    waiting_vram: dict[str, list[WaitingJob]] = field(default_factory=dict)
+
+    def queued(self) -> dict[str, int]:
+        """workload -> jobs in its shared queues (improvement runs wait for an idle GPU: not counted)."""
+        out: dict[str, int] = {}
+        for q, n in self.queues.items():
+            w, _, band = q.partition(".")
+            if band != IMPROVE_BAND:
+                out[w] = out.get(w, 0) + n
+        return out
+
+    def queued_interactive(self) -> dict[str, int]:
+        return {q.split(".")[0]: n for q, n in self.queues.items() if q.endswith(".interactive")}
+
+
+def _decode(raw: dict[Any, Any]) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()}
+
+
+def _leases(raw: dict[Any, Any], now: float) -> list[Lease]:
+    out: list[Lease] = []
+    for field_, value in raw.items():
+        try:
+            out += parse_leases({field_: value}, now)
+        except (ValueError, AttributeError):
+            continue
+    return out
+
+
+def _floats(raw: dict[str, str]) -> dict[str, float]:
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = float(v)
+        except ValueError:
+            continue
+    return out
+
+
+def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = None) -> Snapshot:
+    """The world in one pipelined round trip (two when the GPU ids are not given)."""
+    if gpu_ids is None:
+        gpu_ids = sorted(x.decode() for x in r.pipeline(transaction=False).smembers(keys.gpus()).execute()[0])
+    queues = all_queues()
+    pipe = r.pipeline(transaction=False)
+    for g in gpu_ids:
+        pipe.get(keys.gpu_snapshot(g))
+        pipe.hgetall(keys.leases(g))
+        pipe.hgetall(keys.budgets(g))
+        pipe.hgetall(keys.controls(g))
+    pipe.hgetall(keys.workers())
+    pipe.hgetall(keys.waiting_vram())
+    pipe.hgetall(keys.parked())
+    for q in queues:
+        pipe.llen(q)
+    replies = iter(pipe.execute())
+    per_gpu = [(next(replies), next(replies), next(replies), next(replies)) for _ in gpu_ids]
+    workers_raw, waiting_raw, parked_raw = next(replies), next(replies), next(replies)
+    depths = {q: int(next(replies)) for q in queues}
+
+    # a malformed entry (a foreign writer, a half-upgraded deployment) is skipped, never fatal: the beat,
+    # `arbiter status` and a metrics scrape must all keep going
+    slots: dict[str, dict[str, int]] = {}
+    for raw in workers_raw.values():
+        try:
+            w = json.loads(raw)
+            if w["expires_at"] >= now:
+                per = slots.setdefault(w["gpu_id"], {})
+                per[w["workload"]] = per.get(w["workload"], 0) + int(w["concurrency"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    waiting: dict[str, list[WaitingJob]] = {}
+    for job_id, raw in waiting_raw.items():
+        try:
+            w = json.loads(raw)
+            waiting.setdefault(w["gpu_id"], []).append(WaitingJob(job_id.decode(), w["workload"], w["priority"],
+                                                                  int(w["mib"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    parked = []
+    for raw in parked_raw.values():
+        try:
+            parked.append(ParkedJob.model_validate_json(raw))
+        except ValueError:
+            continue
+    parked_mib: dict[str, int] = {}
+    for p in parked:
+        if p.reason == "vram":
+            parked_mib[p.gpu_id] = parked_mib.get(p.gpu_id, 0) + p.mib
+
+    gpus = []
+    for g, (snap_raw, lease_raw, budget_raw, control_raw) in zip(gpu_ids, per_gpu):
+        leases = tuple(_leases(lease_raw, now))
+        try:
+            snap = GpuSnapshot.model_validate_json(snap_raw) if snap_raw else None
+        except ValueError:
+            snap = None
+        view = None
+        if snap is not None:
+            waiting_mib = sum(w.mib for w in waiting.get(g, ())) + parked_mib.get(g, 0)
+            pressure = measure(snap.usable_mib, sum(x.mib for x in leases if x.kind == "weights"),
+                               sum(x.mib for x in leases if x.kind == "job"), waiting_mib, snap.weights_mib)
+            view = GpuView(gpu_id=g, pressure=pressure, slots=slots.get(g, {}), waiting_vram=tuple(waiting.get(g, ())),
+                           running=tuple(RunningJob(x.field, x.workload, x.priority,
+                                                    x.worker.rsplit("/", 1)[0], x.mib)   # holder -> worker
+                                         for x in leases if x.kind == "job"))
+        gpus.append(GpuState(g, snap, leases, _floats(_decode(budget_raw)), _decode(control_raw), view))
+    return Snapshot(now=now, gpus=tuple(gpus), queues=depths, parked=tuple(parked), waiting_vram=waiting)

@@ -1,0 +1,60 @@
+"""The CLI reads well piped: `submit --stream` names its job on stderr (stdout is the text alone),
+`status JOB_ID` is a small table (and JSON with --json), and nothing wraps mid-line at 80 columns."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, worker_env
+from tests.integration.arbiter_helpers import fast_settings
+
+pytestmark = pytest.mark.integration
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url):
+    return fast_settings(redis_url, sim_time_scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def arbiter(settings, start_worker):
+    start_worker("llm")
+    env = worker_env(settings, ARBITER_LOG_LEVEL="WARNING")
+    env.pop("COLUMNS", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "arbiter", *args], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p
+    return run
+
+
+def test_submit_stream_names_its_job_on_stderr(arbiter):
+    p = arbiter("submit", "llm", "hello there", "--stream", "--max-new-tokens", "12", "--priority", "interactive")
+    job = re.fullmatch(rf"job ({UUID})\n", p.stderr)
+    assert job, p.stderr
+    assert len(p.stdout.split()) == 12 and p.stdout.endswith("\n")
+    table = arbiter("status", job.group(1)).stdout
+    assert "JobStatus(" not in table and "<JobState" not in table
+    rows = {line.split()[0]: line.split(None, 1)[1].strip() for line in table.splitlines() if line.strip()}
+    assert rows["job"] == job.group(1) and rows["state"] == "finished" and rows["priority"] == "interactive"
+    assert rows["progress"] == "12/12"
+    data = json.loads(arbiter("status", job.group(1), "--json").stdout)
+    assert data["state"] == "finished" and data["job_id"] == job.group(1)
+
+
+def test_piped_output_does_not_wrap_at_80_columns(arbiter):
+    long_prompt = "a very long prompt " * 12
+    job = arbiter("submit", "llm", long_prompt, "--max-new-tokens", "2").stdout.strip()
+    assert re.fullmatch(UUID, job)
+    p = arbiter("result", job)
+    summary = [line for line in p.stdout.splitlines() if line.startswith(f"job {job}")]
+    assert len(summary) == 1 and "preemptions" in summary[0] and len(summary[0]) > 80
+    status = arbiter("status").stdout
+    assert max(len(line) for line in status.splitlines()) <= 250
+    assert "…" not in status, status   # no header or cell cut short

@@ -1,0 +1,37 @@
+"""What Flower shows, told in the Celery events it understands. Flower reads task events, not Arbiter's job
+record, so a job that leaves its worker without finishing would stay STARTED there (with a Terminate
+button) while Arbiter says it waits. Celery's event state machine lets a `task-retried` event (RETRY)
+replace any state and be replaced by the next delivery's `task-received`/`task-started`, and Flower formats
+its time: so a job that waits (parked, preempted, passed to a peer) is shown as RETRY with Arbiter's reason
+in the exception field, and a cancelled job as REVOKED (no FAILURE, no traceback). Never raises: a
+broken event channel never fails a job."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import states
+
+log = logging.getLogger(__name__)
+
+
+def waiting(task: Any, state: str, reason: str) -> None:
+    """The job left this worker to wait: RETRY in Flower, with `<state>: <reason>`."""
+    if task is None:
+        return
+    try:
+        task.send_event("task-retried", exception=f"{state}: {reason}", traceback="")
+    except Exception as exc:  # noqa: BLE001 - events are best effort
+        log.debug("flower event failed: %s", exc)
+
+
+def revoked(task: Any, job_id: str, reason: str) -> None:
+    """The job was cancelled: REVOKED in Flower and in Celery's result backend."""
+    if task is None:
+        return
+    try:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        task.backend.store_result(job_id, {"reason": reason}, states.REVOKED, request=task.request)
+    except Exception as exc:  # noqa: BLE001 - events are best effort
+        log.debug("flower event failed: %s", exc)

@@ -1,0 +1,85 @@
+"""A job that cannot run yet, on the worker's side: it is parked (`park`) — its delivery acknowledged, its
+state `waiting_for_budget` or `waiting_for_vram` with the reason in numbers, an entry for the beat — and
+when this worker frees VRAM it puts back at once the parked jobs that now fit on its GPU (`release_here`),
+rather than leaving its slot idle until the beat's next tick. What may go is decided by the same pure
+policy the beat uses (`arbiter.policy.release_parked`); how it goes is `broker.parking.release`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.exceptions import Ignore
+
+from arbiter.budgets import BudgetState
+from arbiter.policy import PolicyConfig, World, release_parked
+from arbiter.stats import add as add_stats
+from arbiter.world import read as read_world
+from broker import parking
+from broker.schemas import JobSpec, ParkedJob
+from broker.states import JobState
+from workers import flower
+from workers.ladders import Rung, admissible_rungs, rung_cost_mib
+from workers.runtime import Runtime
+
+log = logging.getLogger("arbiter.job")
+NO_RECHECK = PolicyConfig(recheck_parked_s=float("inf"))   # periodic re-checks are the beat's
+
+
+def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mib: int = 0, task: Any = None) -> None:
+    """The job cannot run yet: it leaves the queue (this delivery is acknowledged) and waits in an explicit
+    state — `waiting_for_budget` or `waiting_for_vram` — holding no worker slot, until the beat puts it
+    back on its queue (`arbiter.policy.release_parked`). Expected: one INFO line, no traceback. Raises
+    `Ignore` (the delivery is acknowledged)."""
+    floor = spec.min_quality or 0.0
+    needs = min((r.quality for r in rt.backend.ladder(spec) if r.quality >= floor - 1e-9), default=floor)
+    held = rt.resident_variants()
+    entry = ParkedJob(job_id=job_id, workload=spec.workload.value, priority=spec.priority.value, reason=reason,
+                      gpu_id=rt.gpu_id, since=time.time(), min_quality=floor, needs_budget=needs, mib=mib,
+                      budget=budget, improvement=spec.improves is not None,
+                      rungs=needs_by_budget(rt.backend.ladder(spec), floor, held))
+    state = JobState.WAITING_FOR_BUDGET if reason == "budget" else JobState.WAITING_FOR_VRAM
+    ok, now = rt.store.transition(job_id, state, allowed=frozenset({JobState.QUEUED}), waiting_for=entry.explain())
+    if not ok and now is not state:     # cancelled meanwhile (a delivery racing a release is parked again)
+        log.info("job %s not parked: it is %s", job_id, now.value if now else "gone")
+        raise Ignore()
+    # a crash before this line leaves the message unacknowledged: it is delivered again and parked again
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.hset(rt.keys.parked(), job_id, entry.model_dump_json())
+    add_stats(rt.redis, rt.keys, pipe=pipe, **{"waits_quality" if reason == "budget" else "waits_vram": 1})
+    pipe.execute()
+    log.info("job %s %s: %s", job_id, state.value, entry.explain())
+    flower.waiting(task, state.value, entry.explain())
+    raise Ignore()
+
+
+def needs_by_budget(ladder: list[Rung], min_quality: float, held: set[str]) -> list[tuple[float, int]]:
+    """(budget, VRAM MiB the job would ask for under it) for each budget level its ladder has: what the
+    worker's own admission (`admissible_rungs`) would try first, so the beat releases it exactly when that
+    fits — e.g. a resident 8B variant, not an unloaded 1B one whose weights would not fit."""
+    out = []
+    for level in sorted({r.quality for r in ladder if r.quality >= min_quality - 1e-9}, reverse=True):
+        allowed = admissible_rungs(ladder, level, min_quality, held)
+        if allowed:
+            out.append((level, rung_cost_mib(allowed[0], held)))
+    return out
+
+
+def release_here(rt: Runtime, task: Any) -> int:
+    """This worker just freed VRAM: put back on their queues the jobs parked for VRAM that now fit on its
+    GPU, oldest first (the beat handles the rest on its tick). One round trip when nothing is parked."""
+    if task is None or not rt.redis.hlen(rt.keys.parked()):
+        return 0
+    seen = read_world(rt.redis, rt.keys, time.time(), gpu_ids=[rt.gpu_id])
+    gpu = seen.gpus[0] if seen.gpus else None
+    if gpu is None or gpu.view is None:
+        return 0
+    world = World(gpus=(gpu.view,), queued_interactive=seen.queued_interactive(), budgets={},
+                  parked=tuple(p for p in seen.parked if p.reason == "vram"), now=seen.now, queued=seen.queued())
+    released = 0
+    for job_id, reason in release_parked(world, {gpu.gpu_id: BudgetState(gpu.budgets)}, NO_RECHECK):
+        released += parking.release(rt.redis, rt.keys, rt.store, task.app, rt.settings, job_id, reason)
+    if released:
+        add_stats(rt.redis, rt.keys, parked_released=released)
+    return released
