@@ -12,35 +12,26 @@ import time
 import numpy as np
 import pytest
 import redis
-from safetensors.numpy import save_file
 
 from broker.keys import Keys
 from cache.loader import FragmentCache
-from cache.manifest import Manifest, build_manifest
+from cache.manifest import Manifest
 from cache.origin import LocalOrigin
 from cache.tiers import FileTier, TierFull
+
+from tests.support.cache import CountingOrigin as _CountingOrigin, random_model
 
 pytestmark = pytest.mark.integration
 
 
-class CountingOrigin(LocalOrigin):
+class CountingOrigin(_CountingOrigin):
     def __init__(self, root, url):
-        super().__init__(root)
-        self.url = url
-
-    def read(self, file, offset, size):
-        redis.Redis.from_url(self.url).hincrby("test:cluster_origin_reads", f"{file}@{offset}", 1)
-        return super().read(file, offset, size)
+        super().__init__(root, url, "test:cluster_origin_reads")
 
 
 @pytest.fixture
 def model(tmp_path):
-    rng = np.random.default_rng(2)
-    root = tmp_path / "origin"
-    root.mkdir()
-    weights = {f"layer{i}": rng.standard_normal((256, 512)).astype(np.float32) for i in range(8)}
-    save_file(weights, str(root / "model.safetensors"))
-    return root, build_manifest(root, "tiny", "fp32", fragment_mib=1), weights
+    return random_model(tmp_path, "tiny", seed=2, layers=8, cols=512)
 
 
 def node_cache(url, tmp_path, node, **server):

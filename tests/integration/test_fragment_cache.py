@@ -7,38 +7,26 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 import redis
-from safetensors.numpy import save_file
 
 from broker.keys import Keys
 from cache.index import CacheIndex
 from cache.loader import FragmentCache
-from cache.manifest import build_manifest
 from cache.origin import LocalOrigin, OriginError
 from cache.tiers import FileTier
+
+from tests.support.cache import CountingOrigin as _CountingOrigin, random_model
 
 pytestmark = pytest.mark.integration
 
 
-class CountingOrigin(LocalOrigin):
-    """A local origin that counts its reads in Redis (shared by every process)."""
-
+class CountingOrigin(_CountingOrigin):
     def __init__(self, root, url):
-        super().__init__(root)
-        self.url = url
-
-    def read(self, file, offset, size):
-        redis.Redis.from_url(self.url).hincrby("test:origin_reads", f"{file}@{offset}", 1)
-        return super().read(file, offset, size)
+        super().__init__(root, url, "test:origin_reads")
 
 
 @pytest.fixture
 def model(tmp_path):
-    rng = np.random.default_rng(1)
-    root = tmp_path / "origin"
-    root.mkdir()
-    weights = {f"layer{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(12)}
-    save_file(weights, str(root / "model.safetensors"))
-    return root, build_manifest(root, "tiny-llm", "fp32", fragment_mib=1), weights
+    return random_model(tmp_path, "tiny-llm", seed=1, layers=12, cols=256)
 
 
 def make_cache(url, tmp_path, node="n1", ram_budget=64 << 20):
