@@ -138,7 +138,8 @@ def _table(summary: dict, title: str) -> Table:
     return t
 
 
-COUNTERS = ("preemptions", "resumes", "pauses", "quality_reductions", "allocations_failed", "ooms")
+COUNTERS = ("preemptions", "resumes", "pauses", "quality_reductions", "allocations_failed", "ooms", "waits_vram",
+            "improvements")
 
 
 def _gpu_line(client: Client) -> str:

@@ -83,7 +83,9 @@ COUNTERS: dict[str, str] = {
     "budget_changes": "Quality budget changes made by the beat.",
     "waits_quality": "Jobs parked because their min_quality was above the budget (waiting_for_budget).",
     "waits_vram": "Non-interactive jobs parked because their VRAM did not fit (waiting_for_vram).",
-    "parked_released": "Parked jobs put back on their queue by the beat.",
+    "parked_released": "Parked jobs put back on their queue (by the beat or the worker that freed VRAM).",
+    "improvements_queued": "Improvement runs queued for jobs that finished below full quality (improve: true).",
+    "improvements": "Jobs whose result an improvement run replaced at full quality (version 2).",
 }
 # Stats-hash totals kept in other units: name -> (metric name, factor to seconds, help).
 SECONDS_COUNTERS: dict[str, tuple[str, float, str]] = {

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from arbiter.stats import add as add_stats
 from broker.jobstore import STREAM_MAXLEN
 from broker.lua import load
 from broker.schemas import JobSpec, Priority
@@ -38,6 +39,7 @@ def queue_improvement(rt: Runtime, job_id: str, spec: JobSpec, quality: float, t
     # the job names its improvement run: only that run may replace its result (a spec naming `improves` by
     # hand changes nothing)
     rt.redis.hset(rt.keys.job(job_id), mapping={"improvement": run_id, "improvement_state": "queued"})
+    add_stats(rt.redis, rt.keys, improvements_queued=1)
     task.app.send_task(task.name, args=[run.model_dump(mode="json")], task_id=run_id, queue=run.queue)
     log.info("job %s finished at quality %.2f: improvement run %s queued (%s)", job_id, quality, run_id, run.queue)
     return run_id
@@ -59,6 +61,7 @@ def adopt(rt: Runtime, run_id: str, spec: JobSpec) -> bool:
             break
         time.sleep(0.1)
     if done == 1:
+        add_stats(rt.redis, rt.keys, improvements=1)
         log.info("job %s improved to full quality by %s: its result is now version 2", parent, run_id)
     else:
         log.warning("improvement run %s finished but job %s no longer expects it: result left on the run", run_id,
