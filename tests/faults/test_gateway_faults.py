@@ -66,10 +66,14 @@ def read_until(s: socket.socket, marker: bytes, timeout_s: float = 5.0) -> bytes
 
 
 def closed_within(s: socket.socket, timeout_s: float) -> float:
-    """Seconds until the server closed the connection (reading and dropping what it sent first)."""
+    """Seconds until the server closed the connection (reading and dropping what it sent first). A reset
+    counts: a server that closes while the client's dribbled bytes are still unread sends RST, not FIN."""
     start = time.monotonic()
     s.settimeout(timeout_s)
-    while s.recv(4096):
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
         pass
     return time.monotonic() - start
 
