@@ -266,6 +266,11 @@ def _job_table(st):
     if st.started_at is not None:
         end = st.finished_at if st.finished_at is not None else time.time()
         rows.append(("waited / ran", f"{st.started_at - st.queued_at:.3f} s / {end - st.started_at:.3f} s"))
+    if st.waiting_for:
+        rows.insert(2, ("waiting for", st.waiting_for))
+    if st.improvement:
+        rows.append(("improvement", "done: the result is version 2, at full quality" if st.improvement == "done"
+                     else "queued: redone at full quality when the GPU would otherwise idle"))
     if st.error:
         rows.append(("error", st.error))
     for name, value in rows:

@@ -231,6 +231,7 @@ def status_from(job_id: str, d: dict[str, str]) -> JobStatus:
         runs=int(d.get("runs", 0)), error=d.get("error"), queued_at=float(d["queued_at"]),
         started_at=_float(d.get("started_at")), finished_at=_float(d.get("finished_at")),
         waiting_for=d.get("waiting_for") if JobState(d["state"]) in WAITING else None,
+        improvement=d.get("improvement_state"),
     )
 
 

@@ -150,6 +150,7 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     waiting_for: str | None = None     # why a waiting job cannot run yet, in numbers
+    improvement: str | None = None     # improve: true and finished below 1.0: "queued" or "done" (result v2)
 
     @property
     def done(self) -> bool:

@@ -3,13 +3,15 @@ holding no worker slot, and starts when the reason goes away. Real Redis, real w
 
 import math
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from arbiter.budgets import DEGRADE_ORDER
 from broker.keys import Keys
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
 from workers.simprofile import DIFFUSION_WEIGHTS_MIB
 
@@ -66,6 +68,9 @@ def test_a_job_below_its_min_quality_waits_visibly_and_runs_when_the_budget_allo
     wait_until(lambda: job.status().state.value == "waiting_for_budget", timeout_s=20)
     status = job.status()
     assert status.waiting_for == f"needs quality >= 0.90; budget 0.30 on {warm.gpu_id}"
+    shown = subprocess.run([sys.executable, "-m", "arbiter", "status", job.id], env=worker_env(settings), cwd=ROOT,
+                           capture_output=True, text=True, timeout=30).stdout
+    assert "waiting_for_budget" in shown and "needs quality >= 0.90; budget 0.30" in shown
     # it holds no worker slot: another job runs on the single slot meanwhile
     other = client.submit(workload="diffusion", priority="background", prompt="other", steps=2, width=64, height=64)
     assert other.result(timeout=30).job_id == other.id
@@ -103,6 +108,7 @@ def test_a_degraded_job_that_asked_to_improve_is_redone_at_full_quality_on_the_i
     assert improved.params["width"] == 512 and improved.params["steps"] == 20
     assert improved.improved_at and improved.image_png != first.image_png
     Image.open(io.BytesIO(improved.image_png)).load()         # the new image decodes fully
+    assert client.get(job.id).status().improvement == "done"
     old = client.redis.get(Keys().job_output_version(job.id, 1))
     assert old == first.image_png                             # version 1 kept
     events = [e for _, e in client.store.events(job.id, block_ms=10) if e.get("type") == "improved"]
