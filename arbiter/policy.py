@@ -40,6 +40,8 @@ class GpuView:
     running: tuple[RunningJob, ...] = ()
     slots: dict[str, int] = field(default_factory=dict)         # workload -> worker slots on this GPU
     waiting_vram: tuple[WaitingJob, ...] = ()                   # interactive jobs waiting in their worker
+    reserved_interactive: dict[str, int] = field(default_factory=dict)   # workload -> interactive jobs held in
+    # the reserve of a worker here (taken from the queue while every process was busy): they need a slot here
 
     @property
     def free_mib(self) -> int:
@@ -127,7 +129,7 @@ def demand(gpu: GpuView, world: World, cfg: PolicyConfig) -> Demand:
 def interactive_now(gpu: GpuView, world: World) -> bool:
     """Interactive work running, waiting for VRAM, or queued for one of this GPU's workloads."""
     return any(j.priority == INTERACTIVE for j in gpu.running) or \
-        any(w.priority == INTERACTIVE for w in gpu.waiting_vram) or \
+        any(w.priority == INTERACTIVE for w in gpu.waiting_vram) or any(gpu.reserved_interactive.values()) or \
         any(world.queued_interactive.get(w, 0) > 0 for w in gpu.slots)
 
 
@@ -187,20 +189,23 @@ def plan(world: World, cfg: PolicyConfig) -> Decisions:
                     controls[v.job_id] = "preempt"
                     d.preempt.append((gpu.gpu_id, v.job_id, f"interactive job needs {need} MiB more VRAM"))
             # 2. interactive jobs queued while every slot of their workload here runs lower-priority work
+            #    (queued, or already in the reserve of a worker here — those need a slot on this GPU)
             for workload, slots in sorted(gpu.slots.items()):
-                waiting_n = left_to_free.get(workload, 0)
+                reserved = gpu.reserved_interactive.get(workload, 0)
+                queued = left_to_free.get(workload, 0)
+                waiting_n = reserved + queued
                 busy = [j for j in live if j.workload == workload and controls.get(j.job_id) != "preempt"]
                 if waiting_n <= 0 or len(busy) < slots:
-                    left_to_free[workload] = max(0, waiting_n - max(0, slots - len(busy)))
+                    left_to_free[workload] = max(0, queued - max(0, slots - len(busy) - reserved))
                     continue
                 victims = choose_victims(busy, 0, count=min(waiting_n, slots))[: min(waiting_n, slots)]
                 for v in victims:
                     controls[v.job_id] = "preempt"
-                    d.preempt.append((gpu.gpu_id, v.job_id, f"interactive {workload} job queued, no free slot"))
-                left_to_free[workload] = waiting_n - len(victims)
+                    d.preempt.append((gpu.gpu_id, v.job_id, f"interactive {workload} job waiting, no free slot"))
+                left_to_free[workload] = max(0, queued - max(0, len(victims) - reserved))
         if cfg.yield_compute:
             interactive_waiting = any(world.queued_interactive.get(w, 0) > 0 for w in gpu.slots) or any(
-                w.priority == INTERACTIVE for w in gpu.waiting_vram)
+                w.priority == INTERACTIVE for w in gpu.waiting_vram) or any(gpu.reserved_interactive.values())
             for j in yielding_jobs(gpu, interactive_waiting):
                 controls.setdefault(j.job_id, "pause")
         d.controls[gpu.gpu_id] = controls

@@ -81,6 +81,26 @@ def _floats(raw: dict[str, str]) -> dict[str, float]:
     return out
 
 
+RESERVED_FOR_S = 30.0   # a reserve entry older than this is a worker that died holding it: not counted
+
+
+def _reserved(raw: dict[Any, Any], now: float) -> dict[str, int]:
+    """workload -> interactive jobs waiting in a worker's reserve on this GPU (fresh entries only)."""
+    out: dict[str, int] = {}
+    for value in raw.values():
+        try:
+            workload, _, since = _s(value).partition("|")
+            if now - float(since) <= RESERVED_FOR_S:
+                out[workload] = out.get(workload, 0) + 1
+        except ValueError:
+            continue
+    return out
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = None) -> Snapshot:
     """The world in one pipelined round trip (two when the GPU ids are not given)."""
     if gpu_ids is None:
@@ -92,13 +112,14 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
         pipe.hgetall(keys.leases(g))
         pipe.hgetall(keys.budgets(g))
         pipe.hgetall(keys.controls(g))
+        pipe.hgetall(keys.reserved(g))
     pipe.hgetall(keys.workers())
     pipe.hgetall(keys.waiting_vram())
     pipe.hgetall(keys.parked())
     for q in queues:
         pipe.llen(q)
     replies = iter(pipe.execute())
-    per_gpu = [(next(replies), next(replies), next(replies), next(replies)) for _ in gpu_ids]
+    per_gpu = [(next(replies), next(replies), next(replies), next(replies), next(replies)) for _ in gpu_ids]
     workers_raw, waiting_raw, parked_raw = next(replies), next(replies), next(replies)
     depths = {q: int(next(replies)) for q in queues}
 
@@ -133,7 +154,7 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
             parked_mib[p.gpu_id] = parked_mib.get(p.gpu_id, 0) + p.mib
 
     gpus = []
-    for g, (snap_raw, lease_raw, budget_raw, control_raw) in zip(gpu_ids, per_gpu):
+    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw) in zip(gpu_ids, per_gpu):
         leases = tuple(_leases(lease_raw, now))
         try:
             snap = GpuSnapshot.model_validate_json(snap_raw) if snap_raw else None
@@ -145,6 +166,7 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
             pressure = measure(snap.usable_mib, sum(x.mib for x in leases if x.kind == "weights"),
                                sum(x.mib for x in leases if x.kind == "job"), waiting_mib, snap.weights_mib)
             view = GpuView(gpu_id=g, pressure=pressure, slots=slots.get(g, {}), waiting_vram=tuple(waiting.get(g, ())),
+                           reserved_interactive=_reserved(reserved_raw, now),
                            running=tuple(RunningJob(x.field, x.workload, x.priority,
                                                     x.worker.rsplit("/", 1)[0], x.mib)   # holder -> worker
                                          for x in leases if x.kind == "job"))

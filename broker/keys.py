@@ -86,6 +86,12 @@ class Keys:
         """Hash: job id -> JSON {gpu_id, mib, priority, workload, since} of jobs waiting for VRAM."""
         return f"{self.prefix}:waiting:vram"
 
+    def reserved(self, gpu_id: str) -> str:
+        """Hash: job id -> time an interactive job's message was taken into the reserve of a worker on this GPU
+        whose processes were all busy (Celery prefetch): waiting for a slot there, invisible in the queues.
+        Entries leave when the job starts; the hash expires a minute after its last entry."""
+        return f"{self.prefix}:reserved:{gpu_id}"
+
     def parked(self) -> str:
         """Hash: job id -> JSON `ParkedEntry` of jobs waiting outside the queues (for a budget or VRAM);
         the beat puts each back on its queue when it can run. Entries leave with their job."""

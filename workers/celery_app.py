@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import task_received, worker_init, worker_process_init, worker_process_shutdown
 
 from broker.app import BARE_TASK, TASK_NAMES, create_app
 from broker.errors import ArbiterError
@@ -36,7 +36,10 @@ def _run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.error("job %s rejected: expected one argument (the job spec), got args=%r kwargs=%r",
                   task.request.id, args, kwargs)
         args = (None,)
-    return runner.execute(get_runtime(), task.request.id, args[0], task)
+    rt = get_runtime()
+    if _interactive(task.request.delivery_info):
+        rt.redis.hdel(rt.keys.reserved(rt.gpu_id), task.request.id)   # it has a process now
+    return runner.execute(rt, task.request.id, args[0], task)
 
 
 @app.task(bind=True, base=JobTask, name=TASK_NAMES[Workload.LLM])
@@ -72,10 +75,38 @@ def _check_gpu(**_: Any) -> None:
         gpu = make_device(s, r, keys)
         check_gpu_size(r, keys, s.worker_name, gpu.gpu_id, gpu.total_mib)
     except GpuConflict as exc:
+        r.close()
         log.critical("worker %s refused to start: %s", s.worker_name, exc)
         raise SystemExit(f"arbiter worker {s.worker_name}: {exc}") from None
-    finally:
-        r.close()
+    _main.update(redis=r, keys=keys, gpu_id=gpu.gpu_id, workload=s.worker_workload)
+
+
+# the worker's main process: its Redis client, keys, gpu id and workload (for `task_received`)
+_main: dict[str, Any] = {}
+
+
+def _interactive(delivery_info: dict[str, Any] | None) -> bool:
+    """Routed to `<workload>.interactive` (or a worker's own `<workload>.interactive@<worker>`)."""
+    return ".interactive" in str((delivery_info or {}).get("routing_key", ""))
+
+
+@task_received.connect
+def _reserved(request: Any = None, **_: Any) -> None:
+    """In the main process, a message just taken from the queue. An interactive one may wait here for a busy
+    process — invisible to the beat, which sees queues: say so (`<prefix>:reserved:<gpu>`), so the beat frees
+    a slot on this GPU as it would for a queued one. The entry leaves when the job starts."""
+    if not _main or request is None or not _interactive(getattr(request, "delivery_info", None)):
+        return
+    r, keys = _main["redis"], _main["keys"]
+    try:
+        pipe = r.pipeline(transaction=False)
+        pipe.hset(keys.reserved(_main["gpu_id"]), request.id, f"{_main['workload']}|{time.time()}")
+        pipe.expire(keys.reserved(_main["gpu_id"]), 60)
+        pipe.lpush(keys.beat_wake(), "interactive reserved")
+        pipe.ltrim(keys.beat_wake(), 0, 99)
+        pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - a hint for the beat; never fails the delivery
+        log.debug("could not record reserved job %s: %s", request.id, exc)
 
 
 @worker_process_init.connect

@@ -108,3 +108,15 @@ def test_jobs_parked_for_vram_are_released_while_room_lasts_oldest_first():
     assert [j for j, _ in plan(world, CFG).release] == ["p1", "p3"]     # p2 no longer fits after p1
     stale = World((gpu,), {}, {}, parked=(parked(2, "vram", since=0, mib=5_000),), now=31.0)
     assert [j for j, _ in plan(stale, CFG).release] == ["p2"]           # it looks again every 30 s
+
+
+def test_an_interactive_job_in_a_workers_reserve_frees_a_slot_on_that_gpu():
+    """Celery's prefetch takes a chat into a busy worker's reserve: not in any queue, but waiting for a slot
+    here — a standard job yields its slot, as for a queued chat."""
+    running = (RunningJob("c1", "llm", "interactive", "l@n", 100), RunningJob("c2", "llm", "interactive", "l@n", 100),
+               RunningJob("doc", "llm", "standard", "l@n", 100), RunningJob("c3", "llm", "interactive", "l@n", 100))
+    gpu = gv("g", 0.3, 10_000, 400, slots={"llm": 4}, running=running, reserved_interactive={"llm": 1})
+    d = plan(World((gpu,), {}, {}), CFG)
+    assert [p[1] for p in d.preempt] == ["doc"]
+    free = gv("g", 0.3, 10_000, 300, slots={"llm": 4}, running=running[:3], reserved_interactive={"llm": 1})
+    assert plan(World((free,), {}, {}), CFG).preempt == []      # a process is free: it starts by itself
