@@ -21,7 +21,7 @@ from arbiter.policy import Decisions, PolicyConfig, World, plan
 from arbiter.world import read as read_world_snapshot
 from arbiter.stats import add as add_stats
 from broker import parking
-from broker.app import create_app, shared_queue, worker_queue, workload_queues
+from broker.app import all_queues, create_app, shared_queue, worker_queue, workload_queues
 from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -178,6 +178,7 @@ class Beat:
         if time.monotonic() - self._last_delivery_sweep >= min(10.0, self.settings.lost_delivery_s / 3):
             self._last_delivery_sweep = time.monotonic()
             self.restore_lost_deliveries()
+            self.requeue_vanished()
         self.ticks += 1
         return decisions
 
@@ -222,6 +223,61 @@ class Beat:
         if restored:
             add_stats(self.r, self.keys, deliveries_restored=restored)
         return restored
+
+    def requeue_vanished(self, scan: int = 2000) -> int:
+        """Jobs queued with no message anywhere. kombu pops a message (BRPOP) and only then records it in
+        `unacked`: a Redis that dies in between (SIGKILL, a crash) loses the message while the job record says
+        queued — forever. A job queued for `lost_delivery_s` whose queue (shared and every worker's own) is
+        empty and whose message is not in flight (`unacked`) gets a new message. Should the old one turn up
+        after all, the job record lets only one run start. Cheap when nothing is lost: one pipeline of queue
+        lengths, and the scan only for the empty queues."""
+        workers = [name.decode() for name in self.r.hkeys(self.keys.workers())]
+        shared = all_queues()
+        pipe = self.r.pipeline(transaction=False)
+        for q in shared:
+            pipe.llen(q)
+            for w in workers:
+                pipe.llen(worker_queue(q, w))
+        lengths = iter(pipe.execute())
+        empty = {q for q in shared if sum(int(next(lengths)) for _ in range(1 + len(workers))) == 0}
+        if not empty:
+            return 0
+        now = time.time()
+        old = [j.decode() for j in self.r.zrangebyscore(self.keys.jobs_live(), "-inf",
+                                                        now - self.settings.lost_delivery_s, start=0, num=scan)]
+        if not old:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for j in old:
+            pipe.hmget(self.keys.job(j), "state", "updated_at")
+        stale = [j for j, (state, updated) in zip(old, pipe.execute())
+                 if state == JobState.QUEUED.value.encode() and updated
+                 and now - float(updated) > self.settings.lost_delivery_s]
+        if not stale:
+            return 0
+        in_flight = set()
+        for raw in self.r.hvals(UNACKED):
+            try:
+                in_flight.add(json.loads(raw)[0]["headers"]["id"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        sent = 0
+        for job_id in stale:
+            if job_id in in_flight:
+                continue
+            try:
+                spec = self.store.spec(job_id)
+            except (KeyError, ValueError):
+                continue
+            if spec.queue not in empty:
+                continue
+            enqueue(self.app, self.settings, job_id, spec)
+            sent += 1
+            log.warning("job %s was queued with no message anywhere (lost when Redis went down between a worker "
+                        "taking it and recording it?): sent again to %s", job_id, spec.queue)
+        if sent:
+            add_stats(self.r, self.keys, deliveries_restored=sent)
+        return sent
 
     def reclaim_worker_queues(self) -> int:
         """Jobs passed by affinity to a worker that has since died go back to the front of their shared

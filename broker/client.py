@@ -181,10 +181,14 @@ class Client:
                 return None
             return self._claim(key, job_id, job)
         fields = self.store.raw(other)
-        stale = time.time() - float(fields.get("queued_at", time.time())) > 2.0
-        if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields and stale:
-            enqueue(self.app, self.settings, other, self.store.spec(other))   # its submitter died before sending
-            self.redis.hset(self.keys.job(other), "enqueued", 1)
+        if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields:
+            # the first submitter may still be about to send: give it until 2 s after its record, then send
+            # (a retry right after a killed submitter must not leave the job without a message)
+            time.sleep(max(0.0, float(fields.get("queued_at", 0.0)) + 2.0 - time.time()))
+            fields = self.store.raw(other)
+            if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields:
+                enqueue(self.app, self.settings, other, self.store.spec(other))   # its submitter died first
+                self.redis.hset(self.keys.job(other), "enqueued", 1)
         return JobHandle(self, other)
 
     def _replace(self, key: str, old: str, new: str) -> bool:
