@@ -45,9 +45,8 @@ from prometheus_client.utils import floatToGoString
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from arbiter.ledger import Lease, parse_leases
 from arbiter.pressure import Pressure
-from arbiter.world import read as read_world
+from arbiter.world import live_leases, read as read_world
 from broker.app import all_queues, worker_queue
 from broker.keys import Keys
 from broker.schemas import PRIORITY_ORDER, GpuSnapshot, Workload, queue_name
@@ -258,12 +257,7 @@ class ArbiterCollector(Collector):
                         util.add_metric([g], snap.utilization)
             lease_raw, budget_raw = per_gpu[i]
             if isinstance(lease_raw, dict) and lease_raw:
-                live: list[Lease] = []
-                for field, value in lease_raw.items():
-                    try:
-                        live += parse_leases({field: value}, now)
-                    except (ValueError, AttributeError):
-                        continue
+                live = live_leases(lease_raw, now)
                 for kind in ("job", "weights"):
                     leases.add_metric([g, kind], sum(1 for x in live if x.kind == kind))
                 leased.add_metric([g], sum(x.mib for x in live) * MIB)

@@ -61,7 +61,8 @@ def _decode(raw: dict[Any, Any]) -> dict[str, str]:
             for k, v in raw.items()}
 
 
-def _leases(raw: dict[Any, Any], now: float) -> list[Lease]:
+def live_leases(raw: dict[Any, Any], now: float) -> list[Lease]:
+    """Live leases from a leases hash as read; a malformed entry is skipped, never fatal."""
     out: list[Lease] = []
     for field_, value in raw.items():
         try:
@@ -155,7 +156,7 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
 
     gpus = []
     for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw) in zip(gpu_ids, per_gpu):
-        leases = tuple(_leases(lease_raw, now))
+        leases = tuple(live_leases(lease_raw, now))
         try:
             snap = GpuSnapshot.model_validate_json(snap_raw) if snap_raw else None
         except ValueError:
