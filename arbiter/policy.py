@@ -116,7 +116,7 @@ def demand(gpu: GpuView, world: World, cfg: PolicyConfig) -> Demand:
     wanted: dict[str, float] = {}
     for p in parked:
         if p.reason == "budget":
-            wanted[p.key] = max(wanted.get(p.key, 0.0), p.needs_budget or p.min_quality)
+            wanted[p.key] = max(wanted.get(p.key, 0.0), p.needs_budget)
     queued = sum(world.queued.get(w, 0) for w in workloads)
     queued_interactive = sum(world.queued_interactive.get(w, 0) for w in workloads)
     idle = not gpu.running and not gpu.waiting_vram and not parked and gpu.pressure.demand_mib == 0 and not queued
@@ -148,7 +148,7 @@ def release_parked(world: World, budgets: dict[str, BudgetState], cfg: PolicyCon
         budget = {g: budgets[g].budgets.get(p.key, 1.0) if g in budgets else 1.0 for g in gpus}
         why = None
         if p.reason == "budget":
-            need = p.needs_budget or p.min_quality
+            need = p.needs_budget
             ok = [g for g in gpus if budget[g] >= need - 1e-9]
             if ok:
                 why = f"budget {budget[ok[0]]:.2f} on {ok[0]} admits a rung >= its min_quality {p.min_quality:.2f}"

@@ -91,7 +91,8 @@ def render(console: Console, data: dict[str, Any]) -> None:
     for col in ("job", "workload", "priority", "state", "quality", "step", "gpu", "waiting for"):
         jobs.add_column(col)
     for j in data["jobs"]:
-        jobs.add_row(j["job_id"][:8], j["workload"], j["priority"], j["state"],
+        short = j["job_id"][:8] + (" (improvement run)" if ".improve." in j["job_id"] else "")
+        jobs.add_row(short, j["workload"], j["priority"], j["state"],
                      "" if j["quality"] is None else f"{j['quality']:.2f}",
                      f"{j['step'] or 0}/{j['total'] or '?'}", j["gpu_id"] or "", j.get("waiting_for") or "")
     console.print(jobs)

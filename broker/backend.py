@@ -5,36 +5,9 @@ own backoff (`result_backend_always_retry`), until memory returns."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
-
-import redis
 from celery.backends.redis import RedisBackend
 
-REDIS_FULL_BACKOFF_S = (0.05, 2.0)   # first and longest pause between attempts
-
-
-def redis_full(exc: BaseException) -> bool:
-    """Redis refused a write because it is at `maxmemory` (an OOM reply; inside a Lua script or a MULTI it
-    arrives as a plain ResponseError naming it)."""
-    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
-        isinstance(exc, redis.exceptions.ResponseError) and "OOM" in str(exc))
-
-
-def retry_while_full(call: Callable[[], Any], log: Any, what: str) -> Any:
-    """`call()`, retried with backoff while Redis is full; other errors propagate."""
-    pause, warned = REDIS_FULL_BACKOFF_S[0], False
-    while True:
-        try:
-            return call()
-        except redis.exceptions.RedisError as exc:
-            if not redis_full(exc):
-                raise
-            if not warned:
-                log.warning("redis is full (%s): retrying to %s until memory returns", exc, what)
-                warned = True
-            time.sleep(pause)
-            pause = min(REDIS_FULL_BACKOFF_S[1], pause * 2)
+from broker.retry import redis_full
 
 
 class Backend(RedisBackend):

@@ -25,6 +25,7 @@ from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUn
 from broker.jobstore import JobStore
 from broker.redis_server import connect
 from broker.keys import Keys
+from broker.retry import redis_full
 from broker.schemas import JobResult, JobSpec, JobStatus, Priority, queue_name
 from broker.settings import Settings, get_settings
 from broker.states import TERMINAL, JobState
@@ -39,7 +40,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def redis_unavailable(exc: redis.RedisError) -> RedisUnavailable:
     """Arbiter's own error for a Redis error, naming its cause."""
-    if isinstance(exc, redis.OutOfMemoryError) or "OOM command not allowed" in str(exc):
+    if redis_full(exc):
         return RedisUnavailable("is out of memory", f"it refuses writes at its maxmemory limit ({exc}); free "
                                 "memory or raise maxmemory, then retry")
     if isinstance(exc, redis.ReadOnlyError):

@@ -222,7 +222,6 @@ class ParkedJob(BaseModel):
     gpu_id: str                  # where it was refused
     since: float
     min_quality: float = 0.0     # budget: the job's min_quality
-    needs_budget: float = 0.0    # budget: the lowest budget that admits a rung >= min_quality (ladders are discrete)
     mib: int = 0                 # vram: what its best rung within the budget needs
     budget: float = 1.0          # the budget it saw when it was parked
     improvement: bool = False    # an improvement run: waits for an idle GPU, is not demand
@@ -231,6 +230,11 @@ class ParkedJob(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.workload}.{self.priority}"
+
+    @property
+    def needs_budget(self) -> float:
+        """The lowest budget that admits a rung >= min_quality (ladders are discrete): its lowest level."""
+        return min((q for q, _ in self.rungs), default=self.min_quality)
 
     def need_mib(self, budget: float) -> int:
         """The VRAM it would ask for under this budget (the rung its worker's admission picks there; the

@@ -13,7 +13,7 @@ from queue import Empty
 
 from kombu.transport import redis as kombu_redis
 
-from broker.backend import retry_while_full
+from broker.retry import redis_full, retry_while
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class QoS(kombu_redis.QoS):
     returns, instead of the worker exiting with "Unrecoverable error"."""
 
     def ack(self, delivery_tag):  # type: ignore[no-untyped-def]
-        return retry_while_full(lambda: kombu_redis.QoS.ack(self, delivery_tag), log, "acknowledge a message")
+        return retry_while(lambda: kombu_redis.QoS.ack(self, delivery_tag), redis_full, log, "acknowledge a message")
 
 
 class Channel(kombu_redis.Channel):

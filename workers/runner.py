@@ -31,6 +31,7 @@ from arbiter.affinity import pass_to
 from arbiter.budgets import budget_key
 from arbiter.ledger import parse_leases
 from arbiter.metrics import record_job
+from broker.retry import redis_passing, retry_while
 from broker.jobstore import Settled, decode_hash, status_from, transition_reply
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.states import STARTABLE, TERMINAL, JobState
@@ -278,10 +279,11 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
             raise
         # queued before the finish, so whoever sees the job finished also sees its improvement run named
         queue_improvement(rt, job_id, spec, rung.quality, task)
-        summary = _finished(rt, job_id, spec, rung, fence, view, output, run_s, now)
+        summary, parked = _finished(rt, job_id, spec, rung, fence, view, output, run_s, now)
     finally:
         rt.current = None
-    release_here(rt, task)
+    if parked:
+        release_here(rt, task)
     if spec.improves is not None:
         adopt(rt, job_id, spec)
     return summary
@@ -290,32 +292,12 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
 REDIS_RETRY_S = 600.0   # how long a run's end waits for Redis to take writes again (full, restarting)
 
 
-def redis_refused(exc: redis.RedisError) -> bool:
-    """A Redis error that passes: full (`maxmemory`, also as an error raised inside a script), read-only
-    (a replica being promoted), or a dropped connection (a restart)."""
-    text = str(exc)
-    return isinstance(exc, (redis.OutOfMemoryError, redis.ReadOnlyError, redis.ConnectionError,
-                            redis.TimeoutError)) or "OOM command not allowed" in text or "READONLY" in text
-
-
 def _settle(rt: Runtime, job_id: str, fence: int, what: str, **kw: Any) -> Settled:
     """`JobStore.settle`, riding out a full or restarting Redis (retry with backoff, the lease renewed by the
     heartbeat meanwhile). A refusal because another run owns the job is logged once and drops this run
     (`Ignore`: its delivery is acknowledged, nothing is stored)."""
-    delay, deadline, warned = 0.05, time.monotonic() + REDIS_RETRY_S, False
-    while True:
-        try:
-            done = rt.store.settle(job_id, fence=fence, gpu_id=rt.gpu_id, **kw)
-            break
-        except redis.RedisError as exc:
-            if not redis_refused(exc) or time.monotonic() > deadline:
-                raise
-            if not warned:
-                log.warning("job %s: Redis refused its %s (%s); retrying until it takes writes again", job_id,
-                            what, exc)
-                warned = True
-            time.sleep(delay)
-            delay = min(2.0, delay * 2)
+    done = retry_while(lambda: rt.store.settle(job_id, fence=fence, gpu_id=rt.gpu_id, **kw), redis_passing, log,
+                       f"record job {job_id}'s {what}", REDIS_RETRY_S)
     if not done.ok and done.refused_by == "fence":
         log.warning("job %s: this run (fence %d) no longer owns the job (another run does): its %s is dropped",
                     job_id, fence, what)
@@ -332,10 +314,11 @@ def _cleanup(rt: Runtime, job_id: str, fence: int, to: JobState, **fields: Any) 
 
 
 def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, view: View, output: Any,
-              run_s: float, started_at: float) -> dict[str, Any]:
+              run_s: float, started_at: float) -> tuple[dict[str, Any], int]:
     """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
-    (another owns the job now) finishes nothing. Then, best effort, counters and the predictor."""
+    (another owns the job now) finishes nothing. Then, best effort, counters and the predictor; returns the
+    result's summary and how many jobs are parked (read in the same round trip)."""
     d = view.job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
@@ -362,13 +345,15 @@ def _finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, v
     if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
         pipe.lpush(rt.keys.beat_wake(), "interactive done")
         pipe.ltrim(rt.keys.beat_wake(), 0, 99)
+    pipe.hlen(rt.keys.parked())   # jobs parked for VRAM this run's lease may now make room for
+    parked = 0
     try:
-        pipe.execute()
+        parked = int(pipe.execute()[-1])
     except redis.RedisError as exc:   # the job is finished; only counters are lost
         log.warning("job %s finished, but its counters were not recorded: %s", job_id, exc)
     log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, w, spec.priority.value, rung.quality,
              result.latency_s)
-    return result.summary()
+    return result.summary(), parked
 
 
 def _preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted, task: Any = None) -> None:

@@ -33,10 +33,9 @@ def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mi
     back on its queue (`arbiter.policy.release_parked`). Expected: one INFO line, no traceback. Raises
     `Ignore` (the delivery is acknowledged)."""
     floor = spec.min_quality or 0.0
-    needs = min((r.quality for r in rt.backend.ladder(spec) if r.quality >= floor - 1e-9), default=floor)
     held = rt.resident_variants()
     entry = ParkedJob(job_id=job_id, workload=spec.workload.value, priority=spec.priority.value, reason=reason,
-                      gpu_id=rt.gpu_id, since=time.time(), min_quality=floor, needs_budget=needs, mib=mib,
+                      gpu_id=rt.gpu_id, since=time.time(), min_quality=floor, mib=mib,
                       budget=budget, improvement=spec.improves is not None,
                       rungs=needs_by_budget(rt.backend.ladder(spec), floor, held))
     state = JobState.WAITING_FOR_BUDGET if reason == "budget" else JobState.WAITING_FOR_VRAM
@@ -68,8 +67,9 @@ def needs_by_budget(ladder: list[Rung], min_quality: float, held: set[str]) -> l
 
 def release_here(rt: Runtime, task: Any) -> int:
     """This worker just freed VRAM: put back on their queues the jobs parked for VRAM that now fit on its
-    GPU, oldest first (the beat handles the rest on its tick). One round trip when nothing is parked."""
-    if task is None or not rt.redis.hlen(rt.keys.parked()):
+    GPU, oldest first (the beat handles the rest on its tick). Called when something is parked (the run's
+    finish reads that in its own round trip)."""
+    if task is None:
         return 0
     seen = read_world(rt.redis, rt.keys, time.time(), gpu_ids=[rt.gpu_id])
     gpu = seen.gpus[0] if seen.gpus else None
