@@ -25,20 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from broker.budgets import DEGRADE_ORDER, NON_INTERACTIVE, BudgetKey, budget_key
 from broker.schemas import Priority, Workload
 
-BudgetKey = str   # "<workload>.<priority>"
-
-DEGRADE_ORDER: tuple[BudgetKey, ...] = (
-    "diffusion.background", "llm.background", "diffusion.standard", "llm.standard",
-    "diffusion.interactive", "llm.interactive",
-)
-NON_INTERACTIVE: tuple[BudgetKey, ...] = tuple(k for k in DEGRADE_ORDER if not k.endswith(".interactive"))
 _EPS = 1e-9
-
-
-def budget_key(workload: Workload | str, priority: Priority | str) -> BudgetKey:
-    return f"{Workload(workload).value}.{Priority(priority).value}"
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from rich.table import Table
 
 from arbiter.bench.common import pct
 from arbiter.stack import Stack, WorkerSpec
-from arbiter.stats import read as read_stats
 from arbiter.world import read as read_world
 from broker.client import Client, JobHandle
 from broker.schemas import JobStatus
 from broker.settings import get_settings
 from broker.states import TERMINAL, JobState
+from broker.stats import read as read_stats
 
 CHAT_PROMPTS = ("How do I reverse a list in Python?", "Summarise the plot of Hamlet in two lines.",
                 "What is a good name for a grey cat?", "Explain TCP slow start briefly.",
@@ -130,7 +130,7 @@ def _table(summary: dict, title: str) -> Table:
     t.add_column("queue", no_wrap=True, min_width=20)
     for col in ("sub", "wait", "run", "done", "fail", "cncl", "p50 s", "p95 s", "quality", "ms/tok"):
         t.add_column(col, justify="right", no_wrap=True)
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
     for kind, s in summary.items():
         t.add_row(kind, str(s["submitted"]), str(s["queued"]), str(s["running"]), str(s["finished"]),
                   str(s["failed"]), str(s["cancelled"]), f(s["p50_s"]), f(s["p95_s"]), f(s["mean_quality"]),

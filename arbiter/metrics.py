@@ -19,7 +19,7 @@ Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 
   queues `<queue>@<worker>` too; `workers{workload}` (registered workers);
 - `jobs{state}` over at most `JOBS_SCAN_CAP` live jobs (the oldest, from the live index) and
   `jobs_live` (the index's full size: when it exceeds the cap, `jobs` under-counts);
-- counters from the stats hash (`arbiter.stats`): `<name>_total` for `COUNTERS`, and
+- counters from the stats hash (`broker.stats`): `<name>_total` for `COUNTERS`, and
   `checkpoint_seconds_total`, `step_seconds_total`, `model_load_seconds_total`; `quality_mean_ratio{workload}`
   and `pressure_mean_ratio`;
 - cache per node and tier: `cache_hits_total`, `cache_misses_total`, `cache_loaded_bytes_total`,
@@ -46,9 +46,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from arbiter.pressure import Pressure
-from arbiter.world import live_leases, read as read_world
+from arbiter.world import live_leases
+from arbiter.world import read as read_world
 from broker.app import all_queues, worker_queue
+from broker.histograms import BUCKETS, bucket_field, histogram_key
 from broker.keys import Keys
+from broker.redis_server import connect
 from broker.schemas import PRIORITY_ORDER, GpuSnapshot, Workload, queue_name
 from broker.settings import Settings
 from broker.states import TERMINAL, JobState
@@ -58,14 +61,12 @@ log = logging.getLogger(__name__)
 
 MIB = 2**20
 
-# Latency buckets (seconds) from a chat token burst (50 ms) to a large batch image (10 min).
-BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 HISTOGRAMS: dict[str, str] = {
     "job_queue_wait_seconds": "Seconds from submit to the job's first start.",
     "job_duration_seconds": "Seconds a job ran (its last run, from start to finish).",
 }
 
-# Stats-hash counters exposed as arbiter_<name>_total (see arbiter/stats.py for their meaning).
+# Stats-hash counters exposed as arbiter_<name>_total (see broker/stats.py for their meaning).
 COUNTERS: dict[str, str] = {
     "preemptions": "Jobs preempted (checkpointed and requeued) for interactive work.",
     "resumes": "Jobs resumed from a checkpoint.",
@@ -95,38 +96,6 @@ SECONDS_COUNTERS: dict[str, tuple[str, float, str]] = {
 
 JOBS_SCAN_CAP = 2000     # live jobs read per scrape for arbiter_jobs{state} (oldest first)
 LIVE_STATES = [s for s in JobState if s not in TERMINAL]
-
-
-def histogram_key(keys: Keys, metric: str, workload: str, priority: str) -> str:
-    """Hash: one histogram's counts. Fields `le:<bound>` (per-bucket, NOT cumulative: an observation adds
-    1 to the smallest bucket that holds it, `le:+Inf` past the last), `sum` (seconds) and `count`."""
-    return f"{keys.prefix}:metrics:hist:{metric}:{workload}.{priority}"
-
-
-def _bucket_field(bound: float) -> str:
-    return "le:+Inf" if math.isinf(bound) else f"le:{bound:g}"
-
-
-def _observe(pipe: Any, key: str, value: float) -> None:
-    if not math.isfinite(value):
-        return
-    value = max(0.0, value)
-    bound = next((b for b in BUCKETS if value <= b), math.inf)
-    pipe.hincrby(key, _bucket_field(bound), 1)
-    pipe.hincrbyfloat(key, "sum", value)
-    pipe.hincrby(key, "count", 1)
-
-
-def record_job(r: redis.Redis, keys: Keys, workload: str, priority: str, queue_wait_s: float, run_s: float,
-               pipe: Any = None) -> None:
-    """Add one finished job to the queue-wait and duration histograms of its (workload, priority); queued
-    on `pipe` if given (no reply to read), else sent at once in one round trip."""
-    p = pipe if pipe is not None else r.pipeline(transaction=False)
-    w, pr = str(getattr(workload, "value", workload)), str(getattr(priority, "value", priority))
-    _observe(p, histogram_key(keys, "job_queue_wait_seconds", w, pr), float(queue_wait_s))
-    _observe(p, histogram_key(keys, "job_duration_seconds", w, pr), float(run_s))
-    if pipe is None:
-        p.execute()
 
 
 def _s(v: Any) -> str:
@@ -327,7 +296,7 @@ class ArbiterCollector(Collector):
                 continue
             cumulative, buckets = 0.0, []
             for bound in (*BUCKETS, math.inf):
-                cumulative += _num(h.get(_bucket_field(bound))) or 0.0
+                cumulative += _num(h.get(bucket_field(bound))) or 0.0
                 buckets.append((floatToGoString(bound), cumulative))
             # count is the +Inf bucket, so the exposition stays consistent even mid-write
             fams[metric].add_metric([w, p], buckets, _num(h.get("sum")) or 0.0)
@@ -378,5 +347,5 @@ def serve_metrics(settings: Settings, port: int, addr: str = "0.0.0.0") -> tuple
 def scrape_client(settings: Settings) -> redis.Redis:
     """A Redis client for scrapes: one quick retry at most, so a scrape answers within Prometheus' scrape
     timeout even while Redis is down (the job path's clients retry for ~30 s instead)."""
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                retry=Retry(NoBackoff(), 1))
+    return connect(settings.redis_url, master_name=settings.redis_master_name, socket_timeout=5,
+                   socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))

@@ -8,9 +8,9 @@ import ctypes
 import logging
 import os
 import signal
-import threading
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +72,7 @@ class Stack:
             self.redis = EmbeddedRedis().start()
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
         else:
-            self.redis = ensure_redis(self.settings.redis_url)
+            self.redis = ensure_redis(self.settings.redis_url, self.settings.redis_master_name)
         counts = {w.workload: sum(x.workload == w.workload for x in self.workers) for w in self.workers}
         seen: dict[str, int] = {}
         for w in self.workers:

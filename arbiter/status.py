@@ -8,13 +8,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from arbiter.budgets import DEGRADE_ORDER
 from arbiter.world import read as read_world
-from arbiter.stats import read as read_stats
 from broker.app import all_queues
+from broker.budgets import DEGRADE_ORDER
 from broker.client import Client
 from broker.schemas import GpuSnapshot
 from broker.states import JobState
+from broker.stats import read as read_stats
 from cache.status import collect as cache_collect
 
 

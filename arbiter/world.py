@@ -11,11 +11,11 @@ from typing import Any
 
 import redis
 
-from arbiter.ledger import Lease, parse_leases
 from arbiter.policy import GpuView, RunningJob, WaitingJob
 from arbiter.pressure import Pressure, measure
 from broker.app import all_queues
 from broker.keys import Keys
+from broker.ledger import Lease, parse_leases
 from broker.schemas import IMPROVE_BAND, GpuSnapshot, ParkedJob
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from broker.redis_url import celery_backend_url, celery_transport, parse_redis_url
 from broker.schemas import PRIORITY_ORDER, Workload, improve_queue, queue_name
 from broker.settings import Settings
 
@@ -56,14 +57,17 @@ def all_queues() -> list[str]:
 
 
 def create_app(settings: Settings, name: str = "arbiter") -> Celery:
-    # the result backend retries while Redis is full (broker/backend.py) instead of failing the worker
-    app = Celery(name, broker=settings.redis_url, backend=f"broker.backend:Backend+{settings.redis_url}")
+    # a plain Redis or a Sentinel group (broker/redis_url.py); the result backend retries while Redis is full
+    # or failing over (broker/backend.py) instead of failing the worker
+    target = parse_redis_url(settings.redis_url, settings.redis_master_name)
+    app = Celery(name, broker=target.broker_url(), backend=celery_backend_url(target))
     transport = {
         "queue_order_strategy": "priority",
         "visibility_timeout": settings.visibility_timeout_s,
+        **target.transport_options(),               # Sentinel: master_name (Flower reads it from here too)
     }
     app.conf.update(
-        broker_transport="broker.transport:Transport",   # kombu's redis transport, hardened
+        broker_transport=celery_transport(target),   # kombu's redis (or sentinel) transport, hardened
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -81,6 +85,9 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # a submit's message rides out a restart or a Sentinel failover (seconds: ~18 s of retries), as the
+        # client's own Redis calls do (broker/redis_server.py `connect`); Celery's default gives up after ~0.6 s
+        task_publish_retry_policy={"max_retries": 20, "interval_start": 0, "interval_step": 0.25, "interval_max": 1.0},
         task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in [*all_queues(), BARE_QUEUE]],
         task_default_exchange=EXCHANGE.name,
         task_create_missing_queues=False,

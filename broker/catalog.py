@@ -1,11 +1,12 @@
 """Which models a deployment serves, per workload: what a job's `model` may name. The model registry
-(`ARBITER_MODELS_FILE`) when one is configured, else the sim's catalog (workers.simprofile)."""
+(`ARBITER_MODELS_FILE`) when one is configured, else the sim's catalog (broker.simcatalog)."""
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
 
+from broker import simcatalog
 from broker.registry import Registry, load_registry
 from broker.schemas import Workload
 from broker.settings import Settings
@@ -33,6 +34,4 @@ def model_names(workload: Workload, settings: Settings) -> list[str]:
     reg = registry(settings)
     if reg is not None:
         return reg.names(workload)
-    from workers import simprofile
-
-    return simprofile.model_names(workload)
+    return simcatalog.model_names(workload)

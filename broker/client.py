@@ -13,7 +13,8 @@ import hashlib
 import inspect
 import time
 import uuid
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -23,8 +24,9 @@ from broker.app import TASK_NAMES, create_app
 from broker.catalog import model_names
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
-from broker.redis_server import connect
 from broker.keys import Keys
+from broker.redis_server import connect
+from broker.replication import confirm_replicated
 from broker.retry import redis_full
 from broker.schemas import JobResult, JobSpec, JobStatus, Priority, queue_name
 from broker.settings import Settings, get_settings
@@ -111,7 +113,7 @@ class Client:
         if redis_url is not None:
             s = s.model_copy(update={"redis_url": redis_url})
         self.settings = s
-        self.redis = connect(s.redis_url)
+        self.redis = connect(s.redis_url, master_name=s.redis_master_name)
         self.keys = Keys(s.key_prefix)
         self.store = JobStore(self.redis, self.keys, s.result_ttl_s)
         self.app = create_app(s, name="arbiter-client")
@@ -141,6 +143,7 @@ class Client:
         if idempotency_key is not None:
             existing = self._claim(idempotency_key, job_id, job)
             if existing is not None:
+                confirm_replicated(self.redis, self.settings, existing.id)   # a retry after NotReplicated
                 return existing
         self.store.create(job_id, job)
         try:
@@ -156,6 +159,7 @@ class Client:
         if job.priority is Priority.INTERACTIVE:   # the beat's fast path: act now, not at the next tick
             self.redis.lpush(self.keys.beat_wake(), job_id)
             self.redis.ltrim(self.keys.beat_wake(), 0, 99)
+        confirm_replicated(self.redis, self.settings, job_id)   # ARBITER_REDIS_WAIT_REPLICAS (broker/replication.py)
         return JobHandle(self, job_id)
 
     def _claim(self, key: str, job_id: str, job: JobSpec) -> JobHandle | None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 
@@ -40,6 +41,7 @@ class JobStore:
     def __init__(self, r: redis.Redis, keys: Keys, ttl_s: int) -> None:
         self.r, self.keys, self.ttl_s = r, keys, ttl_s
         self._transition = r.register_script(load("job_transition"))
+        self._transition_loaded = False
         self._write = r.register_script(load("job_write"))
         self._settle = r.register_script(load("job_settle"))
         self._cancel_request = r.register_script(load("job_cancel_request"))
@@ -74,14 +76,19 @@ class JobStore:
                  *((f"?{n}", v) for n, v in (setnx or {}).items())]
         for name, value in items:
             flat += [name, _arg(value)]
-        reply = self._transition(
-            keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.job_checkpoint(job_id),
-                  k.fence(job_id)],
-            args=[to.value, ",".join(s.value for s in src), time.time(),
-                  1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
-                  "" if owner_fence is None else owner_fence, *flat],
-            client=pipe,
-        )
+        keys = [k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.job_checkpoint(job_id),
+                k.fence(job_id)]
+        args = [to.value, ",".join(s.value for s in src), time.time(),
+                1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
+                "" if owner_fence is None else owner_fence, *flat]
+        if pipe is not None and self._transition_loaded:
+            # EVALSHA straight into the pipeline: redis-py would ask SCRIPT EXISTS first, one round trip per
+            # pipeline. After a Redis restart the script is gone: the pipeline raises NoScriptError and the
+            # caller sends the transition alone (`transition` without `pipe` reloads it).
+            pipe.evalsha(self._transition.sha, len(keys), *keys, *args)
+            return False, None
+        reply = self._transition(keys=keys, args=args, client=pipe)
+        self._transition_loaded = True
         return (False, None) if pipe is not None else transition_reply(reply)
 
     def settle(self, job_id: str, states: tuple[JobState, ...], fence: int, gpu_id: str,

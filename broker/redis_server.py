@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Self
 from urllib.parse import urlparse
 
 import redis
@@ -40,26 +41,35 @@ def find_redis_server() -> str:
     )
 
 
-def connect(url: str, retry_s: float = 30.0) -> redis.Redis:
-    """A Redis client that rides out a restart: a command that meets a dropped connection is retried with
-    exponential backoff (50 ms doubling to 1 s) for about `retry_s` seconds before the error surfaces.
-    A command the server ran just before the connection dropped may run again on retry: every write
-    Arbiter makes is safe to repeat (guarded transitions, fenced leases), except counters, which may
-    count one event twice."""
+def connect(url: str, retry_s: float = 30.0, master_name: str = "", **kwargs: Any) -> redis.Redis:
+    """A Redis client (of the primary, for a Sentinel URL: broker/redis_url.py) that rides out a restart or a
+    failover: a command that meets a dropped connection (or a demoted primary) is retried with exponential
+    backoff (50 ms doubling to 1 s) for about `retry_s` seconds before the error surfaces. A command the server
+    ran just before the connection dropped may run again on retry: every write Arbiter makes is safe to repeat
+    (guarded transitions, fenced leases), except counters, which may count one event twice. `kwargs` override
+    the connection options (a scrape client's short timeouts and single retry)."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), int(retry_s) + 5),
-                                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                socket_keepalive=True, health_check_interval=30)
+    from broker.redis_url import parse_redis_url, redis_client
+
+    options: dict[str, Any] = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), int(retry_s) + 5),
+                               "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+                               "socket_keepalive": True, "health_check_interval": 30}
+    return redis_client(parse_redis_url(url, master_name), **{**options, **kwargs})
 
 
 def redacted(url: str) -> str:
-    """The URL with its password masked, for printing."""
-    parsed = urlparse(url)
-    if not parsed.password:
+    """The URL with its password masked, for printing (each part of a `;`-separated Sentinel URL)."""
+    if ";" in url:
+        return ";".join(redacted(part) for part in url.split(";"))
+    try:
+        password = urlparse(url).password
+    except ValueError:
         return url
-    return url.replace(f":{parsed.password}@", ":***@", 1)
+    if not password:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
 
 
 def free_port() -> int:
@@ -68,9 +78,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ping(url: str, timeout_s: float = 0.5) -> bool:
+def ping(url: str, timeout_s: float = 0.5, master_name: str = "") -> bool:
+    """Whether a Redis (the primary, for a Sentinel URL) answers at `url`."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     try:
-        c = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        c = connect(url, master_name=master_name, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                    retry=Retry(NoBackoff(), 0), retry_on_error=[], socket_keepalive=False, health_check_interval=0)
         try:
             return bool(c.ping())
         finally:
@@ -130,17 +145,24 @@ class EmbeddedRedis:
         if self._tmp:
             self._tmp.cleanup()
 
-    def __enter__(self) -> EmbeddedRedis:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
 
 
-def ensure_redis(url: str) -> EmbeddedRedis | None:
-    """Return None if a Redis answers at `url`; else start an embedded one on its local port."""
-    if ping(url):
+def ensure_redis(url: str, master_name: str = "") -> EmbeddedRedis | None:
+    """Return None if a Redis answers at `url`; else start an embedded one on its local port (never for a
+    Sentinel URL: a replicated group is the operator's to run)."""
+    if ping(url, master_name=master_name):
         return None
+    from broker.redis_url import parse_redis_url
+
+    target = parse_redis_url(url, master_name)
+    if target.is_sentinel:
+        raise ConnectionError(f"no primary answers for {target.describe()}: start the Redis group and its "
+                              "sentinels first (compose/: `docker compose --profile sentinel up`)")
     parsed = urlparse(url)
     if parsed.hostname not in LOCAL_HOSTS:
         raise ConnectionError(f"no Redis answers at {url} and it is not local, so none can be started there")

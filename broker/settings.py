@@ -16,7 +16,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ARBITER_", env_file=".env", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and state store.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and state store: "
+                           "redis://, rediss://, or Sentinel: sentinel://h1:26379;sentinel://h2:26379/0.")
+    redis_master_name: str = Field("", description="Sentinel only: the monitored primary's name (or "
+                                   "`?master_name=` on the URL). See broker/redis_url.py.")
+    redis_wait_replicas: int = Field(0, ge=0, description="A submit is accepted only once this many replicas "
+                                     "hold the job (Redis WAIT); 0: once the primary has it.")
+    redis_wait_ms: int = Field(500, gt=0, description="How long a submit waits for those replicas.")
     key_prefix: str = Field("arbiter", description="Prefix of every Redis key Arbiter writes (not Celery's).")
 
     # Input limits, enforced at submit before anything is enqueued.

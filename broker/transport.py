@@ -1,5 +1,6 @@
 """kombu's Redis transport, hardened: a message that is not valid JSON, pushed straight onto a queue,
-is logged and dropped instead of killing the worker; and acknowledging rides out a full Redis.
+is logged and dropped instead of killing the worker; and acknowledging rides out a full Redis. The same
+for kombu's Sentinel transport (`SentinelTransport`).
 
 Stock kombu decodes the envelope inside its BRPOP handler; a `JSONDecodeError` there escapes to Celery's
 consumer as an "Unrecoverable error" and the whole worker exits (tests/integration/test_bad_input.py
@@ -26,8 +27,8 @@ class QoS(kombu_redis.QoS):
         return retry_while(lambda: kombu_redis.QoS.ack(self, delivery_tag), redis_full, log, "acknowledge a message")
 
 
-class Channel(kombu_redis.Channel):
-    QoS = QoS
+class HardenedReads:
+    """Garbage on a queue is logged and dropped (mixed into the plain and the Sentinel channel)."""
 
     def _brpop_read(self, **options):  # type: ignore[no-untyped-def]
         try:
@@ -44,5 +45,19 @@ class Channel(kombu_redis.Channel):
             raise Empty() from None
 
 
+class Channel(HardenedReads, kombu_redis.Channel):
+    QoS = QoS
+
+
+class SentinelChannel(HardenedReads, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (`sentinel://...` with `master_name` in the transport options), hardened alike."""
+
+    QoS = QoS
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -69,7 +69,7 @@ def _check_gpu(**_: Any) -> None:
     from broker.keys import Keys
     from broker.redis_server import connect
 
-    r = connect(s.redis_url)
+    r = connect(s.redis_url, master_name=s.redis_master_name)
     try:
         keys = Keys(s.key_prefix)
         gpu = make_device(s, r, keys)

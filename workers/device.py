@@ -11,9 +11,9 @@ from typing import Any
 import psutil
 import redis
 
-from arbiter.gpu import load_nvml, parse_device
 from broker.keys import Keys
 from broker.schemas import GpuSnapshot
+from workers.nvml import load_nvml, parse_device
 
 MIB = 1 << 20
 

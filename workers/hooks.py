@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from arbiter.stats import add as add_stats
 from broker.errors import Cancelled, LeaseLost, Preempted
 from broker.jobstore import JobStore
 from broker.schemas import JobSpec, Progress
 from broker.states import JobState
+from broker.stats import add as add_stats
 from workers.backends.base import StepInfo
 from workers.ladders import Rung
 from workers.runtime import Runtime, control_ttl_s, parse_control

@@ -13,10 +13,10 @@ import time
 import uuid
 from typing import Any
 
-from arbiter.stats import add as add_stats
 from broker.jobstore import STREAM_MAXLEN
 from broker.lua import load
 from broker.schemas import JobSpec, Priority
+from broker.stats import add as add_stats
 from workers.runtime import Runtime
 
 log = logging.getLogger("arbiter.job")

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.predictor import features
 from broker.registry import Model
 from broker.schemas import JobSpec, Workload
 from workers import simprofile as prof
@@ -120,3 +121,9 @@ def registry_ladder(name: str, model: Model, spec: JobSpec, weights_mib: dict[st
             params = {"variant": variant, "steps": steps, "width": w, "height": h, "guidance_scale": v.guidance_scale}
         rungs.append(Rung(r.quality, variant, wmib, vram, params))
     return rungs
+
+
+def rung_features(rung: Rung) -> list[float]:
+    """The service-time predictor's features of a rung (`broker.predictor.features`)."""
+    workload = "diffusion" if "steps" in rung.params else "llm"
+    return features(workload, {**rung.params, "weights_mib": rung.weights_mib})

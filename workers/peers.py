@@ -1,13 +1,13 @@
-"""What a worker reads about its peers to place a job by affinity (arbiter.affinity decides)."""
+"""What a worker reads about its peers to place a job by affinity (workers.affinity decides)."""
 
 from __future__ import annotations
 
 import json
 import time
 
-from arbiter.affinity import Peer
-from arbiter.ledger import parse_leases, weights_in
 from broker.app import worker_queue
+from broker.ledger import parse_leases, weights_in
+from workers.affinity import Peer
 from workers.runtime import Runtime
 
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
-from arbiter.ledger import Lease, Ledger, weights_in
 from broker.catalog import registry
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.ledger import Lease, Ledger, weights_in
 from broker.redis_server import connect
 from broker.registry import REAL_BACKENDS, Registry
 from broker.schemas import Workload
@@ -160,7 +160,7 @@ def check_gpu_size(r: redis.Redis, keys: Keys, worker: str, gpu_id: str, total_m
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(settings.redis_url, master_name=settings.redis_master_name)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.ledger = Ledger(self.redis, self.keys)
@@ -206,8 +206,11 @@ class Runtime:
         return parse_control(raw, time.time(), control_ttl_s(self.settings.lease_ttl_s))
 
     def wake_beat(self, why: str) -> None:
-        self.redis.lpush(self.keys.beat_wake(), why)
-        self.redis.ltrim(self.keys.beat_wake(), 0, 99)
+        """Ask the beat for a tick now rather than at its next interval (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.keys.beat_wake(), why)
+        pipe.ltrim(self.keys.beat_wake(), 0, 99)
+        pipe.execute()
 
     def _register(self) -> None:
         entry = {"workload": self.workload.value, "gpu_id": self.gpu_id, "node": self.settings.node,

@@ -1,8 +1,8 @@
 """A job that cannot run yet, on the worker's side: it is parked (`park`) — its delivery acknowledged, its
 state `waiting_for_budget` or `waiting_for_vram` with the reason in numbers, an entry for the beat — and
-when this worker frees VRAM it puts back at once the parked jobs that now fit on its GPU (`release_here`),
-rather than leaving its slot idle until the beat's next tick. What may go is decided by the same pure
-policy the beat uses (`arbiter.policy.release_parked`); how it goes is `broker.parking.release`."""
+when this worker frees VRAM it wakes the beat (`Runtime.wake_beat`), which puts back at once the parked
+jobs that now fit (`arbiter.policy.release_parked`, through `broker.parking.release`) rather than on its
+next tick: the worker and the beat speak only through the contract in broker/."""
 
 from __future__ import annotations
 
@@ -12,19 +12,14 @@ from typing import Any
 
 from celery.exceptions import Ignore
 
-from arbiter.budgets import BudgetState
-from arbiter.policy import PolicyConfig, World, release_parked
-from arbiter.stats import add as add_stats
-from arbiter.world import read as read_world
-from broker import parking
 from broker.schemas import JobSpec, ParkedJob
 from broker.states import JobState
+from broker.stats import add as add_stats
 from workers import flower
 from workers.ladders import Rung, admissible_rungs, rung_cost_mib
 from workers.runtime import Runtime
 
 log = logging.getLogger("arbiter.job")
-NO_RECHECK = PolicyConfig(recheck_parked_s=float("inf"))   # periodic re-checks are the beat's
 
 
 def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mib: int = 0, task: Any = None) -> None:
@@ -63,23 +58,3 @@ def needs_by_budget(ladder: list[Rung], min_quality: float, held: set[str]) -> l
         if allowed:
             out.append((level, rung_cost_mib(allowed[0], held)))
     return out
-
-
-def release_here(rt: Runtime, task: Any) -> int:
-    """This worker just freed VRAM: put back on their queues the jobs parked for VRAM that now fit on its
-    GPU, oldest first (the beat handles the rest on its tick). Called when something is parked (the run's
-    finish reads that in its own round trip)."""
-    if task is None:
-        return 0
-    seen = read_world(rt.redis, rt.keys, time.time(), gpu_ids=[rt.gpu_id])
-    gpu = seen.gpus[0] if seen.gpus else None
-    if gpu is None or gpu.view is None:
-        return 0
-    world = World(gpus=(gpu.view,), queued_interactive=seen.queued_interactive(), budgets={},
-                  parked=tuple(p for p in seen.parked if p.reason == "vram"), now=seen.now, queued=seen.queued())
-    released = 0
-    for job_id, reason in release_parked(world, {gpu.gpu_id: BudgetState(gpu.budgets)}, NO_RECHECK):
-        released += parking.release(rt.redis, rt.keys, rt.store, task.app, rt.settings, job_id, reason)
-    if released:
-        add_stats(rt.redis, rt.keys, parked_released=released)
-    return released

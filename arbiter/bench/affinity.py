@@ -16,8 +16,8 @@ from typing import Any
 
 from arbiter.bench.common import bench_settings, pct, private_stack
 from arbiter.stack import WorkerSpec
-from arbiter.stats import read as read_stats
 from broker.states import JobState
+from broker.stats import read as read_stats
 from cache.status import collect as cache_status
 
 MODELS = ("llama-3", "qwen-2.5")

@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from arbiter.stack import Stack, WorkerSpec
 from broker.client import Client

@@ -8,46 +8,56 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from arbiter.bench.common import bench_settings, pct, private_stack
 from arbiter.stack import WorkerSpec
-from arbiter.stats import read as read_stats
 from broker.app import BARE_QUEUE, BARE_TASK
 from broker.client import Client
+from broker.stats import read as read_stats
 
 CONCURRENCY = 2
 
 
+def _commands(r: Any) -> int:
+    """Commands the Redis server has executed so far (every client: submitter, workers, beat, events)."""
+    return sum(int(v["calls"]) for v in r.info("commandstats").values())
+
+
 def _measure(send: Callable[[], Any], started_at: Callable[[Any], float], n_burst: int,
-             n_latency: int) -> dict[str, Any]:
-    """Burst throughput and one-at-a-time submit->start latency of one way of running a no-op job.
-    `send()` submits one; `started_at(handle)` waits for it and returns when it started (epoch s)."""
+             n_latency: int, r: Any) -> dict[str, Any]:
+    """Burst throughput and one-at-a-time submit->start latency of one way of running a no-op job, and the
+    Redis commands per job over the burst. `send()` submits one; `started_at(handle)` waits for it and
+    returns when it started (epoch s)."""
     for _ in range(20):   # warm-up
         started_at(send())
+    commands = _commands(r)
     t0 = time.perf_counter()
     handles = [send() for _ in range(n_burst)]
     submit_s = time.perf_counter() - t0
     for h in handles:
         started_at(h)
     total_s = time.perf_counter() - t0
+    commands = (_commands(r) - commands) / n_burst
     lat = []
     for _ in range(n_latency):
         sent = time.time()
         lat.append((started_at(send()) - sent) * 1000)
     return {"jobs_per_s": n_burst / total_s, "submit_per_s": n_burst / submit_s,
+            "redis_commands_per_job": round(commands, 1),
             "start_p50_ms": pct(lat, 50), "start_p99_ms": pct(lat, 99)}
 
 
 def _arbiter(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
     return _measure(lambda: client.submit(workload="llm", prompt="noop", max_new_tokens=1),
-                    lambda h: h.wait(timeout=120).started_at, n_burst, n_latency)
+                    lambda h: h.wait(timeout=120).started_at, n_burst, n_latency, client.redis)
 
 
 def _bare(client: Client, n_burst: int, n_latency: int) -> dict[str, Any]:
     return _measure(lambda: client.app.send_task(BARE_TASK, queue=BARE_QUEUE),
-                    lambda r: r.get(timeout=120), n_burst, n_latency)
+                    lambda r: r.get(timeout=120), n_burst, n_latency, client.redis)
 
 
 def run_dispatch(n_burst: int, n_latency: int, log_dir: Path) -> dict[str, Any]:

@@ -15,8 +15,9 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -214,7 +215,7 @@ def gpu_command(
     device: Annotated[str, typer.Option(help="cuda (device 0) or cpu (tiny models: the CI smoke run).")] = "cuda",
     out: Annotated[Path, typer.Option(help="Where gpu.json and gpu.md are written.")] = Path(".arbiter/bench-gpu"),
     work: Annotated[Path, typer.Option(help="Models, cache tiers and logs (models are kept and reused).")] = Path(".arbiter/bench-gpu-work"),
-    budget_s: Annotated[Optional[float], typer.Option("--budget", help="Seconds for the whole run (sections "
+    budget_s: Annotated[float | None, typer.Option("--budget", help="Seconds for the whole run (sections "
                                                                         "that would not fit are skipped).")] = None,
 ) -> None:
     """Real backends on a real device: chat beside diffusion under priority and arbiter, step times, VRAM per

@@ -8,9 +8,10 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from arbiter.bench.gpu_models import MIB, Preset
 
@@ -186,7 +187,7 @@ class Probe:
 
 def nvml_cost(calls: int = 200) -> dict[str, Any]:
     """What one NVML memory query and one whole `GpuSnapshot` cost (n/a without NVML)."""
-    from arbiter.gpu import NvmlTelemetry, load_nvml
+    from workers.nvml import NvmlTelemetry, load_nvml
 
     nvml = load_nvml()
     if nvml is None:
@@ -210,7 +211,7 @@ def nvml_cost(calls: int = 200) -> dict[str, Any]:
 
 
 def nvml_used_mib() -> int | None:
-    from arbiter.gpu import load_nvml
+    from workers.nvml import load_nvml
 
     nvml = load_nvml()
     if nvml is None:

@@ -10,7 +10,8 @@ import io
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from arbiter.bench.common import state_time_ms, token_times_ms
 from arbiter.bench.gpu_models import Preset
@@ -58,7 +59,7 @@ class StackRun:
 
     def warm_up(self) -> dict[str, Any]:
         """First jobs of each worker: they load the models (through the fragment cache)."""
-        from arbiter.stats import read as read_stats
+        from broker.stats import read as read_stats
 
         t0 = time.monotonic()
         chat(self.client, 4, self.timeout_s)
@@ -171,7 +172,7 @@ class StackRun:
                 "first_different_token": first, "compared": "decoded text (one word per token id)"}
 
     def ledger_vs_nvml(self) -> dict[str, Any]:
-        from arbiter.ledger import Ledger
+        from broker.ledger import Ledger
 
         leases = Ledger(self.client.redis, self.client.keys).leases(self.gpu_id)
         held = sum(x.mib for x in leases)

@@ -17,10 +17,10 @@ from typing import Any
 
 from arbiter.bench.common import bench_settings, pct, private_stack, token_times_ms
 from arbiter.stack import WorkerSpec
-from arbiter.stats import read as read_stats
 from arbiter.status import gpu_snapshots
 from broker.client import Client, JobHandle
 from broker.states import TERMINAL, JobState
+from broker.stats import read as read_stats
 
 POLICIES = ("fifo", "priority", "arbiter")
 GPU = "sim:20GiB"     # tight: sd15 + llama-8b weights take 17.4 of 20 GiB; four 1024 px images do not fit beside them
@@ -154,6 +154,8 @@ def _account(out: PolicyRun, client: Client, jobs: list[Tracked], t0: float, sca
             out.errors[reason] = out.errors.get(reason, 0) + 1
         elif st.state is JobState.CANCELLED:
             out.cancelled += 1
+        else:   # still queued, waiting or running when the run ended: counted on its own, never inferred
+            out.lost += 1
         if j.arrival.kind == "llm.interactive" and st.state is JobState.FINISHED and st.finished_at:
             lat = (st.finished_at - st.queued_at) / scale
             times = token_times_ms(client, j.handle.id)
@@ -168,7 +170,6 @@ def _account(out: PolicyRun, client: Client, jobs: list[Tracked], t0: float, sca
         if j.arrival.kind == "diffusion.background" and st.state is JobState.FINISHED and st.finished_at:
             bg_done.append(((st.finished_at - t0) / scale, st.quality or 0.0))
     chats = sum(1 for j in jobs if j.arrival.kind == "llm.interactive")
-    out.lost = out.submitted - out.finished - out.failed - out.cancelled
     out.latencies_s = sorted(chat_lat)
     out.interactive = {
         "count": chats, "slo_attainment": round(met / chats, 4) if chats else None,

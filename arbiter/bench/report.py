@@ -47,13 +47,14 @@ def mixed_table(console: Console, data: dict[str, Any]) -> None:
 def dispatch_table(console: Console, data: dict[str, Any]) -> None:
     t = Table(title=f"dispatch: no-op jobs, {data['burst']} in a burst, {data['latency_samples']} one at a time, "
                     f"-c {data['concurrency']}")
-    for col in ("", "jobs/s", "submits/s", "submit→start p50 ms", "p99 ms"):
+    for col in ("", "jobs/s", "submits/s", "submit→start p50 ms", "p99 ms", "Redis commands/job"):
         t.add_column(col, justify="right" if col else "left")
     for name in ("arbiter", "bare_celery"):
         r = data[name]
-        t.add_row(name, _f(r["jobs_per_s"], 0), _f(r["submit_per_s"], 0), _f(r["start_p50_ms"]), _f(r["start_p99_ms"]))
+        t.add_row(name, _f(r["jobs_per_s"], 0), _f(r["submit_per_s"], 0), _f(r["start_p50_ms"]), _f(r["start_p99_ms"]),
+                  _f(r.get("redis_commands_per_job"), 1))
     t.add_row("ratio", _f(data["throughput_ratio"], 2, "×"), "", _f(data["start_p50_ratio"], 2, "×"),
-              _f(data["start_p99_ratio"], 2, "×"))
+              _f(data["start_p99_ratio"], 2, "×"), "")
     console.print(t)
     console.print(f"scheduling decision (plan) p99: {data['plan_us_p99']:.0f} µs")
 

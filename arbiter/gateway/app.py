@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import Depends, FastAPI, Header, Path, Query
@@ -24,8 +24,16 @@ from arbiter.gateway.apikeys import ApiKey
 from arbiter.gateway.context import Ctx
 from arbiter.gateway.errors import ApiError
 from arbiter.gateway.guards import BodyGuard
-from arbiter.gateway.models import (CancelReply, Health, JobCreated, JobRequest, JobResultOut, JobView,
-                                    errors, sse_response)
+from arbiter.gateway.models import (
+    CancelReply,
+    Health,
+    JobCreated,
+    JobRequest,
+    JobResultOut,
+    JobView,
+    errors,
+    sse_response,
+)
 from arbiter.gateway.streams import job_events
 from broker.errors import Timeout
 from broker.schemas import Priority

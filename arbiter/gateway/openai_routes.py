@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Header, Request
@@ -14,8 +15,17 @@ from fastapi.concurrency import run_in_threadpool
 from arbiter.gateway import openai_api as oa
 from arbiter.gateway.apikeys import ApiKey
 from arbiter.gateway.context import Ctx
-from arbiter.gateway.models import (ChatCompletion, ChatRequest, ImageData, ImageRequest, ImagesResponse,
-                                    ModelCard, ModelList, errors, sse_response)
+from arbiter.gateway.models import (
+    ChatCompletion,
+    ChatRequest,
+    ImageData,
+    ImageRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    errors,
+    sse_response,
+)
 from arbiter.gateway.streams import job_events
 from broker.catalog import model_names
 from broker.client import JobHandle

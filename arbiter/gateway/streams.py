@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from functools import partial
-from typing import AsyncIterator
 
 import anyio
 import redis

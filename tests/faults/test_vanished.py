@@ -1,5 +1,5 @@
 """A message lost between a worker popping it and kombu recording it (Redis killed in between) leaves a job
-queued with no message anywhere; the beat sends it again (`Beat.requeue_vanished`). Real Redis, real beat
+queued with no message anywhere; the beat sends it again (`Sweeps.requeue_vanished`). Real Redis, real beat
 object, real worker for the run."""
 
 import time
@@ -26,12 +26,12 @@ def test_a_queued_job_whose_message_vanished_is_sent_again_and_runs(client, sett
     beat = Beat(settings)
     try:
         time.sleep(0.6)
-        assert beat.requeue_vanished() == 0                # its queue still holds a message: nothing is lost
+        assert beat.sweeps.requeue_vanished() == 0                # its queue still holds a message: nothing is lost
         client.redis.delete(queue)                         # (that one was taken too)
         time.sleep(0.6)
-        assert beat.requeue_vanished() == 2                # both queued, no message anywhere
+        assert beat.sweeps.requeue_vanished() == 2                # both queued, no message anywhere
         assert client.redis.llen(queue) == 2
-        assert beat.requeue_vanished() == 0                # and not again while their messages wait
+        assert beat.sweeps.requeue_vanished() == 0                # and not again while their messages wait
     finally:
         beat.close()
     worker, _ = procs

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from arbiter.stats import read as read_stats
+from broker.stats import read as read_stats
 from cache.status import collect as cache_status
 from tests.conftest import wait_until
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401

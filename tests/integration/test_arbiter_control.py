@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from arbiter.beat import Beat
-from arbiter.ledger import Ledger
+from broker.ledger import Ledger
 from broker.errors import JobFailed
 from broker.keys import Keys
 from tests.conftest import ROOT, wait_until, worker_env

@@ -6,7 +6,7 @@ import time
 import pytest
 from celery.result import AsyncResult
 
-from arbiter.ledger import Ledger
+from broker.ledger import Ledger
 from broker.keys import Keys
 from broker.states import JobState
 from tests.conftest import wait_until

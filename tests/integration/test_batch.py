@@ -235,7 +235,7 @@ def test_improve_rewrites_degraded_outputs_at_full_quality(settings, client, sta
 
     from PIL import Image
 
-    from arbiter.budgets import DEGRADE_ORDER
+    from broker.budgets import DEGRADE_ORDER
 
     warm = client.submit(workload="diffusion", prompt="warm", steps=2, width=64, height=64).result(timeout=60)
     beat_gpu = warm.gpu_id

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from arbiter.budgets import DEGRADE_ORDER
+from broker.budgets import DEGRADE_ORDER
 from broker.keys import Keys
 from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401

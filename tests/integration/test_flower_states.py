@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from arbiter.budgets import DEGRADE_ORDER
+from broker.budgets import DEGRADE_ORDER
 from arbiter.stack import FLOWER_TASKS_COLUMNS
 from broker.redis_server import free_port
 from tests.conftest import ROOT, die_with_parent, wait_until, worker_env

@@ -1,6 +1,6 @@
 """Affinity policy (pure): where a job on a given model variant should run."""
 
-from arbiter.affinity import Peer, pass_to
+from workers.affinity import Peer, pass_to
 
 
 def peer(name, idle=True, resident=(), node="n1", backlog=0):

@@ -1,6 +1,8 @@
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from arbiter.budgets import DEGRADE_ORDER, BudgetConfig, BudgetState, Demand, next_budgets
+from arbiter.budgets import BudgetConfig, BudgetState, Demand, next_budgets
+from broker.budgets import DEGRADE_ORDER
 
 CFG = BudgetConfig(hold_ticks=0)
 
@@ -125,8 +127,7 @@ def test_interactive_work_beside_a_backlog_degrades_lower_classes_only_and_they_
 
 
 def test_the_contention_window_keeps_contention_between_chats():
-    from arbiter.policy import PolicyConfig, RunningJob, World, demand
-    from arbiter.policy import GpuView
+    from arbiter.policy import GpuView, PolicyConfig, RunningJob, World, demand
     from arbiter.pressure import Pressure
 
     gpu = GpuView("g", Pressure(20_000, 17_000, 700), running=(RunningJob("img", "diffusion", "background", "d", 700),),

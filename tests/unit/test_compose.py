@@ -196,7 +196,7 @@ def exported() -> set[str]:
     populate(r)
     # every counter the stats hash can carry, so the dashboard may use any of them
     from arbiter.metrics import COUNTERS
-    from arbiter.stats import add
+    from broker.stats import add
 
     add(r, KEYS, **{name: 1 for name in COUNTERS})
     return {s.name for fam in text_string_to_metric_families(render(r, KEYS).decode()) for s in fam.samples}

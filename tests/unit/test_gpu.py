@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from arbiter.gpu import NvmlTelemetry, detect_gpus, load_nvml, parse_device
+from workers.nvml import NvmlTelemetry, detect_gpus, load_nvml, parse_device
 
 MIB = 1024 * 1024
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from arbiter.ledger import Ledger
+from broker.ledger import Ledger
 from broker.keys import Keys
 
 

@@ -12,16 +12,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from arbiter import metrics
-from arbiter.ledger import Ledger
-from arbiter.metrics import BUCKETS, ArbiterCollector, histogram_key, record_job, render, serve_metrics
-from arbiter.stats import add as add_stats
+from arbiter.metrics import ArbiterCollector, render, serve_metrics
 from broker.app import worker_queue
 from broker.counters import add_counters
+from broker.histograms import BUCKETS, histogram_key, record_job
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.ledger import Ledger
 from broker.schemas import GpuJob, GpuSnapshot, JobSpec
 from broker.settings import Settings
 from broker.states import JobState
+from broker.stats import add as add_stats
 from cache.index import CacheIndex
 
 KEYS = Keys("t")

@@ -1,6 +1,6 @@
 import pytest
 
-from arbiter.predictor import StepPredictor, features, pick_for_deadline
+from broker.predictor import StepPredictor, features, pick_for_deadline
 
 
 def test_learns_step_time_from_shape():

@@ -8,8 +8,9 @@ checkpoint (bytes), which `generate(..., checkpoint=...)` later continues from."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from broker.schemas import JobSpec, Workload
 from cache.manifest import Manifest

@@ -12,9 +12,10 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from broker.registry import Registry, Variant
 from broker.settings import Settings

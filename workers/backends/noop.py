@@ -13,11 +13,13 @@ class NoopBackend:
 
     def __init__(self, workload: Workload) -> None:
         self.workload = workload
+        self._loaded: dict[str, int] = {}
 
     def ladder(self, spec: JobSpec) -> list[Rung]:
         return [Rung(1.0, "noop", 0, 0, {"variant": "noop", "steps": 1})]
 
     def load(self, rung: Rung) -> float:
+        self._loaded[rung.variant] = 0   # "resident" from now on, as a real backend's weights would be
         return 0.0
 
     def generate(self, job_id: str, spec: JobSpec, rung: Rung, checkpoint: bytes | None,
@@ -29,7 +31,7 @@ class NoopBackend:
         pass
 
     def resident(self) -> dict[str, int]:
-        return {}
+        return dict(self._loaded)
 
     def manifest(self, variant: str) -> None:
         return None

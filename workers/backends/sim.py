@@ -10,19 +10,19 @@ import json
 import struct
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from broker.schemas import JobSpec, Workload
+from cache.manifest import Manifest
 from workers import simprofile as prof
 from workers.backends.base import Output, StepHook, StepInfo
 from workers.ladders import Rung, diffusion_ladder, llm_ladder, prompt_tokens
-from cache.manifest import Manifest
 from workers.simgpu import SimGpu
-from workers.simweights import SimWeights
 from workers.simprofile import Kernel
+from workers.simweights import SimWeights
 
 RENEW_EVERY_S = 1.0
 _VOCAB = ("the", "a", "model", "token", "quiet", "river", "light", "stone", "garden", "signal", "cloud",

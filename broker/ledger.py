@@ -1,13 +1,14 @@
 """The VRAM lease ledger: per gpu id, reservations held by running jobs (and by resident model weights),
 each with an expiry renewed by heartbeat. Grant/deny, renew and release are single Lua scripts
-(`arbiter/lua/`), so concurrent requesters can never oversubscribe a GPU, and a lease carries a fence
+(`broker/lua/`), so concurrent requesters can never oversubscribe a GPU, and a lease carries a fence
 token so a job id never runs twice at once. The clock is passed in, so tests control time."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
@@ -46,9 +47,9 @@ def weights_field(worker: str, variant: str) -> str:
 class Ledger:
     def __init__(self, r: redis.Redis, keys: Keys, clock: Callable[[], float] = time.time) -> None:
         self.r, self.keys, self.clock = r, keys, clock
-        self._acquire = r.register_script(load("lease_acquire", "arbiter.lua"))
-        self._renew = r.register_script(load("lease_renew", "arbiter.lua"))
-        self._release = r.register_script(load("lease_release", "arbiter.lua"))
+        self._acquire = r.register_script(load("lease_acquire", "broker.lua"))
+        self._renew = r.register_script(load("lease_renew", "broker.lua"))
+        self._release = r.register_script(load("lease_release", "broker.lua"))
 
     def acquire(self, gpu_id: str, capacity_mib: int, job_id: str, mib: int, ttl_s: float, priority: str,
                 workload: str, worker: str, weights: tuple[str, int] | None = None, holder: str | None = None) -> Grant:

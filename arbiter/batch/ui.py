@@ -1,0 +1,72 @@
+"""What a person sees: the progress bar with its line of stats, the summary, the command that resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from arbiter.batch.parse import Line
+    from arbiter.batch.run import Tally
+    from broker.schemas import Priority, Workload
+
+
+def progress(console: Any) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            rate = "-/min" if not speed else f"{speed:.1f}/s" if speed >= 1 else f"{speed * 60:.1f}/min"
+            return Text(rate, style="progress.data.speed")
+
+    class BatchProgress(Progress):
+        """The bar on one line; quality mix, preemptions and job states on the next."""
+
+        stats = ""
+
+        def get_renderables(self) -> Any:
+            yield self.make_tasks_table(self.tasks)
+            if self.stats:
+                yield Text(self.stats, no_wrap=True, overflow="ellipsis")
+
+    return BatchProgress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
+                         MofNCompleteColumn(), RateColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                         TimeElapsedColumn(), console=console, refresh_per_second=4)
+
+
+def stats_line(t: Tally, inflight: dict[str, Line]) -> str:
+    states = ", ".join(f"{n} {s}" for s, n in sorted(t.states.items()))
+    return (f"{t.quality_text()} · preemptions {t.preemptions + t.inflight_preemptions}"
+            + (f" · failed {t.failed}" if t.failed else "")
+            + (f" · {states}" if states else ""))
+
+
+def summary(t: Tally, bad: int, already: int, not_retried: int, improve: bool) -> str:
+    """The line printed when the run ends."""
+    return (f"done {t.done}, failed {t.failed}, bad lines skipped {bad}, "
+            f"already done before this run {already}"
+            + (f", re-attached to {t.reattached} job(s) submitted before" if t.reattached else "")
+            + (f", failed before (not retried) {not_retried}" if not_retried else "")
+            + (f"; {t.quality_text()}, preemptions {t.preemptions}" if t.qualities else "")
+            + (f"; improved to full quality {t.improved}" if improve else ""))
+
+
+def resume_command(src: Path, out_dir: Path, workload: Workload, priority: Priority, model: str | None) -> str:
+    """The command that resumes this batch (the options that shape the jobs included: a line whose job
+    changed would be refused by its idempotency key)."""
+    import shlex
+
+    args = ["arbiter", "batch", str(src), "--out", str(out_dir), "--workload", workload.value,
+            "--priority", priority.value, *(["--model", model] if model else [])]
+    return " ".join(shlex.quote(a) for a in args)

@@ -1,0 +1,67 @@
+"""`arbiter`: the command line, and the one composition root that may import every package.
+
+The root app is assembled here from one module per command group. A new group is one module with its own
+`app = typer.Typer(...)` and one `app.add_typer(<module>.app, name=...)` line below."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import typer
+
+from arbiter.batch import batch_command
+from arbiter.cli import bench, cache, jobs, keys, run
+from arbiter.cli.common import fail
+from broker.errors import ArbiterError, InvalidJob
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException as _ClickException
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Arbiter: a GPU job broker with priority queues, quality budgets and preemption.")
+
+# the top-level commands, in the order `arbiter --help` lists them
+app.command()(run.worker)
+app.command()(run.beat)
+app.command()(jobs.submit)
+app.command()(jobs.result)
+app.command()(jobs.cancel)
+app.command("status")(jobs.status_cmd)
+app.command()(jobs.gpus)
+app.command()(run.dev)
+app.command()(run.demo)
+app.command()(run.gateway)
+app.command("batch")(batch_command)
+# the command groups
+app.add_typer(keys.app, name="keys")
+app.add_typer(cache.app, name="cache")
+app.add_typer(bench.app, name="bench")
+
+
+def main() -> None:
+    """Entry point: every error is one line on stderr; exit 2 for bad input, 1 for other failures."""
+    import redis
+
+    logging.basicConfig(level=os.environ.get("ARBITER_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored, and Python
+    # then never raises KeyboardInterrupt: Ctrl-C (or `kill -INT`) must always stop `arbiter dev` cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except _ClickException as exc:  # bad flags or arguments
+        fail(exc.format_message(), exc.exit_code)
+    except InvalidJob as exc:
+        fail(str(exc), 2)
+    except (ArbiterError, redis.RedisError, ConnectionError, OSError) as exc:
+        fail(str(exc), 1)

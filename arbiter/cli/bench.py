@@ -1,0 +1,117 @@
+"""`arbiter bench`: each benchmark prints its table and may write JSON (and a plot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from arbiter.bench.gpu import gpu_command
+from arbiter.cli.common import console
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks on the sim GPU with real Redis and workers.")
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results here as JSON.")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")]
+LOGS = Path(".arbiter/bench-logs")
+
+
+def _finish(data: dict, json_path: Path | None, plot_path: Path | None) -> None:
+    from arbiter.bench.common import machine, write_json
+    from arbiter.bench.report import plot
+
+    data["machine"] = machine()
+    write_json(json_path, data)
+    if plot_path:
+        plot(plot_path, data)
+    if json_path or plot_path:
+        console.print(f"[dim]written: {', '.join(str(p) for p in (json_path, plot_path) if p)}[/dim]")
+
+
+@app.command("mixed")
+def bench_mixed(
+    duration_s: Annotated[float, typer.Option("--duration", help="Trace length in H100 seconds.")] = 60.0,
+    scale: Annotated[float, typer.Option(help="Time factor for the sim and the trace (0.5 = 2x faster).")] = 0.5,
+    seed: Annotated[int, typer.Option()] = 1,
+    flood: Annotated[int, typer.Option(help="Background images submitted at t=0.")] = 40,
+    chat_per_s: Annotated[float, typer.Option(help="Chat arrival rate (Poisson), per H100 second.")] = 1.0,
+    policies: Annotated[str, typer.Option(help="Comma-separated policies to compare.")] = "fifo,priority,arbiter",
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """Chat vs batch flood under fifo, priority and arbiter on the identical trace."""
+    from arbiter.bench.mixed import run_mixed
+    from arbiter.bench.report import mixed_table
+
+    data = run_mixed(duration_s, scale, seed, flood, chat_per_s, LOGS,
+                     tuple(p.strip() for p in policies.split(",") if p.strip()))
+    mixed_table(console, data)
+    _finish(data, json_path, plot_path)
+
+
+@app.command("dispatch")
+def bench_dispatch(
+    burst: Annotated[int, typer.Option(help="Jobs submitted in one burst.")] = 500,
+    samples: Annotated[int, typer.Option(help="Jobs run one at a time for submit->start latency.")] = 200,
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """Broker overhead: no-op jobs through Arbiter's full path vs bare Celery tasks."""
+    from arbiter.bench.dispatch import run_dispatch
+    from arbiter.bench.report import dispatch_table
+
+    data = run_dispatch(burst, samples, LOGS)
+    dispatch_table(console, data)
+    _finish(data, json_path, plot_path)
+
+
+@app.command("preempt")
+def bench_preempt(
+    trials: Annotated[int, typer.Option(help="Preemptions to time.")] = 30,
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """Time from an interactive submit to a background job's lease release, and to the interactive start."""
+    from arbiter.bench.preempt import run_preempt
+    from arbiter.bench.report import preempt_table
+
+    data = run_preempt(trials, LOGS)
+    preempt_table(console, data)
+    _finish(data, json_path, plot_path)
+
+
+@app.command("cache")
+def bench_cache(
+    size_gib: Annotated[float, typer.Option("--size", help="Synthetic model size in GiB.")] = 1.0,
+    processes: Annotated[int, typer.Option("--nodes", "--processes", help="Simulated nodes loading it at once.")] = 4,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of ours vs raw per measurement.")] = 5,
+    model_gb: Annotated[float, typer.Option("--model-gb", help="Real-model comparison size (0: skip).")] = 1.0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Real bytes through the real tiers, interleaved rounds vs the raw medium; a real model; N nodes."""
+    from arbiter.bench.cache import run_cache
+    from arbiter.bench.cache_report import cache_table
+
+    data = run_cache(size_gib, processes, rounds=rounds, model_gb=model_gb)
+    cache_table(console, data)
+    _finish(data, json_path, None)
+
+
+@app.command("affinity")
+def bench_affinity(
+    jobs: Annotated[int, typer.Option(help="Chat jobs in the trace.")] = 60,
+    per_s: Annotated[float, typer.Option("--rate", help="Arrivals per H100 second (Poisson).")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Time factor for the sim and the trace.")] = 0.5,
+    seed: Annotated[int, typer.Option()] = 1,
+    json_path: JsonOpt = None,
+) -> None:
+    """Model loads with and without affinity: two models, two llm workers, the same trace."""
+    from arbiter.bench.affinity import run_affinity
+    from arbiter.bench.report import affinity_table
+
+    data = run_affinity(jobs, per_s, scale, seed, LOGS)
+    affinity_table(console, data)
+    _finish(data, json_path, None)
+
+
+app.command("gpu")(gpu_command)

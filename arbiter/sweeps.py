@@ -1,0 +1,228 @@
+"""The beat's sweeps: what puts back work a dead process left behind, so no job is ever lost or stuck.
+
+- `restore_lost_deliveries`: messages a worker took but never started (kombu's `unacked`), back on their
+  queue once the visibility timeout passes;
+- `requeue_vanished`: queued jobs whose message vanished (popped by a worker as Redis died), sent again;
+- `reclaim_worker_queues`: jobs handed to a worker's own queue (affinity) whose worker is gone, moved to
+  the shared queue (`sweep_orphan_queues` for queues of workers no longer registered);
+- `sweep_waiting`: entries of interactive jobs waiting for VRAM whose worker stopped waiting;
+- `sweep_parked`: entries of parked jobs that are no longer waiting.
+
+Each is idempotent and safe to run from any beat; the leader runs them from its tick."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+from celery import Celery
+
+from broker import parking
+from broker.app import all_queues, shared_queue, worker_queue, workload_queues
+from broker.client import enqueue
+from broker.jobstore import JobStore
+from broker.keys import Keys
+from broker.lua import load
+from broker.schemas import ParkedJob, Workload
+from broker.settings import Settings
+from broker.states import JobState
+from broker.stats import add as add_stats
+
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"   # kombu's Redis transport keys (its defaults)
+log = logging.getLogger("arbiter.beat")
+
+
+class Sweeps:
+    def __init__(self, r: redis.Redis, keys: Keys, store: JobStore, app: Celery, settings: Settings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.r, self.keys, self.store, self.app, self.settings, self.clock = r, keys, store, app, settings, clock
+        self._last_sweep = 0.0
+        self._reclaim_queue = self.r.register_script(load("queue_reclaim", "broker.lua"))
+
+    def restore_lost_deliveries(self) -> int:
+        """Messages a worker took but never started stay in kombu's `unacked` hash until the visibility
+        timeout (hours: it must outlast the longest job) — e.g. a message held in reserve when the worker's
+        connection to Redis dropped. The beat puts back at the front of its queue any such message whose
+        job is still waiting to start (queued or preempted) `lost_delivery_s` after it was taken, on its
+        shared queue (a message passed to a worker's own queue is rerouted). Should the first worker start it
+        after all, the job record lets only one run start."""
+        now = time.time()
+        taken = self.r.zrangebyscore(UNACKED_INDEX, 0, now - self.settings.lost_delivery_s, start=0, num=500,
+                                     withscores=True)
+        restored = 0
+        for tag, taken_at in taken:
+            raw = self.r.hget(UNACKED, tag)
+            if raw is None:
+                self.r.zrem(UNACKED_INDEX, tag)
+                continue
+            try:
+                message, _exchange, routing_key = json.loads(raw)
+                job_id = message["headers"]["id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            state = self.r.hget(self.keys.job(job_id), "state")
+            if state is None or JobState(state.decode()) not in (JobState.QUEUED, JobState.PREEMPTED):
+                continue
+            message["headers"]["redelivered"] = True
+            routing_key = shared_queue(routing_key)   # never back to a worker's own queue: it may be gone
+            try:
+                message["properties"]["delivery_info"]["routing_key"] = routing_key
+            except (KeyError, TypeError):
+                pass
+            pipe = self.r.pipeline()
+            pipe.rpush(routing_key, json.dumps(message))   # the front: BRPOP takes from the right
+            pipe.hdel(UNACKED, tag)
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.execute()
+            restored += 1
+            log.warning("job %s: its message was taken %.0f s ago but the job never started (a worker lost its "
+                        "connection?): put back on %s", job_id, now - taken_at, routing_key)
+        if restored:
+            add_stats(self.r, self.keys, deliveries_restored=restored)
+        return restored
+
+    def requeue_vanished(self, scan: int = 2000) -> int:
+        """Jobs queued with no message anywhere. kombu pops a message (BRPOP) and only then records it in
+        `unacked`: a Redis that dies in between (SIGKILL, a crash) loses the message while the job record says
+        queued — forever. A job queued for `lost_delivery_s` whose queue (shared and every worker's own) is
+        empty and whose message is not in flight (`unacked`) gets a new message. Should the old one turn up
+        after all, the job record lets only one run start. Cheap when nothing is lost: one pipeline of queue
+        lengths, and the scan only for the empty queues."""
+        workers = [name.decode() for name in self.r.hkeys(self.keys.workers())]
+        shared = all_queues()
+        pipe = self.r.pipeline(transaction=False)
+        for q in shared:
+            pipe.llen(q)
+            for w in workers:
+                pipe.llen(worker_queue(q, w))
+        lengths = iter(pipe.execute())
+        empty = {q for q in shared if sum(int(next(lengths)) for _ in range(1 + len(workers))) == 0}
+        if not empty:
+            return 0
+        now = time.time()
+        old = [j.decode() for j in self.r.zrangebyscore(self.keys.jobs_live(), "-inf",
+                                                        now - self.settings.lost_delivery_s, start=0, num=scan)]
+        if not old:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for j in old:
+            pipe.hmget(self.keys.job(j), "state", "updated_at")
+        stale = [j for j, (state, updated) in zip(old, pipe.execute())
+                 if state == JobState.QUEUED.value.encode() and updated
+                 and now - float(updated) > self.settings.lost_delivery_s]
+        if not stale:
+            return 0
+        in_flight = set()
+        for raw in self.r.hvals(UNACKED):
+            try:
+                in_flight.add(json.loads(raw)[0]["headers"]["id"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        sent = 0
+        for job_id in stale:
+            if job_id in in_flight:
+                continue
+            try:
+                spec = self.store.spec(job_id)
+            except (KeyError, ValueError):
+                continue
+            if spec.queue not in empty:
+                continue
+            enqueue(self.app, self.settings, job_id, spec)
+            sent += 1
+            log.warning("job %s was queued with no message anywhere (lost when Redis went down between a worker "
+                        "taking it and recording it?): sent again to %s", job_id, spec.queue)
+        if sent:
+            add_stats(self.r, self.keys, deliveries_restored=sent)
+        return sent
+
+    def reclaim_worker_queues(self) -> int:
+        """Jobs passed by affinity to a worker that has since died go back to the front of their shared
+        queue (they have waited already), their routing rewritten to it; the dead worker's registry entry is
+        dropped. Every few seconds also the sweeps for what a dead worker or beat leaves behind: own queues
+        of workers no longer registered, and expired waiting entries. Returns jobs moved."""
+        now, moved = self.clock(), 0
+        for name, raw in self.r.hgetall(self.keys.workers()).items():
+            entry = json.loads(raw)
+            if entry["expires_at"] >= now:
+                continue
+            n = sum(self._reclaim(worker_queue(shared, name.decode()), shared)
+                    for shared in workload_queues(Workload(entry["workload"])))
+            self.r.hdel(self.keys.workers(), name)
+            log.warning("worker %s stopped heartbeating: dropped from the registry%s", name.decode(),
+                        f", {n} jobs passed to it moved back to the shared queues" if n else "")
+            moved += n
+        if time.monotonic() - self._last_sweep >= min(5.0, self.settings.lease_ttl_s):
+            self._last_sweep = time.monotonic()
+            moved += self.sweep_orphan_queues()
+            self.sweep_waiting()
+        if moved:
+            add_stats(self.r, self.keys, reclaimed_from_workers=moved)
+        return moved
+
+    def _reclaim(self, private: str, shared: str) -> int:
+        return int(self._reclaim_queue(keys=[private, shared], args=[private, shared]))
+
+    def sweep_orphan_queues(self) -> int:
+        """Own queues (`<workload>.<priority>@<worker>`) of workers not in the registry: a message restored
+        there after its worker's entry was dropped (kombu restores to the queue it was delivered from) would
+        wait forever. Moved back to their shared queue (SCAN, never KEYS). Returns messages moved."""
+        now = self.clock()
+        live = {n.decode() for n, raw in self.r.hgetall(self.keys.workers()).items()
+                if json.loads(raw)["expires_at"] >= now}
+        moved = 0
+        for w in Workload:
+            for name in self.r.scan_iter(match=f"{w.value}.*@*", count=1000, _type="list"):
+                queue = name.decode()
+                shared, _, worker = queue.partition("@")
+                if worker in live or shared not in workload_queues(w):
+                    continue
+                n = self._reclaim(queue, shared)
+                if n:
+                    log.warning("%d jobs on the queue of gone worker %s moved back to %s", n, worker, shared)
+                moved += n
+        return moved
+
+    def sweep_waiting(self) -> int:
+        """Interactive jobs waiting in a worker for VRAM (`waiting:vram`) whose entry outlived its expiry
+        (`expires_at`, else `since` + the allocation timeout + a lease TTL — past that, the worker that waits
+        is gone; a live one fails the job at the timeout): the job goes back to its queue, the entry leaves
+        (it would keep the GPU's background work paused). Entries of jobs no longer waiting leave too."""
+        now, s = time.time(), self.settings
+        swept = 0
+        for job_id_b, raw in self.r.hgetall(self.keys.waiting_vram()).items():
+            job_id = job_id_b.decode()
+            try:
+                entry = json.loads(raw)
+                expires = float(entry.get("expires_at") or
+                                float(entry["since"]) + s.allocation_timeout_s + s.lease_ttl_s)
+            except (ValueError, KeyError, TypeError):
+                expires = 0.0
+            if expires > now:
+                continue
+            ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}),
+                                              last_requeue="its worker stopped waiting for VRAM (gone)")
+            self.r.hdel(self.keys.waiting_vram(), job_id)
+            swept += 1
+            if ok:
+                enqueue(self.app, s, job_id, self.store.spec(job_id))
+                add_stats(self.r, self.keys, requeued_lost=1)
+                log.warning("job %s waited for VRAM in a worker that is gone: back on its queue", job_id)
+        return swept
+
+    def sweep_parked(self, parked: tuple[ParkedJob, ...]) -> None:
+        """Entries of jobs that are no longer waiting (started by a duplicate delivery, cancelled, expired)."""
+        if not parked:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for p in parked:
+            pipe.hget(self.keys.job(p.job_id), "state")
+            pipe.hget(self.keys.parked(), p.job_id)
+        replies = pipe.execute()
+        for p, state, raw in zip(parked, replies[::2], replies[1::2]):
+            live = state is not None and JobState(state.decode()) in parking.PARKABLE
+            if not live and raw is not None:
+                parking.drop(self.r, self.keys, p.job_id, raw)

@@ -1,0 +1,83 @@
+"""The layers, enforced: imports point down only.
+
+    broker   the Redis contract: settings, schemas, states, keys, Lua, job store, ledger, stats, budgets'
+             and histograms' records, the sim catalog, Celery app factory, transport, client
+    cache    the fragment cache (tiers, loader, index, peers)
+    workers  execution: Celery tasks, the run, its hooks, devices, backends
+    arbiter  the control plane (pressure, budgets, policy, world, beat, status, metrics)
+    apps     arbiter's programs: the CLI (the composition root), gateway, batch, bench, demo, stack
+
+A module may import from its own layer and the ones below it, never above — not at the top of the file,
+not lazily inside a function, not by a dotted string ("workers.celery_app", "pkg.mod:attr") handed to
+something that imports it. Logger names and Celery task names are not imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = ("broker", "cache", "workers", "arbiter", "apps")
+APPS = ("arbiter.cli", "arbiter.__main__", "arbiter.gateway", "arbiter.batch", "arbiter.bench", "arbiter.demo",
+        "arbiter.stack")
+DOTTED = re.compile(r"^(broker|cache|workers|arbiter)(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
+
+
+def layer(module: str) -> int:
+    if module.startswith(APPS) and any(module == a or module.startswith(a + ".") for a in APPS):
+        return LAYERS.index("apps")
+    return LAYERS.index(module.split(".")[0])
+
+
+def is_module(dotted: str) -> bool:
+    """A dotted string names one of our modules (not, say, a Celery task name like "arbiter.llm.generate")."""
+    base = ROOT.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) for every import and every dotted module string, except logger names."""
+    logger_args = {id(call.args[0]) for call in ast.walk(tree) if isinstance(call, ast.Call) and call.args
+                   and getattr(call.func, "attr", getattr(call.func, "id", "")) == "getLogger"}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in logger_args:
+            if DOTTED.match(node.value) and is_module(node.value.split(":")[0]):
+                out.append((node.lineno, node.value.split(":")[0]))
+    return [(line, m) for line, m in out if m.split(".")[0] in ("broker", "cache", "workers", "arbiter")]
+
+
+def sources() -> list[Path]:
+    return sorted(p for top in ("broker", "cache", "workers", "arbiter") for p in (ROOT / top).rglob("*.py"))
+
+
+def test_imports_point_down_only() -> None:
+    upward = []
+    for path in sources():
+        me = module_name(path)
+        for line, target in imported(ast.parse(path.read_text(), str(path))):
+            if layer(target) > layer(me):
+                upward.append(f"{path.relative_to(ROOT)}:{line}: {LAYERS[layer(me)]} module {me} imports "
+                              f"{target} ({LAYERS[layer(target)]})")
+    assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
+
+
+def test_the_check_sees_lazy_and_string_imports() -> None:
+    """The detector itself: a lazy import inside a function and a dotted string are both found."""
+    tree = ast.parse("def f():\n    from workers import simprofile\n"
+                     "APP = 'workers.celery_app'\nlog = logging.getLogger('arbiter.job')\n")
+    assert sorted(imported(tree)) == [(2, "workers"), (3, "workers.celery_app")]
+    assert layer("arbiter.cli") > layer("arbiter.beat") > layer("workers.runner") > layer("cache.tiers") \
+        > layer("broker.keys")

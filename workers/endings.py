@@ -1,0 +1,119 @@
+"""How a run ends, each in one atomic, fenced step in the job store (`JobStore.settle`, one Lua script):
+finished (result, output, step = total, state, lease and control together), failed or cancelled
+(`cleanup`), preempted (checkpoint, count, lease released, state preempted then queued — then a new
+message to the shared queue). A run that no longer owns the job (another run's fence) changes nothing.
+Each step rides out a full or restarting Redis (`broker.retry`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+from celery.exceptions import Ignore, Reject
+
+from broker.client import enqueue
+from broker.errors import Preempted
+from broker.histograms import record_job
+from broker.jobstore import Settled
+from broker.predictor import StepPredictor
+from broker.retry import redis_passing, retry_while
+from broker.schemas import JobResult, JobSpec, Priority
+from broker.states import JobState
+from broker.stats import add as add_stats
+from workers import flower
+from workers.ladders import Rung, rung_features
+from workers.runtime import Runtime
+
+log = logging.getLogger("arbiter.job")
+
+REDIS_RETRY_S = 600.0   # how long a run's end waits for Redis to take writes again (full, restarting)
+
+
+def settle(rt: Runtime, job_id: str, fence: int, what: str, **kw: Any) -> Settled:
+    """`JobStore.settle`, riding out a full or restarting Redis (retry with backoff, the lease renewed by the
+    heartbeat meanwhile). A refusal because another run owns the job is logged once and drops this run
+    (`Ignore`: its delivery is acknowledged, nothing is stored)."""
+    done = retry_while(lambda: rt.store.settle(job_id, fence=fence, gpu_id=rt.gpu_id, **kw), redis_passing, log,
+                       f"record job {job_id}'s {what}", REDIS_RETRY_S)
+    if not done.ok and done.refused_by == "fence":
+        log.warning("job %s: this run (fence %d) no longer owns the job (another run does): its %s is dropped",
+                    job_id, fence, what)
+        raise Ignore()
+    return done
+
+
+def cleanup(rt: Runtime, job_id: str, fence: int, to: JobState, **fields: Any) -> None:
+    """A run ends without a result (cancelled, failed): one fenced step — state, lease, control; a terminal
+    job's checkpoint goes with it."""
+    done = settle(rt, job_id, fence, to.value, states=(to,), finished_at=time.time(), **fields)
+    if not done.ok:
+        log.info("job %s not marked %s: it is %s", job_id, to.value, done.state.value if done.state else "gone")
+
+
+def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, job: dict[str, str],
+             predictor: StepPredictor, output: Any,
+              run_s: float, started_at: float) -> tuple[dict[str, Any], int]:
+    """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
+    lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
+    (another owns the job now) finishes nothing. Then, best effort, counters and the predictor; returns the
+    result's summary and how many jobs are parked (read in the same round trip)."""
+    d = job
+    result = JobResult(
+        job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
+        params=output.params, text=output.text, image_png=output.image_png, queued_at=float(d["queued_at"]),
+        started_at=float(d.get("started_at", started_at)), finished_at=time.time(),
+        preemptions=int(d.get("preemptions", 0)), runs=int(d.get("runs", 0)) + 1, worker=rt.worker,
+        gpu_id=rt.gpu_id,
+    )
+    w = spec.workload.value
+    done = settle(rt, job_id, fence, "result", states=(JobState.FINISHED,), allowed=frozenset({JobState.RUNNING}),
+                   output=result.image_png, result=json.dumps(result.summary()), finished_at=result.finished_at,
+                   step=rung.total_steps, total=rung.total_steps)
+    if not done.ok:  # cancelled in the very last moment: the cancel wins
+        log.info("job %s finished but is %s", job_id, done.state.value if done.state else "gone")
+        raise Ignore()
+    pipe = rt.redis.pipeline(transaction=False)
+    add_stats(rt.redis, rt.keys, pipe=pipe, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
+                                               "quality_reductions": int(rung.quality < 1.0)})
+    record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=pipe)
+    steps_run = rung.total_steps - output.resumed_from_step
+    if steps_run > 0:   # last writer wins among a worker's processes: fine for an online estimate
+        predictor.update(rung_features(rung), run_s * 1000 / steps_run)
+        pipe.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
+    if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
+        pipe.lpush(rt.keys.beat_wake(), "interactive done")
+        pipe.ltrim(rt.keys.beat_wake(), 0, 99)
+    pipe.hlen(rt.keys.parked())   # jobs parked for VRAM this run's lease may now make room for
+    parked = 0
+    try:
+        parked = int(pipe.execute()[-1])
+    except redis.RedisError as exc:   # the job is finished; only counters are lost
+        log.warning("job %s finished, but its counters were not recorded: %s", job_id, exc)
+    log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, w, spec.priority.value, rung.quality,
+             result.latency_s)
+    return result.summary(), parked
+
+
+def preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted, task: Any = None) -> None:
+    """vLLM's one guarded transition, as one fenced step: checkpoint, count, release the lease, state
+    preempted then queued; then a new message to the job's shared queue (never a worker's own queue, which
+    may have no live consumer) and this delivery is acknowledged. A crash in between leaves the old message
+    unacknowledged: delivered again later, it finds the job taken or finished and is dropped."""
+    quality = rt.store.r.hget(rt.keys.job(job_id), "quality")
+    fields: dict[str, Any] = {"checkpoint_quality": float(quality or 1.0)} if exc.checkpoint else {}
+    done = settle(rt, job_id, fence, "preemption", states=(JobState.PREEMPTED, JobState.QUEUED),
+                   checkpoint=exc.checkpoint or None, incr={"preemptions": 1}, **fields)
+    if not done.ok:
+        log.info("job %s could not be preempted: it is %s", job_id, done.state.value if done.state else "gone")
+        raise Ignore()
+    add_stats(rt.redis, rt.keys, preemptions=1)
+    log.info("job %s preempted at step %d: checkpointed, lease released, requeued (%s %s)", job_id, exc.step,
+             spec.workload.value, spec.priority.value)
+    if task is None:   # no Celery app to send with (a direct call): Celery puts the message back
+        raise Reject(str(exc), requeue=True)
+    enqueue(task.app, rt.settings, job_id, spec)
+    flower.waiting(task, JobState.QUEUED.value, f"preempted at step {exc.step}: checkpointed, back on {spec.queue}")
+    raise Ignore()
