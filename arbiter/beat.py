@@ -11,12 +11,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from arbiter.budgets import BudgetConfig, BudgetState
 from arbiter.policy import Decisions, PolicyConfig, World, plan
 from arbiter.sweeps import Sweeps
+from arbiter.world import GpuState
 from arbiter.world import read as read_world_snapshot
 from broker import parking
 from broker.app import create_app
@@ -24,6 +26,7 @@ from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Ledger
+from broker.policies import policy
 from broker.redis_server import connect
 from broker.settings import Settings
 from broker.states import RUNNING_STATES, JobState
@@ -38,7 +41,7 @@ return 0
 
 
 def policy_config(s: Settings) -> PolicyConfig:
-    on = s.policy == "arbiter"
+    on = policy(s.policy).arbitrate
     return PolicyConfig(
         budgets=BudgetConfig(pressure_threshold=s.pressure_threshold if on else 1e9,
                              recover_below=s.recover_below, step=s.budget_step,
@@ -61,6 +64,8 @@ class Beat:
         self.interactive_seen: dict[str, float] = {}
         self.plan_us: deque[float] = deque(maxlen=2000)
         self.ticks = 0
+        self._seen: dict[str, GpuState] = {}
+        self._workers: dict[str, dict[str, Any]] | None = None
         self._last_delivery_sweep = 0.0
         self.sweeps = Sweeps(self.r, self.keys, self.store, self.app, settings, clock)
 
@@ -141,6 +146,8 @@ class Beat:
     def read_world(self) -> World:
         now = self.clock()
         seen = read_world_snapshot(self.r, self.keys, now)
+        self._seen = {g.gpu_id: g for g in seen.gpus}   # what apply() compares against: no second read
+        self._workers = seen.workers
         leased = {x.field for g in seen.gpus for x in g.leases if x.kind == "job"}
         preempting = {j for g in seen.gpus for j, v in g.controls.items() if v.startswith("preempt")}
         return World(gpus=tuple(g.view for g in seen.gpus if g.view is not None),
@@ -170,7 +177,7 @@ class Beat:
         decisions = plan(world, self.cfg)
         self.plan_us.append((time.perf_counter() - t0) * 1e6)
         self.apply(world, decisions)
-        self.sweeps.reclaim_worker_queues()
+        self.sweeps.reclaim_worker_queues(self._workers)
         if time.monotonic() - self._last_delivery_sweep >= min(10.0, self.settings.lost_delivery_s / 3):
             self._last_delivery_sweep = time.monotonic()
             self.sweeps.restore_lost_deliveries()
@@ -179,50 +186,52 @@ class Beat:
         return decisions
 
     def apply(self, world: World, d: Decisions) -> None:
+        """The decisions, written in one pipelined round trip whatever the number of GPUs — budgets that
+        changed, controls that changed, counters — against what this tick read; then the rare per-job steps
+        (requeue a lost job, release a parked one)."""
         now = self.clock()
         pipe = self.r.pipeline(transaction=False)
         for gpu in world.gpus:
-            state = d.budgets[gpu.gpu_id]
-            pipe.hset(self.keys.budgets(gpu.gpu_id), mapping=state.budgets)
-            pipe.hincrbyfloat(self.keys.stats(), "pressure_sum", gpu.pressure.ratio)
-            pipe.hincrby(self.keys.stats(), "pressure_n", 1)
+            seen = self._seen.get(gpu.gpu_id)
+            want = d.budgets[gpu.gpu_id].budgets
+            if seen is None or any(abs(seen.budgets.get(k, -1.0) - v) > 1e-9 for k, v in want.items()):
+                pipe.hset(self.keys.budgets(gpu.gpu_id), mapping=want)
+            self._controls(pipe, gpu.gpu_id, d.controls.get(gpu.gpu_id, {}), seen.controls if seen else {}, now)
+        if world.gpus:
+            pipe.hincrbyfloat(self.keys.stats(), "pressure_sum", sum(g.pressure.ratio for g in world.gpus))
+            pipe.hincrby(self.keys.stats(), "pressure_n", len(world.gpus))
         for gpu_id, changed in d.budget_changes.items():
             log.info("budgets on %s (pressure %.2f): %s", gpu_id,
                      next(g.pressure.ratio for g in world.gpus if g.gpu_id == gpu_id),
                      ", ".join(f"{k} -> {d.budgets[gpu_id].budgets[k]:.2f}" for k in changed))
             pipe.hincrby(self.keys.stats(), "budget_changes", len(changed))
-        pipe.execute()
-        self.budgets = d.budgets
-        self.interactive_seen = d.interactive_seen
-        for gpu in world.gpus:
-            self._apply_controls(gpu.gpu_id, d.controls.get(gpu.gpu_id, {}), now)
         for gpu_id, job_id, reason in d.preempt:
             log.info("preempting job %s on %s: %s", job_id, gpu_id, reason)
         if d.preempt:
-            add_stats(self.r, self.keys, preemptions_requested=len(d.preempt))
+            add_stats(self.r, self.keys, pipe=pipe, preemptions_requested=len(d.preempt))
+        pipe.hset(self.keys.stats(), mapping={"plan_us_p99": self.plan_p99_us(), "beat_ticks": self.ticks})
+        pipe.execute()
+        self.budgets = d.budgets
+        self.interactive_seen = d.interactive_seen
         for job_id in d.requeue:
             self.requeue_lost(job_id)
         released = {job_id for job_id, _ in d.release}
         for job_id, why in d.release:
             self.release_parked(job_id, why)
         self.sweeps.sweep_parked(tuple(p for p in world.parked if p.job_id not in released))
-        self.r.hset(self.keys.stats(), mapping={"plan_us_p99": self.plan_p99_us(), "beat_ticks": self.ticks})
 
-    def _apply_controls(self, gpu_id: str, want: dict[str, str], now: float) -> None:
-        """Write the controls as '<action>:<since>:<stamp>': `since` when the action was first asked (the
-        preemption grace runs from it), `stamp` renewed every tick. A worker ignores a control whose stamp is
-        a few lease TTLs old, so a dead beat leaves no job paused for its whole outage."""
+    def _controls(self, pipe: Any, gpu_id: str, want: dict[str, str], have: dict[str, str], now: float) -> None:
+        """Controls as '<action>:<since>:<stamp>': `since` when the action was first asked (the preemption
+        grace runs from it), `stamp` renewed every tick. A worker ignores a control whose stamp is a few lease
+        TTLs old, so a dead beat leaves no job paused for its whole outage. `have`: as this tick read them."""
         key = self.keys.controls(gpu_id)
-        have = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, value in have.items():
+        for job_id in have:
             if job_id not in want:
                 pipe.hdel(key, job_id)
         for job_id, action in want.items():
             old_action, _, rest = have.get(job_id, "").partition(":")
             since = rest.partition(":")[0] if old_action == action and rest else repr(now)
             pipe.hset(key, job_id, f"{action}:{since}:{now!r}")
-        pipe.execute()
 
     def requeue_lost(self, job_id: str) -> None:
         """A job whose worker died: back to its queue with the same id; it resumes from its checkpoint. A

@@ -55,11 +55,11 @@ from broker.redis_server import connect
 from broker.schemas import PRIORITY_ORDER, GpuSnapshot, Workload, queue_name
 from broker.settings import Settings
 from broker.states import TERMINAL, JobState
+from broker.units import MIB
 from cache.status import collect as cache_collect
 
 log = logging.getLogger(__name__)
 
-MIB = 2**20
 
 HISTOGRAMS: dict[str, str] = {
     "job_queue_wait_seconds": "Seconds from submit to the job's first start.",

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 from celery import Celery
@@ -139,20 +140,22 @@ class Sweeps:
             add_stats(self.r, self.keys, deliveries_restored=sent)
         return sent
 
-    def reclaim_worker_queues(self) -> int:
+    def reclaim_worker_queues(self, workers: dict[str, dict[str, Any]] | None = None) -> int:
         """Jobs passed by affinity to a worker that has since died go back to the front of their shared
         queue (they have waited already), their routing rewritten to it; the dead worker's registry entry is
         dropped. Every few seconds also the sweeps for what a dead worker or beat leaves behind: own queues
-        of workers no longer registered, and expired waiting entries. Returns jobs moved."""
+        of workers no longer registered, and expired waiting entries. `workers`: the registry as the tick
+        just read it (`arbiter.world.Snapshot.workers`), else it is read here. Returns jobs moved."""
         now, moved = self.clock(), 0
-        for name, raw in self.r.hgetall(self.keys.workers()).items():
-            entry = json.loads(raw)
+        if workers is None:
+            workers = {n.decode(): json.loads(raw) for n, raw in self.r.hgetall(self.keys.workers()).items()}
+        for name, entry in workers.items():
             if entry["expires_at"] >= now:
                 continue
-            n = sum(self._reclaim(worker_queue(shared, name.decode()), shared)
+            n = sum(self._reclaim(worker_queue(shared, name), shared)
                     for shared in workload_queues(Workload(entry["workload"])))
             self.r.hdel(self.keys.workers(), name)
-            log.warning("worker %s stopped heartbeating: dropped from the registry%s", name.decode(),
+            log.warning("worker %s stopped heartbeating: dropped from the registry%s", name,
                         f", {n} jobs passed to it moved back to the shared queues" if n else "")
             moved += n
         if time.monotonic() - self._last_sweep >= min(5.0, self.settings.lease_ttl_s):

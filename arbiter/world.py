@@ -42,6 +42,7 @@ class Snapshot:
     queues: dict[str, int]                       # queue -> depth
     parked: tuple[ParkedJob, ...] = ()
     waiting_vram: dict[str, list[WaitingJob]] = field(default_factory=dict)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)   # registry: name -> entry (expired too)
 
     def queued(self) -> dict[str, int]:
         """workload -> jobs in its shared queues (improvement runs wait for an idle GPU: not counted)."""
@@ -127,10 +128,14 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
     # a malformed entry (a foreign writer, a half-upgraded deployment) is skipped, never fatal: the beat,
     # `arbiter status` and a metrics scrape must all keep going
     slots: dict[str, dict[str, int]] = {}
-    for raw in workers_raw.values():
+    workers: dict[str, dict[str, Any]] = {}
+    for name, raw in workers_raw.items():
         try:
             w = json.loads(raw)
-            if w["expires_at"] >= now:
+            if not isinstance(w["workload"], str):
+                continue
+            workers[_s(name)] = w
+            if float(w["expires_at"]) >= now:
                 per = slots.setdefault(w["gpu_id"], {})
                 per[w["workload"]] = per.get(w["workload"], 0) + int(w["concurrency"])
         except (ValueError, KeyError, TypeError):
@@ -172,4 +177,5 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
                                                     x.worker.rsplit("/", 1)[0], x.mib)   # holder -> worker
                                          for x in leases if x.kind == "job"))
         gpus.append(GpuState(g, snap, leases, _floats(_decode(budget_raw)), _decode(control_raw), view))
-    return Snapshot(now=now, gpus=tuple(gpus), queues=depths, parked=tuple(parked), waiting_vram=waiting)
+    return Snapshot(now=now, gpus=tuple(gpus), queues=depths, parked=tuple(parked), waiting_vram=waiting,
+                    workers=workers)

@@ -25,6 +25,8 @@ from broker.catalog import model_names
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
 from broker.keys import Keys
+from broker.policies import policy
+from broker.position import with_position
 from broker.redis_server import connect
 from broker.replication import confirm_replicated
 from broker.retry import redis_full
@@ -103,7 +105,7 @@ def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec
 def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec) -> None:
     """Send the job's message (task id = job id) to its queue. Under the `fifo` baseline policy every job
     of a workload goes to one queue, served in arrival order."""
-    queue = queue_name(job.workload, Priority.STANDARD) if settings.policy == "fifo" else job.queue
+    queue = job.queue if policy(settings.policy).priority_bands else queue_name(job.workload, Priority.STANDARD)
     app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")], task_id=job_id, queue=queue)
 
 
@@ -236,7 +238,9 @@ class JobHandle:
 
     @_translated
     def status(self) -> JobStatus:
-        return self.client.store.status(self.id)
+        """The job's state; a queued job's place, jobs ahead and ETA too (broker/position.py)."""
+        c = self.client
+        return with_position(c.redis, c.keys, c.settings, c.store.status(self.id))
 
     @_translated
     def events(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
@@ -251,7 +255,7 @@ class JobHandle:
                 yield event
                 if event.get("type") == "state" and JobState(event["state"]) in TERMINAL:
                     return
-            if not got and self.status().state in TERMINAL:  # stream expired or trimmed
+            if not got and store.status(self.id).state in TERMINAL:  # stream expired or trimmed
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise Timeout(f"job {self.id} still {self.status().state.value} after {timeout} s")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from broker.settings import Settings, get_settings
 from broker.states import JobState
+from broker.units import VRAM_RESERVE_FRACTION
 
 
 class Workload(StrEnum):
@@ -151,6 +152,12 @@ class JobStatus(BaseModel):
     finished_at: float | None = None
     waiting_for: str | None = None     # why a waiting job cannot run yet, in numbers
     improvement: str | None = None     # improve: true and finished below 1.0: "queued" or "done" (result v2)
+    # queued jobs only (broker/position.py): place in its band's list (1 = next to start), jobs that start
+    # before it, predicted seconds until it starts. position None with ahead set: more than `ahead` are ahead
+    # (the scan stopped at its cap) and eta_s is a lower bound
+    position: int | None = None
+    ahead: int | None = None
+    eta_s: float | None = None
 
     @property
     def done(self) -> bool:
@@ -265,7 +272,7 @@ class GpuSnapshot(BaseModel):
     resident: list[str] = Field(default_factory=list)   # "<worker>|<model>"
     jobs: list[GpuJob] = Field(default_factory=list)
     taken_at: float
-    reserve_fraction: float = 0.1
+    reserve_fraction: float = VRAM_RESERVE_FRACTION
 
     @property
     def usable_mib(self) -> int:

@@ -7,10 +7,12 @@ import os
 import socket
 import tempfile
 from functools import lru_cache
-from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.policies import PolicyName
+from broker.units import VRAM_RESERVE_FRACTION
 
 
 class Settings(BaseSettings):
@@ -41,7 +43,7 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(0.25, gt=0, description="How often workers publish GPU snapshots.")
 
     # The arbiter.
-    policy: Literal["arbiter", "priority", "fifo"] = Field(
+    policy: PolicyName = Field(
         "arbiter", description="arbiter: budgets, admission, preemption; priority: priority queues only; "
                                "fifo: one queue per workload, full quality, no admission (baselines)")
     beat_interval_s: float = Field(0.5, gt=0)
@@ -50,7 +52,7 @@ class Settings(BaseSettings):
     budget_step: float = Field(0.15, gt=0, le=1)
     contention_window_s: float = Field(5.0, ge=0, description="Interactive work seen on a GPU this recently "
                                        "still counts as contention: lower-priority budgets keep dropping.")
-    vram_reserve_fraction: float = Field(0.1, ge=0, lt=1, description="usable VRAM = total x (1 - this)")
+    vram_reserve_fraction: float = Field(VRAM_RESERVE_FRACTION, ge=0, lt=1, description="usable VRAM = total x (1 - this)")
     lease_ttl_s: float = Field(6.0, gt=0, description="A lease not renewed for this long is reclaimed.")
     allocation_timeout_s: float = Field(10.0, ge=0, description="How long an interactive job waits for VRAM.")
     preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "

@@ -25,6 +25,10 @@ class JobTask(Task):
     """Base task: no Celery-level retries (Arbiter requeues on its own terms), errors with clear text."""
 
     max_retries = 0
+    # The job record holds the running state (and states Celery has no word for); Flower learns STARTED from
+    # the task-started event. Writing STARTED to Celery's result backend as well cost two round trips per
+    # job (`arbiter bench dispatch`), so only the final result goes there.
+    track_started = False
     acks_late = True
     reject_on_worker_lost = True
     typing = False   # a malformed message reaches the task and is rejected with a reason, not a TypeError

@@ -13,9 +13,8 @@ import redis
 
 from broker.keys import Keys
 from broker.schemas import GpuSnapshot
+from broker.units import MIB, VRAM_RESERVE_FRACTION
 from workers.nvml import load_nvml, parse_device
-
-MIB = 1 << 20
 
 
 class DeviceError(ValueError):
@@ -24,7 +23,7 @@ class DeviceError(ValueError):
 
 class RealDevice:
     def __init__(self, r: redis.Redis, keys: Keys, spec: str, node: str, cpu_budget_mib: int,
-                 reserve_fraction: float = 0.1) -> None:
+                 reserve_fraction: float = VRAM_RESERVE_FRACTION) -> None:
         self.r, self.keys, self.reserve_fraction = r, keys, reserve_fraction
         self.time_scale = 1.0
         index = parse_device(spec)

@@ -108,6 +108,10 @@ class ControlHook(Hook):
         return bool(cancel), action
 
     def after_step(self, ctx: RunContext, info: StepInfo) -> None:
+        if info.step >= info.total:
+            # the run's end is next, one fenced step that loses to a cancel or another owner already applied;
+            # a control read here would only cost a round trip per job (nothing is left to preempt)
+            return
         cancel, action = self._read(ctx.job_id)
         if not cancel and action == "pause":
             cancel, action = self._pause(ctx, info)

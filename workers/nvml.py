@@ -11,9 +11,9 @@ import time
 from typing import Any, Protocol
 
 from broker.schemas import GpuSnapshot
+from broker.units import MIB, VRAM_RESERVE_FRACTION
 
 log = logging.getLogger(__name__)
-MIB = 1024 * 1024
 
 
 class Telemetry(Protocol):
@@ -37,7 +37,7 @@ def load_nvml() -> Any | None:
 class NvmlTelemetry:
     """One CUDA device seen through NVML (`nvmlDeviceGetMemoryInfo` costs ~10 µs)."""
 
-    def __init__(self, nvml: Any, index: int, node: str, reserve_fraction: float = 0.1) -> None:
+    def __init__(self, nvml: Any, index: int, node: str, reserve_fraction: float = VRAM_RESERVE_FRACTION) -> None:
         self.nvml, self.index, self.reserve_fraction = nvml, index, reserve_fraction
         self.handle = nvml.nvmlDeviceGetHandleByIndex(index)
         self.gpu_id = f"{node}:{index}"
@@ -55,7 +55,7 @@ class NvmlTelemetry:
                            reserve_fraction=self.reserve_fraction)
 
 
-def detect_gpus(node: str, reserve_fraction: float = 0.1, nvml: Any | None = None) -> list[NvmlTelemetry]:
+def detect_gpus(node: str, reserve_fraction: float = VRAM_RESERVE_FRACTION, nvml: Any | None = None) -> list[NvmlTelemetry]:
     """Every CUDA device NVML reports on this node ([] when NVML is absent)."""
     nvml = nvml or load_nvml()
     if nvml is None:

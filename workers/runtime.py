@@ -21,6 +21,7 @@ from broker.catalog import registry
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Lease, Ledger, weights_in
+from broker.policies import policy
 from broker.redis_server import connect
 from broker.registry import REAL_BACKENDS, Registry
 from broker.schemas import Workload
@@ -184,7 +185,7 @@ class Runtime:
 
     @property
     def admission(self) -> bool:
-        return self.settings.policy == "arbiter"
+        return policy(self.settings.policy).admission
 
     @property
     def capacity_mib(self) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MIB = 1 << 20
+from broker.units import MIB
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,79 @@ def affinity_table(console: Console, data: dict[str, Any]) -> None:
             t.add_row(label, *(f"{r['finished']} / {r['failed']}" for r in data["runs"]))
     console.print(t)
     console.print(f"loads saved by affinity: {data['loads_saved']} ({_f(data['loads_ratio'])}× fewer)")
+
+
+def scale_table(console: Console, data: dict[str, Any]) -> None:
+    rows = data["control_plane"]
+    t = Table(title=f"scale: the beat alone, {data['ticks']} ticks back to back per size, "
+                    f"{data['gpus_per_node']} sim GPUs per node, 2 workers and 2 running jobs per GPU")
+    for col in ("GPUs (nodes)", "tick p50 / p99 ms", "plan p50 / p99 ms", "read world ms", "round trips/tick",
+                "commands/tick", "KB/tick", "Redis CPU ms/tick", "tick ms per GPU"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(f"{r['gpus']} ({r['nodes']})", f"{_f(r['tick_p50_ms'], 1)} / {_f(r['tick_p99_ms'], 1)}",
+                  f"{_f(r['plan_p50_ms'])} / {_f(r['plan_p99_ms'])}", _f(r["read_world_p50_ms"], 1),
+                  _f(r["round_trips_per_tick"], 0), _f(r["commands_per_tick"], 0),
+                  _f(r["bytes_per_tick"] / 1024, 1), _f(r["redis_usec_per_tick"] / 1000, 2),
+                  _f(r["tick_p50_ms"] / r["gpus"], 2))
+    console.print(t)
+    if any(r["sweeps_in_loop"] for r in rows):
+        console.print("note: the periodic sweeps fired inside the timed ticks of "
+                      f"{', '.join(str(r['gpus']) for r in rows if r['sweeps_in_loop'])} GPUs (the loop outlasted 5 s)")
+    v = data["verdict"]
+    growth = ", ".join(f"{k.removesuffix('_per_tick').removesuffix('_ms')} {x:.2f}×"
+                       for k, x in v["per_gpu_cost_ratio"].items())
+    if growth:
+        console.print(f"cost per GPU at {v['to_gpus']} vs {v['from_gpus']} GPUs (≤ 1.00× = linear or better): {growth}")
+    for name, g in v["goals"].items():
+        console.print(f"goal {name} ≤ {g['goal']}: measured {g['measured']} — {'met' if g['met'] else 'NOT met'}")
+    top = rows[-1]
+    sw = ", ".join(f"{k} {x['ms']:.1f} ms / {x['commands']} commands" for k, x in top["sweeps"].items())
+    console.print(f"periodic sweeps at {top['gpus']} GPUs (every 5-10 s, not in the ticks above): {sw}")
+    d = Table(title="dispatch: no-op jobs through one Redis, N single-process workers, burst "
+                    f"{data['dispatch'][0]['burst'] if data['dispatch'] else 0}")
+    for col in ("workers", "jobs/s", "submits/s", "Redis commands/job", "KB/job"):
+        d.add_column(col, justify="right")
+    for r in data["dispatch"]:
+        d.add_row(str(r["workers"]), _f(r["jobs_per_s"], 0), _f(r["submits_per_s"], 0),
+                  _f(r["redis_commands_per_job"], 0), _f(r["redis_bytes_per_job"] / 1024, 1))
+    console.print(d)
+    console.print(data["note"])
+
+
+def scale_plot(path: Path, data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = data["control_plane"]
+    gpus = [r["gpus"] for r in rows]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    a.plot(gpus, [r["tick_p50_ms"] for r in rows], "o-", label="tick p50")
+    a.plot(gpus, [r["tick_p99_ms"] for r in rows], "o--", label="tick p99")
+    a.plot(gpus, [r["plan_p50_ms"] for r in rows], "s-", label="plan() p50")
+    for g, goal in ((64, 50.0), (256, 200.0)):
+        a.plot([g], [goal], "kv", label="goal (p99)" if g == 64 else None)
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("sim GPUs")
+    a.set_ylabel("ms")
+    a.set_title("beat tick cost")
+    a.legend(fontsize=8)
+    b.plot(gpus, [r["round_trips_per_tick"] for r in rows], "o-", label="round trips")
+    b.plot(gpus, [r["commands_per_tick"] for r in rows], "s-", label="commands")
+    b.plot(gpus, [r["bytes_per_tick"] / 1024 for r in rows], "^-", label="KB")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("sim GPUs")
+    b.set_title("Redis traffic per tick")
+    b.legend(fontsize=8)
+    ws = [str(r["workers"]) for r in data["dispatch"]]
+    c.bar(ws, [r["jobs_per_s"] for r in data["dispatch"]])
+    c.set_xlabel("no-op worker processes (one Redis, 2-core box)")
+    c.set_title("dispatch, jobs/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -114,4 +114,32 @@ def bench_affinity(
     _finish(data, json_path, None)
 
 
+@app.command("scale")
+def bench_scale(
+    sizes: Annotated[str, typer.Option(help="Comma-separated cluster sizes in sim GPUs (8 per node).")] = "1,8,64,256",
+    ticks: Annotated[int, typer.Option(help="Beat ticks timed per size.")] = 50,
+    workers: Annotated[str, typer.Option(help="Comma-separated no-op worker counts for dispatch ('' to skip).")] = "1,2,4",
+    burst: Annotated[int, typer.Option(help="No-op jobs per dispatch burst.")] = 300,
+    json_path: JsonOpt = None,
+    plot_path: PlotOpt = None,
+) -> None:
+    """The control plane's cost at 1..256 GPUs (the real beat on a written world) and dispatch through one Redis."""
+    from arbiter.bench.report import scale_plot, scale_table
+    from arbiter.bench.scale import run_scale
+
+    data = run_scale(_ints(sizes), ticks, _ints(workers), burst, LOGS)
+    scale_table(console, data)
+    _finish(data, json_path, None)
+    if plot_path:
+        scale_plot(plot_path, data)
+        console.print(f"[dim]written: {plot_path}[/dim]")
+
+
+def _ints(csv: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in csv.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated whole numbers, got {csv!r}") from None
+
+
 app.command("gpu")(gpu_command)

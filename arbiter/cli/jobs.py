@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from arbiter.cli.common import console, err, open_client, print_result
+from broker.position import describe, job_queue
 from broker.schemas import Priority, Workload
 from broker.settings import get_settings
 
@@ -110,6 +111,9 @@ def _job_table(st):
         rows.append(("waited / ran", f"{st.started_at - st.queued_at:.3f} s / {end - st.started_at:.3f} s"))
     if st.waiting_for:
         rows.insert(2, ("waiting for", st.waiting_for))
+    if st.ahead is not None:   # queued: "queued: 3rd in llm.standard, 12 jobs ahead, ETA ~40 s"
+        band = job_queue(st.workload, st.priority, None, get_settings())
+        rows[1] = ("state", f"{st.state.value}: {describe(st.position, st.ahead, st.eta_s, band)}")
     if st.improvement:
         rows.append(("improvement", "done: the result is version 2, at full quality" if st.improvement == "done"
                      else "queued: redone at full quality when the GPU would otherwise idle"))

@@ -19,13 +19,13 @@ from typing import Any
 
 from broker.registry import Registry, Variant
 from broker.settings import Settings
+from broker.units import MIB
 from cache.loader import FragmentCache
 from cache.manifest import Manifest, manifest_for
 from cache.mapped import map_files, torch_tensors
 from cache.origin import LocalOrigin
 
 log = logging.getLogger(__name__)
-MIB = 1 << 20
 
 
 def split_variant(variant: str) -> tuple[str, str]:

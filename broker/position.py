@@ -1,0 +1,277 @@
+"""Where a queued job stands: its place in its band, the jobs that start before it, and when it should start.
+
+Celery's queues are kombu's Redis lists: a message is LPUSHed onto the list named after its queue and a
+worker BRPOPs from the right end, so the oldest message sits at index -1 (place 1 = next to start). Arbiter
+sends no per-message priority, so each queue is that one list (kombu's `<queue>\\x06\\x16<n>` lists for
+priorities 3/6/9 stay empty). A message is a JSON envelope whose `headers.id` is the task id = the job id.
+
+A worker drains its workload's lists in a fixed order (`broker.app.workload_queues`): strongest band
+first, and within a band its own `<queue>@<worker>` list (jobs passed to it by affinity) before the shared
+one. So the jobs ahead of a job are every list any worker drains before the job's list, plus those nearer
+the right end of its own list; the slots are the worker processes that can take it (every live worker of
+the workload, or the one worker whose own list holds it). The ETA is the predicted wait until it starts:
+
+    eta_s = (ahead + 1) × service_s ÷ slots
+
+(with every slot busy, the job starts once `ahead + 1` jobs have finished across the slots). The service
+time is the workers' predictor (`broker.predictor`, ms per step × the request's steps at full quality),
+or before any prediction the mean duration in the workload's histograms (`broker.histograms`).
+
+Pure maths first, then one reader (`read_position`: two pipelined round trips, plus one per further chunk
+of a long list, capped at `SCAN_CAP` messages) and `with_position` for `JobStatus`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from broker import simcatalog
+from broker.app import shared_queue, workload_queues
+from broker.catalog import registry
+from broker.histograms import histogram_key
+from broker.keys import Keys
+from broker.policies import policy
+from broker.predictor import StepPredictor, features
+from broker.schemas import PRIORITY_ORDER, JobSpec, JobStatus, Priority, Workload, improve_queue, queue_name
+from broker.settings import Settings
+from broker.states import JobState
+
+SCAN_CAP = 10_000    # messages of the job's own list searched at most; beyond: "more than N ahead"
+CHUNK = 1_000        # messages per further LRANGE
+FIRST_CHUNK = 100    # messages in the first LRANGEs (most waiting jobs are near the front; ~1.5 KB each)
+
+
+@dataclass(frozen=True)
+class Position:
+    queue: str                 # the list the job's message waits in
+    place: int | None          # 1 = next to start from that list; None: deeper than the scan cap
+    ahead: int                 # jobs that start before it; a lower bound when place is None
+    slots: int                 # worker processes that can take it
+    service_s: float | None    # predicted run time of one job like it
+    eta_s: float | None        # predicted seconds until it starts; a lower bound when place is None
+
+    @property
+    def beyond_cap(self) -> bool:
+        return self.place is None
+
+
+# -- pure ---------------------------------------------------------------------------------------------
+def message_id(raw: bytes) -> str | None:
+    """The task id of a kombu message (`headers.id`), or None for anything else."""
+    try:
+        headers = json.loads(raw).get("headers") or {}
+        return str(headers["id"]) if "id" in headers else None
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def place_in_chunk(chunk: Sequence[bytes], job_id: str, skipped: int) -> int | None:
+    """The job's place (1 = the right end) in a list, from one LRANGE reply (left to right) of the slice
+    that ends `skipped` messages from the right end; None if its message is not in the chunk."""
+    needle = job_id.encode()
+    for i in range(len(chunk) - 1, -1, -1):   # oldest first
+        if needle in chunk[i] and message_id(chunk[i]) == job_id:
+            return skipped + len(chunk) - i
+    return None
+
+
+def lists_before(workload: Workload, queue: str, workers: Sequence[str]) -> list[str]:
+    """The lists some worker of the workload drains before `queue` (a shared queue or a worker's own
+    `<queue>@<worker>`), each once: strict priority across bands, a worker's own list before the shared
+    one."""
+    if "@" in queue:
+        order = workload_queues(workload, queue.partition("@")[2])
+        return order[:order.index(queue)]
+    out: dict[str, None] = {}
+    for w in workers or [None]:
+        order = workload_queues(workload, w)
+        out.update(dict.fromkeys(order[:order.index(queue)]))
+    return list(out)
+
+
+def jobs_ahead(place: int, depths_before: Sequence[int]) -> int:
+    """Jobs that start before the one at `place` in its list: every list drained before it, whole, and
+    the `place - 1` messages nearer the right end of its own."""
+    return sum(depths_before) + place - 1
+
+
+def eta_s(ahead: int, service_s: float | None, slots: int) -> float | None:
+    """Predicted seconds until the job starts: `ahead + 1` jobs finish across `slots` busy slots."""
+    if service_s is None or slots <= 0:
+        return None
+    return (ahead + 1) * service_s / slots
+
+
+def live_slots(workers_raw: Mapping[Any, Any], workload: str, now: float) -> dict[str, int]:
+    """Worker name -> processes, for the workload's workers whose registration has not expired (entries as
+    `workers.runtime` registers them; a malformed one is skipped)."""
+    out = {}
+    for name, raw in workers_raw.items():
+        try:
+            e = json.loads(raw)
+            if e["workload"] == workload and float(e["expires_at"]) >= now:
+                out[_s(name)] = int(e["concurrency"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def request_shape(spec: JobSpec, weights_mib: int | None) -> tuple[list[float] | None, int]:
+    """The predictor's features of the job at full quality and its steps (denoising steps or new tokens);
+    features None for an llm job whose model's weight size is unknown."""
+    if spec.workload is Workload.DIFFUSION:
+        return features("diffusion", {"width": spec.width, "height": spec.height}), int(spec.steps or 0)
+    x = None if weights_mib is None else features("llm", {"weights_mib": weights_mib})
+    return x, int(spec.max_new_tokens or 0)
+
+
+def service_time_s(predictors: Sequence[Mapping[str, Any]], x: list[float] | None, steps: int,
+                   duration_sum_s: float, duration_count: int) -> float | None:
+    """One job's predicted run time: the mean over the workers' predictors (ms per step × steps), or the
+    mean recorded duration when no predictor has seen a job yet; None when neither knows anything."""
+    if x is not None and steps > 0:
+        per_step = [ms for p in predictors if (ms := StepPredictor.from_dict(p).predict_ms(x)) is not None]
+        if per_step:
+            return sum(per_step) / len(per_step) * steps / 1000
+    if duration_count > 0:
+        return duration_sum_s / duration_count
+    return None
+
+
+def recorded_durations(hists: Sequence[Sequence[Any]], own: int) -> tuple[float, int]:
+    """(sum s, count) of finished jobs' durations from the bands' `sum`/`count` histogram fields: the job's
+    own band (index `own`) when it has any, else the whole workload's."""
+    def pair(h: Sequence[Any]) -> tuple[float, int]:
+        return float(h[0] or 0), int(h[1] or 0)
+
+    if pair(hists[own])[1] > 0:
+        return pair(hists[own])
+    return sum(pair(h)[0] for h in hists), sum(pair(h)[1] for h in hists)
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def describe(position: int | None, ahead: int | None, eta: float | None, queue: str) -> str:
+    """`3rd in llm.standard, 12 jobs ahead, ETA ~40 s` (`more than 10000 jobs ahead in ...` past the cap)."""
+    if ahead is None:
+        return ""
+    if position is None:
+        text = f"more than {ahead} jobs ahead in {queue}"
+        return text + (f", ETA over ~{eta:.0f} s" if eta is not None else "")
+    text = f"{ordinal(position)} in {queue}, {ahead} job{'' if ahead == 1 else 's'} ahead"
+    return text + (f", ETA ~{eta:.0f} s" if eta is not None else ", ETA unknown (no worker or no timing yet)")
+
+
+# -- mechanism ----------------------------------------------------------------------------------------
+def job_queue(workload: Workload, priority: Priority, improves: str | None, settings: Settings) -> str:
+    """The shared queue a job is sent to (as `broker.client.enqueue` routes it; improvement runs below
+    background)."""
+    if not policy(settings.policy).priority_bands:
+        return queue_name(workload, Priority.STANDARD)
+    return improve_queue(workload) if improves else queue_name(workload, priority)
+
+
+def full_quality_weights_mib(spec: JobSpec, settings: Settings) -> int | None:
+    """The weight size of the model variant an llm job runs at full quality (the predictor's feature)."""
+    reg = registry(settings)
+    if reg is not None:
+        model = reg.model(spec.model) if spec.model in reg.models else None
+        return model.variants[model.ladder[0].variant].weights_mib if model else None
+    ladder = simcatalog.LLM_MODELS.get(spec.model or simcatalog.model_names(Workload.LLM)[0])
+    return simcatalog.LLM_VARIANTS[ladder[0][1]].weights_mib if ladder else None
+
+
+def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, workload: Workload,
+                  priority: Priority, now: float | None = None, cap: int = SCAN_CAP,
+                  chunk: int = CHUNK) -> Position | None:
+    """The job's position, read from Redis in two pipelined round trips (plus one per further chunk of a
+    list longer than `chunk`); None when its message is in none of the lists (taken by a worker, in flight,
+    parked outside the queues) or its record is gone."""
+    now = time.time() if now is None else now
+    wl, bands = workload, workload_queues(workload)
+    guess = job_queue(workload, priority, None, settings)   # the spec may say otherwise (improvement runs)
+    # round trip 1: the spec, workers, the shared lists' depths, the durations recorded, the first chunk
+    pipe = r.pipeline(transaction=False)
+    pipe.hget(keys.job(job_id), "spec")
+    pipe.hgetall(keys.workers())
+    for q in bands:
+        pipe.llen(q)
+    for p in PRIORITY_ORDER:
+        pipe.hmget(histogram_key(keys, "job_duration_seconds", wl.value, p.value), "sum", "count")
+    pipe.lrange(guess, -min(chunk, FIRST_CHUNK), -1)
+    raw_spec, workers_raw, *rest = pipe.execute()
+    if raw_spec is None:
+        return None
+    spec = JobSpec.model_validate_json(raw_spec, context={"settings": settings})
+    queue = job_queue(wl, spec.priority, spec.improves, settings)
+    depth = dict(zip(bands, (int(n) for n in rest[:len(bands)])))
+    hists = rest[len(bands):len(bands) + len(PRIORITY_ORDER)]
+    first = rest[-1] if queue == guess else []
+    slots = live_slots(workers_raw, wl.value, now)
+    names = sorted(slots)
+    own_lists = [q for w in names for q in workload_queues(wl, w) if "@" in q]
+    own_band = [q for q in own_lists if shared_queue(q) == queue]
+    # round trip 2: the workers' predictors, their own lists' depths, and the job's band in their own lists
+    pipe = r.pipeline(transaction=False)
+    for w in names:
+        pipe.get(keys.predictor(w, wl.value))
+    for q in own_lists:
+        pipe.llen(q)
+    for q in own_band:
+        pipe.lrange(q, -min(chunk, FIRST_CHUNK), -1)
+    replies = pipe.execute()
+    predictors = [json.loads(p) for p in replies[:len(names)] if p]
+    depth.update(zip(own_lists, (int(n) for n in replies[len(names):len(names) + len(own_lists)])))
+    where, place = queue, place_in_chunk(first, job_id, 0)
+    for q, got in zip(own_band, replies[len(names) + len(own_lists):]):
+        if place is None and (found := place_in_chunk(got, job_id, 0)) is not None:
+            where, place = q, found
+    if place is None:
+        place, scanned = _scan(r, queue, job_id, len(first), min(depth[queue], cap), chunk)
+        if place is None and scanned < cap:
+            return None
+    before = [depth.get(q, 0) for q in lists_before(wl, where, names)]
+    n_slots = slots.get(where.partition("@")[2], 0) if "@" in where else sum(slots.values())
+    ahead = jobs_ahead(place, before) if place is not None else sum(before) + cap
+    weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
+    x, steps = request_shape(spec, weights)
+    recorded = recorded_durations(hists, PRIORITY_ORDER.index(spec.priority))
+    service = service_time_s(predictors, x, steps, *recorded)
+    return Position(where, place, ahead, n_slots, service, eta_s(ahead, service, n_slots))
+
+
+def _scan(r: redis.Redis, queue: str, job_id: str, skipped: int, until: int,
+          chunk: int) -> tuple[int | None, int]:
+    """Search the list from `skipped` messages off its right end up to `until`, one LRANGE of `chunk` per
+    round trip: (the job's place or None, how far the search got)."""
+    while skipped < until:
+        got = r.lrange(queue, -(skipped + min(chunk, until - skipped)), -(skipped + 1))
+        if not got:
+            break
+        if (place := place_in_chunk(got, job_id, skipped)) is not None:
+            return place, skipped + len(got)
+        skipped += len(got)
+    return None, skipped
+
+
+def with_position(r: redis.Redis, keys: Keys, settings: Settings, status: JobStatus) -> JobStatus:
+    """`status` with `position`, `ahead` and `eta_s` filled in when the job is queued (else as it is)."""
+    if status.state is not JobState.QUEUED:
+        return status
+    pos = read_position(r, keys, settings, status.job_id, status.workload, status.priority)
+    if pos is None:
+        return status
+    eta = None if pos.eta_s is None else round(pos.eta_s, 3)
+    return status.model_copy(update={"position": pos.place, "ahead": pos.ahead, "eta_s": eta})
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
