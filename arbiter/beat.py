@@ -153,7 +153,8 @@ class Beat:
         return World(gpus=tuple(g.view for g in seen.gpus if g.view is not None),
                      queued_interactive=seen.queued_interactive(), budgets=dict(self.budgets),
                      preempting=frozenset(preempting), lost=tuple(self._lost(leased, now)),
-                     queued=seen.queued(), parked=seen.parked, now=now, interactive_seen=dict(self.interactive_seen))
+                     queued=seen.queued(), parked=seen.parked, now=now, interactive_seen=dict(self.interactive_seen),
+                     preempt_queues=seen.preempt_queues())
 
     def _lost(self, leased: set[str], now: float) -> list[str]:
         """Jobs in a running state that hold no live lease and have not changed for a lease TTL: their

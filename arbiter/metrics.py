@@ -74,6 +74,8 @@ COUNTERS: dict[str, str] = {
     "ooms": "Simulated or real out-of-memory errors.",
     "requeued_lost": "Running jobs whose lease vanished (worker lost), requeued by the beat.",
     "deadline_shed": "Jobs failed because their deadline passed before they could start.",
+    "shed_at_submit": "Jobs refused at submit (Overloaded, HTTP 429): their band's predicted wait was over "
+                      "their deadline_s or the band's maximum wait.",
     "quality_reductions": "Jobs finished below quality 1.0.",
     "allocations_ok": "VRAM leases granted.",
     "allocations_failed": "VRAM lease requests refused.",
@@ -186,9 +188,11 @@ class ArbiterCollector(Collector):
         aff_depths = [next(it) for _ in affinity]
         states = [next(it) for _ in job_ids]
 
-        seen = {g.gpu_id: g.pressure for g in read_world(self.r, self.keys, time.time(), gpu_ids).gpus if g.pressure}
+        world = read_world(self.r, self.keys, time.time(), gpu_ids)
+        seen = {g.gpu_id: g.pressure for g in world.gpus if g.pressure}
         yield from self._gpus(gpu_ids, snaps_raw if isinstance(snaps_raw, list) else [], per_gpu, seen)
         yield from self._queues(queues, depths, affinity, aff_depths, by_workload)
+        yield from _queue_controls(queues, world.queue_controls)
         yield from self._jobs(states, live_n)
         yield from self._stats(_hash(stats_raw))
         yield from self._histograms(hist_keys, hists)
@@ -322,6 +326,19 @@ class ArbiterCollector(Collector):
                     if v.get(field) is not None:
                         fam.add_metric([node, tier], v[field])
         yield from (hits, misses, loaded, used, budget, frags)
+
+
+def _queue_controls(queues: list[str], controls: dict[str, Any]) -> Iterator[Metric]:
+    """Operators' controls (`arbiter queue pause|drain`): 1 while a queue is paused / draining, else 0."""
+    paused = GaugeMetricFamily("arbiter_queue_paused", "1 while an operator has the queue paused "
+                               "(nothing new starts from it).", labels=["queue"])
+    draining = GaugeMetricFamily("arbiter_queue_draining", "1 while an operator has the queue draining "
+                                 "(new submits refused).", labels=["queue"])
+    for q in queues:
+        state = getattr(controls.get(q), "state", "running")
+        paused.add_metric([q], float(state == "paused"))
+        draining.add_metric([q], float(state == "draining"))
+    yield from (paused, draining)
 
 
 def registry_for(r: redis.Redis, keys: Keys) -> CollectorRegistry:

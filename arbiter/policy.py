@@ -59,6 +59,7 @@ class World:
     parked: tuple[ParkedJob, ...] = ()
     now: float = 0.0
     interactive_seen: dict[str, float] = field(default_factory=dict)   # gpu id -> last time interactive work was there
+    preempt_queues: frozenset[str] = frozenset()   # queues an operator paused with --preempt: their jobs stop
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def yielding_jobs(gpu: GpuView, interactive_waiting: bool) -> list[RunningJob]:
             and not (j.workload == "llm" and j.worker in batched)]
 
 
-def demand(gpu: GpuView, world: World, cfg: PolicyConfig) -> Demand:
+def demand(gpu: GpuView, world: World, cfg: PolicyConfig, placed: Placement | None = None) -> Demand:
     """The budget signal of one GPU: its pressure, whether it is idle, whether interactive work is there,
     and the quality jobs parked for a budget on its workloads wait for."""
     workloads = set(gpu.slots) or {j.workload for j in gpu.running}
@@ -122,15 +123,56 @@ def demand(gpu: GpuView, world: World, cfg: PolicyConfig) -> Demand:
     idle = not gpu.running and not gpu.waiting_vram and not parked and gpu.pressure.demand_mib == 0 and not queued
     backlog = any(j.priority != INTERACTIVE for j in gpu.running) or bool(parked) or queued > queued_interactive
     seen = world.interactive_seen.get(gpu.gpu_id)
-    contended = interactive_now(gpu, world) or (seen is not None and world.now - seen < cfg.contention_window_s)
+    placed = place_queued_interactive(world) if placed is None else placed
+    contended = interactive_now(gpu, placed) or (seen is not None and world.now - seen < cfg.contention_window_s)
     return Demand(pressure=gpu.pressure.ratio, idle=idle, contended=contended, backlog=backlog, wanted=wanted)
 
 
-def interactive_now(gpu: GpuView, world: World) -> bool:
-    """Interactive work running, waiting for VRAM, or queued for one of this GPU's workloads."""
+def interactive_now(gpu: GpuView, placed: Placement) -> bool:
+    """Interactive work running, waiting for VRAM or in a worker's reserve here, or queued and placed here."""
     return any(j.priority == INTERACTIVE for j in gpu.running) or \
         any(w.priority == INTERACTIVE for w in gpu.waiting_vram) or any(gpu.reserved_interactive.values()) or \
-        any(world.queued_interactive.get(w, 0) > 0 for w in gpu.slots)
+        placed.here(gpu.gpu_id)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the interactive jobs queued now will run (gpu id -> workload -> jobs): `free`, on a slot free
+    now (a worker there takes the message as soon as it asks); `preempt`, on a slot a preemption frees."""
+
+    free: dict[str, dict[str, int]] = field(default_factory=dict)
+    preempt: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def here(self, gpu_id: str) -> bool:
+        return any(self.free.get(gpu_id, {}).values()) or any(self.preempt.get(gpu_id, {}).values())
+
+
+def place_queued_interactive(world: World) -> Placement:
+    """A queued interactive job acts on one GPU only, the one it will run on: a GPU with a free slot of its
+    workload first (nothing is preempted or paused anywhere), else a GPU where a background or standard job
+    of that workload can be preempted — the one with the most such jobs first, so the fewest GPUs are
+    touched (ties by id). Jobs with nowhere to go are left unplaced (they wait their turn)."""
+    out = Placement()
+    gpus = sorted(world.gpus, key=lambda g: g.gpu_id)
+    for workload, n in sorted(world.queued_interactive.items()):
+        live = {g.gpu_id: [j for j in g.running if j.workload == workload and j.job_id not in world.preempting]
+                for g in gpus}
+        for g in gpus:
+            free = g.slots.get(workload, 0) - len(live[g.gpu_id]) - g.reserved_interactive.get(workload, 0)
+            take = min(max(0, free), n)
+            if take:
+                out.free.setdefault(g.gpu_id, {})[workload] = take
+                n -= take
+        ranked = sorted(gpus, key=lambda g: (-sum(j.priority in VICTIM_ORDER for j in live[g.gpu_id]), g.gpu_id))
+        for g in ranked:
+            if n <= 0:
+                break
+            victims = sum(j.priority in VICTIM_ORDER for j in live[g.gpu_id])
+            take = min(victims, g.slots.get(workload, 0), n)
+            if take:
+                out.preempt.setdefault(g.gpu_id, {})[workload] = take
+                n -= take
+    return out
 
 
 def release_parked(world: World, budgets: dict[str, BudgetState], cfg: PolicyConfig) -> list[tuple[str, str]]:
@@ -166,20 +208,23 @@ def release_parked(world: World, budgets: dict[str, BudgetState], cfg: PolicyCon
 
 def plan(world: World, cfg: PolicyConfig) -> Decisions:
     d = Decisions(requeue=list(world.lost), interactive_seen=dict(world.interactive_seen))
-    left_to_free = dict(world.queued_interactive)     # queued interactive jobs not yet given a slot
+    placed = place_queued_interactive(world)
     for gpu in sorted(world.gpus, key=lambda g: g.gpu_id):
-        if interactive_now(gpu, world):
+        if interactive_now(gpu, placed):
             d.interactive_seen[gpu.gpu_id] = world.now
-        state, changed = next_budgets(world.budgets.get(gpu.gpu_id, BudgetState.full()), demand(gpu, world, cfg),
-                                      cfg.budgets)
+        state, changed = next_budgets(world.budgets.get(gpu.gpu_id, BudgetState.full()),
+                                      demand(gpu, world, cfg, placed), cfg.budgets)
         d.budgets[gpu.gpu_id] = state
         if changed:
             d.budget_changes[gpu.gpu_id] = changed
         controls: dict[str, str] = {}
-        live = [j for j in gpu.running if j.job_id not in world.preempting]
         for j in gpu.running:
             if j.job_id in world.preempting:
                 controls[j.job_id] = "preempt"
+            elif f"{j.workload}.{j.priority}" in world.preempt_queues:   # the operator's pause --preempt
+                controls[j.job_id] = "preempt"
+                d.preempt.append((gpu.gpu_id, j.job_id, f"queue {j.workload}.{j.priority} paused with --preempt"))
+        live = [j for j in gpu.running if j.job_id not in controls]
         if cfg.preempt:
             # 1. interactive jobs waiting for VRAM on this GPU
             waiting = [w for w in gpu.waiting_vram if w.priority == INTERACTIVE]
@@ -188,23 +233,20 @@ def plan(world: World, cfg: PolicyConfig) -> Decisions:
                 for v in choose_victims(live, need):
                     controls[v.job_id] = "preempt"
                     d.preempt.append((gpu.gpu_id, v.job_id, f"interactive job needs {need} MiB more VRAM"))
-            # 2. interactive jobs queued while every slot of their workload here runs lower-priority work
-            #    (queued, or already in the reserve of a worker here — those need a slot on this GPU)
+            # 2. interactive jobs that need a slot here while every slot of their workload runs lower-priority
+            #    work: in the reserve of a worker here, or queued and placed here (`place_queued_interactive`)
             for workload, slots in sorted(gpu.slots.items()):
-                reserved = gpu.reserved_interactive.get(workload, 0)
-                queued = left_to_free.get(workload, 0)
-                waiting_n = reserved + queued
+                waiting_n = gpu.reserved_interactive.get(workload, 0) + \
+                    placed.preempt.get(gpu.gpu_id, {}).get(workload, 0)
                 busy = [j for j in live if j.workload == workload and controls.get(j.job_id) != "preempt"]
                 if waiting_n <= 0 or len(busy) < slots:
-                    left_to_free[workload] = max(0, queued - max(0, slots - len(busy) - reserved))
                     continue
                 victims = choose_victims(busy, 0, count=min(waiting_n, slots))[: min(waiting_n, slots)]
                 for v in victims:
                     controls[v.job_id] = "preempt"
                     d.preempt.append((gpu.gpu_id, v.job_id, f"interactive {workload} job waiting, no free slot"))
-                left_to_free[workload] = max(0, queued - max(0, len(victims) - reserved))
         if cfg.yield_compute:
-            interactive_waiting = any(world.queued_interactive.get(w, 0) > 0 for w in gpu.slots) or any(
+            interactive_waiting = placed.here(gpu.gpu_id) or any(
                 w.priority == INTERACTIVE for w in gpu.waiting_vram) or any(gpu.reserved_interactive.values())
             for j in yielding_jobs(gpu, interactive_waiting):
                 controls.setdefault(j.job_id, "pause")

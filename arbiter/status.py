@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +13,8 @@ from arbiter.world import read as read_world
 from broker.app import all_queues
 from broker.budgets import DEGRADE_ORDER
 from broker.client import Client
+from broker.controls import QueueControl
+from broker.controls import describe as describe_control
 from broker.schemas import GpuSnapshot
 from broker.states import JobState
 from broker.stats import read as read_stats
@@ -57,6 +60,7 @@ def collect(client: Client) -> dict[str, Any]:
         "policy": client.settings.policy,
         "gpus": gpus,
         "queues": seen.queues,
+        "queue_controls": {q: asdict(c) for q, c in seen.queue_controls.items()},   # paused / draining
         "parked": [p.model_dump(mode="json") | {"waiting_for": p.explain()} for p in seen.parked],
         "jobs": jobs,
         "stats": read_stats(client.redis, client.keys),
@@ -84,8 +88,11 @@ def render(console: Console, data: dict[str, Any]) -> None:
     queues = Table(title="Queues")
     queues.add_column("queue")
     queues.add_column("depth", justify="right")
+    queues.add_column("state")
+    controls = data.get("queue_controls", {})
     for q, n in data["queues"].items():
-        queues.add_row(q, str(n))
+        c = controls.get(q)
+        queues.add_row(q, str(n), describe_control(QueueControl(**c) if c else None, data["taken_at"]))
     console.print(queues)
     jobs = Table(title="Live jobs (not queued)")
     for col in ("job", "workload", "priority", "state", "quality", "step", "gpu", "waiting for"):

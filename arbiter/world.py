@@ -14,6 +14,7 @@ import redis
 from arbiter.policy import GpuView, RunningJob, WaitingJob
 from arbiter.pressure import Pressure, measure
 from broker.app import all_queues
+from broker.controls import QueueControl, parse_controls
 from broker.keys import Keys
 from broker.ledger import Lease, parse_leases
 from broker.schemas import IMPROVE_BAND, GpuSnapshot, ParkedJob
@@ -43,6 +44,11 @@ class Snapshot:
     parked: tuple[ParkedJob, ...] = ()
     waiting_vram: dict[str, list[WaitingJob]] = field(default_factory=dict)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)   # registry: name -> entry (expired too)
+    queue_controls: dict[str, QueueControl] = field(default_factory=dict)   # queue -> paused/draining record
+
+    def preempt_queues(self) -> frozenset[str]:
+        """Queues an operator paused with --preempt: their running jobs are checkpointed and requeued."""
+        return frozenset(q for q, c in self.queue_controls.items() if c.state == "paused" and c.preempt)
 
     def queued(self) -> dict[str, int]:
         """workload -> jobs in its shared queues (improvement runs wait for an idle GPU: not counted)."""
@@ -118,11 +124,12 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
     pipe.hgetall(keys.workers())
     pipe.hgetall(keys.waiting_vram())
     pipe.hgetall(keys.parked())
+    pipe.hgetall(keys.queue_controls())
     for q in queues:
         pipe.llen(q)
     replies = iter(pipe.execute())
     per_gpu = [(next(replies), next(replies), next(replies), next(replies), next(replies)) for _ in gpu_ids]
-    workers_raw, waiting_raw, parked_raw = next(replies), next(replies), next(replies)
+    workers_raw, waiting_raw, parked_raw, controls_raw = next(replies), next(replies), next(replies), next(replies)
     depths = {q: int(next(replies)) for q in queues}
 
     # a malformed entry (a foreign writer, a half-upgraded deployment) is skipped, never fatal: the beat,
@@ -178,4 +185,4 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
                                          for x in leases if x.kind == "job"))
         gpus.append(GpuState(g, snap, leases, _floats(_decode(budget_raw)), _decode(control_raw), view))
     return Snapshot(now=now, gpus=tuple(gpus), queues=depths, parked=tuple(parked), waiting_vram=waiting,
-                    workers=workers)
+                    workers=workers, queue_controls=parse_controls(controls_raw))

@@ -22,16 +22,18 @@ from pydantic import ValidationError
 
 from broker.app import TASK_NAMES, create_app
 from broker.catalog import model_names
+from broker.controls import refuse_closed
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.policies import policy
-from broker.position import with_position
+from broker.position import job_queue, with_position
 from broker.redis_server import connect
 from broker.replication import confirm_replicated
 from broker.retry import redis_full
 from broker.schemas import JobResult, JobSpec, JobStatus, Priority, queue_name
 from broker.settings import Settings, get_settings
+from broker.shedding import refuse_if_overloaded
 from broker.states import TERMINAL, JobState
 
 # States a client may cancel directly; a running (or paused) job is stopped by its worker at the next step.
@@ -127,7 +129,9 @@ class Client:
     @_translated
     def submit(self, spec: JobSpec | dict[str, Any] | None = None, /, idempotency_key: str | None = None,
                **fields: Any) -> JobHandle:
-        """Validate, record and enqueue a job. Raises `InvalidJob` (nothing enqueued) on bad input.
+        """Validate, record and enqueue a job. Raises `InvalidJob` (nothing enqueued) on bad input, and
+        `Overloaded` (nothing written) when its band's predicted wait is over its deadline_s or the band's
+        maximum wait (broker/shedding.py).
 
         With an `idempotency_key`, submitting the same job again (a retry, a resumed batch) returns the job
         the key first made instead of a new one, for as long as job records are kept; the same key with a
@@ -141,6 +145,9 @@ class Client:
             raise InvalidJob("invalid job: improves: set by Arbiter on its own improvement runs; submit with "
                              "improve: true instead", errors=[{"loc": ("improves",), "msg": "not accepted at submit",
                                                                "type": "value_error"}])
+        # a band whose predicted wait is over the job's deadline_s or its max wait: Overloaded, nothing written
+        refuse_if_overloaded(self.redis, self.keys, self.settings, job, idempotency_key)
+        refuse_closed(self.redis, self.keys, job_queue(job.workload, job.priority, None, self.settings))  # drained
         job_id = str(uuid.uuid4())
         if idempotency_key is not None:
             existing = self._claim(idempotency_key, job_id, job)

@@ -48,6 +48,20 @@ class DeadlineExceeded(ArbiterError):
     """A job's deadline passed before it could start."""
 
 
+class Overloaded(ArbiterError):
+    """A job refused at submit because its band's predicted wait is over a limit: the job's own
+    `deadline_s`, or the band's maximum wait (`ARBITER_MAX_WAIT_<BAND>_S`). Nothing was recorded or
+    enqueued; submitting again after `retry_after_s` should be accepted (broker/shedding.py)."""
+
+    def __init__(self, queue: str, predicted_wait_s: float, limit_s: float, limit: str, retry_after_s: int) -> None:
+        what = (f"the job's deadline_s of {limit_s:g} s" if limit == "deadline_s"
+                else f"the band's maximum wait of {limit_s:g} s ({limit})")
+        super().__init__(f"{queue} is overloaded: a job submitted now would wait ~{predicted_wait_s:.0f} s, over "
+                         f"{what}; nothing was queued, retry in ~{retry_after_s} s")
+        self.queue, self.predicted_wait_s, self.limit_s = queue, predicted_wait_s, limit_s
+        self.limit, self.retry_after_s = limit, retry_after_s
+
+
 class Cancelled(ArbiterError):
     """The job was cancelled by a client."""
 

@@ -97,6 +97,17 @@ class Keys:
         the beat puts each back on its queue when it can run. Entries leave with their job."""
         return f"{self.prefix}:waiting:parked"
 
+    # operators' controls
+    def queue_controls(self) -> str:
+        """Hash: queue -> JSON `broker.controls.QueueControl` ({state: paused|draining, since, by, reason,
+        preempt}) for each queue an operator paused or drained; a running queue has no entry."""
+        return f"{self.prefix}:queue:control"
+
+    def staging(self, token: str) -> str:
+        """List (seconds long, with a TTL): a message built by Celery's send path for `arbiter job reprioritize`,
+        moved onto its new queue in one Lua step."""
+        return f"{self.prefix}:staging:{token}"
+
     # the fragment cache
     def cache_nodes(self) -> str:
         return f"{self.prefix}:cache:nodes"

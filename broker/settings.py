@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     lost_delivery_s: float = Field(30.0, gt=0, description="A message a worker took but did not start within "
                                    "this long is put back on its queue by the beat.")
 
+    # Shedding at submit (broker/shedding.py): a job whose band would make it wait longer than this (the
+    # predicted wait, from the queue depths, the live workers' slots and the predictor) is refused with
+    # `Overloaded` (gateway: 429 + Retry-After) instead of queued. 0: no limit. A job's own deadline_s
+    # is a limit too, in every band.
+    max_wait_interactive_s: float = Field(0.0, ge=0, description="Most predicted wait a new interactive job "
+                                          "may face (0: no limit).")
+    max_wait_standard_s: float = Field(0.0, ge=0, description="Most predicted wait a new standard job may "
+                                       "face (0: no limit).")
+    max_wait_background_s: float = Field(0.0, ge=0, description="Most predicted wait a new background job "
+                                         "may face (0: no limit).")
+
     # Models: a registry file (TOML, see broker/registry.py) for the real backends; without it, the sim catalog.
     models_file: str = Field("", description="Model registry: which models and variants are served, and their "
                                              "ladders.")

@@ -4,7 +4,9 @@ Names: allocations_ok, allocations_failed, quality_reductions (jobs run below qu
 resumes, pauses, requeued_lost, deadline_shed, ooms, budget_changes, checkpoints, checkpoint_ms,
 step_ms (time in steps, to compare with checkpoint_ms), quality_sum.<workload>, quality_n.<workload>,
 pressure_sum, pressure_n, model_loads and model_load_s (variants made resident and the seconds it took),
-affinity_declines (jobs passed to a peer that holds their variant)."""
+affinity_declines (jobs passed to a peer that holds their variant), shed_at_submit (jobs refused at submit
+with `Overloaded` because their band's predicted wait was over their deadline_s or the band's maximum wait:
+broker/shedding.py; `deadline_shed` counts those that were queued and failed at start instead)."""
 
 from __future__ import annotations
 

@@ -27,8 +27,26 @@ class QoS(kombu_redis.QoS):
         return retry_while(lambda: kombu_redis.QoS.ack(self, delivery_tag), redis_full, log, "acknowledge a message")
 
 
+BANDS = ("interactive", "standard", "background", "improve")
+
+
+def drain_order(queue: str) -> tuple[int, int]:
+    """Where a queue goes in a worker's BRPOP: strongest band first, a worker's own `<queue>@<worker>` just
+    before the shared one (`broker.app.workload_queues`); anything else last, in the order it came."""
+    shared, own, _ = queue.partition("@")
+    band = shared.rpartition(".")[2]
+    return (BANDS.index(band) if band in BANDS else len(BANDS), 0 if own else 1)
+
+
 class HardenedReads:
-    """Garbage on a queue is logged and dropped (mixed into the plain and the Sentinel channel)."""
+    """Garbage on a queue is logged and dropped (mixed into the plain and the Sentinel channel); and the
+    queues are read in strict priority order whatever order they were added in. kombu appends a queue a
+    worker starts consuming again (`add_consumer`, after an operator's pause) at the end of its BRPOP list,
+    which would put a resumed interactive queue behind background work."""
+
+    @property
+    def active_queues(self):  # type: ignore[no-untyped-def]
+        return sorted(super().active_queues, key=drain_order)
 
     def _brpop_read(self, **options):  # type: ignore[no-untyped-def]
         try:

@@ -33,7 +33,8 @@ from cache.index import CacheIndex
 from cache.manifest import Fragment, Manifest, join_fragments, tensors_in
 from cache.origin import Origin, OriginError, stream
 from cache.peer import FragmentServer, PeerDirectory, PeerFetch, fetch_errors
-from cache.tiers import CorruptFragment, FileTier, Pinned, TierFull, WriteInto, fill_anonymous, sendfile_from
+from cache.streams import WriteInto, sendfile_from
+from cache.tiers import CorruptFragment, FileTier, Pinned, TierFull, fill_anonymous
 
 log = logging.getLogger(__name__)
 Source = Callable[[], ContextManager[WriteInto]]

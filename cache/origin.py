@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from cache.tiers import WriteInto, sendfile_from
+from cache.streams import WriteInto, sendfile_from
 
 
 class OriginError(OSError):

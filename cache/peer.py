@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 import redis
 
 from broker.keys import Keys
-from cache.tiers import FileTier, WriteInto
+from cache.streams import WriteInto
+from cache.tiers import FileTier
 
 log = logging.getLogger(__name__)
 _PATH = re.compile(r"^/fragment/([0-9a-f]{64})$")

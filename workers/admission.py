@@ -9,6 +9,8 @@ one answer it gets (`runner.execute`):
              `min_quality` is above the budget): failed with the reason;
 - `Park`     it cannot run *yet* (a background/standard job whose `min_quality` is above the budget): it
              leaves the queue and waits in `waiting_for_budget`, holding no slot;
+- `Hold`     its queue is paused by an operator (the message was taken just before the pause reached this
+             worker): it goes back to the front of its queue, untouched (`workers.waiting.hold`);
 - `Try`      rungs to lease VRAM for, best first (a checkpoint pins its own rung; a deadline skips rungs
              predicted to finish late). The lease itself is decided atomically by the ledger (Lua); when no
              rung fits, `on_no_room` says what next.
@@ -47,6 +49,7 @@ class JobView:
     deadline_s: float | None = None
     checkpoint_quality: float | None = None      # set only when a checkpoint exists
     predicted_ms: tuple[float | None, ...] = ()  # per rung of `ladder`, the predicted run time (None: unknown)
+    paused: bool = False                         # an operator paused the job's queue (`arbiter queue pause`)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ class Park:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Its queue is paused: back to the front of the queue, to start when the queue resumes."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Try:
     rungs: tuple[Rung, ...]          # best first; an interactive job tries each before it waits
     interactive: bool
@@ -76,7 +86,7 @@ class Wait:
     """Wait for VRAM (interactive only): the beat frees room; try again shortly."""
 
 
-Decision = Skip | Fail | Park | Try
+Decision = Skip | Fail | Park | Hold | Try
 
 
 def candidate_rungs(job: JobView) -> tuple[Rung, ...]:
@@ -100,6 +110,8 @@ def decide(job: JobView) -> Decision:
     if job.deadline_s and job.now > job.queued_at + job.deadline_s:
         late = job.now - job.queued_at - job.deadline_s
         return Fail("deadline", f"deadline of {job.deadline_s} s passed {late:.1f} s before the job could start")
+    if job.paused:
+        return Hold("its queue is paused")
     rungs = candidate_rungs(job)
     if not rungs:
         if job.interactive:

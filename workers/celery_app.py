@@ -8,7 +8,13 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.signals import task_received, worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    task_received,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
 from broker.app import BARE_TASK, TASK_NAMES, create_app
 from broker.errors import ArbiterError
@@ -111,6 +117,28 @@ def _reserved(request: Any = None, **_: Any) -> None:
         pipe.execute()
     except Exception as exc:  # noqa: BLE001 - a hint for the beat; never fails the delivery
         log.debug("could not record reserved job %s: %s", request.id, exc)
+
+
+@worker_ready.connect
+def _honour_paused(sender: Any = None, **_: Any) -> None:
+    """A worker that starts while an operator has queues paused stops consuming them at once (and its own
+    `<queue>@<worker>` lists): the pause is a record in Redis (`broker.controls`), not only a broadcast it
+    may have missed. A message taken before this runs is held by the run's admission, never started."""
+    if not _main or sender is None:
+        return
+    from broker.app import worker_queue
+    from broker.controls import read_controls
+
+    try:
+        paused = [q for q, c in read_controls(_main["redis"], _main["keys"]).items() if c.state == "paused"]
+        consuming = {q.name for q in sender.task_consumer.queues}
+        for q in paused:
+            for name in (q, worker_queue(q, get_settings().worker_name)):
+                if name in consuming:
+                    sender.cancel_task_queue(name)
+                    log.info("not consuming %s: its queue is paused", name)
+    except Exception as exc:  # noqa: BLE001 - the run's admission still holds jobs of paused queues
+        log.warning("could not read paused queues at start: %s", exc)
 
 
 @worker_process_init.connect

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery.exceptions import Ignore
 
 from broker.app import direct_queue, worker_queue
@@ -27,12 +28,13 @@ from broker.errors import (
 )
 from broker.jobstore import decode_hash, status_from, transition_reply
 from broker.ledger import parse_leases
+from broker.position import job_queue
 from broker.predictor import StepPredictor
 from broker.schemas import JobSpec, Priority
 from broker.states import STARTABLE, JobState
 from broker.stats import add as add_stats
 from workers import flower
-from workers.admission import Fail, JobView, Park, Skip, Try, decide, on_no_room
+from workers.admission import Fail, Hold, JobView, Park, Skip, Try, decide, on_no_room
 from workers.affinity import pass_to
 from workers.endings import cleanup, finished, preempted
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
@@ -40,7 +42,7 @@ from workers.improve import adopt, queue_improvement
 from workers.ladders import Rung, rung_cost_mib, rung_features
 from workers.peers import ram_nodes, read_peers
 from workers.runtime import CurrentJob, Runtime
-from workers.waiting import park
+from workers.waiting import hold, is_paused, park
 
 log = logging.getLogger("arbiter.job")
 
@@ -86,6 +88,7 @@ class View:
     resident: set[str]
     checkpoint: bytes | None
     predictor: StepPredictor
+    paused: bool = False     # an operator paused the job's queue (`broker.controls`)
 
     @classmethod
     def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
@@ -95,10 +98,12 @@ class View:
         pipe.hgetall(rt.keys.leases(rt.gpu_id))
         pipe.get(rt.keys.job_checkpoint(job_id))
         pipe.get(rt.keys.predictor(rt.worker, rt.workload.value))
-        job, budget, leases, checkpoint, predictor = pipe.execute()
+        pipe.hget(rt.keys.queue_controls(), job_queue(spec.workload, spec.priority, spec.improves, rt.settings))
+        job, budget, leases, checkpoint, predictor, control = pipe.execute()
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(parse_leases(leases, time.time())), checkpoint,
-                   StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor())
+                   StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor(),
+                   paused=is_paused(control))
 
 
 def pass_on(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, view: View, raw: Any, task: Any) -> None:
@@ -141,14 +146,17 @@ def job_view(rt: Runtime, job_id: str, spec: JobSpec, view: View, now: float) ->
                    now=now, ladder=ladder, budget=view.budget, resident=frozenset(view.resident),
                    min_quality=spec.min_quality or 0.0, deadline_s=spec.deadline_s,
                    checkpoint_quality=float(resume_at) if resume_at is not None and view.checkpoint is not None
-                   else None, predicted_ms=predicted)
+                   else None, predicted_ms=predicted, paused=view.paused)
 
 
-def refuse(rt: Runtime, job_id: str, spec: JobSpec, decision: Skip | Fail | Park, view: View, task: Any) -> None:
+def refuse(rt: Runtime, job_id: str, spec: JobSpec, decision: Skip | Fail | Park | Hold, view: View,
+           task: Any) -> None:
     """Apply a decision that does not run the job; always raises (the delivery is acknowledged or failed)."""
     if isinstance(decision, Skip):
         log.info("job %s skipped: %s", job_id, decision.reason)
         raise Ignore()
+    if isinstance(decision, Hold):
+        hold(rt, job_id, spec, task)
     if isinstance(decision, Park):
         park(rt, job_id, spec, decision.reason, view.budget, task=task)
     exc: Exception = InsufficientQuality(spec.min_quality or 0.0, view.budget) if decision.kind == "quality" \

@@ -2,7 +2,10 @@
 state `waiting_for_budget` or `waiting_for_vram` with the reason in numbers, an entry for the beat — and
 when this worker frees VRAM it wakes the beat (`Runtime.wake_beat`), which puts back at once the parked
 jobs that now fit (`arbiter.policy.release_parked`, through `broker.parking.release`) rather than on its
-next tick: the worker and the beat speak only through the contract in broker/."""
+next tick: the worker and the beat speak only through the contract in broker/.
+
+A job taken from a queue an operator has paused (the message was in flight when the pause reached this worker)
+is not parked but held: `hold` puts it back at the front of its queue, where it waits in its place."""
 
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ import logging
 import time
 from typing import Any
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
+from broker.controls import QueueControl
+from broker.position import job_queue
+from broker.reorder import put_front
 from broker.schemas import JobSpec, ParkedJob
 from broker.states import JobState
 from broker.stats import add as add_stats
@@ -58,3 +64,32 @@ def needs_by_budget(ladder: list[Rung], min_quality: float, held: set[str]) -> l
         if allowed:
             out.append((level, rung_cost_mib(allowed[0], held)))
     return out
+
+
+HOLD_SETTLE_S = 0.1   # lets this worker's own consumer cancel land before the message is back on the queue
+
+
+def is_paused(raw: bytes | str | None) -> bool:
+    """Whether a queue's control record (as read, or None) says paused."""
+    control = None if raw is None else QueueControl.from_json(raw)
+    return control is not None and control.state == "paused"
+
+
+def hold(rt: Runtime, job_id: str, spec: JobSpec, task: Any = None) -> None:
+    """The job's queue is paused: this worker stops consuming it (in case the operator's broadcast missed
+    it), and the job goes back to the front of its queue, unchanged — it starts first when the queue resumes.
+    Flower shows it RETRY with the reason. Raises `Ignore` (this delivery is acknowledged); without a Celery
+    task, `Reject(requeue=True)` puts the delivery itself back."""
+    queue = job_queue(spec.workload, spec.priority, spec.improves, rt.settings)
+    log.info("job %s held: its queue %s is paused; back at the front of it", job_id, queue)
+    if task is None:
+        raise Reject(f"queue {queue} is paused", requeue=True)
+    try:
+        for q in (queue, f"{queue}@{rt.worker}"):
+            task.app.control.cancel_consumer(q, destination=[rt.worker], reply=False)
+    except Exception as exc:  # noqa: BLE001 - the record still holds every later delivery
+        log.warning("could not stop consuming %s: %s", queue, exc)
+    time.sleep(HOLD_SETTLE_S)
+    put_front(rt.redis, rt.keys, task.app, job_id, spec, queue)
+    flower.waiting(task, "queued", f"queue {queue} is paused: held at the front of it until it resumes")
+    raise Ignore()

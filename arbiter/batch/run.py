@@ -46,7 +46,7 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
     from rich.console import Console
 
     from broker.client import Client, validate_spec
-    from broker.errors import InvalidJob
+    from broker.errors import InvalidJob, Overloaded
 
     console = Console(highlight=False)
     src = prompts.expanduser().resolve()
@@ -97,15 +97,23 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
         signal.signal(signal.SIGINT, on_sigint)
         inflight: dict[str, Line] = {}
         started = time.monotonic()
+        hold_until = 0.0   # no submit before this (monotonic): the band shed a line (Overloaded)
         try:
             with ui.progress(console) as progress:
                 task = progress.add_task("batch", total=already + len(todo), completed=already)
                 progress.stats = ui.stats_line(tally, inflight)
                 while (todo or inflight) and not stop["why"]:
-                    while todo and len(inflight) < concurrency and not stop["why"]:
+                    while (todo and len(inflight) < concurrency and not stop["why"]
+                           and time.monotonic() >= hold_until):
                         ln = todo.popleft()
                         try:
                             ln.job_id, reattached = _submit(client, ln)
+                        except Overloaded as exc:   # shed, nothing written: the line goes back, retried later
+                            todo.appendleft(ln)
+                            hold_until = time.monotonic() + exc.retry_after_s
+                            progress.console.print(f"line {ln.lineno} (id {ln.id}): {exc}; holding submits",
+                                                   style="yellow", markup=False, soft_wrap=True)
+                            break
                         except InvalidJob as exc:   # e.g. the line changed since its first run
                             bad.append((ln.lineno, ln.id, str(exc)))
                             report_bad(progress.console, errors_file, ln.lineno, ln.id, str(exc))

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from arbiter.batch import batch_command
-from arbiter.cli import bench, cache, jobs, keys, run
+from arbiter.cli import bench, cache, jobs, keys, queues, run
 from arbiter.cli.common import fail
 from broker.errors import ArbiterError, InvalidJob
 
@@ -41,6 +41,8 @@ app.command("batch")(batch_command)
 app.add_typer(keys.app, name="keys")
 app.add_typer(cache.app, name="cache")
 app.add_typer(bench.app, name="bench")
+app.add_typer(queues.app, name="queue")
+app.add_typer(queues.job_app, name="job")
 
 
 def main() -> None:

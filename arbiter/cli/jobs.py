@@ -9,10 +9,13 @@ from typing import Annotated
 
 import typer
 
-from arbiter.cli.common import console, err, open_client, print_result
+from arbiter.cli.common import console, err, fail, open_client, print_result
+from broker.errors import Overloaded
 from broker.position import describe, job_queue
 from broker.schemas import Priority, Workload
 from broker.settings import get_settings
+
+OVERLOADED_EXIT = 75   # sysexits EX_TEMPFAIL: the band is overloaded now; the same submit later should pass
 
 
 def submit(
@@ -41,7 +44,10 @@ def submit(
               "deadline_s": deadline_s, "max_new_tokens": max_new_tokens, "steps": steps, "width": width,
               "height": height, "seed": seed}
     with open_client() as client:
-        handle = client.submit({k: v for k, v in fields.items() if v is not None})
+        try:
+            handle = client.submit({k: v for k, v in fields.items() if v is not None})
+        except Overloaded as exc:   # shed at submit: nothing was queued; 75 = EX_TEMPFAIL (try again later)
+            fail(str(exc), OVERLOADED_EXIT)
         if not (wait or stream or out):
             console.print_json(json.dumps({"job_id": handle.id})) if as_json else print(handle.id)
             return

@@ -20,6 +20,8 @@ def keys_create(
     default: Annotated[str | None, typer.Option(help="Priority when a request names none (default: the lowest).")] = None,
     rate: Annotated[int, typer.Option(min=0, help="Requests per minute (0: unlimited).")] = 600,
     max_queued: Annotated[int, typer.Option(min=0, help="Jobs waiting or running at once (0: unlimited).")] = 1000,
+    admin: Annotated[bool, typer.Option(help="May also use the operators' endpoints (/v1/admin/...: pause, drain, "
+                                             "resume queues; bump and reprioritize jobs).")] = False,
 ) -> None:
     """Create a key and print it (once: only its hash is stored)."""
     from arbiter.gateway.apikeys import KeyStore
@@ -27,7 +29,7 @@ def keys_create(
     with open_client() as client:
         try:
             secret = KeyStore(client.redis, client.keys).create(
-                name, [p.strip() for p in priorities.split(",") if p.strip()], default, rate, max_queued)
+                name, [p.strip() for p in priorities.split(",") if p.strip()], default, rate, max_queued, admin)
         except ValueError as exc:
             raise InvalidJob(str(exc)) from None
     print(secret)
@@ -47,10 +49,10 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON."
         return
     from rich.table import Table
 
-    t = Table("name", "prefix", "priorities", "default", "rate/min", "max queued")
+    t = Table("name", "prefix", "priorities", "default", "rate/min", "max queued", "admin")
     for k in keys:
         t.add_row(k.name, k.prefix + "…", ",".join(k.priorities), k.default_priority, str(k.rate_per_min),
-                  str(k.max_queued))
+                  str(k.max_queued), "yes" if k.admin else "")
     console.print(t)
 
 

@@ -1,5 +1,6 @@
 """API keys: stored hashed (SHA-256) in Redis, each with the priorities it may use, a default priority, a
-request rate limit and a cap on its jobs waiting or running. `arbiter keys create|list|revoke`.
+request rate limit and a cap on its jobs waiting or running; an admin key (`--admin`) may also use the operators'
+endpoints (pause, drain, resume queues; bump and reprioritize jobs). `arbiter keys create|list|revoke`.
 
 A key is shown once, at creation; Redis holds only its hash and a short prefix to tell keys apart."""
 
@@ -27,6 +28,7 @@ class ApiKey:
     max_queued: int = 1000                 # jobs waiting or running at once (0: unlimited)
     prefix: str = ""
     created_at: float = field(default_factory=time.time)
+    admin: bool = False                    # may use the operators' endpoints (/v1/admin/...)
 
     def allows(self, priority: Priority | str) -> bool:
         return Priority(priority).value in self.priorities
@@ -54,7 +56,7 @@ class KeyStore:
         self.table = f"{keys.prefix}:apikeys"
 
     def create(self, name: str, priorities: list[str], default: str | None = None, rate_per_min: int = 600,
-               max_queued: int = 1000) -> str:
+               max_queued: int = 1000, admin: bool = False) -> str:
         """A new key (returned once). Raises ValueError on a taken name or unknown priorities."""
         allowed = tuple(p.value for p in PRIORITY_ORDER if p.value in {Priority(x).value for x in priorities})
         if not allowed:
@@ -65,7 +67,7 @@ class KeyStore:
         if any(k.name == name for k in self.list()):
             raise ValueError(f"a key named {name!r} exists; revoke it first")
         secret = "ak_" + secrets.token_urlsafe(24)
-        key = ApiKey(name, allowed, default, rate_per_min, max_queued, prefix=secret[:7])
+        key = ApiKey(name, allowed, default, rate_per_min, max_queued, prefix=secret[:7], admin=admin)
         self.r.hset(self.table, _hash(secret), json.dumps(asdict(key)))
         return secret
 

@@ -1,6 +1,6 @@
 """Errors as the caller sees them: OpenAI's shape (`{"error": {message, type, param, code}}`) with `param`
-naming the field at fault, a 4xx for anything the caller sent wrong, 503 + Retry-After while Redis cannot
-serve, and 500 only for a bug here."""
+naming the field at fault, a 4xx for anything the caller sent wrong, 429 + Retry-After for a job shed at
+submit (`Overloaded`), 503 + Retry-After while Redis cannot serve, and 500 only for a bug here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.errors import RedisUnavailable
+from broker.errors import Overloaded, RedisUnavailable
 
 log = logging.getLogger(__name__)
 OPENAI_PATHS = ("/v1/chat/", "/v1/images/")   # OpenAI answers 400 to every invalid request; FastAPI says 422
@@ -92,6 +92,13 @@ def unavailable(what: str) -> ApiError:
                     headers={"Retry-After": str(RETRY_AFTER_S)}, code="unavailable")
 
 
+def overloaded(exc: Overloaded) -> ApiError:
+    """A job shed at submit: 429 with Retry-After (whole seconds until the band's wait should be within the
+    limit); `param` names the limit it was over: the job's `deadline_s` or the band's setting."""
+    return ApiError(429, str(exc), "rate_limit_error", param=exc.limit, code="overloaded",
+                    headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers on `app`."""
     from kombu.exceptions import OperationalError
@@ -119,6 +126,10 @@ def install(app: FastAPI) -> None:
         log.warning("%s", exc)
         return error_response(ApiError(503, f"{exc}; retry shortly", "service_unavailable", code="unavailable",
                                        headers={"Retry-After": str(RETRY_AFTER_S)}))
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return error_response(overloaded(exc))
 
     @app.exception_handler(OperationalError)
     async def _broker(_: Request, exc: OperationalError) -> JSONResponse:

@@ -245,3 +245,17 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource(services, d
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     assert "GF_SECURITY_ADMIN_PASSWORD" in env_of(services["grafana"])
+
+
+def test_the_nodes_profile_adds_distinct_nodes_with_their_own_tiers(services):
+    nodes = {n: s for n, s in services.items() if "nodes" in s.get("profiles", [])}
+    assert len(nodes) >= 2
+    names = {env_of(s)["ARBITER_NODE"] for s in nodes.values()}
+    cpu_node = env_of(services[CPU_WORKERS[0]])["ARBITER_NODE"]
+    assert len(names) == len(nodes) and cpu_node not in names          # one id per node, none shared
+    disk = [next(v for v in s["volumes"] if v.endswith(":/var/cache/arbiter/fragments")) for s in nodes.values()]
+    assert len(set(disk)) == len(disk)                                   # each node its own disk tier
+    for s in nodes.values():
+        cmd = argv(s)
+        assert "worker" in cmd and cmd[cmd.index("--backend") + 1] == "sim"
+        assert env_of(s)["ARBITER_REDIS_URL"] == env_of(services[CPU_WORKERS[0]])["ARBITER_REDIS_URL"]

@@ -120,3 +120,30 @@ def test_an_interactive_job_in_a_workers_reserve_frees_a_slot_on_that_gpu():
     assert [p[1] for p in d.preempt] == ["doc"]
     free = gv("g", 0.3, 10_000, 300, slots={"llm": 4}, running=running[:3], reserved_interactive={"llm": 1})
     assert plan(World((free,), {}, {}), CFG).preempt == []      # a process is free: it starts by itself
+
+
+def _busy_gpu(gpu_id, n=2, free=0):
+    running = tuple(RunningJob(f"{gpu_id}-j{i}", "diffusion", "background", f"d@{gpu_id}", 500) for i in range(n))
+    return gv(gpu_id, 0.3, 10_000, 500 * n, running=running, slots={"diffusion": n + free})
+
+
+def test_a_queued_interactive_job_acts_on_one_gpu_only_the_one_it_will_run_on():
+    """Six GPUs on three nodes, every slot busy with background work; one chat queued: exactly one job is
+    preempted and only that GPU pauses its work — not every GPU serving the workload."""
+    gpus = tuple(_busy_gpu(f"node{n}:sim{i}") for n in range(3) for i in range(2))
+    d = plan(World(gpus, {"diffusion": 1}, {}), CFG)
+    assert len(d.preempt) == 1
+    target = d.preempt[0][0]
+    assert {g for g, c in d.controls.items() if c} == {target}
+    # two chats: two slots freed, on the fewest GPUs (both on one GPU with two victims)
+    d2 = plan(World(gpus, {"diffusion": 2}, {}), CFG)
+    assert len(d2.preempt) == 2 and len({g for g, _, _ in d2.preempt}) == 1
+
+
+def test_a_free_slot_anywhere_means_no_preemption_and_no_pause_elsewhere():
+    gpus = (_busy_gpu("a:sim0"), _busy_gpu("b:sim0"), _busy_gpu("c:sim0", n=1, free=1))
+    d = plan(World(gpus, {"diffusion": 1}, {}), CFG)
+    assert d.preempt == []
+    # the chat runs on c's free slot: c's background job yields compute there, a and b keep running
+    assert not d.controls["a:sim0"] and not d.controls["b:sim0"]
+    assert d.controls["c:sim0"] == {"c:sim0-j0": "pause"}
