@@ -16,11 +16,12 @@ from typing import Any
 import redis
 
 from arbiter.budgets import BudgetConfig, BudgetState
+from arbiter.flow import feed_targets
 from arbiter.policy import Decisions, PolicyConfig, World, plan
 from arbiter.sweeps import Sweeps
-from arbiter.world import GpuState
+from arbiter.world import GpuState, Snapshot
 from arbiter.world import read as read_world_snapshot
-from broker import parking
+from broker import fairshare, parking
 from broker.app import create_app
 from broker.client import enqueue
 from broker.jobstore import JobStore
@@ -148,6 +149,7 @@ class Beat:
         seen = read_world_snapshot(self.r, self.keys, now)
         self._seen = {g.gpu_id: g for g in seen.gpus}   # what apply() compares against: no second read
         self._workers = seen.workers
+        self._snapshot = seen
         leased = {x.field for g in seen.gpus for x in g.leases if x.kind == "job"}
         preempting = {j for g in seen.gpus for j, v in g.controls.items() if v.startswith("preempt")}
         return World(gpus=tuple(g.view for g in seen.gpus if g.view is not None),
@@ -178,6 +180,7 @@ class Beat:
         decisions = plan(world, self.cfg)
         self.plan_us.append((time.perf_counter() - t0) * 1e6)
         self.apply(world, decisions)
+        self.feed_held(self._snapshot)
         self.sweeps.reclaim_worker_queues(self._workers)
         if time.monotonic() - self._last_delivery_sweep >= min(10.0, self.settings.lost_delivery_s / 3):
             self._last_delivery_sweep = time.monotonic()
@@ -220,6 +223,24 @@ class Beat:
         for job_id, why in d.release:
             self.release_parked(job_id, why)
         self.sweeps.sweep_parked(tuple(p for p in world.parked if p.job_id not in released))
+
+    def feed_held(self, seen: Snapshot) -> int:
+        """Fair share: set each band's feed target (`arbiter.flow.feed_targets`) and feed the bands with held
+        jobs up to it, tenants in turn (`broker.fairshare.feed`; submits and workers taking a job feed too, this
+        is the backstop and applies a resumed queue's target). Returns jobs fed."""
+        slots: dict[str, int] = {}
+        for g in seen.gpus:
+            if g.view is not None:
+                for w, n in g.view.slots.items():
+                    slots[w] = slots.get(w, 0) + n
+        held = [q for q, n in seen.held.items() if n > 0]
+        targets = feed_targets(seen.queues, slots, seen.paused_queues(), self.settings.fair_share_depth)
+        pipe = self.r.pipeline(transaction=False)
+        for q, target in targets.items():
+            pipe.set(self.keys.feed_target(q), target, ex=max(5, int(self.lock_ttl_s() * 4)))
+        pipe.execute()
+        return sum(fairshare.feed(self.r, self.keys, q, self.settings.fair_share_depth) for q in held
+                   if seen.queues.get(q, 0) < targets[q])
 
     def _controls(self, pipe: Any, gpu_id: str, want: dict[str, str], have: dict[str, str], now: float) -> None:
         """Controls as '<action>:<since>:<stamp>': `since` when the action was first asked (the preemption

@@ -178,8 +178,10 @@ def place_queued_interactive(world: World) -> Placement:
 def release_parked(world: World, budgets: dict[str, BudgetState], cfg: PolicyConfig) -> list[tuple[str, str]]:
     """Parked jobs that may run now, oldest first, with why: a GPU serving the workload has the budget the
     job needs, or room for the VRAM of its rung under that GPU's budget now (each release takes its share
-    of the room), or it has waited `recheck_parked_s` (it looks again)."""
-    free = {g.gpu_id: g.free_mib for g in world.gpus}
+    of the room), or it has waited `recheck_parked_s` (it looks again). Room that interactive jobs waiting for
+    VRAM on a GPU need is not counted: their worker would refuse it to a batch job (`workers.vramhold`)."""
+    free = {g.gpu_id: g.free_mib - sum(w.mib for w in g.waiting_vram if w.priority == INTERACTIVE)
+            for g in world.gpus}
     serving: dict[str, list[str]] = {}
     for g in world.gpus:
         for w in set(g.slots) or {j.workload for j in g.running}:

@@ -110,9 +110,9 @@ class Sweeps:
             return 0
         pipe = self.r.pipeline(transaction=False)
         for j in old:
-            pipe.hmget(self.keys.job(j), "state", "updated_at")
-        stale = [j for j, (state, updated) in zip(old, pipe.execute())
-                 if state == JobState.QUEUED.value.encode() and updated
+            pipe.hmget(self.keys.job(j), "state", "updated_at", "held")
+        stale = [j for j, (state, updated, held) in zip(old, pipe.execute())
+                 if state == JobState.QUEUED.value.encode() and updated and held is None   # held: fair share
                  and now - float(updated) > self.settings.lost_delivery_s]
         if not stale:
             return 0

@@ -45,18 +45,23 @@ class Snapshot:
     waiting_vram: dict[str, list[WaitingJob]] = field(default_factory=dict)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)   # registry: name -> entry (expired too)
     queue_controls: dict[str, QueueControl] = field(default_factory=dict)   # queue -> paused/draining record
+    held: dict[str, int] = field(default_factory=dict)        # queue -> jobs held for fair share (broker.fairshare)
 
     def preempt_queues(self) -> frozenset[str]:
         """Queues an operator paused with --preempt: their running jobs are checkpointed and requeued."""
         return frozenset(q for q, c in self.queue_controls.items() if c.state == "paused" and c.preempt)
 
+    def paused_queues(self) -> frozenset[str]:
+        return frozenset(q for q, c in self.queue_controls.items() if c.state == "paused")
+
     def queued(self) -> dict[str, int]:
-        """workload -> jobs in its shared queues (improvement runs wait for an idle GPU: not counted)."""
+        """workload -> jobs in its shared queues or held for them (improvement runs wait for an idle GPU: not
+        counted)."""
         out: dict[str, int] = {}
         for q, n in self.queues.items():
             w, _, band = q.partition(".")
             if band != IMPROVE_BAND:
-                out[w] = out.get(w, 0) + n
+                out[w] = out.get(w, 0) + n + self.held.get(q, 0)
         return out
 
     def queued_interactive(self) -> dict[str, int]:
@@ -127,10 +132,13 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
     pipe.hgetall(keys.queue_controls())
     for q in queues:
         pipe.llen(q)
+        pipe.get(keys.held_count(q))
     replies = iter(pipe.execute())
     per_gpu = [(next(replies), next(replies), next(replies), next(replies), next(replies)) for _ in gpu_ids]
     workers_raw, waiting_raw, parked_raw, controls_raw = next(replies), next(replies), next(replies), next(replies)
-    depths = {q: int(next(replies)) for q in queues}
+    depths, held = {}, {}
+    for q in queues:
+        depths[q], held[q] = int(next(replies)), max(0, int(next(replies) or 0))
 
     # a malformed entry (a foreign writer, a half-upgraded deployment) is skipped, never fatal: the beat,
     # `arbiter status` and a metrics scrape must all keep going
@@ -185,4 +193,5 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
                                          for x in leases if x.kind == "job"))
         gpus.append(GpuState(g, snap, leases, _floats(_decode(budget_raw)), _decode(control_raw), view))
     return Snapshot(now=now, gpus=tuple(gpus), queues=depths, parked=tuple(parked), waiting_vram=waiting,
-                    workers=workers, queue_controls=parse_controls(controls_raw))
+                    workers=workers, queue_controls=parse_controls(controls_raw),
+                    held=held)

@@ -20,6 +20,7 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
+from broker import fairshare
 from broker.app import TASK_NAMES, create_app
 from broker.catalog import model_names
 from broker.controls import refuse_closed
@@ -104,11 +105,20 @@ def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec
     return spec
 
 
-def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec) -> None:
+def _sent(fields: dict[str, str]) -> bool:
+    """The job's message went out (`enqueued`), or the job waits its turn in fair share (`held`) or was just
+    taken from it by the beat (`fed_at`; the beat's lost-message sweep covers a beat that died sending)."""
+    return "enqueued" in fields or "held" in fields or "fed_at" in fields
+
+
+def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec, hold: dict[str, str] | None = None) -> None:
     """Send the job's message (task id = job id) to its queue. Under the `fifo` baseline policy every job
-    of a workload goes to one queue, served in arrival order."""
+    of a workload goes to one queue, served in arrival order. With `hold` (`broker.fairshare.hold_header`)
+    the message, built for its queue, waits on its tenant's held list until the beat feeds it in."""
     queue = job.queue if policy(settings.policy).priority_bands else queue_name(job.workload, Priority.STANDARD)
-    app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")], task_id=job_id, queue=queue)
+    extra = {"headers": {fairshare.HOLD_HEADER: hold}} if hold else {}
+    app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")], task_id=job_id, queue=queue,
+                  **extra)
 
 
 class Client:
@@ -155,8 +165,11 @@ class Client:
                 confirm_replicated(self.redis, self.settings, existing.id)   # a retry after NotReplicated
                 return existing
         self.store.create(job_id, job)
+        # fair share: the message waits its tenant's turn on a held list (broker/fairshare.py); the beat feeds it
+        hold = fairshare.hold_header(self.keys, job_id, job, self.settings) if fairshare.applies(job, self.settings) \
+            else None
         try:
-            enqueue(self.app, self.settings, job_id, job)
+            enqueue(self.app, self.settings, job_id, job, hold)
         except Exception as exc:
             self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
                                   finished_at=time.time())
@@ -195,12 +208,12 @@ class Client:
                 return None
             return self._claim(key, job_id, job)
         fields = self.store.raw(other)
-        if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields:
+        if fields.get("state") == JobState.QUEUED.value and not _sent(fields):
             # the first submitter may still be about to send: give it until 2 s after its record, then send
             # (a retry right after a killed submitter must not leave the job without a message)
             time.sleep(max(0.0, float(fields.get("queued_at", 0.0)) + 2.0 - time.time()))
             fields = self.store.raw(other)
-            if fields.get("state") == JobState.QUEUED.value and "enqueued" not in fields:
+            if fields.get("state") == JobState.QUEUED.value and not _sent(fields):
                 enqueue(self.app, self.settings, other, self.store.spec(other))   # its submitter died first
                 self.redis.hset(self.keys.job(other), "enqueued", 1)
         return JobHandle(self, other)

@@ -14,6 +14,9 @@ from broker.keys import Keys
 # Latency buckets (seconds) from a chat token burst (50 ms) to a large batch image (10 min).
 BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
+RECENT_RUNS = 32   # run times kept per band for ETAs
+
+
 def histogram_key(keys: Keys, metric: str, workload: str, priority: str) -> str:
     """Hash: one histogram's counts. Fields `le:<bound>` (per-bucket, NOT cumulative: an observation adds
     1 to the smallest bucket that holds it, `le:+Inf` past the last), `sum` (seconds) and `count`."""
@@ -42,5 +45,8 @@ def record_job(r: redis.Redis, keys: Keys, workload: str, priority: str, queue_w
     w, pr = str(getattr(workload, "value", workload)), str(getattr(priority, "value", priority))
     _observe(p, histogram_key(keys, "job_queue_wait_seconds", w, pr), float(queue_wait_s))
     _observe(p, histogram_key(keys, "job_duration_seconds", w, pr), float(run_s))
+    if math.isfinite(run_s) and run_s >= 0:   # what a job of this band takes now (ETAs: broker.position)
+        p.lpush(keys.recent_runs(f"{w}.{pr}"), round(float(run_s), 4))
+        p.ltrim(keys.recent_runs(f"{w}.{pr}"), 0, RECENT_RUNS - 1)
     if pipe is None:
         p.execute()

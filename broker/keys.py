@@ -103,6 +103,40 @@ class Keys:
         preempt}) for each queue an operator paused or drained; a running queue has no entry."""
         return f"{self.prefix}:queue:control"
 
+    # fair share within a band (broker/fairshare.py)
+    def held(self, queue: str, tenant: str = "") -> str:
+        """List: one tenant's job messages held for `queue` (Celery's own bytes for that queue; newest on the
+        left, as kombu pushes) until the beat feeds them in; with no tenant, the prefix of those lists (the feed
+        script appends the tenant)."""
+        return f"{self.prefix}:held:{queue}:{tenant}"
+
+    def held_ring(self, queue: str) -> str:
+        """List: the tenants with jobs held for `queue`, in round-robin order (each once; served from the left,
+        put back on the right while it has jobs left)."""
+        return f"{self.prefix}:heldring:{queue}"
+
+    def held_members(self, queue: str) -> str:
+        """Set: the tenants in `held_ring(queue)` (so a tenant joins the ring once)."""
+        return f"{self.prefix}:heldset:{queue}"
+
+    def feed_target(self, queue: str) -> str:
+        """String: how many messages the band's Celery queue should hold while jobs are held for it (fair
+        share): the beat's, about ARBITER_FAIR_SHARE_DEPTH per worker slot, 0 while the queue is paused."""
+        return f"{self.prefix}:heldtarget:{queue}"
+
+    def held_count(self, queue: str) -> str:
+        """String: how many jobs are held for `queue` (all tenants), for the world read, position and shedding."""
+        return f"{self.prefix}:heldn:{queue}"
+
+    def recent_runs(self, queue: str) -> str:
+        """List: run seconds of the last `RECENT_RUNS` jobs finished from `queue` (newest first): what a job
+        there takes now — at the quality budgets allow and under the GPU's contention — for ETAs."""
+        return f"{self.prefix}:recent:{queue}"
+
+    def job_prefix(self) -> str:
+        """What `job(id)` puts before the id (for scripts that build job keys)."""
+        return f"{self.prefix}:job:"
+
     def staging(self, token: str) -> str:
         """List (seconds long, with a TTL): a message built by Celery's send path for `arbiter job reprioritize`,
         moved onto its new queue in one Lua step."""

@@ -33,6 +33,7 @@ import redis
 from broker import simcatalog
 from broker.app import shared_queue, workload_queues
 from broker.catalog import registry
+from broker.fairshare import rank, read_ring
 from broker.histograms import histogram_key
 from broker.keys import Keys
 from broker.policies import policy
@@ -131,9 +132,14 @@ def request_shape(spec: JobSpec, weights_mib: int | None) -> tuple[list[float] |
 
 
 def service_time_s(predictors: Sequence[Mapping[str, Any]], x: list[float] | None, steps: int,
-                   duration_sum_s: float, duration_count: int) -> float | None:
-    """One job's predicted run time: the mean over the workers' predictors (ms per step × steps), or the
-    mean recorded duration when no predictor has seen a job yet; None when neither knows anything."""
+                   duration_sum_s: float, duration_count: int, recent: Sequence[Any] = ()) -> float | None:
+    """One job's predicted run time: the median of the band's recent run times when there are at least
+    `MIN_RECENT` (they hold the quality budgets allow now and the GPU's contention: a flood lowers both the
+    quality and the speed), else the mean over the workers' predictors (ms per step × steps at full
+    quality), else the mean recorded duration; None when nothing is known."""
+    runs = sorted(float(v) for v in recent)
+    if len(runs) >= MIN_RECENT:
+        return runs[len(runs) // 2]
     if x is not None and steps > 0:
         per_step = [ms for p in predictors if (ms := StepPredictor.from_dict(p).predict_ms(x)) is not None]
         if per_step:
@@ -141,6 +147,9 @@ def service_time_s(predictors: Sequence[Mapping[str, Any]], x: list[float] | Non
     if duration_count > 0:
         return duration_sum_s / duration_count
     return None
+
+
+MIN_RECENT = 3
 
 
 def recorded_durations(hists: Sequence[Sequence[Any]], own: int) -> tuple[float, int]:
@@ -200,19 +209,26 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
     guess = job_queue(workload, priority, None, settings)   # the spec may say otherwise (improvement runs)
     # round trip 1: the spec, workers, the shared lists' depths, the durations recorded, the first chunk
     pipe = r.pipeline(transaction=False)
-    pipe.hget(keys.job(job_id), "spec")
+    pipe.hmget(keys.job(job_id), "spec", "held")
     pipe.hgetall(keys.workers())
     for q in bands:
         pipe.llen(q)
+    for q in bands:
+        pipe.get(keys.held_count(q))
     for p in PRIORITY_ORDER:
         pipe.hmget(histogram_key(keys, "job_duration_seconds", wl.value, p.value), "sum", "count")
+    pipe.lrange(keys.recent_runs(guess), 0, -1)
     pipe.lrange(guess, -min(chunk, FIRST_CHUNK), -1)
-    raw_spec, workers_raw, *rest = pipe.execute()
+    (raw_spec, held_at), workers_raw, *rest = pipe.execute()
+    recent = rest.pop(-2)
     if raw_spec is None:
         return None
     spec = JobSpec.model_validate_json(raw_spec, context={"settings": settings})
     queue = job_queue(wl, spec.priority, spec.improves, settings)
     depth = dict(zip(bands, (int(n) for n in rest[:len(bands)])))
+    # jobs held for fair share (broker.fairshare) start after the band's fed messages: a stronger band counts them
+    held = dict(zip(bands, (max(0, int(n or 0)) for n in rest[len(bands):2 * len(bands)])))
+    rest = rest[len(bands):]
     hists = rest[len(bands):len(bands) + len(PRIORITY_ORDER)]
     first = rest[-1] if queue == guess else []
     slots = live_slots(workers_raw, wl.value, now)
@@ -230,6 +246,9 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
     replies = pipe.execute()
     predictors = [json.loads(p) for p in replies[:len(names)] if p]
     depth.update(zip(own_lists, (int(n) for n in replies[len(names):len(names) + len(own_lists)])))
+    if held_at is not None:   # waiting its tenant's turn: after the band's fed messages and the held ahead of it
+        return _held_position(r, keys, job_id, wl, queue, spec, held, depth, names, slots, predictors, hists,
+                              recent, settings)
     where, place = queue, place_in_chunk(first, job_id, 0)
     for q, got in zip(own_band, replies[len(names) + len(own_lists):]):
         if place is None and (found := place_in_chunk(got, job_id, 0)) is not None:
@@ -238,14 +257,45 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
         place, scanned = _scan(r, queue, job_id, len(first), min(depth[queue], cap), chunk)
         if place is None and scanned < cap:
             return None
-    before = [depth.get(q, 0) for q in lists_before(wl, where, names)]
+    before = [depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, where, names)]
     n_slots = slots.get(where.partition("@")[2], 0) if "@" in where else sum(slots.values())
     ahead = jobs_ahead(place, before) if place is not None else sum(before) + cap
     weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
     x, steps = request_shape(spec, weights)
     recorded = recorded_durations(hists, PRIORITY_ORDER.index(spec.priority))
-    service = service_time_s(predictors, x, steps, *recorded)
+    service = service_time_s(predictors, x, steps, *recorded, recent=recent)
     return Position(where, place, ahead, n_slots, service, eta_s(ahead, service, n_slots))
+
+
+def _held_position(r: redis.Redis, keys: Keys, job_id: str, wl: Workload, queue: str, spec: JobSpec,
+                   held: dict[str, int], depth: dict[str, int], names: list[str], slots: dict[str, int],
+                   predictors: list[Any], hists: list[Any], recent: list[Any], settings: Settings) -> Position | None:
+    """A job held for fair share: after every message of its band (they were fed before it) and the held
+    jobs the round robin serves first (`broker.fairshare.rank`)."""
+    fed_before = held_place(r, keys, queue, spec.tenant, job_id)
+    if fed_before is None:
+        return None
+    before = [depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, queue, names)]
+    place = depth.get(queue, 0) + fed_before + 1
+    ahead = jobs_ahead(place, before)
+    n_slots = sum(slots.values())
+    weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
+    x, steps = request_shape(spec, weights)
+    service = service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)),
+                             recent=recent)
+    return Position(queue, place, ahead, n_slots, service, eta_s(ahead, service, n_slots))
+
+
+def held_place(r: redis.Redis, keys: Keys, queue: str, tenant: str, job_id: str, cap: int = SCAN_CAP,
+               chunk: int = CHUNK) -> int | None:
+    """How many held jobs of `queue` the round robin feeds before this one (`broker.fairshare.rank`): its
+    index in its tenant's held list (oldest at the right end, as kombu keeps a queue), found like a queued
+    message; None when it is not held there any more."""
+    place, _ = _scan(r, keys.held(queue, tenant), job_id, 0, cap, chunk)
+    if place is None:
+        return None
+    ring, held = read_ring(r, keys, queue)
+    return rank(ring, held, tenant, place - 1)
 
 
 def _scan(r: redis.Redis, queue: str, job_id: str, skipped: int, until: int,

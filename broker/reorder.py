@@ -20,13 +20,14 @@ from typing import Any
 
 import redis
 
+from broker import fairshare
 from broker.app import TASK_NAMES, direct_queue
 from broker.controls import lists_of, registered_workers
 from broker.errors import ArbiterError, InvalidJob
 from broker.keys import Keys
 from broker.lua import load
 from broker.policies import policy
-from broker.position import CHUNK, SCAN_CAP, job_queue, place_in_chunk
+from broker.position import CHUNK, SCAN_CAP, held_place, job_queue, place_in_chunk
 from broker.schemas import JobSpec, Priority
 from broker.settings import Settings
 from broker.states import JobState
@@ -88,8 +89,19 @@ def _locate(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, spec: J
 
 
 def bump(r: redis.Redis, keys: Keys, settings: Settings, job_id: str) -> Moved:
-    """Move a queued job to the front of its band (the next one its workers take from that list)."""
+    """Move a queued job to the front of its band (the next one its workers take from that list), also one
+    held for fair share (out of its tenant's turn)."""
     spec = _queued(r, keys, settings, job_id, "bumped")
+    if r.hexists(keys.job(job_id), "held"):   # waiting its tenant's turn (fair share): out of it, to the front
+        queue = job_queue(spec.workload, spec.priority, spec.improves, settings)
+        held_list = keys.held(queue, spec.tenant)
+        found = find_message(r, [held_list], job_id)
+        if found is None:
+            raise NotQueued(job_id, "fed to its queue just now; bump it again", "bumped")
+        before = _held_place(r, keys, queue, spec.tenant, job_id)
+        if not fairshare.unhold(r, keys, job_id, spec, found[2]):
+            raise NotQueued(job_id, "fed to its queue just now; bump it again", "bumped")
+        return Moved(job_id, queue, before)
     lst, place, raw = _locate(r, keys, settings, job_id, spec, "bumped")
     if not r.register_script(load("queue_bump"))(keys=[lst], args=[raw]):
         raise NotQueued(job_id, "taken by a worker just now", "bumped")
@@ -129,7 +141,16 @@ def reprioritize(r: redis.Redis, keys: Keys, settings: Settings, app: Any, job_i
         raise InvalidJob(f"policy {settings.policy} has one queue per workload: use `arbiter job bump` to reorder")
     new = validate_spec(spec.model_copy(update={"priority": priority}), settings)
     target = job_queue(new.workload, new.priority, None, settings)
-    lst, place, raw = _locate(r, keys, settings, job_id, spec, "reprioritized")
+    held = r.hexists(keys.job(job_id), "held")   # fair share: its message waits on its tenant's held list
+    if held:
+        queue = job_queue(spec.workload, spec.priority, None, settings)
+        found = find_message(r, [keys.held(queue, spec.tenant)], job_id)
+        if found is None:
+            raise NotQueued(job_id, "fed to its queue just now; try again", "reprioritized")
+        lst, _, raw = found
+        place = _held_place(r, keys, queue, spec.tenant, job_id)
+    else:
+        lst, place, raw = _locate(r, keys, settings, job_id, spec, "reprioritized")
     staging, message = staged_message(r, keys, app, job_id, new, target)
     done = r.register_script(load("queue_move"))(
         keys=[lst, target, staging, keys.job(job_id)],
@@ -138,7 +159,17 @@ def reprioritize(r: redis.Redis, keys: Keys, settings: Settings, app: Any, job_i
         raise NotQueued(job_id, "no longer queued", "reprioritized")
     if done == 0:
         raise NotQueued(job_id, "taken by a worker just now", "reprioritized")
+    if held:   # out of fair share: its band's held count and its mark follow (its tenant leaves the ring when fed)
+        pipe = r.pipeline(transaction=False)
+        pipe.decr(keys.held_count(queue))
+        pipe.hdel(keys.job(job_id), "held")
+        pipe.execute()
     if priority is Priority.INTERACTIVE:      # the beat's fast path, as for an interactive submit
         r.lpush(keys.beat_wake(), job_id)
         r.ltrim(keys.beat_wake(), 0, 99)
     return Moved(job_id, target, place)
+
+
+def _held_place(r: redis.Redis, keys: Keys, queue: str, tenant: str, job_id: str) -> int:
+    """A held job's place in its band: after the band's fed messages and the held jobs fed before it."""
+    return r.llen(queue) + (held_place(r, keys, queue, tenant, job_id) or 0) + 1

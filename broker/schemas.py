@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from enum import StrEnum
 from typing import Any
 
@@ -41,6 +42,14 @@ def _settings(info: ValidationInfo) -> Settings:
     return ctx.get("settings") or get_settings()
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
+
+
+def tenant_for(name: str) -> str:
+    """A tenant name from any label (an API key's name): the characters a tenant may not hold become `_`."""
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)[:64] or "default"
+
+
 class JobSpec(BaseModel):
     """A generation job as submitted. Unknown fields are refused; workload params default per workload.
 
@@ -53,6 +62,8 @@ class JobSpec(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=128,
                               description="Which model (a ladder of variants); default: the workload's first.")
     priority: Priority = Priority.STANDARD
+    tenant: str = Field("default", pattern=TENANT_PATTERN, description="Who the job is for: within a "
+                        "priority band, tenants are served in turn (the gateway sets the API key's name).")
     min_quality: float | None = Field(None, description="Never run below this quality (default: workload floor).")
     deadline_s: float | None = Field(None, gt=0, description="Seconds after submit by which it must finish.")
     seed: int = Field(0, ge=0, lt=2**63)

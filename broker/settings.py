@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     vram_reserve_fraction: float = Field(VRAM_RESERVE_FRACTION, ge=0, lt=1, description="usable VRAM = total x (1 - this)")
     lease_ttl_s: float = Field(6.0, gt=0, description="A lease not renewed for this long is reclaimed.")
     allocation_timeout_s: float = Field(10.0, ge=0, description="How long an interactive job waits for VRAM.")
+    interactive_vram_first: bool = Field(True, description="VRAM freed for an interactive job waiting for it "
+                                         "is not leased to background or standard work (workers/vramhold.py).")
     preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "
                                                           "request is hard-stopped (its process is killed).")
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
@@ -73,6 +75,10 @@ class Settings(BaseSettings):
                                           "may face (0: no limit).")
     max_wait_standard_s: float = Field(0.0, ge=0, description="Most predicted wait a new standard job may "
                                        "face (0: no limit).")
+    fair_share: bool = Field(True, description="Serve the tenants of a standard or background band in turn "
+                             "(round robin) rather than first come first served (the arbiter policy only).")
+    fair_share_depth: int = Field(2, ge=1, description="Messages per worker slot the beat keeps in each fair-share "
+                                  "band's Celery queue (held jobs are fed in as it drains).")
     max_wait_background_s: float = Field(0.0, ge=0, description="Most predicted wait a new background job "
                                          "may face (0: no limit).")
 

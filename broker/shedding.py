@@ -35,6 +35,7 @@ import redis
 
 from broker.app import workload_queues
 from broker.errors import Overloaded
+from broker.fairshare import rank
 from broker.histograms import histogram_key
 from broker.keys import Keys
 from broker.position import (
@@ -113,6 +114,10 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     pipe.hgetall(keys.workers())
     for q in shared:
         pipe.llen(q)
+    for q in shared:
+        pipe.get(keys.held_count(q))
+    pipe.lrange(keys.held_ring(queue), 0, -1)
+    pipe.lrange(keys.recent_runs(queue), 0, -1)
     for p in PRIORITY_ORDER:
         pipe.hmget(histogram_key(keys, "job_duration_seconds", wl.value, p.value), "sum", "count")
     if idempotency_key:
@@ -121,7 +126,10 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     if idempotency_key and rest.pop():
         return queue, None, True
     depth = dict(zip(shared, (int(n) for n in rest[:len(shared)])))
-    hists = rest[len(shared):]
+    held = dict(zip(shared, (max(0, int(n or 0)) for n in rest[len(shared):2 * len(shared)])))
+    ring = [t.decode() if isinstance(t, bytes) else str(t) for t in rest[2 * len(shared)]]
+    recent = rest[2 * len(shared) + 1]
+    hists = rest[2 * len(shared) + 2:]
     slots = live_slots(workers_raw, wl.value, now)
     names = sorted(slots)
     own = [q for q in lists_before(wl, queue, names) if "@" in q]
@@ -130,13 +138,21 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
         pipe.get(keys.predictor(w, wl.value))
     for q in own:
         pipe.llen(q)
-    replies = pipe.execute() if names else []
+    tenants = ring if spec.tenant in ring else [*ring, spec.tenant]   # a new tenant joins the ring's end
+    for t in tenants:
+        pipe.llen(keys.held(queue, t))
+    replies = pipe.execute()   # at least the tenant's own held list
     predictors = [json.loads(p) for p in replies[:len(names)] if p]
-    depth.update(zip(own, (int(n) for n in replies[len(names):])))
-    ahead = sum(depth.get(q, 0) for q in lists_before(wl, queue, names)) + depth[queue]
+    depth.update(zip(own, (int(n) for n in replies[len(names):len(names) + len(own)])))
+    by_tenant = dict(zip(tenants, (int(n) for n in replies[len(names) + len(own):])))
+    # held jobs of this band start after its fed messages; a new job of this tenant is its last, and the
+    # round robin (broker.fairshare) feeds first only the other tenants' share of what is held
+    fed_before = rank(tenants, by_tenant, spec.tenant, by_tenant.get(spec.tenant, 0))
+    ahead = sum(depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, queue, names)) + depth[queue] + fed_before
     weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
     x, steps = request_shape(spec, weights)
-    service = service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)))
+    service = service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)),
+                             recent=recent)
     return queue, predicted_wait_s(ahead, service, sum(slots.values())), False
 
 

@@ -13,7 +13,9 @@ import logging
 from queue import Empty
 
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
 
+from broker.fairshare import HOLD_HEADER, hold_message
 from broker.retry import redis_full, retry_while
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,26 @@ class HardenedReads:
             raise Empty() from None
 
 
-class Channel(HardenedReads, kombu_redis.Channel):
+class HeldPuts:
+    """Fair share (`broker.fairshare`): a message whose headers carry `arbiter-hold` is put on its tenant's
+    held list for the band — with the ring, the held count and the record's mark, in one Lua step that then
+    feeds the band up to its target — instead of kombu's LPUSH onto the band's queue. Celery built it for that
+    queue; it moves there, bytes unchanged, when the tenant's turn comes."""
+
+    def _put(self, queue, message, **kwargs):  # type: ignore[no-untyped-def]
+        hold = (message.get("headers") or {}).get(HOLD_HEADER)
+        if not hold:
+            return super()._put(queue, message, **kwargs)
+        with self.conn_or_acquire() as client:
+            hold_message(client, hold, dumps(message))
+        return None
+
+
+class Channel(HeldPuts, HardenedReads, kombu_redis.Channel):
     QoS = QoS
 
 
-class SentinelChannel(HardenedReads, kombu_redis.SentinelChannel):
+class SentinelChannel(HeldPuts, HardenedReads, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel (`sentinel://...` with `master_name` in the transport options), hardened alike."""
 
     QoS = QoS

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore
 
+from broker import fairshare
 from broker.app import direct_queue, worker_queue
 from broker.budgets import budget_key
 from broker.client import validate_spec
@@ -42,6 +43,7 @@ from workers.improve import adopt, queue_improvement
 from workers.ladders import Rung, rung_cost_mib, rung_features
 from workers.peers import ram_nodes, read_peers
 from workers.runtime import CurrentJob, Runtime
+from workers.vramhold import held_for_interactive, lease_capacity_mib
 from workers.waiting import hold, is_paused, park
 
 log = logging.getLogger("arbiter.job")
@@ -89,6 +91,7 @@ class View:
     checkpoint: bytes | None
     predictor: StepPredictor
     paused: bool = False     # an operator paused the job's queue (`broker.controls`)
+    held_mib: int = 0        # VRAM interactive jobs waiting on this GPU need (`workers.vramhold`)
 
     @classmethod
     def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
@@ -99,11 +102,12 @@ class View:
         pipe.get(rt.keys.job_checkpoint(job_id))
         pipe.get(rt.keys.predictor(rt.worker, rt.workload.value))
         pipe.hget(rt.keys.queue_controls(), job_queue(spec.workload, spec.priority, spec.improves, rt.settings))
-        job, budget, leases, checkpoint, predictor, control = pipe.execute()
+        pipe.hvals(rt.keys.waiting_vram())
+        job, budget, leases, checkpoint, predictor, control, waiting = pipe.execute()
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(parse_leases(leases, time.time())), checkpoint,
                    StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor(),
-                   paused=is_paused(control))
+                   paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, time.time()))
 
 
 def pass_on(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, view: View, raw: Any, task: Any) -> None:
@@ -174,11 +178,13 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
     started = time.monotonic()
     waiting = False
     held = view.resident
+    capacity = lease_capacity_mib(rt.capacity_mib, chosen.interactive, view.held_mib,
+                                  rt.admission and rt.settings.interactive_vram_first)
     while True:
         free = 0
         for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
             # the weights lease is always named: counted only if not held yet, renewed (re-made) if it is
-            grant = rt.ledger.acquire(rt.gpu_id, rt.capacity_mib, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
+            grant = rt.ledger.acquire(rt.gpu_id, capacity, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
                                       spec.priority.value, spec.workload.value, rt.worker,
                                       (rung.variant, rung.weights_mib), holder=rt.holder)
             if grant.held_elsewhere:
@@ -215,6 +221,16 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
         held = rt.resident_variants()
 
 
+def refill(rt: Runtime, spec: JobSpec) -> None:
+    """Fair share: this message just left its band's queue; refill the queue from the tenants' held lists,
+    in turn (one Lua step). The beat refills on its tick too: a failure here only costs latency."""
+    if fairshare.applies(spec, rt.settings):
+        try:
+            fairshare.feed(rt.redis, rt.keys, spec.queue, rt.settings.fair_share_depth)
+        except redis.RedisError as exc:
+            log.warning("feeding %s failed (the beat feeds it on its next tick): %s", spec.queue, exc)
+
+
 def start(rt: Runtime, job_id: str, rung: Rung, fence: int, resumed: bool, now: float) -> tuple[bool, Any]:
     """The job is running: one guarded transition and its counters, in one round trip."""
     fields: dict[str, Any] = dict(allowed=STARTABLE, incr={"runs": 1}, setnx={"started_at": now}, worker=rt.worker,
@@ -232,6 +248,7 @@ def start(rt: Runtime, job_id: str, rung: Rung, fence: int, resumed: bool, now: 
 # -- the run -----------------------------------------------------------------------------------------------
 def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, Any]:
     spec = parse_message(rt, job_id, raw)
+    refill(rt, spec)
     store = rt.store
     view = View.read(rt, job_id, spec)
     if not view.job:  # a valid message put on the queue without a client: give it a record

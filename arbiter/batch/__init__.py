@@ -27,8 +27,8 @@ def batch_command(
     prompts: Annotated[Path, typer.Argument(help="JSONL file: one job per line, e.g. {\"id\": \"fox\", \"prompt\": "
                                                  "\"a red fox\", \"steps\": 30}. `prompt` is required; `id` defaults "
                                                  "to the line number; any job field (workload, model, priority, "
-                                                 "min_quality, deadline_s, seed, max_new_tokens, steps, width, "
-                                                 "height) may be set per line and wins over the options.",
+                                                 "tenant, min_quality, deadline_s, seed, max_new_tokens, steps, "
+                                                 "width, height) may be set per line and wins over the options.",
                                             exists=True, dir_okay=False, readable=True)],
     out: Annotated[Path, typer.Option("--out", help="Output folder: <id>.png / <id>.txt, manifest.jsonl, "
                                                     "errors.jsonl. Rerun with the same file and folder to resume.")],

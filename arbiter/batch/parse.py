@@ -11,7 +11,8 @@ from typing import Any
 from arbiter.batch.output import append
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-SPEC_FIELDS = ("workload", "prompt", "model", "priority", "min_quality", "deadline_s", "seed", "max_new_tokens",
+SPEC_FIELDS = ("workload", "prompt", "model", "priority", "tenant", "min_quality", "deadline_s", "seed",
+               "max_new_tokens",
                "steps", "width", "height", "improve")
 
 

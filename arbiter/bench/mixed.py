@@ -1,6 +1,8 @@
 """`arbiter bench mixed`: chat vs batch flood. Interactive llm chat (Poisson arrivals, seeded), a background
 diffusion flood that alone keeps the GPU busy, and a trickle of standard llm jobs — the identical trace
-replayed under `fifo`, `priority` and `arbiter`, each on a fresh Redis and fresh workers.
+replayed under `fifo`, `priority`, `arbiter-nohold` and `arbiter`, each on a fresh Redis and fresh workers.
+`arbiter-nohold` is the arbiter with `interactive_vram_first` off: VRAM freed by a preemption for a chat
+waiting for it may be leased again by background work first (the behaviour before it; `workers/vramhold.py`).
 
 Times in the trace and the SLO are H100 seconds; `--scale` multiplies every simulated duration and every
 arrival time alike (0.5 = twice as fast), so ratios are preserved; Redis and Celery overheads do not
@@ -22,7 +24,12 @@ from broker.client import Client, JobHandle
 from broker.states import TERMINAL, JobState
 from broker.stats import read as read_stats
 
-POLICIES = ("fifo", "priority", "arbiter")
+POLICIES = ("fifo", "priority", "arbiter-nohold", "arbiter")
+# bench variants: row name -> (ARBITER_POLICY, settings changed)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "arbiter-nohold": ("arbiter", {"interactive_vram_first": False}),
+    "arbiter": ("arbiter", {"interactive_vram_first": True}),
+}
 GPU = "sim:20GiB"     # tight: sd15 + llama-8b weights take 17.4 of 20 GiB; four 1024 px images do not fit beside them
 WORKERS = (("llm", 4), ("diffusion", 4))
 TTFT_SLO_S = 1.0      # time to first token
@@ -82,6 +89,7 @@ class PolicyRun:
     gpu_busy_fraction: float = 0.0
     plan_us_p99: float = 0.0
     idle_ms_per_token: float = 0.0
+    idle_ttft_s: float = 0.0
     wall_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
 
@@ -90,23 +98,35 @@ def _per_token_ms(times: list[float]) -> float | None:
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
 
 
-def idle_ms_per_token(client: Client, scale: float, n: int = 3) -> float:
-    """Chat decode speed on the same stack with nothing else running (the 'idle GPU' baseline)."""
-    xs = []
+def idle_chat(client: Client, scale: float, n: int = 5) -> tuple[float, float]:
+    """Chat decode speed (ms per token) and time to first token (s) on the same stack with nothing else
+    running (the 'idle GPU' baseline), medians of `n` chats one after another. First every llm process runs
+    one chat at once, so each has its weights on the GPU (a prefork child loads them on its first job: 0.64 s
+    of PCIe for llama-8b) — a served model is warm; without this the trace's first burst measured cold loads."""
+    slots = dict(WORKERS)["llm"]
+    warm = [client.submit(workload="llm", priority="interactive", prompt=f"warm {i}", max_new_tokens=64)
+            for i in range(slots)]
+    for h in warm:
+        h.result(timeout=120)
+    per_token, first = [], []
     for i in range(n):
         h = client.submit(workload="llm", priority="interactive", prompt=f"warm-up {i}", max_new_tokens=128)
         h.result(timeout=120)
-        if (v := _per_token_ms(token_times_ms(client, h.id))) is not None:
-            xs.append(v / scale)
-    return statistics.median(xs)
+        times = token_times_ms(client, h.id)
+        if (v := _per_token_ms(times)) is not None:
+            per_token.append(v / scale)
+        if times:
+            first.append((times[0] / 1000 - h.status().queued_at) / scale)
+    return statistics.median(per_token), statistics.median(first)
 
 
 def run_policy(policy: str, trace: list[Arrival], scale: float, log_dir: Path, drain_timeout_s: float) -> PolicyRun:
-    settings = bench_settings(policy, scale)
+    base, extra = VARIANTS.get(policy, (policy, {}))
+    settings = bench_settings(base, scale, **extra)
     workers = [WorkerSpec(w, GPU, c) for w, c in WORKERS]
     out = PolicyRun(policy)
     with private_stack(settings, workers, log_dir / policy) as (_stack, client):
-        out.idle_ms_per_token = idle_ms_per_token(client, scale)
+        out.idle_ms_per_token, out.idle_ttft_s = idle_chat(client, scale)
         client.redis.delete(client.keys.stats())
         jobs: list[Tracked] = []
         busy_samples: list[bool] = []
@@ -174,7 +194,8 @@ def _account(out: PolicyRun, client: Client, jobs: list[Tracked], t0: float, sca
     out.interactive = {
         "count": chats, "slo_attainment": round(met / chats, 4) if chats else None,
         "latency_p50_s": pct(chat_lat, 50), "latency_p95_s": pct(chat_lat, 95), "latency_p99_s": pct(chat_lat, 99),
-        "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+        "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95), "ttft_p99_s": pct(ttft, 99),
+        "ttft_p95_vs_idle": round(pct(ttft, 95) / out.idle_ttft_s, 2) if ttft and out.idle_ttft_s else None,
         "ms_per_token_p50": pct(tpot, 50), "ms_per_token_p95": pct(tpot, 95),
         "per_token_vs_idle": round(pct(tpot, 50) / out.idle_ms_per_token, 3) if tpot else None,
     }

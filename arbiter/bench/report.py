@@ -27,7 +27,8 @@ def mixed_table(console: Console, data: dict[str, Any]) -> None:
     rows = [
         ("interactive SLO attainment", lambda r: _f(r["interactive"]["slo_attainment"] and r["interactive"]["slo_attainment"] * 100, 1, " %")),
         ("interactive latency p50 / p95 / p99 s", lambda r: " / ".join(_f(r["interactive"][k]) for k in ("latency_p50_s", "latency_p95_s", "latency_p99_s"))),
-        ("time to first token p50 / p99 s", lambda r: " / ".join(_f(r["interactive"][k]) for k in ("ttft_p50_s", "ttft_p99_s"))),
+        ("time to first token p50 / p95 / p99 s", lambda r: " / ".join(_f(r["interactive"].get(k)) for k in ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s"))),
+        ("chat TTFT p95 ÷ idle TTFT (idle s)", lambda r: f"{_f(r['interactive'].get('ttft_p95_vs_idle'), 2, '×')} ({_f(r.get('idle_ttft_s'), 3)})"),
         ("chat ms/token p50 (idle)", lambda r: f"{_f(r['interactive']['ms_per_token_p50'])} ({_f(r['idle_ms_per_token'])})"),
         ("chat per-token ÷ idle", lambda r: _f(r["interactive"]["per_token_vs_idle"], 2, "×")),
         ("background images/min", lambda r: _f(r["background"]["images_per_min"], 1)),
@@ -243,3 +244,24 @@ def scale_plot(path: Path, data: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fairness_table(console: Console, data: dict[str, Any]) -> None:
+    t = Table(title=f"fairness: tenant A {data['a_jobs']} background images at t=0, tenant B {data['b_jobs']} at "
+                    f"t={data['b_at_s']:g} s, a chat every {data['chat_every_s']:g} s ({data['gpu']}, "
+                    f"{', '.join(data['workers'])}; sim seconds)")
+    for col in ("", "B wait p50 s", "B wait p95 s", "A / B GPU share while both wait", "Jain's index",
+                "chat SLO", "chat p95 s", "ETA error p50 / p90 (all)", "(B)", "unfinished"):
+        t.add_column(col, justify="right" if col else "left")
+    for name, r in data["modes"].items():
+        share = r["share_while_both"]
+        t.add_row(name, _f(r["b_wait_p50_s"], 1), _f(r["b_wait_p95_s"], 1),
+                  f"{share.get('A', 0):.2f} / {share.get('B', 0):.2f}", _f(r["jain"], 3),
+                  "-" if r["chat_slo"] is None else f"{r['chat_slo'] * 100:.0f} %", _f(r["chat_latency_p95_s"], 2),
+                  f"{_f(r['eta_error_p50'], 2)} / {_f(r['eta_error_p90'], 2)}",
+                  f"{_f(r.get('eta_error_b_p50'), 2)} / {_f(r.get('eta_error_b_p90'), 2)}", str(r["unfinished"]))
+    console.print(t)
+    g = data["goals"]
+    console.print(f"goals: Jain ≥ 0.95 with fair share: {'met' if g['jain_fair_ge_0_95'] else 'MISSED'}; "
+                  f"ETA error p50 ≤ 20 % (B's jobs): {'met' if g['eta_p50_within_20pct'] else 'MISSED'}; "
+                  f"B's median wait, fair ÷ fcfs: {g['b_wait_p50_ratio']}")

@@ -35,7 +35,8 @@ def bench_mixed(
     seed: Annotated[int, typer.Option()] = 1,
     flood: Annotated[int, typer.Option(help="Background images submitted at t=0.")] = 40,
     chat_per_s: Annotated[float, typer.Option(help="Chat arrival rate (Poisson), per H100 second.")] = 1.0,
-    policies: Annotated[str, typer.Option(help="Comma-separated policies to compare.")] = "fifo,priority,arbiter",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies to compare (arbiter-nohold: the arbiter "
+                                              "without interactive_vram_first).")] = "fifo,priority,arbiter-nohold,arbiter",
     json_path: JsonOpt = None,
     plot_path: PlotOpt = None,
 ) -> None:
@@ -63,6 +64,24 @@ def bench_dispatch(
     data = run_dispatch(burst, samples, LOGS)
     dispatch_table(console, data)
     _finish(data, json_path, plot_path)
+
+
+@app.command("fairness")
+def bench_fairness(
+    a_jobs: Annotated[int, typer.Option(help="Tenant A's background images, submitted at t=0.")] = 200,
+    b_jobs: Annotated[int, typer.Option(help="Tenant B's background images.")] = 20,
+    b_at_s: Annotated[float, typer.Option(help="When B submits, in sim seconds.")] = 10.0,
+    chat_every_s: Annotated[float, typer.Option(help="A chat every this many sim seconds.")] = 2.0,
+    scale: Annotated[float, typer.Option(help="Time factor for the sim (0.5 = 2x faster).")] = 0.5,
+    json_path: JsonOpt = None,
+) -> None:
+    """Two tenants in one band: fair share on vs first come first served, in one run."""
+    from arbiter.bench.fairness import run_fairness
+    from arbiter.bench.report import fairness_table
+
+    data = run_fairness(a_jobs, b_jobs, b_at_s, chat_every_s, scale, LOGS)
+    fairness_table(console, data)
+    _finish(data, json_path, None)
 
 
 @app.command("preempt")

@@ -22,6 +22,7 @@ def submit(
     workload: Annotated[Workload, typer.Argument(help="llm or diffusion")],
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.STANDARD,
+    tenant: Annotated[str, typer.Option(help="Who the job is for: tenants of a band are served in turn.")] = "default",
     model: Annotated[str | None, typer.Option(help="Model to run (default: the workload's first).")] = None,
     min_quality: Annotated[float | None, typer.Option(help="Never run below this quality.")] = None,
     deadline_s: Annotated[float | None, typer.Option(help="Must finish within this many seconds.")] = None,
@@ -39,7 +40,7 @@ def submit(
                                                "when the GPU would otherwise idle and replace its result.")] = False,
 ) -> None:
     """Submit a job; print its id (or, with --wait/--stream/--out, its result)."""
-    fields = {"workload": workload.value, "prompt": prompt, "priority": priority.value, "model": model,
+    fields = {"workload": workload.value, "prompt": prompt, "priority": priority.value, "tenant": tenant, "model": model,
               "min_quality": min_quality, "improve": improve or None,
               "deadline_s": deadline_s, "max_new_tokens": max_new_tokens, "steps": steps, "width": width,
               "height": height, "seed": seed}

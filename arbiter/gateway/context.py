@@ -16,7 +16,7 @@ from arbiter.gateway.signing import UrlSigner
 from arbiter.gateway.streams import StreamSlots, job_events
 from broker.client import Client, JobHandle
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
-from broker.schemas import JobResult, JobSpec, Priority
+from broker.schemas import JobResult, JobSpec, Priority, tenant_for
 from broker.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
@@ -87,7 +87,8 @@ class Ctx:
             raise ApiError(limit.status, limit.message, "rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(limit.retry_after_s)})
         try:
-            handle = self.client.submit(fields, idempotency_key=idempotency_key)
+            # the key's name is the tenant: fair share within a band is between keys (broker/fairshare.py)
+            handle = self.client.submit({**fields, "tenant": tenant_for(key.name)}, idempotency_key=idempotency_key)
         except InvalidJob as exc:
             field = param_of(exc.errors, JobSpec.model_fields) or _named(str(exc))
             if field == "idempotency_key" or "idempotency_key" in str(exc):

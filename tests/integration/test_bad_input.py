@@ -14,6 +14,13 @@ from tests.conftest import ROOT, wait_until, worker_env
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def settings(settings):
+    """Raw messages are pushed onto Celery's own lists here, and no beat runs: every job goes straight to its
+    queue (fair share would hold standard and background jobs until the beat or a starting job feeds them)."""
+    return settings.model_copy(update={"fair_share": False})
+
+
 def depths(url):
     r = redis.Redis.from_url(url)
     return {q: r.llen(q) for q in all_queues()}, r.zcard("arbiter:jobs:live")

@@ -23,8 +23,9 @@ NODES, GPUS = 3, 2
 
 @pytest.fixture(scope="module")
 def settings(redis_url):
-    # real-time sim steps: the six jobs must run long enough to be all running at once on a loaded box
-    return fast_settings(redis_url, sim_time_scale=1.0)
+    # real-time sim steps: the six jobs must run long enough to be all running at once on a loaded box; no
+    # affinity hand-offs (a job fed after two GPUs loaded the model would wait for one of them instead)
+    return fast_settings(redis_url, sim_time_scale=1.0, affinity_max_declines=0)
 
 
 def events(client, job_id: str) -> list[dict[str, str]]:

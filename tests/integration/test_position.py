@@ -23,6 +23,13 @@ from tests.support.gateway import Gateway
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def settings(settings):
+    """These tests read and pop Celery's own lists: every job goes straight to its queue (fair share holds
+    standard and background jobs on their tenants' lists; test_fair_share.py covers those)."""
+    return settings.model_copy(update={"fair_share": False})
+
+
 def test_chunked_scan_and_its_cap(client, settings):
     """Found across several LRANGE chunks; deeper than the cap: 'more than N ahead' (place None)."""
     small = {"workload": "diffusion", "steps": 2, "width": 64, "height": 64, "priority": "background"}

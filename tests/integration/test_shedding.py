@@ -28,6 +28,13 @@ from tests.support.gateway import Gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
+
+@pytest.fixture(scope="module")
+def settings(settings):
+    """These tests read and pop Celery's own lists: every job goes straight to its queue (fair share holds
+    standard and background jobs on their tenants' lists; test_fair_share.py covers those)."""
+    return settings.model_copy(update={"fair_share": False})
+
 JOB = {"workload": "llm", "max_new_tokens": 200}
 BACKLOG = 8
 

@@ -147,3 +147,14 @@ def test_a_free_slot_anywhere_means_no_preemption_and_no_pause_elsewhere():
     # the chat runs on c's free slot: c's background job yields compute there, a and b keep running
     assert not d.controls["a:sim0"] and not d.controls["b:sim0"]
     assert d.controls["c:sim0"] == {"c:sim0-j0": "pause"}
+
+
+def test_room_a_waiting_interactive_job_needs_is_not_released_to_parked_batch_jobs():
+    waiting = (WaitingJob("chat", "diffusion", "interactive", 1_500),)
+    gpu = gv("g", 0.5, 10_000, 8_000, slots={"diffusion": 4}, running=(job(1, mib=8_000),), waiting_vram=waiting)
+    world = World((gpu,), {}, {}, parked=(parked(1, "vram", since=1, mib=1_000), parked(2, "vram", since=2, mib=500)),
+                  now=5.0)
+    assert [j for j, _ in plan(world, CFG).release] == ["p2"]           # 2 000 free, 1 500 held for the chat
+    batch = (WaitingJob("std", "diffusion", "standard", 1_500),)        # only interactive waiters hold room
+    gpu = gv("g", 0.5, 10_000, 8_000, slots={"diffusion": 4}, running=(job(1, mib=8_000),), waiting_vram=batch)
+    assert [j for j, _ in plan(World((gpu,), {}, {}, parked=world.parked, now=5.0), CFG).release] == ["p1", "p2"]
