@@ -193,6 +193,11 @@ class ArbiterCollector(Collector):
         yield from self._gpus(gpu_ids, snaps_raw if isinstance(snaps_raw, list) else [], per_gpu, seen)
         yield from self._queues(queues, depths, affinity, aff_depths, by_workload)
         yield from _queue_controls(queues, world.queue_controls)
+        held = GaugeMetricFamily("arbiter_queue_held", "Jobs held for fair share, waiting their tenant's turn "
+                                 "to be fed into the queue.", labels=["queue"])
+        for q in queues:
+            held.add_metric([q], world.held.get(q, 0))
+        yield held
         yield from self._jobs(states, live_n)
         yield from self._stats(_hash(stats_raw))
         yield from self._histograms(hist_keys, hists)

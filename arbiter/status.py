@@ -60,6 +60,7 @@ def collect(client: Client) -> dict[str, Any]:
         "policy": client.settings.policy,
         "gpus": gpus,
         "queues": seen.queues,
+        "held": seen.held,
         "queue_controls": {q: asdict(c) for q, c in seen.queue_controls.items()},   # paused / draining
         "parked": [p.model_dump(mode="json") | {"waiting_for": p.explain()} for p in seen.parked],
         "jobs": jobs,
@@ -88,11 +89,13 @@ def render(console: Console, data: dict[str, Any]) -> None:
     queues = Table(title="Queues")
     queues.add_column("queue")
     queues.add_column("depth", justify="right")
+    queues.add_column("held", justify="right")   # waiting their tenant's turn (fair share)
     queues.add_column("state")
     controls = data.get("queue_controls", {})
     for q, n in data["queues"].items():
         c = controls.get(q)
-        queues.add_row(q, str(n), describe_control(QueueControl(**c) if c else None, data["taken_at"]))
+        queues.add_row(q, str(n), str(data.get("held", {}).get(q, 0)),
+                       describe_control(QueueControl(**c) if c else None, data["taken_at"]))
     console.print(queues)
     jobs = Table(title="Live jobs (not queued)")
     for col in ("job", "workload", "priority", "state", "quality", "step", "gpu", "waiting for"):

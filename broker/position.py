@@ -33,6 +33,8 @@ import redis
 from broker import simcatalog
 from broker.app import shared_queue, workload_queues
 from broker.catalog import registry
+from broker.controls import describe as describe_control
+from broker.controls import read_control
 from broker.fairshare import rank, read_ring
 from broker.histograms import histogram_key
 from broker.keys import Keys
@@ -168,14 +170,17 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def describe(position: int | None, ahead: int | None, eta: float | None, queue: str) -> str:
-    """`3rd in llm.standard, 12 jobs ahead, ETA ~40 s` (`more than 10000 jobs ahead in ...` past the cap)."""
+def describe(position: int | None, ahead: int | None, eta: float | None, queue: str, held_up: bool = False) -> str:
+    """`3rd in llm.standard, 12 jobs ahead, ETA ~40 s` (`more than 10000 jobs ahead in ...` past the cap);
+    `held_up`: something else says why it waits (its queue is paused): no ETA clause."""
     if ahead is None:
         return ""
     if position is None:
         text = f"more than {ahead} jobs ahead in {queue}"
         return text + (f", ETA over ~{eta:.0f} s" if eta is not None else "")
     text = f"{ordinal(position)} in {queue}, {ahead} job{'' if ahead == 1 else 's'} ahead"
+    if held_up:
+        return text
     return text + (f", ETA ~{eta:.0f} s" if eta is not None else ", ETA unknown (no worker or no timing yet)")
 
 
@@ -320,7 +325,12 @@ def with_position(r: redis.Redis, keys: Keys, settings: Settings, status: JobSta
     if pos is None:
         return status
     eta = None if pos.eta_s is None else round(pos.eta_s, 3)
-    return status.model_copy(update={"position": pos.place, "ahead": pos.ahead, "eta_s": eta})
+    update: dict[str, Any] = {"position": pos.place, "ahead": pos.ahead, "eta_s": eta}
+    control = read_control(r, keys, shared_queue(pos.queue))
+    if control is not None and control.state == "paused":   # nothing starts from it: no ETA, the reason instead
+        update.update(eta_s=None, waiting_for=f"its queue {shared_queue(pos.queue)} is "
+                                              f"{describe_control(control, time.time())}")
+    return status.model_copy(update=update)
 
 
 def _s(v: Any) -> str:

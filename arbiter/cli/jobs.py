@@ -120,7 +120,7 @@ def _job_table(st):
         rows.insert(2, ("waiting for", st.waiting_for))
     if st.ahead is not None:   # queued: "queued: 3rd in llm.standard, 12 jobs ahead, ETA ~40 s"
         band = job_queue(st.workload, st.priority, None, get_settings())
-        rows[1] = ("state", f"{st.state.value}: {describe(st.position, st.ahead, st.eta_s, band)}")
+        rows[1] = ("state", f"{st.state.value}: {describe(st.position, st.ahead, st.eta_s, band, bool(st.waiting_for))}")
     if st.improvement:
         rows.append(("improvement", "done: the result is version 2, at full quality" if st.improvement == "done"
                      else "queued: redone at full quality when the GPU would otherwise idle"))

@@ -33,12 +33,13 @@ def _who(by: str | None) -> str:
 
 @app.command("list")
 def queue_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Every queue with its depth and state: running, paused or draining (since when, by whom, why)."""
+    """Every queue with its depth (messages on it), its jobs held for fair share (waiting their tenant's turn)
+    and state: running, paused or draining (since when, by whom, why)."""
     from arbiter.world import read as read_world
 
     with open_client() as client:
         seen = read_world(client.redis, client.keys, time.time(), gpu_ids=[])
-    rows = [{"queue": q, "depth": n, "state": c.state if (c := seen.queue_controls.get(q)) else "running",
+    rows = [{"queue": q, "depth": n, "held": seen.held.get(q, 0), "state": c.state if (c := seen.queue_controls.get(q)) else "running",
              **({k: v for k, v in asdict(c).items() if k != "state"} if c else {})}
             for q, n in seen.queues.items()]
     if as_json:
@@ -46,11 +47,11 @@ def queue_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
         return
     from rich.table import Table
 
-    t = Table("queue", "depth", "state", "since", "by", "reason", title="Queues")
+    t = Table("queue", "depth", "held", "state", "since", "by", "reason", title="Queues")
     for row in rows:
         since = f"{seen.now - row['since']:.0f} s ago" if "since" in row else ""
         state = row["state"] + (" (running jobs preempted)" if row.get("preempt") else "")
-        t.add_row(row["queue"], str(row["depth"]), state, since, row.get("by", ""), row.get("reason", ""))
+        t.add_row(row["queue"], str(row["depth"]), str(row["held"]), state, since, row.get("by", ""), row.get("reason", ""))
     console.print(t)
 
 

@@ -48,7 +48,9 @@ def test_pause_holds_new_jobs_while_a_worker_idles_and_resume_starts_them(client
     worker("diffusion", concurrency=1)             # started while paused: it honours the record (worker_ready)
     first = client.submit(prompt="held 1", priority="standard", **SMALL)
     assert stays_queued(first)
-    assert first.status().position == 1
+    st = first.status()
+    assert st.position == 1 and st.eta_s is None                 # nothing starts from a paused queue: no ETA,
+    assert "diffusion.standard is paused" in st.waiting_for and "maintenance" in st.waiting_for   # the reason
     other = client.submit(prompt="other band", priority="background", **SMALL)   # other queues go on
     other.result(timeout=30)
 

@@ -166,3 +166,10 @@ def test_describe(args, text):
 ])
 def test_recorded_durations(hists, own, got):
     assert recorded_durations(hists, own) == got
+
+
+def test_a_held_up_job_gets_no_eta_clause():
+    from broker.position import describe
+
+    assert describe(1, 0, None, "diffusion.background", held_up=True) == "1st in diffusion.background, 0 jobs ahead"
+    assert describe(1, 0, None, "diffusion.background").endswith("ETA unknown (no worker or no timing yet)")
