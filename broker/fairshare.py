@@ -21,6 +21,7 @@ the `tenant` field through the client, CLI and batch (default `default`)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -78,6 +79,24 @@ def feed(r: redis.Redis, keys: Keys, queue: str, default_target: int, now: float
     `default_target`): one Lua step. Returns how many moved."""
     return int(script(r, "fair")(keys=_band_keys(keys, queue), args=[
         "feed", keys.held(queue), keys.job_prefix(), time.time() if now is None else now, default_target]))
+
+
+def feed_in(pipe: Any, keys: Keys, queue: str, default_target: int) -> None:
+    """`feed`, queued on a pipeline as a plain EVALSHA (redis-py would ask SCRIPT EXISTS first, a round trip
+    of its own). A Redis that lost its scripts answers NoScriptError when the pipeline runs: `load_script`, and
+    run it again."""
+    pipe.evalsha(_sha("fair"), 5, *_band_keys(keys, queue), "feed", keys.held(queue), keys.job_prefix(),
+                 time.time(), default_target)
+
+
+def load_script(r: redis.Redis) -> None:
+    """Load the fair-share script (after a Redis restart or a failover lost it)."""
+    r.script_load(_text("fair"))
+
+
+@lru_cache(maxsize=None)
+def _sha(name: str) -> str:
+    return hashlib.sha1(_text(name).encode()).hexdigest()
 
 
 def unhold(r: redis.Redis, keys: Keys, job_id: str, spec: JobSpec, message: bytes) -> bool:

@@ -95,6 +95,16 @@ class View:
 
     @classmethod
     def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
+        """The job's view; for a fair-share band also the refill of its queue (this message just left it:
+        the next held one moves in, tenants in turn), in the same round trip."""
+        try:
+            return cls._read(rt, job_id, spec)
+        except redis.exceptions.NoScriptError:   # Redis lost its scripts (a restart, a failover): load, again
+            fairshare.load_script(rt.redis)
+            return cls._read(rt, job_id, spec)
+
+    @classmethod
+    def _read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
         pipe = rt.redis.pipeline(transaction=False)
         pipe.hgetall(rt.keys.job(job_id))
         pipe.hget(rt.keys.budgets(rt.gpu_id), budget_key(spec.workload, spec.priority))
@@ -103,7 +113,9 @@ class View:
         pipe.get(rt.keys.predictor(rt.worker, rt.workload.value))
         pipe.hget(rt.keys.queue_controls(), job_queue(spec.workload, spec.priority, spec.improves, rt.settings))
         pipe.hvals(rt.keys.waiting_vram())
-        job, budget, leases, checkpoint, predictor, control, waiting = pipe.execute()
+        if fairshare.applies(spec, rt.settings):
+            fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth)
+        job, budget, leases, checkpoint, predictor, control, waiting, *_ = pipe.execute()
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(parse_leases(leases, time.time())), checkpoint,
                    StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor(),
@@ -221,16 +233,6 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
         held = rt.resident_variants()
 
 
-def refill(rt: Runtime, spec: JobSpec) -> None:
-    """Fair share: this message just left its band's queue; refill the queue from the tenants' held lists,
-    in turn (one Lua step). The beat refills on its tick too: a failure here only costs latency."""
-    if fairshare.applies(spec, rt.settings):
-        try:
-            fairshare.feed(rt.redis, rt.keys, spec.queue, rt.settings.fair_share_depth)
-        except redis.RedisError as exc:
-            log.warning("feeding %s failed (the beat feeds it on its next tick): %s", spec.queue, exc)
-
-
 def start(rt: Runtime, job_id: str, rung: Rung, fence: int, resumed: bool, now: float) -> tuple[bool, Any]:
     """The job is running: one guarded transition and its counters, in one round trip."""
     fields: dict[str, Any] = dict(allowed=STARTABLE, incr={"runs": 1}, setnx={"started_at": now}, worker=rt.worker,
@@ -248,7 +250,6 @@ def start(rt: Runtime, job_id: str, rung: Rung, fence: int, resumed: bool, now: 
 # -- the run -----------------------------------------------------------------------------------------------
 def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, Any]:
     spec = parse_message(rt, job_id, raw)
-    refill(rt, spec)
     store = rt.store
     view = View.read(rt, job_id, spec)
     if not view.job:  # a valid message put on the queue without a client: give it a record
