@@ -19,7 +19,7 @@ from arbiter.budgets import BudgetConfig, BudgetState
 from arbiter.flow import feed_targets
 from arbiter.policy import Decisions, PolicyConfig, World, plan
 from arbiter.sweeps import Sweeps
-from arbiter.world import GpuState, Snapshot
+from arbiter.world import Snapshot
 from arbiter.world import read as read_world_snapshot
 from broker import fairshare, parking
 from broker.app import create_app
@@ -65,8 +65,7 @@ class Beat:
         self.interactive_seen: dict[str, float] = {}
         self.plan_us: deque[float] = deque(maxlen=2000)
         self.ticks = 0
-        self._seen: dict[str, GpuState] = {}
-        self._workers: dict[str, dict[str, Any]] | None = None
+        self._snapshot: Snapshot | None = None   # the world as this tick read it: apply() compares against it
         self._last_delivery_sweep = 0.0
         self.sweeps = Sweeps(self.r, self.keys, self.store, self.app, settings, clock)
 
@@ -147,8 +146,6 @@ class Beat:
     def read_world(self) -> World:
         now = self.clock()
         seen = read_world_snapshot(self.r, self.keys, now)
-        self._seen = {g.gpu_id: g for g in seen.gpus}   # what apply() compares against: no second read
-        self._workers = seen.workers
         self._snapshot = seen
         leased = {x.field for g in seen.gpus for x in g.leases if x.kind == "job"}
         preempting = {j for g in seen.gpus for j, v in g.controls.items() if v.startswith("preempt")}
@@ -181,7 +178,7 @@ class Beat:
         self.plan_us.append((time.perf_counter() - t0) * 1e6)
         self.apply(world, decisions)
         self.feed_held(self._snapshot)
-        self.sweeps.reclaim_worker_queues(self._workers)
+        self.sweeps.reclaim_worker_queues(self._snapshot.workers if self._snapshot else None)
         if time.monotonic() - self._last_delivery_sweep >= min(10.0, self.settings.lost_delivery_s / 3):
             self._last_delivery_sweep = time.monotonic()
             self.sweeps.restore_lost_deliveries()
@@ -194,9 +191,10 @@ class Beat:
         changed, controls that changed, counters — against what this tick read; then the rare per-job steps
         (requeue a lost job, release a parked one)."""
         now = self.clock()
+        read = {g.gpu_id: g for g in self._snapshot.gpus} if self._snapshot else {}
         pipe = self.r.pipeline(transaction=False)
         for gpu in world.gpus:
-            seen = self._seen.get(gpu.gpu_id)
+            seen = read.get(gpu.gpu_id)
             want = d.budgets[gpu.gpu_id].budgets
             if seen is None or any(abs(seen.budgets.get(k, -1.0) - v) > 1e-9 for k, v in want.items()):
                 pipe.hset(self.keys.budgets(gpu.gpu_id), mapping=want)

@@ -2,13 +2,11 @@
 
 Nothing is kept in process memory: every worker, the beat and the gateway write to Redis, and whichever
 process serves `/metrics` (the beat with `serve_metrics`, the gateway with `render`) reads it back, so one
-scrape sees the whole deployment. One scrape costs three pipelined round trips (one of them
-`arbiter.world.read`, for the pressure the beat acts on) plus `cache.status.collect`
-(a few per cache node), whatever the number of jobs, and never raises: a missing or malformed key gives no
-sample. It reads the same keys as `arbiter status` (`arbiter/status.py`) but in its own pipelines rather
-than through those helpers (which take a `Client`, read one section per round trip and raise on one bad
-snapshot); the parsing is shared: `GpuSnapshot`, `ledger.parse_leases`, `broker.app`'s queue names,
-`cache.status.collect`.
+scrape sees the whole deployment. One scrape reads the world as the beat and `arbiter status` read it
+(`arbiter.world.read`: GPUs, leases, budgets, registry, queues, held jobs, queue controls — one pipelined
+pass), after one for the GPU index, counters and histograms, and before one for the live jobs' states: three
+round trips, plus `cache.status.collect` (a few per cache node), whatever the number of jobs. It never
+raises: Redis unreachable gives an empty scrape, a missing or malformed key no sample.
 
 Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 1 when a GPU is over-used):
 
@@ -30,7 +28,6 @@ Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -45,14 +42,13 @@ from prometheus_client.utils import floatToGoString
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from arbiter.pressure import Pressure
-from arbiter.world import live_leases
+from arbiter.world import GpuState
 from arbiter.world import read as read_world
 from broker.app import all_queues, worker_queue
 from broker.histograms import BUCKETS, bucket_field, histogram_key
 from broker.keys import Keys
 from broker.redis_server import connect
-from broker.schemas import PRIORITY_ORDER, GpuSnapshot, Workload, queue_name
+from broker.schemas import PRIORITY_ORDER, Workload, queue_name
 from broker.settings import Settings
 from broker.states import TERMINAL, JobState
 from broker.units import MIB
@@ -143,55 +139,39 @@ class ArbiterCollector(Collector):
         k = self.keys
         hist_keys = [(m, w.value, p.value, histogram_key(k, m, w.value, p.value))
                      for m in HISTOGRAMS for w in Workload for p in PRIORITY_ORDER]
-        # Round trip 1: indexes and fixed-name hashes.
+        # Round trip 1: the GPU index, counters, the live index, histograms; 2: the world as the beat and
+        # `arbiter status` read it (GPUs, leases, budgets, registry, queues, held, controls); 3: per worker and job.
         pipe = self.r.pipeline(transaction=False)
         pipe.smembers(k.gpus())
-        pipe.hgetall(k.workers())
         pipe.hgetall(k.stats())
         pipe.zrange(k.jobs_live(), 0, max(0, self.jobs_scan_cap - 1))
         pipe.zcard(k.jobs_live())
         for *_, key in hist_keys:
             pipe.hgetall(key)
-        gpus_raw, workers_raw, stats_raw, live_ids, live_n, *hists = pipe.execute(raise_on_error=False)
+        gpus_raw, stats_raw, live_ids, live_n, *hists = pipe.execute(raise_on_error=False)
         gpu_ids = sorted(_s(g) for g in gpus_raw) if isinstance(gpus_raw, (set, list)) else []
-        workers = _hash(workers_raw)
         job_ids = [_s(j) for j in live_ids] if isinstance(live_ids, list) else []
+        world = read_world(self.r, self.keys, time.time(), gpu_ids)
 
-        # Round trip 2: per GPU, queue, affinity queue and live job.
         affinity: list[tuple[str, str]] = []     # (shared queue, affinity list key)
         by_workload: dict[str, int] = {}
-        for name, raw in sorted(workers.items()):
-            try:
-                wl = Workload(json.loads(raw)["workload"])
-            except (ValueError, KeyError, TypeError):
+        for name, entry in sorted(world.workers.items()):
+            wl = Workload(entry["workload"]) if entry["workload"] in {w.value for w in Workload} else None
+            if wl is None:
                 continue
             by_workload[wl.value] = by_workload.get(wl.value, 0) + 1
             affinity += [(queue_name(wl, p), worker_queue(queue_name(wl, p), name)) for p in PRIORITY_ORDER]
-        queues = all_queues()
         pipe = self.r.pipeline(transaction=False)
-        if gpu_ids:
-            pipe.mget([k.gpu_snapshot(g) for g in gpu_ids])
-        for g in gpu_ids:
-            pipe.hgetall(k.leases(g))
-            pipe.hgetall(k.budgets(g))
-        for q in queues:
-            pipe.llen(q)
         for _, aq in affinity:
             pipe.llen(aq)
         for j in job_ids:
             pipe.hget(k.job(j), "state")
         replies = pipe.execute(raise_on_error=False) if len(pipe) else []
-        it = iter(replies)
-        snaps_raw = next(it) if gpu_ids else []
-        per_gpu = [(next(it), next(it)) for _ in gpu_ids]
-        depths = [next(it) for _ in queues]
-        aff_depths = [next(it) for _ in affinity]
-        states = [next(it) for _ in job_ids]
+        aff_depths, states = replies[:len(affinity)], replies[len(affinity):]
 
-        world = read_world(self.r, self.keys, time.time(), gpu_ids)
-        seen = {g.gpu_id: g.pressure for g in world.gpus if g.pressure}
-        yield from self._gpus(gpu_ids, snaps_raw if isinstance(snaps_raw, list) else [], per_gpu, seen)
-        yield from self._queues(queues, depths, affinity, aff_depths, by_workload)
+        queues = all_queues()
+        yield from self._gpus(world.gpus)
+        yield from self._queues(queues, [world.queues.get(q, 0) for q in queues], affinity, aff_depths, by_workload)
         yield from _queue_controls(queues, world.queue_controls)
         held = GaugeMetricFamily("arbiter_queue_held", "Jobs held for fair share, waiting their tenant's turn "
                                  "to be fed into the queue.", labels=["queue"])
@@ -202,8 +182,7 @@ class ArbiterCollector(Collector):
         yield from self._stats(_hash(stats_raw))
         yield from self._histograms(hist_keys, hists)
 
-    def _gpus(self, gpu_ids: list[str], snaps_raw: list[Any], per_gpu: list[tuple[Any, Any]],
-              pressures: dict[str, Pressure]) -> Iterator[Metric]:
+    def _gpus(self, gpus: tuple[GpuState, ...]) -> Iterator[Metric]:
         total = GaugeMetricFamily("arbiter_gpu_vram_total_bytes", "GPU memory, total.", labels=["gpu"])
         used = GaugeMetricFamily("arbiter_gpu_vram_used_bytes", "GPU memory in use (last snapshot).", labels=["gpu"])
         usable = GaugeMetricFamily("arbiter_gpu_vram_usable_bytes", "GPU memory Arbiter may lease "
@@ -217,33 +196,24 @@ class ArbiterCollector(Collector):
         leased = GaugeMetricFamily("arbiter_gpu_leased_bytes", "VRAM held by live leases.", labels=["gpu"])
         budget = GaugeMetricFamily("arbiter_budget_quality_ratio", "Quality budget set by the beat.",
                                    labels=["gpu", "workload", "priority"])
-        now = time.time()
-        for i, g in enumerate(gpu_ids):
-            raw = snaps_raw[i] if i < len(snaps_raw) else None
-            if raw:
-                try:
-                    snap = GpuSnapshot.model_validate_json(raw)
-                except ValueError:
-                    snap = None
-                if snap is not None:
-                    total.add_metric([g], snap.total_mib * MIB)
-                    used.add_metric([g], snap.used_mib * MIB)
-                    usable.add_metric([g], snap.usable_mib * MIB)
-                    if g in pressures:
-                        pressure.add_metric([g], pressures[g].ratio)
-                    if snap.utilization is not None:
-                        util.add_metric([g], snap.utilization)
-            lease_raw, budget_raw = per_gpu[i]
-            if isinstance(lease_raw, dict) and lease_raw:
-                live = live_leases(lease_raw, now)
+        for g in gpus:
+            snap = g.snapshot
+            if snap is not None:
+                total.add_metric([g.gpu_id], snap.total_mib * MIB)
+                used.add_metric([g.gpu_id], snap.used_mib * MIB)
+                usable.add_metric([g.gpu_id], snap.usable_mib * MIB)
+                if g.pressure is not None:
+                    pressure.add_metric([g.gpu_id], g.pressure.ratio)
+                if snap.utilization is not None:
+                    util.add_metric([g.gpu_id], snap.utilization)
+            if g.leases:
                 for kind in ("job", "weights"):
-                    leases.add_metric([g, kind], sum(1 for x in live if x.kind == kind))
-                leased.add_metric([g], sum(x.mib for x in live) * MIB)
-            for key, value in sorted(_hash(budget_raw).items()):
+                    leases.add_metric([g.gpu_id, kind], sum(1 for x in g.leases if x.kind == kind))
+                leased.add_metric([g.gpu_id], sum(x.mib for x in g.leases) * MIB)
+            for key, value in sorted(g.budgets.items()):
                 w, _, p = key.partition(".")
-                v = _num(value)
-                if v is not None and p:
-                    budget.add_metric([g, w, p], v)
+                if p:
+                    budget.add_metric([g.gpu_id, w, p], value)
         yield from (total, used, usable, pressure, util, leases, leased, budget)
 
     def _queues(self, queues: list[str], depths: list[Any], affinity: list[tuple[str, str]], aff_depths: list[Any],

@@ -251,44 +251,36 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
     replies = pipe.execute()
     predictors = [json.loads(p) for p in replies[:len(names)] if p]
     depth.update(zip(own_lists, (int(n) for n in replies[len(names):len(names) + len(own_lists)])))
-    if held_at is not None:   # waiting its tenant's turn: after the band's fed messages and the held ahead of it
-        return _held_position(r, keys, job_id, wl, queue, spec, held, depth, names, slots, predictors, hists,
-                              recent, settings)
-    where, place = queue, place_in_chunk(first, job_id, 0)
-    for q, got in zip(own_band, replies[len(names) + len(own_lists):]):
-        if place is None and (found := place_in_chunk(got, job_id, 0)) is not None:
-            where, place = q, found
-    if place is None:
-        place, scanned = _scan(r, queue, job_id, len(first), min(depth[queue], cap), chunk)
-        if place is None and scanned < cap:
+    where, place = queue, None
+    if held_at is not None:   # waiting its tenant's turn: after the band's fed messages and the held fed first
+        fed_before = held_place(r, keys, queue, spec.tenant, job_id)
+        if fed_before is None:
             return None
+        place = depth.get(queue, 0) + fed_before + 1
+    else:
+        place = place_in_chunk(first, job_id, 0)
+        for q, got in zip(own_band, replies[len(names) + len(own_lists):]):
+            if place is None and (found := place_in_chunk(got, job_id, 0)) is not None:
+                where, place = q, found
+        if place is None:
+            place, scanned = _scan(r, queue, job_id, len(first), min(depth[queue], cap), chunk)
+            if place is None and scanned < cap:
+                return None
     before = [depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, where, names)]
     n_slots = slots.get(where.partition("@")[2], 0) if "@" in where else sum(slots.values())
     ahead = jobs_ahead(place, before) if place is not None else sum(before) + cap
-    weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
-    x, steps = request_shape(spec, weights)
-    recorded = recorded_durations(hists, PRIORITY_ORDER.index(spec.priority))
-    service = service_time_s(predictors, x, steps, *recorded, recent=recent)
+    service = job_service_s(spec, settings, predictors, hists, recent)
     return Position(where, place, ahead, n_slots, service, eta_s(ahead, service, n_slots))
 
 
-def _held_position(r: redis.Redis, keys: Keys, job_id: str, wl: Workload, queue: str, spec: JobSpec,
-                   held: dict[str, int], depth: dict[str, int], names: list[str], slots: dict[str, int],
-                   predictors: list[Any], hists: list[Any], recent: list[Any], settings: Settings) -> Position | None:
-    """A job held for fair share: after every message of its band (they were fed before it) and the held
-    jobs the round robin serves first (`broker.fairshare.rank`)."""
-    fed_before = held_place(r, keys, queue, spec.tenant, job_id)
-    if fed_before is None:
-        return None
-    before = [depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, queue, names)]
-    place = depth.get(queue, 0) + fed_before + 1
-    ahead = jobs_ahead(place, before)
-    n_slots = sum(slots.values())
-    weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
+def job_service_s(spec: JobSpec, settings: Settings, predictors: Sequence[Mapping[str, Any]],
+                  hists: Sequence[Sequence[Any]], recent: Sequence[Any]) -> float | None:
+    """The predicted run time of a job like `spec` (`service_time_s`): its request's shape at full quality,
+    its band's recorded durations and recent run times, as read."""
+    weights = full_quality_weights_mib(spec, settings) if spec.workload is Workload.LLM else None
     x, steps = request_shape(spec, weights)
-    service = service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)),
-                             recent=recent)
-    return Position(queue, place, ahead, n_slots, service, eta_s(ahead, service, n_slots))
+    return service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)),
+                          recent=recent)
 
 
 def held_place(r: redis.Redis, keys: Keys, queue: str, tenant: str, job_id: str, cap: int = SCAN_CAP,

@@ -40,15 +40,12 @@ from broker.histograms import histogram_key
 from broker.keys import Keys
 from broker.position import (
     eta_s,
-    full_quality_weights_mib,
     job_queue,
+    job_service_s,
     lists_before,
     live_slots,
-    recorded_durations,
-    request_shape,
-    service_time_s,
 )
-from broker.schemas import PRIORITY_ORDER, JobSpec, Priority, Workload
+from broker.schemas import PRIORITY_ORDER, JobSpec, Priority
 from broker.settings import Settings
 from broker.stats import add as add_stats
 
@@ -149,10 +146,7 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     # round robin (broker.fairshare) feeds first only the other tenants' share of what is held
     fed_before = rank(tenants, by_tenant, spec.tenant, by_tenant.get(spec.tenant, 0))
     ahead = sum(depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, queue, names)) + depth[queue] + fed_before
-    weights = full_quality_weights_mib(spec, settings) if wl is Workload.LLM else None
-    x, steps = request_shape(spec, weights)
-    service = service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)),
-                             recent=recent)
+    service = job_service_s(spec, settings, predictors, hists, recent)
     return queue, predicted_wait_s(ahead, service, sum(slots.values())), False
 
 
