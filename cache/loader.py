@@ -5,7 +5,8 @@
   promoted to RAM in the background.
 - A miss streams the fragment into the RAM tier while a second thread hashes it, then writes it behind to
   the disk tier in the background; no tier can take it (full): it lands in this process's memory, and the
-  error names the tier and path once in the log.
+  error names the tier and path once in the log. From a local origin, the fragment is served from the
+  origin file's own mapping once its xxh3-128 matches the manifest, and stored in the tiers behind.
 - Before the origin, a node asks the index which live node holds the fragment and fetches it from that
   node's fragment server, verified. One node of the cluster fetches a fragment from the origin at a time
   (a Redis lock with expiry per fragment); the others wait for it to appear on that node, then fetch it
@@ -31,7 +32,7 @@ from broker.keys import Keys
 from broker.settings import Settings
 from cache.index import CacheIndex
 from cache.manifest import Fragment, Manifest, join_fragments, tensors_in
-from cache.origin import Origin, OriginError, stream
+from cache.origin import Origin, OriginError, origin_mapping, stream
 from cache.peer import FragmentServer, PeerDirectory, PeerFetch, fetch_errors
 from cache.streams import WriteInto, sendfile_from
 from cache.tiers import CorruptFragment, FileTier, Pinned, TierFull, fill_anonymous
@@ -113,8 +114,9 @@ class FragmentCache:
 
     def flush(self, timeout_s: float = 300.0) -> None:
         """Wait for the background work (disk writes behind, promotions to RAM) and publish the counters."""
-        for fut in list(self._pending.values()):
-            fut.result(timeout=timeout_s)
+        while pending := [f for f in list(self._pending.values()) if not f.done()]:
+            for fut in pending:   # a store behind may queue its disk copy behind it: look again
+                fut.result(timeout=timeout_s)
         self._publish()
 
     def _stat(self, **counters: float) -> None:
@@ -142,10 +144,11 @@ class FragmentCache:
         self._indexed(tier, sha, tier.put(sha, data, verified=verified))
 
     # -- background: write behind to disk, promote to RAM ------------------------------------------------
-    def _behind(self, key: str, fn: Callable[[], None]) -> None:
+    def _behind(self, key: str, fn: Callable[[], None]) -> Future:
         if key in self._pending and not self._pending[key].done():
-            return
-        self._pending[key] = self._background.submit(self._guarded, key, fn)
+            return self._pending[key]
+        self._pending[key] = fut = self._background.submit(self._guarded, key, fn)
+        return fut
 
     def _guarded(self, key: str, fn: Callable[[], None]) -> None:
         try:
@@ -191,13 +194,14 @@ class FragmentCache:
         self._behind(f"ram:{frag.sha256}", lambda: self._copy(self.disk, self.ram, frag.sha256))
         return on_disk, "disk"
 
-    def _store(self, frag: Fragment, source: Source, what: str) -> Pinned:
-        """The fragment from `source` into the first tier that takes it (RAM, else disk), verified; written
-        behind to disk when RAM took it. No tier can: into this process's memory."""
+    def _store(self, frag: Fragment, source: Source, what: str, fast: bool = False) -> Pinned:
+        """The fragment from `source` into the first tier that takes it (RAM, else disk), verified (by the
+        manifest's xxh3-128 if `fast`, else SHA-256); written behind to disk when RAM took it. No tier can:
+        into this process's memory."""
         for tier in (self.ram, self.disk):
             try:
                 with source() as write_into:
-                    evicted = tier.fill(frag.sha256, frag.size, write_into)
+                    evicted = tier.fill(frag.sha256, frag.size, write_into, xxh3_128=frag.xxh3 if fast else None)
             except TierFull as exc:
                 log.error("%s (from %s); trying the next tier", exc, what)
                 self._stat(**{f"{tier.name}_full": 1})
@@ -241,11 +245,19 @@ class FragmentCache:
         self._stat(peer_fetches=1, peer_bytes=frag.size, peer_s=time.perf_counter() - t0, ram_misses=1, disk_misses=1)
         return pinned
 
-    def _from_origin(self, frag: Fragment, origin: Origin, model: str) -> Pinned:
+    def _from_origin(self, frag: Fragment, origin: Origin, model: str) -> tuple[Pinned, Future | None]:
+        """From the origin, checked by the manifest's xxh3-128 when it has one (the origin wrote the manifest:
+        SHA-256 would guard against nothing more). A local origin's file is served from its own mapping and
+        stored in the tiers behind (the Future); any other origin streams into a tier."""
         t0 = time.perf_counter()
+        source, what = lambda: stream(origin, frag.file, frag.offset, frag.size), f"origin {origin.location}"
+        pending: Future | None = None
         try:
-            pinned = self._store(frag, lambda: stream(origin, frag.file, frag.offset, frag.size),
-                                 f"origin {origin.location}")
+            pinned = origin_mapping(origin, frag)
+            if pinned is None:
+                pinned = self._store(frag, source, what, fast=frag.xxh3 is not None)
+            else:
+                pending = self._behind(f"store:{frag.sha256}", lambda: self._store(frag, source, what, fast=True).close())
         except OriginError as exc:
             raise OriginError(f"model {model}: {exc}") from exc
         except CorruptFragment as exc:
@@ -253,7 +265,19 @@ class FragmentCache:
                                   f"with the wrong bytes: {exc}") from exc
         self._stat(origin_fetches=1, origin_bytes=frag.size, origin_s=time.perf_counter() - t0,
                    ram_misses=1, disk_misses=1)
-        return pinned
+        return pinned, pending
+
+    def _unlock(self, lock: str, token: str, after: Future | None = None) -> None:
+        """Drop a lock we hold — once `after` is done, when the fragment is served before it is stored (until
+        then, other processes and nodes must wait for it rather than fetch it again)."""
+        def release(_: object = None) -> None:
+            if self.r.get(lock) == token.encode():
+                self.r.delete(lock)
+
+        if after is None:
+            release()
+        else:
+            after.add_done_callback(release)
 
     def _peers_with(self, sha: str, skip: set[str]) -> list[tuple[str, str]]:
         nodes = sorted({n for n, _ in self.index.where(sha)} - {self.node} - skip)
@@ -262,24 +286,27 @@ class FragmentCache:
         random.shuffle(out)   # spread the fetches of many nodes over the holders
         return out
 
-    def _remote(self, frag: Fragment, origin: Origin, model: str, deadline: float) -> tuple[Pinned, str]:
-        """A peer that holds it, else the origin — fetched from the origin by one node of the cluster."""
+    def _remote(self, frag: Fragment, origin: Origin, model: str,
+                deadline: float) -> tuple[Pinned, str, Future | None]:
+        """A peer that holds it, else the origin — fetched from the origin by one node of the cluster. The
+        Future, if any: the fragment is still being stored in this node's tiers."""
         failed: set[str] = set()
         while True:
             for node, url in self._peers_with(frag.sha256, failed):
                 pinned = self._from_peer(frag, node, url)
                 if pinned is not None:
-                    return pinned, "peer"
+                    return pinned, "peer", None
                 failed.add(node)
             token = uuid.uuid4().hex
             lock = self.keys.cache_fetch(frag.sha256)
             if self.r.set(lock, token, nx=True, px=int(self.lock_ttl_s * 1000)):
+                pending: Future | None = None
                 try:
                     if not self._peers_with(frag.sha256, failed):   # none appeared while we took the lock
-                        return self._from_origin(frag, origin, model), "origin"
+                        pinned, pending = self._from_origin(frag, origin, model)
+                        return pinned, "origin", pending
                 finally:
-                    if self.r.get(lock) == token.encode():
-                        self.r.delete(lock)
+                    self._unlock(lock, token, pending)
                 continue
             if self.clock() > deadline:
                 raise TimeoutError(f"model {model}: fragment {frag.sha256[:12]} still being fetched by another "
@@ -297,11 +324,14 @@ class FragmentCache:
             token = uuid.uuid4().hex
             lock = self.keys.cache_lock(self.node, frag.sha256)
             if self.r.set(lock, token, nx=True, px=int(self.lock_ttl_s * 1000)):
+                pending: Future | None = None
                 try:
-                    got = self._local(frag) or self._remote(frag, origin, model, deadline)
+                    got = self._local(frag)
+                    if got is None:
+                        pinned, source, pending = self._remote(frag, origin, model, deadline)
+                        got = pinned, source
                 finally:
-                    if self.r.get(lock) == token.encode():
-                        self.r.delete(lock)
+                    self._unlock(lock, token, pending)
                     self._publish()
                 return got
             if self.clock() > deadline:

@@ -5,7 +5,7 @@ plain slice, and writing to a tensor never reaches the shared tier. Tensors are 
 views of the region: loading a model touches each byte once, when it is used or copied to the GPU.
 
 The fragments stay pinned (their shared flocks held) while any tensor of the region is alive, so the tier
-never evicts bytes in use. A fragment not backed by a file (a tier was full) is copied into the region."""
+never evicts bytes in use. A fragment not backed by a page-aligned file range is copied into the region."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int) -> int:
-    got = _libc.mmap(addr, length, prot, flags, fd, 0)
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int = 0) -> int:
+    got = _libc.mmap(addr, length, prot, flags, fd, offset)
     if got in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
@@ -62,8 +62,8 @@ def map_file(parts: list[tuple[Pinned, int]], size: int) -> ctypes.Array:
         n = len(pinned.data)
         if not n:
             continue
-        if pinned.fd is not None and offset % page == 0:
-            _mmap(region.base + offset, n, rw, mmap.MAP_PRIVATE | _MAP_FIXED, pinned.fd)
+        if pinned.fd is not None and offset % page == 0 and pinned.fd_offset % page == 0:
+            _mmap(region.base + offset, n, rw, mmap.MAP_PRIVATE | _MAP_FIXED, pinned.fd, pinned.fd_offset)
             _libc.madvise(region.base + offset, -(-n // page) * page, _MADV_POPULATE_READ)   # best effort
         else:   # not a tier file, or not page-aligned: copy these bytes in
             start = (offset // page) * page

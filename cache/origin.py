@@ -10,7 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import xxhash
+
+from cache.manifest import Fragment
 from cache.streams import WriteInto, sendfile_from
+from cache.tiers import CorruptFragment, Pinned, map_range
 
 
 class OriginError(OSError):
@@ -90,3 +94,18 @@ def stream(origin: Origin, file: str, offset: int, size: int) -> Iterator[WriteI
         return os.write(fd, view[at:at + n])
 
     yield write_into
+
+
+def origin_mapping(origin: Origin, frag: Fragment) -> Pinned | None:
+    """The fragment as a checked mapping of a plain local origin's file (no copy), or None where that does not
+    apply (another origin — one that overrides `read` keeps it — or a manifest without xxh3-128)."""
+    if type(origin) is not LocalOrigin or frag.xxh3 is None:
+        return None
+    try:
+        pinned = map_range(origin.root / frag.file, frag.offset, frag.size)
+    except OSError as exc:
+        raise OriginError(f"cannot read {frag.file} from origin {origin.location}: {exc.strerror or exc}") from exc
+    if xxhash.xxh3_128_hexdigest(pinned.data) != frag.xxh3:
+        pinned.close()
+        raise CorruptFragment(f"bytes for fragment {frag.sha256[:12]} do not match the manifest's xxh3-128")
+    return pinned

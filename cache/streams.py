@@ -32,25 +32,27 @@ def sendfile_from(src_fd: int, src_offset: int) -> WriteInto:
     return write_into
 
 
-def stream_hashed(fd: int, size: int, write_into: WriteInto, sha256: bool, xxh3: bool) -> dict[str, str]:
+def stream_hashed(fd: int, size: int, write_into: WriteInto, sha256: bool, xxh3: bool,
+                  xxh3_128: bool = False) -> dict[str, str]:
     """Copy `size` bytes into `fd` with `write_into` while a second thread hashes each chunk that landed
-    (read back through a mapping of `fd`: no second copy). Returns {"sha": .., "xxh": ..} as asked."""
+    (read back through a mapping of `fd`: no second copy). Returns {"sha": .., "xxh": .., "xxh128": ..}
+    (SHA-256, xxh3-64, xxh3-128), each computed only when asked."""
     m = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
     done: SimpleQueue = SimpleQueue()
-    sums: dict[str, str] = {"sha": "", "xxh": ""}
+    wanted = {"sha": sha256, "xxh": xxh3, "xxh128": xxh3_128}
+    makers = {"sha": hashlib.sha256, "xxh": xxhash.xxh3_64, "xxh128": xxhash.xxh3_128}
+    sums: dict[str, str] = dict.fromkeys(wanted, "")
 
     def hash_landed() -> None:
-        h, x = hashlib.sha256() if sha256 else None, xxhash.xxh3_64() if xxh3 else None
+        hashers = {k: makers[k]() for k, on in wanted.items() if on}
         view = memoryview(m) if m is not None else memoryview(b"")
         while (span := done.get()) is not None:
             chunk = view[span[0]:span[1]]
-            if h is not None:
+            for h in hashers.values():
                 h.update(chunk)
-            if x is not None:
-                x.update(chunk)
             chunk.release()
         view.release()
-        sums.update(sha=h.hexdigest() if h else "", xxh=x.hexdigest() if x else "")
+        sums.update({k: h.hexdigest() for k, h in hashers.items()})
 
     hasher = threading.Thread(target=hash_landed, name="tier-hash", daemon=True)
     hasher.start()

@@ -45,12 +45,18 @@ class TierFull(OSError):
 
 
 class _Map:
-    """One open, shared-locked, mapped fragment file; unmapped and unlocked when the last user drops it."""
+    """One open, shared-locked, mapped fragment file (or `size` bytes of a file from `offset`); unmapped and
+    unlocked when the last user drops it. `view()` is the mapped bytes."""
 
-    def __init__(self, fd: int, size: int, populate: bool = True) -> None:
+    def __init__(self, fd: int, size: int, populate: bool = True, offset: int = 0) -> None:
         self.fd, self.size = fd, size
+        self.skip = offset % mmap.ALLOCATIONGRANULARITY   # mmap offsets are page-aligned
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        self.m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ) if size else None
+        self.m = mmap.mmap(fd, size + self.skip, flags=flags, prot=mmap.PROT_READ,
+                           offset=offset - self.skip) if size else None
+
+    def view(self) -> memoryview:
+        return memoryview(self.m)[self.skip:] if self.m is not None else memoryview(b"")
 
     def __del__(self) -> None:
         try:
@@ -62,11 +68,11 @@ class _Map:
 
 
 class Pinned:
-    """A fragment's bytes, pinned until `close()`: a mapping of a tier file (`fd` is that file) or, where no
-    tier could store it, bytes of this process (`fd` is None)."""
+    """A fragment's bytes, pinned until `close()`: a mapping of a file (`fd` is that file and `fd_offset` where
+    the bytes start in it: a tier file, a memfd, or a range of a local origin's file)."""
 
-    def __init__(self, data: memoryview, owner: object = None, fd: int | None = None) -> None:
-        self.data, self._owner, self.fd = data, owner, fd
+    def __init__(self, data: memoryview, owner: object = None, fd: int | None = None, fd_offset: int = 0) -> None:
+        self.data, self._owner, self.fd, self.fd_offset = data, owner, fd, fd_offset
 
     def close(self) -> None:
         self.data.release()
@@ -163,14 +169,14 @@ class FileTier:
         fragment whose bytes no longer match its name is deleted and reported as missing."""
         held = self._held_map(sha)
         if held is not None:
-            return Pinned(memoryview(held.m) if held.m is not None else memoryview(b""), held, held.fd)
+            return Pinned(held.view(), held, held.fd)
         try:
             fd = os.open(self.path(sha), os.O_RDONLY)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
         mapped = _Map(fd, os.fstat(fd).st_size)
-        pinned = Pinned(memoryview(mapped.m) if mapped.m is not None else memoryview(b""), mapped, fd)
+        pinned = Pinned(mapped.view(), mapped, fd)
         if (self.verify_reads if verify is None else verify) and not self._intact(sha, pinned.data):
             pinned.close()
             del mapped
@@ -193,10 +199,12 @@ class FileTier:
 
         return self.fill(sha, len(view), write_into, verify=not verified)
 
-    def fill(self, sha: str, size: int, write_into: WriteInto, verify: bool = True) -> list[str]:
-        """Store a fragment written by `write_into` chunk by chunk into a temp file, hashed (SHA-256 if
-        `verify`, xxh3 for a tier that verifies reads) by a second thread as the chunks land; renamed into
-        place once the hash matched. Returns the fragments evicted to make room."""
+    def fill(self, sha: str, size: int, write_into: WriteInto, verify: bool = True,
+             xxh3_128: str | None = None) -> list[str]:
+        """Store a fragment written by `write_into` chunk by chunk into a temp file, hashed by a second thread
+        as the chunks land (if `verify`: SHA-256, or the manifest's xxh3-128 when given — see
+        `cache.manifest.Fragment.xxh3`; plus xxh3-64 for a tier that verifies reads); renamed into place
+        once the hash matched. Returns the fragments evicted to make room."""
         evicted = self.make_room(size)
         dest = self.path(sha)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -207,8 +215,9 @@ class FileTier:
             except OSError as exc:
                 if _out_of_space(exc):
                     raise
-            sums = stream_hashed(fd, size, write_into, verify, self.verify_reads)
-            if verify and sums["sha"] != sha:
+            fast = verify and xxh3_128 is not None
+            sums = stream_hashed(fd, size, write_into, verify and not fast, self.verify_reads, fast)
+            if verify and (sums["xxh128"] != xxh3_128 if fast else sums["sha"] != sha):
                 raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash; not stored in the "
                                       f"{self.name} tier")
             os.close(fd)
@@ -307,4 +316,18 @@ def fill_anonymous(sha: str, size: int, write_into: WriteInto) -> Pinned:
     except BaseException:
         os.close(fd)
         raise
-    return Pinned(memoryview(mapped.m) if mapped.m is not None else memoryview(b""), mapped, fd)
+    return Pinned(mapped.view(), mapped, fd)
+
+
+def map_range(path: Path, offset: int, size: int) -> Pinned:
+    """`size` bytes of a local file from `offset`, mapped read-only and populated (no copy), not verified:
+    the caller checks them. Raises OSError if the file cannot be opened or is too short."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size < offset + size:
+            raise OSError(errno.EINVAL, f"{path} is shorter than {offset + size} bytes")
+        mapped = _Map(fd, size, offset=offset)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Pinned(mapped.view(), mapped, fd, offset)

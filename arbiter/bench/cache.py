@@ -1,19 +1,20 @@
 """`arbiter bench cache`: real bytes through the real tiers on this machine, each measurement repeated in
 interleaved rounds against the raw rate of the same medium (`arbiter/bench/rounds.py`):
 
-- cold: origin -> RAM tier (hashed while copied; the disk copy is written behind, timed separately) vs
-  *raw* = a plain sequential `read()` of the origin files into a reused buffer;
+- cold: from a local origin — served from the origin file's mapping once the manifest's xxh3-128 matched,
+  stored in the RAM and disk tiers behind (timed separately: "stored behind") — vs *raw* = a plain
+  sequential `read()` of the origin files into a reused buffer;
 - warm disk: every fragment served from the disk tier (mapped, xxh3-checked; promoted to RAM behind, not
   timed) vs *raw* = a plain sequential `read()` of the same disk-tier files into a reused buffer;
 - warm RAM: every fragment through the cache and every byte copied out into one staging buffer (as a loader
   fills a pinned buffer for the GPU) vs *raw* = a numpy memcpy of as many bytes into the same buffer;
-- a real model (~1 GB random-weights GPT-2) built from the RAM tier's mappings vs `from_pretrained`
-  (`arbiter/bench/cache_model.py`);
+- a real model (~1 GB random-weights GPT-2) built from the RAM tier's mappings vs `from_pretrained`, ready
+  to run, with the model directory in the page cache and dropped from it (`arbiter/bench/cache_model.py`);
 - N simulated nodes (separate tier directories, one Redis, a fragment server each) loading the model at
   once: origin fetches per fragment across the cluster.
 
-Page cache: dropping it needs root on the host, which this sandbox does not give, so origin and disk reads
-are page-cache reads on both sides — like with like."""
+Page cache: origin and disk reads are page-cache reads on both sides — like with like (the real-model
+comparison also drops the model file's pages, with `posix_fadvise`, which needs no root)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def tier_rounds(cache: FragmentCache, manifest: Manifest, origin_dir: Path, roun
 
     cold = interleaved(rounds, n, lambda: _load(cache, manifest, origin), lambda: _read_files(origin_files, buf),
                        0.5, before=cold_before, after=cold_after)
-    cold["disk_written_behind_s"] = summary(behind)
+    cold["stored_behind_s"] = summary(behind)
     disk_files = [cache.disk.path(f.sha256) for f in manifest.fragments]
 
     def disk_before() -> None:
@@ -190,7 +191,7 @@ def run_cache(size_gib: float, processes: int, work_dir: Path | None = None, rou
             if model_gb > 0:
                 from arbiter.bench.cache_model import run_model
 
-                model = run_model(server.url, work / "model", shm / "model", model_gb, max(2, rounds // 2))
+                model = run_model(server.url, work / "model", shm / "model", model_gb, rounds)
             nodes = cluster(server.url, work, shm, manifest, origin_dir, processes)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -56,5 +56,6 @@ def test_cache_bench_completes_and_counts_origin_fetches(tmp_path):
     for key in ("cold", "disk", "ram"):
         assert len(d[key]["ratios"]) == 2 and d[key]["verdict"]
     assert d["model"]["same_tensors"] and d["model"]["same_logits"]
+    assert len(d["model"]["cold_dir"]["speedups"]) == 2 and d["model"]["warm_dir"]["verdict"]
     assert d["cluster"]["origin_fetches_per_fragment"] == 1.0
     json.dumps(d)

@@ -117,6 +117,7 @@ def test_cache_status_reports_tiers_and_counters(redis_url, tmp_path, model):
     root, manifest, _ = model
     cache = make_cache(redis_url, tmp_path, node="stat")
     cache.load(manifest, LocalOrigin(root))
+    cache.flush()   # served from the origin's mapping; stored in the tiers behind
     cache.heartbeat()
     node = collect(cache.r, Keys())["nodes"]["stat"]["tiers"]
     assert node["ram"]["fragments"] == len(manifest.fragments) and node["ram"]["used_bytes"] == manifest.total_bytes
