@@ -17,17 +17,35 @@ CORPUS = (
 )
 
 
-def tokenizer(max_length: int = 64):
-    """A word-level fast tokenizer over the corpus (unknown words map to [UNK])."""
+def tokenizer(max_length: int = 64, vocab: int | None = None):
+    """A word-level fast tokenizer over the corpus (unknown words map to [UNK]). With `vocab`, filler words
+    (`w<i>`) fill the vocabulary up to that size, so every id a random model emits decodes to a distinct word."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for line in CORPUS for w in line.split()} | set(".,?!"))
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", *sorted({w for line in CORPUS for w in line.split()} | set(".,?!"))]
+    words += [f"w{i}" for i in range((vocab or 0) - len(words))]
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    bos_token="[BOS]", model_max_length=max_length)
+
+
+def save_sd_pipeline(root: Path, unet, vae, text_encoder, tok) -> None:
+    """A Stable Diffusion pipeline of these parts (DDIM, no safety checker), saved as safetensors in `root`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root, safe_serialization=True)
+
+
+def sd_ladder(model: str) -> str:
+    """The registry's quality ladder of a diffusion model: full, then fewer steps and smaller sides (TOML)."""
+    rungs = ((1.0, ""), (0.6, "steps = 0.6\nside = 0.75\n"), (0.3, "steps = 0.4\nside = 0.5\n"))
+    return "\n".join(f'[[models.{model}.ladder]]\nquality = {q}\nvariant = "base"\n{extra}' for q, extra in rungs)
 
 
 def build_llm(root: Path, layers: int, width: int, seed: int) -> Path:
@@ -47,7 +65,7 @@ def build_llm(root: Path, layers: int, width: int, seed: int) -> Path:
 def build_diffusion(root: Path, seed: int) -> Path:
     """A random Stable Diffusion pipeline (UNet 32/64 channels, 2-block VAE, 2-layer CLIP), saved in `root`."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -62,11 +80,7 @@ def build_diffusion(root: Path, seed: int) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
                                                 num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=32,
                                                 bos_token_id=tok.bos_token_id, eos_token_id=3, pad_token_id=0))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root, safe_serialization=True)
+    save_sd_pipeline(root, unet, vae, text_encoder, tok)
     return root
 
 
@@ -105,22 +119,7 @@ backend = "diffusers"
 path = "{root}/tiny-sd"
 activation_mib_512 = 40
 
-[[models.tiny-sd.ladder]]
-quality = 1.0
-variant = "base"
-
-[[models.tiny-sd.ladder]]
-quality = 0.6
-variant = "base"
-steps = 0.6
-side = 0.75
-
-[[models.tiny-sd.ladder]]
-quality = 0.3
-variant = "base"
-steps = 0.4
-side = 0.5
-"""
+{sd_ladder}"""
 
 
 def build_all(root: Path) -> Path:
@@ -134,6 +133,6 @@ def build_all(root: Path) -> Path:
     build_llm(root / "tiny-gpt-small", layers=1, width=32, seed=2)
     build_diffusion(root / "tiny-sd", seed=3)
     tmp = registry.with_suffix(".tmp")
-    tmp.write_text(REGISTRY.format(root=root.resolve()))
+    tmp.write_text(REGISTRY.format(root=root.resolve(), sd_ladder=sd_ladder("tiny-sd")))
     tmp.replace(registry)
     return registry

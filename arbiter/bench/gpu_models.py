@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.units import MIB
+from workers.tinymodels import save_sd_pipeline, sd_ladder, tokenizer
 
 
 @dataclass(frozen=True)
@@ -77,22 +78,6 @@ def preset_for(device: str, quick: bool) -> Preset:
     return PRESETS["quick" if quick else "full"]
 
 
-def llm_tokenizer(vocab: int) -> Any:
-    """A word-level tokenizer whose vocabulary fills the model's (the corpus' words, then `w<i>` fillers), so
-    every id the random model emits decodes to a distinct word."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from workers.tinymodels import CORPUS
-
-    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", *sorted({w for line in CORPUS for w in line.split()})]
-    words += [f"w{i}" for i in range(vocab - len(words))]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                                   model_max_length=8192)
-
-
 def build_llm(root: Path, p: Preset, device: str, dtype: Any) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -108,16 +93,14 @@ def build_llm(root: Path, p: Preset, device: str, dtype: Any) -> None:
     finally:
         torch.set_default_dtype(old)
     model.save_pretrained(root, safe_serialization=True)
-    llm_tokenizer(p.vocab).save_pretrained(root)
+    tokenizer(8192, vocab=p.vocab).save_pretrained(root)
     del model
 
 
 def build_diffusion(root: Path, p: Preset, device: str, dtype: Any) -> None:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from workers.tinymodels import tokenizer
 
     torch.manual_seed(3)
     tok = tokenizer(77)
@@ -126,12 +109,8 @@ def build_diffusion(root: Path, p: Preset, device: str, dtype: Any) -> None:
         vae = AutoencoderKL(**p.vae).to(dtype)
         text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tok), 1000), bos_token_id=tok.bos_token_id,
                                             eos_token_id=3, pad_token_id=0, **p.clip)).to(dtype)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root, safe_serialization=True)
-    del pipe, unet, vae, text
+    save_sd_pipeline(root, unet, vae, text, tok)
+    del unet, vae, text
 
 
 REGISTRY = """\
@@ -163,22 +142,7 @@ path = "{root}/sd"
 dtype = "{sd_dtype}"
 activation_mib_512 = {act}
 
-[[models.bench-sd.ladder]]
-quality = 1.0
-variant = "base"
-
-[[models.bench-sd.ladder]]
-quality = 0.6
-variant = "base"
-steps = 0.6
-side = 0.75
-
-[[models.bench-sd.ladder]]
-quality = 0.3
-variant = "base"
-steps = 0.4
-side = 0.5
-"""
+{sd_ladder}"""
 
 
 def build_models(root: Path, p: Preset, device: str) -> Path:
@@ -198,7 +162,7 @@ def build_models(root: Path, p: Preset, device: str) -> Path:
     tmp = registry.with_suffix(".tmp")
     tmp.write_text(REGISTRY.format(root=root.resolve(), llm_dtype="bfloat16" if cuda else "float32",
                                    sd_dtype="float16" if cuda else "float32", kv=round(p.kv_mib_per_token, 5),
-                                   act=p.activation_mib_512))
+                                   act=p.activation_mib_512, sd_ladder=sd_ladder("bench-sd")))
     tmp.replace(registry)
     return registry
 
