@@ -111,15 +111,15 @@ def test_requests_waiting_on_queued_jobs_do_not_freeze_the_gateway(gw, keys):
 
 def test_event_streams_beat_are_capped_per_key_and_freed_when_clients_leave(gw, keys, client):
     slots = StreamSlots(client.redis, client.keys.prefix, PER_KEY, ttl_s=60)
-    socks = []
-    for key in keys:                     # 40 watchers of quiet jobs, 4 per key
-        job = submit(gw, key)
+    socks, jobs = [], {}
+    for key in keys:                     # 40 watchers of quiet jobs, 4 per key, all opened at once
+        jobs[key] = job = submit(gw, key)
         req = (f"GET /v1/jobs/{job}/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
-        for _ in range(PER_KEY):
-            s = raw(gw, req)
-            head = read_until(s, b": keep-alive")          # a heartbeat comment while nothing happens
-            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head[:200]
-            socks.append(s)
+        socks += [raw(gw, req) for _ in range(PER_KEY)]
+    for s in socks:
+        head = read_until(s, b": keep-alive")              # a heartbeat comment while nothing happens
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head[:200]
+    for key, job in jobs.items():
         over = httpx.get(f"{gw.base}/v1/jobs/{job}/events", headers=auth(key), timeout=5)
         assert over.status_code == 429 and over.headers["Retry-After"]
         assert over.json()["error"]["code"] == "too_many_streams"
