@@ -31,6 +31,7 @@ from broker.schemas import ParkedJob, Workload
 from broker.settings import Settings
 from broker.states import JobState
 from broker.stats import add as add_stats
+from broker.waiting import WaitingEntry
 
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"   # kombu's Redis transport keys (its defaults)
 log = logging.getLogger("arbiter.beat")
@@ -191,20 +192,15 @@ class Sweeps:
 
     def sweep_waiting(self) -> int:
         """Interactive jobs waiting in a worker for VRAM (`waiting:vram`) whose entry outlived its expiry
-        (`expires_at`, else `since` + the allocation timeout + a lease TTL — past that, the worker that waits
-        is gone; a live one fails the job at the timeout): the job goes back to its queue, the entry leaves
+        (`expires_at` — past it, the worker that waits is gone; a live one fails the job at the timeout; a
+        malformed entry counts as expired): the job goes back to its queue, the entry leaves
         (it would keep the GPU's background work paused). Entries of jobs no longer waiting leave too."""
         now, s = time.time(), self.settings
         swept = 0
         for job_id_b, raw in self.r.hgetall(self.keys.waiting_vram()).items():
             job_id = job_id_b.decode()
-            try:
-                entry = json.loads(raw)
-                expires = float(entry.get("expires_at") or
-                                float(entry["since"]) + s.allocation_timeout_s + s.lease_ttl_s)
-            except (ValueError, KeyError, TypeError):
-                expires = 0.0
-            if expires > now:
+            entry = WaitingEntry.decode(raw)
+            if entry is not None and entry.expires_at > now:
                 continue
             ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}),
                                               last_requeue="its worker stopped waiting for VRAM (gone)")

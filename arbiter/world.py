@@ -18,6 +18,7 @@ from broker.controls import QueueControl, parse_controls
 from broker.keys import Keys
 from broker.ledger import Lease, parse_leases
 from broker.schemas import IMPROVE_BAND, GpuSnapshot, ParkedJob
+from broker.waiting import WaitingEntry
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,8 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
             continue
     waiting: dict[str, list[WaitingJob]] = {}
     for job_id, raw in waiting_raw.items():
-        try:
-            w = json.loads(raw)
-            waiting.setdefault(w["gpu_id"], []).append(WaitingJob(job_id.decode(), w["workload"], w["priority"],
-                                                                  int(w["mib"])))
-        except (ValueError, KeyError, TypeError):
-            continue
+        if (w := WaitingEntry.decode(raw)) is not None:
+            waiting.setdefault(w.gpu_id, []).append(WaitingJob(job_id.decode(), w.workload, w.priority, w.mib))
     parked = []
     for raw in parked_raw.values():
         try:
