@@ -23,7 +23,9 @@ Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 
 - cache per node and tier: `cache_hits_total`, `cache_misses_total`, `cache_loaded_bytes_total`,
   `cache_used_bytes`, `cache_budget_bytes`, `cache_fragments` (origin: hits are origin fetches);
 - histograms per (workload, priority): `job_queue_wait_seconds` (submit to start) and
-  `job_duration_seconds` (run time), written by workers with `record_job`.
+  `job_duration_seconds` (run time), written by workers with `record_job`;
+- `eta_ratio{queue}`: per fair-share queue, each finished job's ETA given at submit ÷ its real wait
+  (`broker.histograms.eta_ratio`; 1 = exact; within 20 %: between the 0.8 and 1.2 buckets).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from redis.retry import Retry
 from arbiter.world import GpuState
 from arbiter.world import read as read_world
 from broker.app import all_queues, worker_queue
-from broker.histograms import BUCKETS, bucket_field, histogram_key
+from broker.histograms import BUCKETS, ETA_RATIO_BUCKETS, bucket_field, eta_ratio_key, histogram_key
 from broker.keys import Keys
 from broker.redis_server import connect
 from broker.schemas import PRIORITY_ORDER, Workload, queue_name
@@ -139,6 +141,7 @@ class ArbiterCollector(Collector):
         k = self.keys
         hist_keys = [(m, w.value, p.value, histogram_key(k, m, w.value, p.value))
                      for m in HISTOGRAMS for w in Workload for p in PRIORITY_ORDER]
+        eta_queues = [queue_name(w, p) for w in Workload for p in PRIORITY_ORDER]
         # Round trip 1: the GPU index, counters, the live index, histograms; 2: the world as the beat and
         # `arbiter status` read it (GPUs, leases, budgets, registry, queues, held, controls); 3: per worker and job.
         pipe = self.r.pipeline(transaction=False)
@@ -148,7 +151,10 @@ class ArbiterCollector(Collector):
         pipe.zcard(k.jobs_live())
         for *_, key in hist_keys:
             pipe.hgetall(key)
+        for q in eta_queues:
+            pipe.hgetall(eta_ratio_key(k, q))
         gpus_raw, stats_raw, live_ids, live_n, *hists = pipe.execute(raise_on_error=False)
+        hists, eta_hists = hists[:len(hist_keys)], hists[len(hist_keys):]
         gpu_ids = sorted(_s(g) for g in gpus_raw) if isinstance(gpus_raw, (set, list)) else []
         job_ids = [_s(j) for j in live_ids] if isinstance(live_ids, list) else []
         world = read_world(self.r, self.keys, time.time(), gpu_ids)
@@ -181,6 +187,7 @@ class ArbiterCollector(Collector):
         yield from self._jobs(states, live_n)
         yield from self._stats(_hash(stats_raw))
         yield from self._histograms(hist_keys, hists)
+        yield _eta_ratios(eta_queues, eta_hists)
 
     def _gpus(self, gpus: tuple[GpuState, ...]) -> Iterator[Metric]:
         total = GaugeMetricFamily("arbiter_gpu_vram_total_bytes", "GPU memory, total.", labels=["gpu"])
@@ -273,12 +280,8 @@ class ArbiterCollector(Collector):
             h = _hash(raw)
             if not h:
                 continue
-            cumulative, buckets = 0.0, []
-            for bound in (*BUCKETS, math.inf):
-                cumulative += _num(h.get(bucket_field(bound))) or 0.0
-                buckets.append((floatToGoString(bound), cumulative))
             # count is the +Inf bucket, so the exposition stays consistent even mid-write
-            fams[metric].add_metric([w, p], buckets, _num(h.get("sum")) or 0.0)
+            fams[metric].add_metric([w, p], _cumulative(h, BUCKETS), _num(h.get("sum")) or 0.0)
         yield from fams.values()
 
     def _cache(self) -> Iterator[Metric]:
@@ -341,3 +344,22 @@ def scrape_client(settings: Settings) -> redis.Redis:
     timeout even while Redis is down (the job path's clients retry for ~30 s instead)."""
     return connect(settings.redis_url, master_name=settings.redis_master_name, socket_timeout=5,
                    socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
+
+
+def _cumulative(h: dict[str, str], bounds: Iterable[float]) -> list[tuple[str, float]]:
+    """Prometheus buckets (cumulative) from a histogram hash's per-bucket counts (`broker.histograms`)."""
+    cumulative, buckets = 0.0, []
+    for bound in (*bounds, math.inf):
+        cumulative += _num(h.get(bucket_field(bound))) or 0.0
+        buckets.append((floatToGoString(bound), cumulative))
+    return buckets
+
+
+def _eta_ratios(queues: list[str], hists: list[Any]) -> Metric:
+    fam = HistogramMetricFamily("arbiter_eta_ratio", "Per finished job held for fair share: the ETA it was given "
+                                "at submit / its real wait (1 = exact, > 1 too long, < 1 too short).",
+                                labels=["queue"])
+    for q, raw in zip(queues, hists):
+        if h := _hash(raw):
+            fam.add_metric([q], _cumulative(h, ETA_RATIO_BUCKETS), _num(h.get("sum")) or 0.0)
+    return fam

@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import redis
 
+from broker.app import workload_queues
 from broker.keys import Keys
 from broker.lua import load
 from broker.policies import policy
@@ -39,7 +40,7 @@ FAIR_BANDS = (Priority.STANDARD, Priority.BACKGROUND)
 HOLD_HEADER = "arbiter-hold"   # a message header: where the producer's transport holds the message
 
 
-@lru_cache(maxsize=None)
+@cache
 def _text(name: str) -> str:
     return load(name)
 
@@ -55,38 +56,60 @@ def applies(spec: JobSpec, settings: Settings) -> bool:
 
 
 def hold_header(keys: Keys, job_id: str, spec: JobSpec, settings: Settings) -> dict[str, Any]:
-    """The header that makes the producer's transport hold the job's message (`broker.transport`)."""
+    """The header that makes the producer's transport hold the job's message (`broker.transport`): the keys
+    and arguments of `fair.lua`'s hold step, the tenant's weight and cap from `settings` included."""
     q, t = spec.queue, spec.tenant
-    return {"keys": [*_band_keys(keys, q), keys.held(q, t), keys.job(job_id)], "prefix": [keys.held(q), keys.job_prefix()],
-            "target": settings.fair_share_depth, "tenant": t, "mark": f"{q}|{t}"}
+    bands = workload_queues(spec.workload)
+    stronger = bands[:bands.index(q)]
+    return {"keys": [*_band_keys(keys, q), keys.held(q, t), keys.job(job_id), keys.workers(), keys.recent_runs(q),
+                     *stronger, *(keys.held_count(s) for s in stronger)],
+            "prefix": [keys.held(q), keys.job_prefix(), active_prefix(keys, q)],
+            "target": settings.fair_share_depth, "tenant": t, "mark": f"{q}|{t}",
+            "weight": settings.tenant_weight(t), "cap": settings.tenant_cap(t),
+            "workload": spec.workload.value if settings.eta_at_submit else ""}
 
 
 def _band_keys(keys: Keys, queue: str) -> list[str]:
-    return [keys.held_ring(queue), keys.held_members(queue), keys.held_count(queue), queue, keys.feed_target(queue)]
+    return [keys.held_ring(queue), keys.held_members(queue), keys.held_count(queue), queue, keys.feed_target(queue),
+            policy_key(keys, queue)]
+
+
+def policy_key(keys: Keys, queue: str) -> str:
+    """Hash: the band's per-tenant policy as the submitters' settings gave it (`w:<tenant>` weight, `c:<tenant>`
+    cap) and the weighted round robin's state (`d:<tenant>`: messages left in its current round)."""
+    return f"{keys.prefix}:heldpolicy:{queue}"
+
+
+def active_prefix(keys: Keys, queue: str) -> str:
+    """Prefix of the sets `<prefix><tenant>`: ids of a capped tenant's jobs of the queue's workload that were
+    fed and had not ended when last looked at (`fair.lua` prunes ended ones as it reads them)."""
+    return f"{keys.prefix}:fairactive:{queue.split('.', 1)[0]}:"
 
 
 def hold_message(client: Any, hold: Mapping[str, Any], message: bytes | str) -> int:
-    """Put a message built for its band on its tenant's held list, then feed the band up to its target (one
-    Lua step, run by the producer's transport). Returns the messages moved onto the band's queue."""
-    prefix_lists, prefix_jobs = hold["prefix"]
-    return int(script(client, "fair")(keys=hold["keys"], args=["hold", prefix_lists, prefix_jobs, time.time(),
-                                                                  hold["target"], message, hold["tenant"],
-                                                                  hold["mark"]]))
+    """Put a message built for its band on its tenant's held list (recording the job's ETA at submit), then
+    feed the band up to its target (one Lua step, run by the producer's transport). Returns the messages
+    moved onto the band's queue."""
+    prefix_lists, prefix_jobs, prefix_active = hold["prefix"]
+    return int(script(client, "fair")(keys=hold["keys"], args=[
+        "hold", prefix_lists, prefix_jobs, time.time(), hold["target"], prefix_active, message, hold["tenant"],
+        hold["mark"], hold.get("weight", 1), hold.get("cap", 0), hold.get("workload", "")]))
 
 
 def feed(r: redis.Redis, keys: Keys, queue: str, default_target: int, now: float | None = None) -> int:
     """Move held messages of `queue` onto it, tenants in turn, until it holds its target (the beat's, else
     `default_target`): one Lua step. Returns how many moved."""
     return int(script(r, "fair")(keys=_band_keys(keys, queue), args=[
-        "feed", keys.held(queue), keys.job_prefix(), time.time() if now is None else now, default_target]))
+        "feed", keys.held(queue), keys.job_prefix(), time.time() if now is None else now, default_target,
+        active_prefix(keys, queue)]))
 
 
 def feed_in(pipe: Any, keys: Keys, queue: str, default_target: int) -> None:
     """`feed`, queued on a pipeline as a plain EVALSHA (redis-py would ask SCRIPT EXISTS first, a round trip
     of its own). A Redis that lost its scripts answers NoScriptError when the pipeline runs: `load_script`, and
     run it again."""
-    pipe.evalsha(_sha("fair"), 5, *_band_keys(keys, queue), "feed", keys.held(queue), keys.job_prefix(),
-                 time.time(), default_target)
+    pipe.evalsha(_sha("fair"), 6, *_band_keys(keys, queue), "feed", keys.held(queue), keys.job_prefix(),
+                 time.time(), default_target, active_prefix(keys, queue))
 
 
 def load_script(r: redis.Redis) -> None:
@@ -94,7 +117,7 @@ def load_script(r: redis.Redis) -> None:
     r.script_load(_text("fair"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sha(name: str) -> str:
     return hashlib.sha1(_text(name).encode()).hexdigest()
 
@@ -115,22 +138,42 @@ def held_counts(r: redis.Redis, keys: Keys, queues: Sequence[str]) -> dict[str, 
     return {q: max(0, int(v or 0)) for q, v in zip(queues, r.mget([keys.held_count(q) for q in queues]))}
 
 
-def rank(ring: Sequence[str], held: Mapping[str, int], tenant: str, index: int) -> int:
+def rank(ring: Sequence[str], held: Mapping[str, int], tenant: str, index: int,
+         weights: Mapping[str, int] | None = None) -> int:
     """Held jobs fed before a job that is `index`-th (0 = oldest) in `tenant`'s list, when the tenants are
-    served round robin in `ring` order: every tenant ahead of it in the ring gives up to index + 1 jobs
-    first, every one after it up to index. Pure."""
+    served by weighted round robin in `ring` order (a tenant of weight w gives up to w jobs a round; default
+    1): the job goes in round `index // w_own`; every tenant ahead of it in the ring gives up to its weight
+    times (that round + 1) jobs first, every one after it up to its weight times that round. Caps are not
+    foreseen. Pure."""
     if tenant not in ring:
         return 0
+    w = weights or {}
     me = list(ring).index(tenant)
-    return index + sum(min(held.get(t, 0), index + (1 if i < me else 0))
+    rnd = index // max(1, w.get(tenant, 1))
+    return index + sum(min(held.get(t, 0), max(1, w.get(t, 1)) * (rnd + (1 if i < me else 0)))
                        for i, t in enumerate(ring) if t != tenant)
 
 
-def read_ring(r: redis.Redis, keys: Keys, queue: str) -> tuple[list[str], dict[str, int]]:
-    """(the ring of tenants with held jobs for `queue`, in serving order; held jobs per tenant): two round
-    trips."""
+def parse_weights(raw: Mapping[Any, Any]) -> dict[str, int]:
+    """The `w:<tenant>` fields of a band's policy hash (`policy_key`) as {tenant: weight}."""
+    out = {}
+    for k, v in raw.items():
+        k = k.decode() if isinstance(k, bytes) else str(k)
+        if k.startswith("w:"):
+            try:
+                out[k[2:]] = max(1, int(v))
+            except ValueError:
+                continue
+    return out
+
+
+def read_ring(r: redis.Redis, keys: Keys, queue: str) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """(the ring of tenants with held jobs for `queue`, in serving order; held jobs per tenant; their
+    weights): two round trips."""
     ring = [t.decode() if isinstance(t, bytes) else str(t) for t in r.lrange(keys.held_ring(queue), 0, -1)]
     pipe = r.pipeline(transaction=False)
+    pipe.hgetall(policy_key(keys, queue))
     for t in ring:
         pipe.llen(keys.held(queue, t))
-    return ring, dict(zip(ring, (int(n) for n in pipe.execute())))
+    weights, *lens = pipe.execute()
+    return ring, dict(zip(ring, (int(n) for n in lens))), parse_weights(weights)

@@ -291,8 +291,8 @@ def held_place(r: redis.Redis, keys: Keys, queue: str, tenant: str, job_id: str,
     place, _ = _scan(r, keys.held(queue, tenant), job_id, 0, cap, chunk)
     if place is None:
         return None
-    ring, held = read_ring(r, keys, queue)
-    return rank(ring, held, tenant, place - 1)
+    ring, held, weights = read_ring(r, keys, queue)
+    return rank(ring, held, tenant, place - 1, weights)
 
 
 def _scan(r: redis.Redis, queue: str, job_id: str, skipped: int, until: int,

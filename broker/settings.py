@@ -4,11 +4,13 @@ and `.env`. Units live in the names (`_s`, `_mib`)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 from functools import lru_cache
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.policies import PolicyName
@@ -56,7 +58,10 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(6.0, gt=0, description="A lease not renewed for this long is reclaimed.")
     allocation_timeout_s: float = Field(10.0, ge=0, description="How long an interactive job waits for VRAM.")
     interactive_vram_first: bool = Field(True, description="VRAM freed for an interactive job waiting for it "
-                                         "is not leased to background or standard work (workers/vramhold.py).")
+                                         "is not leased to background or standard work, and while interactive "
+                                         "work was seen on a GPU in the last 60 s and batch work already runs "
+                                         "there, batch jobs keep free the VRAM interactive jobs held there at "
+                                         "once (workers/vramhold.py).")
     preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "
                                                           "request is hard-stopped (its process is killed).")
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
@@ -81,6 +86,32 @@ class Settings(BaseSettings):
                                   "band's Celery queue (held jobs are fed in as it drains).")
     max_wait_background_s: float = Field(0.0, ge=0, description="Most predicted wait a new background job "
                                          "may face (0: no limit).")
+    # Weights and caps per tenant within a fair-share band (broker/fairshare.py, broker/lua/fair.lua), as
+    # `name=N,...`; `*=N` (or a bare `N`) for every tenant not named. Set where jobs are submitted (client,
+    # gateway): a tenant joining a band's round records its weight and cap there, and every feeder uses them.
+    tenant_weights: str = Field("", description="Messages a tenant is fed per round of a fair-share band "
+                                "(weighted round robin), e.g. `alice=3,bob=1`; default 1.")
+    tenant_max_running: str = Field("", description="Most jobs of one tenant fed or running per workload "
+                                    "(standard and background), e.g. `4` or `alice=2,*=8`; 0/unset: no cap. "
+                                    "A capped tenant's jobs stay held until one of its jobs ends.")
+
+    eta_at_submit: bool = Field(True, description="Record each held job's ETA at submit (in the hold's Lua step; "
+                                "a few commands inside it) for the arbiter_eta_ratio histogram.")
+
+    @field_validator("tenant_weights", "tenant_max_running")
+    @classmethod
+    def _tenant_map(cls, v: str, info: Any) -> str:
+        parse_tenant_map(v, minimum=1 if info.field_name == "tenant_weights" else 0)
+        return v
+
+    def tenant_weight(self, tenant: str) -> int:
+        m = parse_tenant_map(self.tenant_weights, minimum=1)
+        return m.get(tenant, m.get("*", 1))
+
+    def tenant_cap(self, tenant: str) -> int:
+        """The tenant's cap on jobs fed or running per workload; 0: none."""
+        m = parse_tenant_map(self.tenant_max_running, minimum=0)
+        return m.get(tenant, m.get("*", 0))
 
     # Models: a registry file (TOML, see broker/registry.py) for the real backends; without it, the sim catalog.
     models_file: str = Field("", description="Model registry: which models and variants are served, and their "
@@ -143,6 +174,33 @@ class Settings(BaseSettings):
     # Quality floors per workload (a job never runs below its own min_quality nor these).
     min_quality_llm: float = Field(0.4, ge=0.0, le=1.0)
     min_quality_diffusion: float = Field(0.3, ge=0.0, le=1.0)
+
+
+_TENANT = re.compile(r"^(\*|[A-Za-z0-9_.@-]{1,64})$")   # `*` or a tenant name (broker.schemas.TENANT_PATTERN)
+
+
+@lru_cache(maxsize=64)
+def parse_tenant_map(text: str, minimum: int = 0) -> dict[str, int]:
+    """`alice=3, bob=1, *=2` (or a bare `2`, meaning `*=2`) -> {tenant: whole number >= minimum}. Pure; raises
+    ValueError naming the bad entry."""
+    out: dict[str, int] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, _, value = entry.rpartition("=") if "=" in entry else ("*", "=", entry)
+        name, value = name.strip(), value.strip()
+        if not _TENANT.match(name):
+            raise ValueError(f"{entry!r}: a tenant name (letters, digits, _ . @ -) or * before '='")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{entry!r}: {value!r} is not a whole number") from None
+        if n < minimum:
+            raise ValueError(f"{entry!r}: must be at least {minimum}")
+        if name in out:
+            raise ValueError(f"{entry!r}: {name} is given twice")
+        out[name] = n
+    return out
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -35,7 +35,7 @@ import redis
 
 from broker.app import workload_queues
 from broker.errors import Overloaded
-from broker.fairshare import rank
+from broker.fairshare import parse_weights, policy_key, rank
 from broker.histograms import histogram_key
 from broker.keys import Keys
 from broker.position import (
@@ -114,6 +114,7 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     for q in shared:
         pipe.get(keys.held_count(q))
     pipe.lrange(keys.held_ring(queue), 0, -1)
+    pipe.hgetall(policy_key(keys, queue))
     pipe.lrange(keys.recent_runs(queue), 0, -1)
     for p in PRIORITY_ORDER:
         pipe.hmget(histogram_key(keys, "job_duration_seconds", wl.value, p.value), "sum", "count")
@@ -125,8 +126,9 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     depth = dict(zip(shared, (int(n) for n in rest[:len(shared)])))
     held = dict(zip(shared, (max(0, int(n or 0)) for n in rest[len(shared):2 * len(shared)])))
     ring = [t.decode() if isinstance(t, bytes) else str(t) for t in rest[2 * len(shared)]]
-    recent = rest[2 * len(shared) + 1]
-    hists = rest[2 * len(shared) + 2:]
+    weights = {**parse_weights(rest[2 * len(shared) + 1]), spec.tenant: settings.tenant_weight(spec.tenant)}
+    recent = rest[2 * len(shared) + 2]
+    hists = rest[2 * len(shared) + 3:]
     slots = live_slots(workers_raw, wl.value, now)
     names = sorted(slots)
     own = [q for q in lists_before(wl, queue, names) if "@" in q]
@@ -144,7 +146,7 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     by_tenant = dict(zip(tenants, (int(n) for n in replies[len(names) + len(own):])))
     # held jobs of this band start after its fed messages; a new job of this tenant is its last, and the
     # round robin (broker.fairshare) feeds first only the other tenants' share of what is held
-    fed_before = rank(tenants, by_tenant, spec.tenant, by_tenant.get(spec.tenant, 0))
+    fed_before = rank(tenants, by_tenant, spec.tenant, by_tenant.get(spec.tenant, 0), weights)
     ahead = sum(depth.get(q, 0) + held.get(q, 0) for q in lists_before(wl, queue, names)) + depth[queue] + fed_before
     service = job_service_s(spec, settings, predictors, hists, recent)
     return queue, predicted_wait_s(ahead, service, sum(slots.values())), False

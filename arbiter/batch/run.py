@@ -14,6 +14,7 @@ import typer
 
 from arbiter.batch import improve as improvement
 from arbiter.batch import output, ui
+from arbiter.batch import waiting as waiting_jobs
 from arbiter.batch.parse import Line, parse_lines, report_bad
 from broker.schemas import Priority, Workload
 
@@ -31,6 +32,8 @@ class Tally:
     states: Counter = field(default_factory=Counter)
     reattached: int = 0            # lines whose job an earlier run had submitted
     improved: int = 0              # outputs rewritten at full quality (--improve)
+    queued: list[str] = field(default_factory=list)   # ids of the jobs in flight still queued, in submit order
+    waiting: Any = None            # where the queued ones stand (`arbiter.batch.waiting.Waiting`), as last read
 
     def quality_text(self) -> str:
         if not self.qualities:
@@ -97,6 +100,7 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
         signal.signal(signal.SIGINT, on_sigint)
         inflight: dict[str, Line] = {}
         started = time.monotonic()
+        positions_at = 0.0   # when the waiting jobs' positions were last read (monotonic)
         hold_until = 0.0   # no submit before this (monotonic): the band shed a line (Overloaded)
         try:
             with ui.progress(console) as progress:
@@ -134,6 +138,10 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
                             progress.console.print(f"line {ln.lineno} (id {ln.id}): {entry['state']}: "
                                                    f"{entry['error']}", style="red", markup=False, soft_wrap=True)
                         tally.preemptions += entry["preemptions"] or 0
+                    if tally.queued and time.monotonic() - positions_at >= waiting_jobs.EVERY_S:
+                        positions_at = time.monotonic()
+                        tally.waiting = waiting_jobs.read_waiting(
+                            client, tally.queued, {j: inflight[j].spec for j in tally.queued})
                     progress.stats = ui.stats_line(tally, inflight)
                     progress.update(task, advance=len(ended))
                     if timeout is not None and time.monotonic() - started > timeout:
@@ -188,7 +196,7 @@ def _poll(client: Any, inflight: dict[str, Line], tally: Tally) -> list[str]:
     pipe = client.redis.pipeline(transaction=False)
     for job_id in ids:
         pipe.hmget(client.keys.job(job_id), "state", "preemptions")
-    ended, states, preempt = [], Counter(), 0
+    ended, states, preempt, queued = [], Counter(), 0, []
     for job_id, (state, pre) in zip(ids, pipe.execute()):
         state = state.decode() if state is not None else "missing"
         preempt += int(pre or 0)
@@ -196,7 +204,9 @@ def _poll(client: Any, inflight: dict[str, Line], tally: Tally) -> list[str]:
             ended.append(job_id)
         else:
             states[state] += 1
-    tally.states, tally.inflight_preemptions = states, preempt
+            if state == "queued":
+                queued.append(job_id)
+    tally.states, tally.inflight_preemptions, tally.queued = states, preempt, queued
     return ended
 
 

@@ -46,7 +46,16 @@ def progress(console: Any) -> Any:
 
 
 def stats_line(t: Tally, inflight: dict[str, Line]) -> str:
-    states = ", ".join(f"{n} {s}" for s, n in sorted(t.states.items()))
+    """`quality 0.82 (...) · preemptions 3 · 2 running · queued 180 (next 3rd in diffusion.background, ETA ~42 s;
+    last ETA ~400 s)`: the waiting jobs' place and ETA as last read (`arbiter.batch.waiting`)."""
+    from dataclasses import replace
+
+    from arbiter.batch.waiting import waiting_text
+
+    n = t.states.get("queued", 0)
+    queued = waiting_text(replace(t.waiting, queued=n)) if n and t.waiting is not None else ""
+    states = ", ".join(f"{n} {s}" for s, n in sorted(t.states.items()) if not (queued and s == "queued"))
+    states = ", ".join(x for x in (states, queued) if x)
     return (f"{t.quality_text()} · preemptions {t.preemptions + t.inflight_preemptions}"
             + (f" · failed {t.failed}" if t.failed else "")
             + (f" · {states}" if states else ""))

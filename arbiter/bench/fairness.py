@@ -6,7 +6,11 @@ share of GPU time while both have work, and Jain's index over the two (1.0 = equ
 has it all); chat latency and how many chats met the mixed bench's SLO; the ETA error — for every B job and
 every tenth A job, the `eta_s` its status gave just after submit against its real wait (|eta − wait| /
 wait), over all of them and over B's alone (A's early ETAs cannot know that B will come and take half
-the band). Times are the sim's (divided by `--scale`)."""
+the band). Times are the sim's (divided by `--scale`).
+
+A third mode, `weighted`, is fair share with A at weight 3 (`ARBITER_TENANT_WEIGHTS=A=3`): A should get
+3/4 of the GPU time while both wait; its Jain's index is over each tenant's share ÷ its weight (1.0 = the
+shares are exactly the weights')."""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from broker.states import TERMINAL
 GPU = "sim:24GiB"
 WORKERS = [WorkerSpec("diffusion", GPU, 2), WorkerSpec("llm", GPU, 2)]
 IMAGE = dict(workload="diffusion", priority="background", steps=10, width=512, height=512)
-MODES = ("fcfs", "fair")
+MODES = ("fcfs", "fair", "weighted")
+WEIGHTS: dict[str, dict[str, int]] = {"weighted": {"A": 3}}   # tenant weights per mode (default 1)
 
 
 def jain(shares: list[float]) -> float | None:
@@ -58,7 +63,9 @@ def _eta(handle: JobHandle) -> float | None:
 
 def run_mode(mode: str, a_jobs: int, b_jobs: int, b_at_s: float, chat_every_s: float, scale: float,
              log_dir: Path, timeout_s: float) -> dict[str, Any]:
-    settings = bench_settings("arbiter", scale, fair_share=(mode == "fair"))
+    weights = WEIGHTS.get(mode, {})
+    settings = bench_settings("arbiter", scale, fair_share=(mode != "fcfs"),
+                              tenant_weights=",".join(f"{t}={w}" for t, w in weights.items()))
     with private_stack(settings, WORKERS, log_dir / mode) as (_, client):
         # a few jobs first, so the predictor knows the service time (the ETA) and the weights are resident
         for h in [client.submit(prompt="warm", tenant="warm", **IMAGE) for _ in range(4)]:
@@ -134,7 +141,8 @@ def _account(mode: str, client: Client, a: list[JobHandle], b: list[JobHandle], 
         "b_wait_p50_s": pct(b_wait, 50), "b_wait_p95_s": pct(b_wait, 95),
         "share_while_both": {t: round(v / total, 4) for t, v in shares.items()},
         "both_busy_gpu_s": round(sum(shares.values()), 2),
-        "jain": jain(list(shares.values())),
+        "weights": WEIGHTS.get(mode, {}),
+        "jain": jain([v / WEIGHTS.get(mode, {}).get(t, 1) for t, v in shares.items()]),   # share ÷ weight
         "chats": len(chats), "chat_slo": round(met / len(chats), 4) if chats else None,
         "chat_latency_p50_s": pct(chat_lat, 50), "chat_latency_p95_s": pct(chat_lat, 95),
         "eta_samples": len(eta_err), "eta_error_p50": pct(eta_err, 50), "eta_error_p90": pct(eta_err, 90),
@@ -145,8 +153,8 @@ def _account(mode: str, client: Client, a: list[JobHandle], b: list[JobHandle], 
 
 
 def run_fairness(a_jobs: int, b_jobs: int, b_at_s: float, chat_every_s: float, scale: float, log_dir: Path,
-                 timeout_s: float = 600.0) -> dict[str, Any]:
-    runs = {m: run_mode(m, a_jobs, b_jobs, b_at_s, chat_every_s, scale, log_dir, timeout_s) for m in MODES}
+                 timeout_s: float = 600.0, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    runs = {m: run_mode(m, a_jobs, b_jobs, b_at_s, chat_every_s, scale, log_dir, timeout_s) for m in modes}
     fair, fcfs = runs["fair"], runs["fcfs"]
     return {
         "scenario": "fairness", "a_jobs": a_jobs, "b_jobs": b_jobs, "b_at_s": b_at_s, "chat_every_s": chat_every_s,

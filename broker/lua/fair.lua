@@ -1,54 +1,151 @@
 -- Fair share within a band (broker/fairshare.py), in one step each:
---   'hold' (the producer's transport, in place of kombu's LPUSH onto the band's queue): the message — Celery's
---     own bytes for the band — onto its tenant's held list; the tenant into the band's round-robin ring if it
---     was not in it; the held count up; the record's `held` mark (no sweep sends it another message); then feed.
---   'feed' (a worker that finished a batch job, the beat each tick): move held messages onto the band's queue
---     until it holds `target` messages, the tenant at the ring's head giving its oldest (the right end of its
---     list) and going to the back while it has more. Bytes move unchanged. A message whose job is no longer
---     queued (cancelled while held) is dropped and gives its turn away; one whose record is gone moves on.
+--   'hold' (the producer's transport, in place of kombu's LPUSH onto the band's queue): first the job's ETA at
+--     submit (below); then the message — Celery's own bytes for the band — onto its tenant's held list; the
+--     tenant into the band's ring if it was not in it (with its weight and cap into the band's policy hash); the held
+--     count up; the record's `held` mark (no sweep sends it another message) and `eta_s`; then feed.
+--   'feed' (a worker that took a batch job, the beat each tick): move held messages onto the band's queue
+--     until it holds `target` messages. Weighted round robin: the tenant at the ring's head gives its oldest
+--     (the right end of its list) and keeps the head until it has given its weight's worth this round (the
+--     credit left is kept in the policy hash, so feeds of one message at a time still give w in a row), then
+--     goes to the back while it has more. A tenant with a cap that has that many jobs fed and not ended
+--     (its active set, pruned of ended jobs as it is read) is passed over: its jobs stay held. Bytes move
+--     unchanged. A message whose job is no longer queued (cancelled while held) is dropped; one whose record
+--     is gone moves on.
 -- The target is the beat's (KEYS[5]: about ARBITER_FAIR_SHARE_DEPTH messages per worker slot of the workload,
 -- 0 while the queue is paused), or ARGV[5] when no beat has set one.
+-- ETA at submit (broker.position's formula, as `arbiter status` would give it at that moment): ahead = the
+-- stronger bands' queues and held jobs + the band's queue + the held jobs the weighted round robin feeds
+-- first; eta = (ahead + 1) x the median of the band's recent run times / the workload's live worker slots.
+-- None (no `eta_s`) while the queue is paused, with no live worker or fewer than 3 recent runs.
 -- KEYS[1] ring  KEYS[2] ring members  KEYS[3] held count  KEYS[4] the band's Celery queue  KEYS[5] target
--- KEYS[6] the tenant's held list ('hold')  KEYS[7] the job hash ('hold')
+-- KEYS[6] the band's policy hash (w:<tenant> weight, c:<tenant> cap, d:<tenant> credit left this round)
+-- 'hold' only: KEYS[7] the tenant's held list  KEYS[8] the job hash  KEYS[9] the workers' registrations
+--   KEYS[10] the band's recent run times  KEYS[11..] the stronger bands' queues, then their held counts
 -- ARGV[1] 'hold' | 'feed'  ARGV[2] prefix of the tenants' held lists  ARGV[3] prefix of job keys  ARGV[4] now
--- ARGV[5] default target  ARGV[6] message ('hold')  ARGV[7] tenant ('hold')  ARGV[8] '<queue>|<tenant>' ('hold')
+-- ARGV[5] default target  ARGV[6] prefix of the workload's active sets (a tenant's fed, unended job ids)
+-- 'hold' only: ARGV[7] message  ARGV[8] tenant  ARGV[9] '<queue>|<tenant>'  ARGV[10] weight  ARGV[11] cap
+--   ARGV[12] workload ('' : no ETA at submit, ARBITER_ETA_AT_SUBMIT=false)
 -- Returns the number of messages moved onto the band's queue.
+local function weight(t)
+  return math.max(1, tonumber(redis.call('HGET', KEYS[6], 'w:' .. t) or '1') or 1)
+end
+
+local function eta_at_submit(target)
+  if target <= 0 or ARGV[12] == '' then return nil end
+  local slots = 0
+  local workers = redis.call('HGETALL', KEYS[9])
+  for i = 2, #workers, 2 do
+    local ok, e = pcall(cjson.decode, workers[i])
+    if ok and type(e) == 'table' and e['workload'] == ARGV[12] and tonumber(e['expires_at'] or 0) >= tonumber(ARGV[4]) then
+      slots = slots + (tonumber(e['concurrency']) or 0)
+    end
+  end
+  local runs = redis.call('LRANGE', KEYS[10], 0, -1)
+  if slots <= 0 or #runs < 3 then return nil end
+  for i = 1, #runs do runs[i] = tonumber(runs[i]) or 0 end
+  table.sort(runs)
+  local service = runs[math.floor(#runs / 2) + 1]
+  -- the held jobs fed before this one (broker.fairshare.rank): it is `index`-th (0 = oldest) of its tenant's
+  local tenant, index = ARGV[8], redis.call('LLEN', KEYS[7])
+  local mine = math.max(1, tonumber(ARGV[10]) or 1)
+  local round = math.floor(index / mine)
+  local ahead, before = index, true
+  for _, t in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+    if t == tenant then
+      before = false
+    else
+      local n = round + (before and 1 or 0)
+      ahead = ahead + math.min(redis.call('LLEN', ARGV[2] .. t), weight(t) * n)
+    end
+  end
+  ahead = ahead + redis.call('LLEN', KEYS[4])
+  local stronger = (#KEYS - 10) / 2
+  for i = 1, stronger do
+    ahead = ahead + redis.call('LLEN', KEYS[10 + i]) + math.max(0, tonumber(redis.call('GET', KEYS[10 + stronger + i]) or '0') or 0)
+  end
+  return (ahead + 1) * service / slots
+end
+
+local function capped(tenant)
+  local cap = tonumber(redis.call('HGET', KEYS[6], 'c:' .. tenant) or '0') or 0
+  if cap <= 0 then return false end
+  local active = ARGV[6] .. tenant
+  for _, id in ipairs(redis.call('SMEMBERS', active)) do
+    local state = redis.call('HGET', ARGV[3] .. id, 'state')
+    if not state or state == 'finished' or state == 'failed' or state == 'cancelled' then
+      redis.call('SREM', active, id)
+    end
+  end
+  return redis.call('SCARD', active) >= cap
+end
+
+local target = tonumber(redis.call('GET', KEYS[5]) or ARGV[5])
 if ARGV[1] == 'hold' then
-  redis.call('LPUSH', KEYS[6], ARGV[6])
+  local tenant = ARGV[8]
+  local eta = eta_at_submit(target)
+  redis.call('LPUSH', KEYS[7], ARGV[7])
   redis.call('INCR', KEYS[3])
-  redis.call('HSET', KEYS[7], 'held', ARGV[8])
-  if redis.call('SADD', KEYS[2], ARGV[7]) == 1 then
-    redis.call('RPUSH', KEYS[1], ARGV[7])
+  if eta then
+    redis.call('HSET', KEYS[8], 'held', ARGV[9], 'eta_s', string.format('%.3f', eta))
+  else
+    redis.call('HSET', KEYS[8], 'held', ARGV[9])
+  end
+  if redis.call('SADD', KEYS[2], tenant) == 1 then   -- joins the ring: its weight and cap as this submit has them
+    redis.call('RPUSH', KEYS[1], tenant)
+    redis.call('HSET', KEYS[6], 'w:' .. tenant, ARGV[10])
+    if (tonumber(ARGV[11]) or 0) > 0 then
+      redis.call('HSET', KEYS[6], 'c:' .. tenant, ARGV[11])
+    else
+      redis.call('HDEL', KEYS[6], 'c:' .. tenant)
+    end
   end
 end
-local target = tonumber(redis.call('GET', KEYS[5]) or ARGV[5])
 local want = target - redis.call('LLEN', KEYS[4])
-local moved, turns = 0, 0
+local moved, turns, passed = 0, 0, 0
 while moved < want and turns < 100000 do
   turns = turns + 1
   local tenant = redis.call('LPOP', KEYS[1])
   if not tenant then break end
   local list = ARGV[2] .. tenant
-  local msg = redis.call('RPOP', list)
-  if msg then
-    redis.call('DECR', KEYS[3])
-    local ok, envelope = pcall(cjson.decode, msg)
-    local id = ok and type(envelope) == 'table' and type(envelope['headers']) == 'table' and envelope['headers']['id']
-    local key = type(id) == 'string' and (ARGV[3] .. id) or nil
-    local state = key and redis.call('HGET', key, 'state')
-    if not state or state == 'queued' then
-      if state then
-        redis.call('HDEL', key, 'held')
-        redis.call('HSET', key, 'fed_at', ARGV[4])
-      end
-      redis.call('LPUSH', KEYS[4], msg)
-      moved = moved + 1
-    end
-  end
-  if redis.call('LLEN', list) > 0 then
-    redis.call('RPUSH', KEYS[1], tenant)
+  if capped(tenant) then
+    redis.call('RPUSH', KEYS[1], tenant)   -- keeps its jobs and its place in the rounds to come
+    passed = passed + 1
+    if passed >= redis.call('LLEN', KEYS[1]) then break end   -- every tenant with held jobs is at its cap
   else
-    redis.call('SREM', KEYS[2], tenant)
+    passed = 0
+    local msg = redis.call('RPOP', list)
+    if msg then
+      redis.call('DECR', KEYS[3])
+      local ok, envelope = pcall(cjson.decode, msg)
+      local id = ok and type(envelope) == 'table' and type(envelope['headers']) == 'table' and envelope['headers']['id']
+      local key = type(id) == 'string' and (ARGV[3] .. id) or nil
+      local state = key and redis.call('HGET', key, 'state')
+      if not state or state == 'queued' then
+        if state then
+          redis.call('HDEL', key, 'held')
+          redis.call('HSET', key, 'fed_at', ARGV[4])
+          if redis.call('HEXISTS', KEYS[6], 'c:' .. tenant) == 1 then
+            redis.call('SADD', ARGV[6] .. tenant, id)
+            redis.call('EXPIRE', ARGV[6] .. tenant, 86400)
+          end
+        end
+        redis.call('LPUSH', KEYS[4], msg)
+        moved = moved + 1
+      end
+    end
+    if redis.call('LLEN', list) > 0 then
+      local credit = tonumber(redis.call('HGET', KEYS[6], 'd:' .. tenant) or weight(tenant)) - 1
+      if credit > 0 then   -- its round goes on: it stays at the head
+        redis.call('HSET', KEYS[6], 'd:' .. tenant, credit)
+        redis.call('LPUSH', KEYS[1], tenant)
+      else
+        redis.call('HDEL', KEYS[6], 'd:' .. tenant)
+        redis.call('RPUSH', KEYS[1], tenant)
+      end
+    else
+      redis.call('HDEL', KEYS[6], 'd:' .. tenant)
+      redis.call('SREM', KEYS[2], tenant)
+    end
   end
 end
 if tonumber(redis.call('GET', KEYS[3]) or '0') < 0 then

@@ -24,5 +24,6 @@ def test_fairness_bench_accounts_for_every_job(tmp_path):
     for mode, r in data["modes"].items():
         assert r["a_jobs"] == 12 and r["b_jobs"] == 3 and r["unfinished"] == 0, mode
         assert r["b_wait_p50_s"] is not None and r["jain"] is not None
-    assert set(data["modes"]) == {"fcfs", "fair"}
+    assert set(data["modes"]) == {"fcfs", "fair", "weighted"}
+    assert data["modes"]["weighted"]["weights"] == {"A": 3}
     json.dumps(data)
