@@ -4,7 +4,6 @@ is stopped with SIGTERM then SIGKILL on Ctrl-C."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -15,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.redis_server import EmbeddedRedis, ensure_redis, free_port
+from broker.redis_server import EmbeddedRedis, ensure_redis, exit_with_parent, free_port
 from broker.settings import Settings, settings_env
 
 log = logging.getLogger(__name__)
@@ -23,14 +22,9 @@ log = logging.getLogger(__name__)
 
 def _die_with_parent() -> None:
     os.setsid()
-    if sys.platform.startswith("linux"):
-        try:
-            # PR_SET_PDEATHSIG: if the supervisor dies without stopping us (SIGKILL, a crash), the kernel kills us
-            # too. SIGKILL, not SIGTERM: a Celery worker's warm shutdown can hang while its Redis (another child
-            # of the same supervisor) is gone; its jobs are safe (acks_late, leases, checkpoints).
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-        except OSError:
-            pass
+    # SIGKILL, not SIGTERM: a Celery worker's warm shutdown can hang while its Redis (another child of the same
+    # supervisor) is gone; its jobs are safe (acks_late, leases, checkpoints).
+    exit_with_parent(signal.SIGKILL)
 
 
 @dataclass

@@ -7,7 +7,8 @@ change goes through one atomic Lua script that checks the transition table in `b
 Fencing: a run's writes after its start (tokens, progress, checkpoints, its end) carry the fence its lease
 was granted with and are accepted only while the record names that fence (`job_write.lua`,
 `job_settle.lua`): a stale run — its worker stopped past the lease TTL while another took the job over —
-writes nothing. A run ends in one script (`settle`): output or checkpoint, fields, state, lease, control."""
+writes nothing. A run starts in one script (`start`: lease, transition, counters) and ends in one (`settle`):
+output or checkpoint, fields, state, lease, control, counters."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import redis
@@ -23,7 +25,8 @@ from broker.errors import JobNotFound
 from broker.keys import Keys
 from broker.lua import load
 from broker.schemas import JobResult, JobSpec, JobStatus, Progress
-from broker.states import ALLOWED_FROM, RUNNING_STATES, TERMINAL, WAITING, JobState
+from broker.scriptops import ScriptOps
+from broker.states import ALLOWED_FROM, RUNNING_STATES, STARTABLE, TERMINAL, WAITING, JobState
 
 STREAM_MAXLEN = 10_000
 
@@ -35,6 +38,21 @@ class Settled:
     ok: bool
     state: JobState | None
     refused_by: str = ""
+    replies: tuple[Any, ...] = ()     # the side writes' replies (`broker.scriptops.ScriptOps`)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The reply of `JobStore.start`: started with `fence` (`free_mib` left), or why not — no room for the
+    lease (`free_mib` now), its live lease held by another process, or a state it may not start from."""
+
+    ok: bool
+    fence: int = 0
+    free_mib: int = 0
+    held_elsewhere: bool = False
+    state: JobState | None = None     # when it may not start: the state it is in (None: no record)
+    not_startable: bool = False
+    replies: tuple[Any, ...] = ()
 
 
 class JobStore:
@@ -44,6 +62,7 @@ class JobStore:
         self._transition_loaded = False
         self._write = r.register_script(load("job_write"))
         self._settle = r.register_script(load("job_settle"))
+        self._start = r.register_script(load("job_start"))
         self._cancel_request = r.register_script(load("job_cancel_request"))
 
     # -- writes -----------------------------------------------------------------------------------
@@ -71,11 +90,7 @@ class JobStore:
         Returns (done, state now); queued on `pipe` if given (then read the reply with `transition_reply`)."""
         src = ALLOWED_FROM[to] if allowed is None else allowed & ALLOWED_FROM[to]
         k = self.keys
-        flat: list[Any] = []
-        items = [*fields.items(), *((f"+{n}", v) for n, v in (incr or {}).items()),
-                 *((f"?{n}", v) for n, v in (setnx or {}).items())]
-        for name, value in items:
-            flat += [name, _arg(value)]
+        flat = _flat(fields, incr, setnx)
         keys = [k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.job_checkpoint(job_id),
                 k.fence(job_id)]
         args = [to.value, ",".join(s.value for s in src), time.time(),
@@ -91,33 +106,63 @@ class JobStore:
         self._transition_loaded = True
         return (False, None) if pipe is not None else transition_reply(reply)
 
+    def start(self, job_id: str, gpu_id: str, capacity_mib: int, mib: int, ttl_s: float, priority: str,
+              workload: str, holder: str, weights: tuple[str, int] | None = None,
+              allowed: frozenset[JobState] = STARTABLE, incr: dict[str, int] | None = None,
+              setnx: dict[str, Any] | None = None, side: ScriptOps | None = None, now: float | None = None,
+              fields: dict[str, Any] | None = None) -> Started:
+        """Start a run in one atomic step (`job_start.lua`): the job's VRAM lease on `gpu_id` (the ledger's
+        rules, `broker.ledger.Ledger.acquire`; `weights` = (weights lease field, MiB)) and its transition to
+        running from a state in `allowed`, the new fence in both, `fields`/`incr`/`setnx` on the record and
+        `side`'s writes. Nothing is written when the job may not start or its lease does not fit."""
+        k = self.keys
+        wfield, wmib = weights or ("", 0)
+        src = allowed & ALLOWED_FROM[JobState.RUNNING]
+        flat = _flat(fields or {}, incr, setnx)
+        side = side if side is not None else ScriptOps()
+        reply = self._start(
+            keys=[k.job(job_id), k.job_events(job_id), k.jobs_running(), k.leases(gpu_id), k.fence(job_id),
+                  *side.keys],
+            args=[time.time() if now is None else now, capacity_mib, job_id, int(mib), ttl_s, priority, workload,
+                  holder, wfield, int(wmib), ",".join(s.value for s in src), STREAM_MAXLEN, len(flat) // 2, *flat,
+                  *side.args])
+        code, fence, free, *rest = reply
+        if code == -2:
+            state = _s(rest[0]) if rest else ""
+            return Started(False, state=JobState(state) if state else None, not_startable=True)
+        return Started(code == 1, int(fence), int(free), held_elsewhere=code == -1,
+                       replies=tuple(rest[0]) if code == 1 and rest else ())
+
     def settle(self, job_id: str, states: tuple[JobState, ...], fence: int, gpu_id: str,
                allowed: frozenset[JobState] = RUNNING_STATES, output: bytes | None = None,
-               checkpoint: bytes | None = None, incr: dict[str, int] | None = None, **fields: Any) -> Settled:
+               checkpoint: bytes | None = None, incr: dict[str, int] | None = None, side: ScriptOps | None = None,
+               **fields: Any) -> Settled:
         """End a run in one atomic, fenced step (`job_settle.lua`): from a state in `allowed`, through each
         of `states` (each step checked against the transition table here), writing `output` (kept
         `ttl_s`) or a preemption's `checkpoint` (kept as long as a live record), `fields` and `incr`,
-        releasing the job's lease on `gpu_id` if it still carries `fence` and dropping its control."""
+        releasing the job's lease on `gpu_id` if it still carries `fence` and dropping its control; and
+        `side`'s writes (counters, histograms), only if the end is recorded."""
         src = allowed & ALLOWED_FROM[states[0]]
-        for a, b in zip(states, states[1:]):
+        for a, b in pairwise(states):
             if a not in ALLOWED_FROM[b]:
                 raise ValueError(f"a job cannot go from {a.value} to {b.value}")
         k, final = self.keys, states[-1]
         blob_key, blob, blob_ttl = (k.job_output(job_id), output, self.ttl_s) if output is not None else \
             (k.job_checkpoint(job_id), checkpoint, self.ttl_s * 7) if checkpoint is not None else (k.job(job_id), b"", 0)
-        flat: list[Any] = []
-        for name, value in [*fields.items(), *((f"+{n}", v) for n, v in (incr or {}).items())]:
-            flat += [name, _arg(value)]
+        flat = _flat(fields, incr)
+        side = side if side is not None else ScriptOps()
         reply = self._settle(
             keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.leases(gpu_id),
-                  k.controls(gpu_id), blob_key, k.job_checkpoint(job_id), k.fence(job_id)],
+                  k.controls(gpu_id), blob_key, k.job_checkpoint(job_id), k.fence(job_id), *side.keys],
             args=[",".join(s.value for s in states), ",".join(s.value for s in src), time.time(),
                   1 if final in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, fence, blob_ttl, blob or b"",
-                  *flat],
+                  len(flat) // 2, *flat, *side.args],
         )
-        ok, state, *why = reply
+        ok, state, *rest = reply
         state = _s(state)
-        return Settled(bool(ok), JobState(state) if state else None, _s(why[0]) if why else "")
+        if ok:
+            return Settled(True, JobState(state) if state else None, replies=tuple(rest[0]) if rest else ())
+        return Settled(False, JobState(state) if state else None, _s(rest[0]) if rest else "")
 
     def write_owned(self, job_id: str, fence: int, fields: dict[str, Any] | None = None,
                     event: dict[str, Any] | None = None, checkpoint: bytes | None = None) -> bool:
@@ -240,6 +285,15 @@ def status_from(job_id: str, d: dict[str, str]) -> JobStatus:
         waiting_for=d.get("waiting_for") if JobState(d["state"]) in WAITING else None,
         improvement=d.get("improvement_state"),
     )
+
+
+def _flat(fields: dict[str, Any], incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None) -> list[Any]:
+    """Record fields as the job scripts take them: name, value pairs; '+name' increments, '?name' sets if unset."""
+    flat: list[Any] = []
+    for name, value in [*fields.items(), *((f"+{n}", v) for n, v in (incr or {}).items()),
+                        *((f"?{n}", v) for n, v in (setnx or {}).items())]:
+        flat += [name, _arg(value)]
+    return flat
 
 
 def _arg(value: Any) -> Any:

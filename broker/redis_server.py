@@ -4,11 +4,14 @@ No server to install by hand."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +22,16 @@ import redis
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child before exec (`preexec_fn`): the kernel sends `sig` when the thread that started it dies —
+    its parent killed (a test run stopped midway, SIGKILL, a crash) leaves nothing running. Linux only."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)   # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def find_redis_server() -> str:
@@ -115,7 +128,8 @@ class EmbeddedRedis:
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
                 "--loglevel", "warning", *self.extra_args]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,  # noqa: PLW1509
+                                     preexec_fn=exit_with_parent)   # started from the main thread
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

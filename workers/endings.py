@@ -21,6 +21,7 @@ from broker.jobstore import Settled
 from broker.predictor import StepPredictor
 from broker.retry import redis_passing, retry_while
 from broker.schemas import JobResult, JobSpec, Priority
+from broker.scriptops import ScriptOps
 from broker.states import JobState
 from broker.stats import add as add_stats
 from workers import flower
@@ -58,8 +59,8 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
               run_s: float, started_at: float) -> tuple[dict[str, Any], int]:
     """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
-    (another owns the job now) finishes nothing. Then, best effort, counters and the predictor; returns the
-    result's summary and how many jobs are parked (read in the same round trip)."""
+    (another owns the job now) finishes nothing; its counters, histograms and predictor ride in the same
+    step (`broker.scriptops`). Returns the result's summary and how many jobs are parked (read in it too)."""
     d = job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
@@ -69,29 +70,30 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
         gpu_id=rt.gpu_id,
     )
     w = spec.workload.value
-    done = settle(rt, job_id, fence, "result", states=(JobState.FINISHED,), allowed=frozenset({JobState.RUNNING}),
-                   output=result.image_png, result=json.dumps(result.summary()), finished_at=result.finished_at,
-                   step=rung.total_steps, total=rung.total_steps)
-    if not done.ok:  # cancelled in the very last moment: the cancel wins
-        log.info("job %s finished but is %s", job_id, done.state.value if done.state else "gone")
-        raise Ignore()
-    pipe = rt.redis.pipeline(transaction=False)
-    add_stats(rt.redis, rt.keys, pipe=pipe, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
+    side = ScriptOps(rt.redis)   # counters, histograms, predictor: inside the finish step, counted only with it
+    add_stats(rt.redis, rt.keys, pipe=side, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
                                                "quality_reductions": int(rung.quality < 1.0)})
-    record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=pipe)
+    record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=side,
+               eta_s=d.get("eta_s"))
     steps_run = rung.total_steps - output.resumed_from_step
     if steps_run > 0:   # last writer wins among a worker's processes: fine for an online estimate
         predictor.update(rung_features(rung), run_s * 1000 / steps_run)
-        pipe.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
+        side.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
     if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
-        pipe.lpush(rt.keys.beat_wake(), "interactive done")
-        pipe.ltrim(rt.keys.beat_wake(), 0, 99)
-    pipe.hlen(rt.keys.parked())   # jobs parked for VRAM this run's lease may now make room for
-    parked = 0
+        side.lpush(rt.keys.beat_wake(), "interactive done")
+        side.ltrim(rt.keys.beat_wake(), 0, 99)
+    side.hlen(rt.keys.parked())   # jobs parked for VRAM this run's lease may now make room for
+    done = settle(rt, job_id, fence, "result", states=(JobState.FINISHED,), allowed=frozenset({JobState.RUNNING}),
+                  output=result.image_png, result=json.dumps(result.summary()), finished_at=result.finished_at,
+                  step=rung.total_steps, total=rung.total_steps, side=side)
+    if not done.ok:  # cancelled in the very last moment: the cancel wins
+        log.info("job %s finished but is %s", job_id, done.state.value if done.state else "gone")
+        raise Ignore()
+    parked = int(side.last(list(done.replies), "HLEN") or 0)
     try:
-        parked = int(pipe.execute()[-1])
-    except redis.RedisError as exc:   # the job is finished; only counters are lost
-        log.warning("job %s finished, but its counters were not recorded: %s", job_id, exc)
+        side.run_spill()
+    except redis.RedisError as exc:   # the job is finished; only those counters are lost
+        log.warning("job %s finished, but some of its counters were not recorded: %s", job_id, exc)
     log.info("job %s finished: %s %s quality %.2f in %.2f s", job_id, w, spec.priority.value, rung.quality,
              result.latency_s)
     return result.summary(), parked
@@ -104,12 +106,13 @@ def preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempte
     unacknowledged: delivered again later, it finds the job taken or finished and is dropped."""
     quality = rt.store.r.hget(rt.keys.job(job_id), "quality")
     fields: dict[str, Any] = {"checkpoint_quality": float(quality or 1.0)} if exc.checkpoint else {}
+    side = ScriptOps()
+    add_stats(rt.redis, rt.keys, pipe=side, preemptions=1)   # counted in the same step, only if it is done
     done = settle(rt, job_id, fence, "preemption", states=(JobState.PREEMPTED, JobState.QUEUED),
-                   checkpoint=exc.checkpoint or None, incr={"preemptions": 1}, **fields)
+                  checkpoint=exc.checkpoint or None, incr={"preemptions": 1}, side=side, **fields)
     if not done.ok:
         log.info("job %s could not be preempted: it is %s", job_id, done.state.value if done.state else "gone")
         raise Ignore()
-    add_stats(rt.redis, rt.keys, preemptions=1)
     log.info("job %s preempted at step %d: checkpointed, lease released, requeued (%s %s)", job_id, exc.step,
              spec.workload.value, spec.priority.value)
     if task is None:   # no Celery app to send with (a direct call): Celery puts the message back

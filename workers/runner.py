@@ -27,13 +27,15 @@ from broker.errors import (
     Preempted,
     SimulatedOOM,
 )
-from broker.jobstore import decode_hash, status_from, transition_reply
-from broker.ledger import parse_leases
+from broker.jobstore import Started, decode_hash, status_from
+from broker.ledger import parse_leases, weights_field
 from broker.position import job_queue
 from broker.predictor import StepPredictor
 from broker.schemas import JobSpec, Priority
-from broker.states import STARTABLE, JobState
+from broker.scriptops import ScriptOps
+from broker.states import JobState
 from broker.stats import add as add_stats
+from broker.waiting import WaitingEntry
 from workers import flower
 from workers.admission import Fail, Hold, JobView, Park, Skip, Try, decide, on_no_room
 from workers.affinity import pass_to
@@ -43,7 +45,7 @@ from workers.improve import adopt, queue_improvement
 from workers.ladders import Rung, rung_cost_mib, rung_features
 from workers.peers import ram_nodes, read_peers
 from workers.runtime import CurrentJob, Runtime
-from workers.vramhold import held_for_interactive, lease_capacity_mib
+from workers.vramhold import NO_RESERVE, Reserve, held_for_interactive, lease_capacity_mib, reserve_on
 from workers.waiting import hold, is_paused, park
 
 log = logging.getLogger("arbiter.job")
@@ -92,6 +94,7 @@ class View:
     predictor: StepPredictor
     paused: bool = False     # an operator paused the job's queue (`broker.controls`)
     held_mib: int = 0        # VRAM interactive jobs waiting on this GPU need (`workers.vramhold`)
+    reserve: Reserve = NO_RESERVE   # VRAM kept free for the next interactive job on this GPU (`workers.vramhold`)
 
     @classmethod
     def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
@@ -116,10 +119,13 @@ class View:
         if fairshare.applies(spec, rt.settings):
             fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth)
         job, budget, leases, checkpoint, predictor, control, waiting, *_ = pipe.execute()
+        now = time.time()
+        live = parse_leases(leases, now)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
-                   rt.resident_variants(parse_leases(leases, time.time())), checkpoint,
+                   rt.resident_variants(live), checkpoint,
                    StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor(),
-                   paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, time.time()))
+                   paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),
+                   reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now))
 
 
 def pass_on(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, view: View, raw: Any, task: Any) -> None:
@@ -184,21 +190,23 @@ def refuse(rt: Runtime, job_id: str, spec: JobSpec, decision: Skip | Fail | Park
 
 
 def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task: Any) -> Admitted:
-    """Lease VRAM for the best rung that fits (each try one atomic ledger step); when none fits, what
-    `on_no_room` says: park (batch work), wait while the beat frees room (interactive), or fail."""
+    """Start the job at the best rung whose VRAM fits: each try is one atomic step (`start`) that leases
+    and starts it; when none fits, what `on_no_room` says: park (batch work), wait while the beat frees
+    room (interactive), or fail."""
     rungs, budget = chosen.rungs, view.budget
     started = time.monotonic()
     waiting = False
     held = view.resident
-    capacity = lease_capacity_mib(rt.capacity_mib, chosen.interactive, view.held_mib,
-                                  rt.admission and rt.settings.interactive_vram_first)
+    holding = rt.admission and rt.settings.interactive_vram_first
+    kept = view.reserve.mib if holding and not chosen.interactive else 0
+    capacity = lease_capacity_mib(rt.capacity_mib, chosen.interactive, view.held_mib, holding, kept)
     while True:
         free = 0
         for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
-            # the weights lease is always named: counted only if not held yet, renewed (re-made) if it is
-            grant = rt.ledger.acquire(rt.gpu_id, capacity, job_id, rung.vram_mib, rt.settings.lease_ttl_s,
-                                      spec.priority.value, spec.workload.value, rt.worker,
-                                      (rung.variant, rung.weights_mib), holder=rt.holder)
+            grant = start(rt, job_id, spec, rung, capacity, view.checkpoint is not None)
+            if grant.not_startable:
+                log.info("job %s not started: it is %s", job_id, grant.state.value if grant.state else "gone")
+                raise Ignore()
             if grant.held_elsewhere:
                 log.warning("job %s is running on another worker: this delivery is dropped", job_id)
                 raise Ignore()
@@ -213,7 +221,8 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
         next_step = on_no_room(chosen.interactive, time.monotonic() - started, rt.settings.allocation_timeout_s)
         if isinstance(next_step, Park):
             add_stats(rt.redis, rt.keys, allocations_failed=1)
-            park(rt, job_id, spec, "vram", budget, mib=rung_cost_mib(rungs[0], held), task=task)
+            park(rt, job_id, spec, "vram", budget, mib=rung_cost_mib(rungs[0], held), task=task,
+                 kept_mib=view.reserve.when_parked(rung_cost_mib(rungs[0], held)) if kept else 0)
         if isinstance(next_step, Fail):
             rt.redis.hdel(rt.keys.waiting_vram(), job_id)
             add_stats(rt.redis, rt.keys, allocations_failed=1)
@@ -224,27 +233,26 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
             waiting = True
             rt.store.transition(job_id, JobState.WAITING_FOR_VRAM)
             now = time.time()   # `expires_at`: the beat sweeps the entry if this worker dies while it waits
-            rt.redis.hset(rt.keys.waiting_vram(), job_id, json.dumps(
-                {"gpu_id": rt.gpu_id, "mib": need, "priority": spec.priority.value, "workload": spec.workload.value,
-                 "since": now, "worker": rt.worker,
-                 "expires_at": now + rt.settings.allocation_timeout_s + rt.settings.lease_ttl_s}))
+            rt.redis.hset(rt.keys.waiting_vram(), job_id, WaitingEntry(
+                rt.gpu_id, spec.workload.value, spec.priority.value, need, since=now, worker=rt.worker,
+                expires_at=now + rt.settings.allocation_timeout_s + rt.settings.lease_ttl_s).encode())
             rt.wake_beat(job_id)
         time.sleep(0.05)
         held = rt.resident_variants()
 
 
-def start(rt: Runtime, job_id: str, rung: Rung, fence: int, resumed: bool, now: float) -> tuple[bool, Any]:
-    """The job is running: one guarded transition and its counters, in one round trip."""
-    fields: dict[str, Any] = dict(allowed=STARTABLE, incr={"runs": 1}, setnx={"started_at": now}, worker=rt.worker,
-                                  gpu_id=rt.gpu_id, quality=rung.quality, step=0, total=rung.total_steps,
-                                  fence=fence)
-    pipe = rt.redis.pipeline(transaction=False)
-    rt.store.transition(job_id, JobState.RUNNING, pipe=pipe, **fields)
-    add_stats(rt.redis, rt.keys, pipe=pipe, allocations_ok=1, resumes=int(resumed))
-    try:
-        return transition_reply(pipe.execute()[0])
-    except redis.exceptions.NoScriptError:   # Redis restarted since the script was loaded (the counters went in)
-        return rt.store.transition(job_id, JobState.RUNNING, **fields)
+def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, resumed: bool) -> Started:
+    """Lease the rung's VRAM and start the job, with its counters, in one atomic step and one round trip
+    (`JobStore.start`); nothing is written if the lease does not fit or the job may not start any more. The
+    weights lease is always named: counted only if not held yet, renewed (re-made) if it is."""
+    side = ScriptOps()
+    add_stats(rt.redis, rt.keys, pipe=side, allocations_ok=1, resumes=int(resumed))
+    now = time.time()
+    return rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.priority.value,
+                          spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
+                          incr={"runs": 1}, setnx={"started_at": now}, side=side, now=now,
+                          fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
+                                  "total": rung.total_steps})
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -262,11 +270,6 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     rung, fence = (a := lease(rt, job_id, spec, decision, view, task)).rung, a.fence
     checkpoint = view.checkpoint
     now = time.time()
-    ok, state = start(rt, job_id, rung, fence, checkpoint is not None, now)
-    if not ok:
-        rt.ledger.release(rt.gpu_id, job_id, fence)
-        log.info("job %s not started: it is %s", job_id, state.value if state else "gone")
-        raise Ignore()
     rt.current = CurrentJob(job_id, fence, rung.variant)
     log.info("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")

@@ -28,17 +28,20 @@ from workers.runtime import Runtime
 log = logging.getLogger("arbiter.job")
 
 
-def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mib: int = 0, task: Any = None) -> None:
+def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mib: int = 0, task: Any = None,
+         kept_mib: int = 0) -> None:
     """The job cannot run yet: it leaves the queue (this delivery is acknowledged) and waits in an explicit
     state — `waiting_for_budget` or `waiting_for_vram` — holding no worker slot, until the beat puts it
-    back on its queue (`arbiter.policy.release_parked`). Expected: one INFO line, no traceback. Raises
-    `Ignore` (the delivery is acknowledged)."""
+    back on its queue (`arbiter.policy.release_parked`). `kept_mib`: VRAM this job must leave free beside its
+    own (the interactive reserve, `workers.vramhold`), counted in what it waits for, so the beat releases it
+    only when it fits beside that room. Expected: one INFO line, no traceback. Raises `Ignore` (the delivery
+    is acknowledged)."""
     floor = spec.min_quality or 0.0
     held = rt.resident_variants()
     entry = ParkedJob(job_id=job_id, workload=spec.workload.value, priority=spec.priority.value, reason=reason,
                       gpu_id=rt.gpu_id, since=time.time(), min_quality=floor, mib=mib,
                       budget=budget, improvement=spec.improves is not None,
-                      rungs=needs_by_budget(rt.backend.ladder(spec), floor, held))
+                      rungs=needs_by_budget(rt.backend.ladder(spec), floor, held, kept_mib))
     state = JobState.WAITING_FOR_BUDGET if reason == "budget" else JobState.WAITING_FOR_VRAM
     ok, now = rt.store.transition(job_id, state, allowed=frozenset({JobState.QUEUED}), waiting_for=entry.explain())
     if not ok and now is not state:     # cancelled meanwhile (a delivery racing a release is parked again)
@@ -54,15 +57,16 @@ def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mi
     raise Ignore()
 
 
-def needs_by_budget(ladder: list[Rung], min_quality: float, held: set[str]) -> list[tuple[float, int]]:
+def needs_by_budget(ladder: list[Rung], min_quality: float, held: set[str], kept_mib: int = 0) -> list[tuple[float, int]]:
     """(budget, VRAM MiB the job would ask for under it) for each budget level its ladder has: what the
     worker's own admission (`admissible_rungs`) would try first, so the beat releases it exactly when that
-    fits — e.g. a resident 8B variant, not an unloaded 1B one whose weights would not fit."""
+    fits — e.g. a resident 8B variant, not an unloaded 1B one whose weights would not fit. `kept_mib` (room
+    it must leave free beside it) is added to each."""
     out = []
     for level in sorted({r.quality for r in ladder if r.quality >= min_quality - 1e-9}, reverse=True):
         allowed = admissible_rungs(ladder, level, min_quality, held)
         if allowed:
-            out.append((level, rung_cost_mib(allowed[0], held)))
+            out.append((level, rung_cost_mib(allowed[0], held) + max(0, kept_mib)))
     return out
 
 

@@ -1,8 +1,9 @@
 """`arbiter bench mixed`: chat vs batch flood. Interactive llm chat (Poisson arrivals, seeded), a background
 diffusion flood that alone keeps the GPU busy, and a trickle of standard llm jobs — the identical trace
 replayed under `fifo`, `priority`, `arbiter-nohold` and `arbiter`, each on a fresh Redis and fresh workers.
-`arbiter-nohold` is the arbiter with `interactive_vram_first` off: VRAM freed by a preemption for a chat
-waiting for it may be leased again by background work first (the behaviour before it; `workers/vramhold.py`).
+`arbiter-nohold` is the arbiter with `interactive_vram_first` off (`workers/vramhold.py`): VRAM freed by a
+preemption for a chat waiting for it may be leased again by background work first, and background work does
+not keep one chat's VRAM free while chats come (the behaviour before issue 17's point 6).
 
 Times in the trace and the SLO are H100 seconds; `--scale` multiplies every simulated duration and every
 arrival time alike (0.5 = twice as fast), so ratios are preserved; Redis and Celery overheads do not

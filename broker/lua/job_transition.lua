@@ -10,39 +10,17 @@
 -- A terminal state drops the checkpoint (nothing resumes a finished, failed or cancelled job) and gives the
 -- fence counter the record's TTL, so nothing of the job outlives its record.
 -- Returns {1, new state} or {0, current state} (current is '' when the record does not exist).
+-- #include job_lib
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, ''} end
-local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do
-  if s == current then allowed = true break end
-end
-if not allowed then return {0, current} end
+if not state_in(current, ARGV[2]) then return {0, current} end
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[9] then return {0, current} end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 10, #ARGV, 2 do
-  local op, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
-  if op == '+' then
-    redis.call('HINCRBY', KEYS[1], name, ARGV[i + 1])
-  elseif op == '?' then
-    redis.call('HSETNX', KEYS[1], name, ARGV[i + 1])
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  end
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'state', 'state', ARGV[1], 'from', current)
-if redis.call('TTL', KEYS[2]) < 0 then   -- a stream made by this change lives as long as the record
-  redis.call('EXPIRE', KEYS[2], math.max(redis.call('TTL', KEYS[1]), 1))
-end
+write_fields(KEYS[1], 10, #ARGV, {'state', ARGV[1], 'updated_at', ARGV[3]})
+state_event(KEYS[2], KEYS[1], ARGV[6], ARGV[1], current)
 if ARGV[8] == '1' then
   redis.call('SADD', KEYS[4], ARGV[7])
 else
   redis.call('SREM', KEYS[4], ARGV[7])
 end
-if ARGV[4] == '1' then
-  redis.call('ZREM', KEYS[3], ARGV[7])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  redis.call('DEL', KEYS[5])
-  redis.call('EXPIRE', KEYS[6], ARGV[5])
-end
+if ARGV[4] == '1' then terminal(KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], ARGV[7], ARGV[5]) end
 return {1, ARGV[1]}

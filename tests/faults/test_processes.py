@@ -1,12 +1,15 @@
 """Processes dying under load: a worker SIGKILLed mid-job, the leading beat SIGKILLed while a second beat
 stands by, then restarted. No job is lost, none runs twice at once, and budgets keep being decided."""
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from broker.states import TERMINAL, JobState
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.integration.arbiter_helpers import fast_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -56,3 +59,26 @@ def test_workers_and_beats_killed_under_load_lose_nothing(client, settings, star
     assert any(s.runs >= 2 for s in statuses)             # the killed worker's jobs were run again
     assert replacement.proc.poll() is None
     assert all(s.state in TERMINAL for s in statuses)
+
+
+def test_an_embedded_redis_dies_with_the_process_that_started_it():
+    """A test run or `arbiter dev` killed outright (SIGKILL) leaves no redis-server behind."""
+    code = ("from broker.redis_server import EmbeddedRedis; import time; s = EmbeddedRedis().start(); "
+            "print(s.proc.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    server = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    try:
+        wait_until(gone, timeout_s=10)
+    finally:
+        if not gone():
+            os.kill(server, signal.SIGKILL)

@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from arbiter.bench.common import state_time_ms
 from broker.keys import Keys
+from broker.ledger import Ledger
 from broker.states import JobState
 from tests.conftest import wait_until
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
@@ -79,3 +81,59 @@ def test_preempted_background_job_does_not_retake_the_chats_room(client, setting
     assert st.started_at is not None and st.started_at - st.queued_at < 1.0, st
     assert bg.result(timeout=60)
     assert bg.status().preemptions == 1
+
+
+def chat_running(client, settings, gpu: str, mib: int, ttl_s: float) -> None:
+    """An interactive job's lease of `mib` on `gpu` for `ttl_s`, as a chat's worker takes one."""
+    Ledger(client.redis, Keys(settings.key_prefix)).acquire(f"{settings.node}:{gpu}", 10**6, "chat-elsewhere", mib,
+                                                            ttl_s, "interactive", "llm", "llm@elsewhere")
+
+
+def long_image_running(client, gpu_note: str):
+    """A 512 px background image (300 MiB) that runs for a few seconds: batch work already on the GPU."""
+    h = client.submit(dict(BACKGROUND, prompt=f"a long image on {gpu_note}", steps=150))
+    wait_until(lambda: h.status().state is JobState.RUNNING, timeout_s=20)
+    return h
+
+
+def test_while_chats_run_here_background_work_leaves_one_chats_room(client, settings, procs):  # noqa: F811
+    """The standing reserve (`workers.vramhold`): on a 4 GiB card (1630 MiB for jobs) an image runs (300 MiB)
+    and an interactive job of 700 MiB; a second image (120-300 MiB by its budget) fits in the 630 MiB left,
+    but not beside room for one more such interactive job — it parks; once the interactive job has ended
+    its room is back and the image starts, beside the first."""
+    worker, beat = procs
+    worker("diffusion", concurrency=2, gpu="sim3:4GiB")
+    beat()
+    first = long_image_running(client, "sim3")
+    chat_running(client, settings, "sim3", 700, ttl_s=2.0)
+    h = client.submit(BACKGROUND)
+    wait_until(lambda: h.status().state is JobState.WAITING_FOR_VRAM, timeout_s=15)
+    assert h.status().started_at is None
+    assert h.result(timeout=30)
+    assert h.status().started_at - h.status().queued_at > 1.0
+    assert first.result(timeout=60)
+
+
+def test_the_first_batch_job_on_a_gpu_starts_whatever_was_seen(client, settings, procs):  # noqa: F811
+    """No batch work runs: the reserve does not apply (batch work never stops for a chat that has not come;
+    that chat waits one preemption)."""
+    worker, beat = procs
+    worker("diffusion", concurrency=1, gpu="sim4:4GiB")
+    beat()
+    chat_running(client, settings, "sim4", 700, ttl_s=2.0)
+    h = client.submit(BACKGROUND)
+    assert h.result(timeout=30)
+    assert state_time_ms(client, h.id, "waiting_for_vram") is None
+
+
+def test_without_the_hold_the_image_takes_the_room_at_once(client, settings, procs):  # noqa: F811
+    worker, beat = procs
+    worker("diffusion", concurrency=2, gpu="sim5:4GiB", ARBITER_INTERACTIVE_VRAM_FIRST="false")
+    beat()
+    first = long_image_running(client, "sim5")
+    chat_running(client, settings, "sim5", 700, ttl_s=2.0)
+    h = client.submit(BACKGROUND)
+    assert h.result(timeout=30)
+    assert state_time_ms(client, h.id, "waiting_for_vram") is None
+    assert h.status().started_at - h.status().queued_at < 1.0
+    assert first.result(timeout=60)

@@ -33,3 +33,14 @@ def test_a_diffusion_job_needs_less_as_the_budget_falls():
     assert p.need_mib(1.0) == mibs[-1] and p.need_mib(0.3) == mibs[0]
     assert p.need_mib(0.1) == mibs[0]                     # below every level: its cheapest
     assert parked([], mib=700).need_mib(0.5) == 700       # an entry without levels: what it was parked with
+
+
+def test_room_kept_for_interactive_work_is_part_of_what_a_parked_job_waits_for():
+    spec = validate_spec({"workload": "diffusion", "prompt": "fox", "width": 1024, "height": 1024}, S)
+    plain = dict(needs_by_budget(diffusion_ladder(spec), 0.3, {"sd15"}))
+    kept = dict(needs_by_budget(diffusion_ladder(spec), 0.3, {"sd15"}, kept_mib=90))
+    assert kept.keys() == plain.keys()
+    assert all(kept[level] == plain[level] + 90 for level in plain)
+    # the beat releases it only when the image fits beside the kept room
+    assert parked(sorted(kept.items())).need_mib(0.3) == plain[0.3] + 90
+    assert dict(needs_by_budget(diffusion_ladder(spec), 0.3, {"sd15"}, kept_mib=-5)) == plain
