@@ -35,6 +35,8 @@ def batch_command(
     priority: Annotated[Priority, typer.Option(help="Default priority of the lines.")] = Priority.BACKGROUND,
     workload: Annotated[Workload, typer.Option(help="Default workload of the lines.")] = Workload.DIFFUSION,
     model: Annotated[str | None, typer.Option(help="Default model for the lines of the default workload.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Default tenant of the lines (who the jobs are for: tenants "
+                                                    "of a band are served in turn; default: 'default').")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Most jobs in flight at once.")] = 64,
     timeout: Annotated[float | None, typer.Option(min=0, help="Stop waiting after this many seconds (jobs in "
                                                                  "flight keep running; rerun to collect them).")] = None,
@@ -59,7 +61,7 @@ def batch_command(
     130 on Ctrl-C."""
     from arbiter.batch.run import run_batch
 
-    run_batch(prompts, out, priority, workload, model, concurrency, timeout, retry_failed, improve)
+    run_batch(prompts, out, priority, workload, model, concurrency, timeout, retry_failed, improve, tenant)
 
 
 # typer keeps a docstring's line breaks: one line per paragraph reads better in --help

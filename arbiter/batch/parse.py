@@ -25,8 +25,8 @@ class Line:
     job_id: str = ""
 
 
-def parse_lines(src: Path, workload: str, priority: str, model: str | None,
-           validate: Any, improve: bool = False) -> tuple[list[Line], list[tuple[int, str | None, str]]]:
+def parse_lines(src: Path, workload: str, priority: str, model: str | None, validate: Any, improve: bool = False,
+                tenant: str | None = None) -> tuple[list[Line], list[tuple[int, str | None, str]]]:
     """The valid lines, and (line number, id, reason) of each bad one."""
     from broker.errors import InvalidJob
 
@@ -60,7 +60,8 @@ def parse_lines(src: Path, workload: str, priority: str, model: str | None,
                 reason = "missing prompt" if "prompt" not in obj else "prompt must be a non-empty string"
                 bad.append((lineno, ident, reason))
                 continue
-            spec = {"workload": workload, "priority": priority, **({"improve": True} if improve else {}), **obj}
+            spec = {"workload": workload, "priority": priority, **({"improve": True} if improve else {}),
+                    **({"tenant": tenant} if tenant else {}), **obj}
             if model is not None and "model" not in obj and spec["workload"] == workload:
                 spec["model"] = model
             try:

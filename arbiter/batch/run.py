@@ -44,7 +44,8 @@ class Tally:
 
 
 def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, model: str | None,
-              concurrency: int, timeout: float | None, retry_failed: bool, improve: bool) -> None:
+              concurrency: int, timeout: float | None, retry_failed: bool, improve: bool,
+              tenant: str | None = None) -> None:
     """`arbiter batch`'s run (see `batch_command`); ends by raising `typer.Exit` with the exit status."""
     from rich.console import Console
 
@@ -57,11 +58,11 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = output.lock(out_dir)   # held until the process ends; SIGKILL releases it too
     batch_key = output.batch_key(out_dir, src)
-    resume = ui.resume_command(src, out_dir, workload, priority, model)
+    resume = ui.resume_command(src, out_dir, workload, priority, model, tenant)
 
     with Client.from_settings() as client:
         lines, bad = parse_lines(src, workload.value, priority.value, model,
-                                 lambda spec: validate_spec(spec, client.settings), improve)
+                                 lambda spec: validate_spec(spec, client.settings), improve, tenant)
         finished_before, failed_before = output.read_manifest(out_dir / output.MANIFEST)
         todo: deque[Line] = deque()
         not_retried = 0

@@ -71,11 +71,13 @@ def summary(t: Tally, bad: int, already: int, not_retried: int, improve: bool) -
             + (f"; improved to full quality {t.improved}" if improve else ""))
 
 
-def resume_command(src: Path, out_dir: Path, workload: Workload, priority: Priority, model: str | None) -> str:
+def resume_command(src: Path, out_dir: Path, workload: Workload, priority: Priority, model: str | None,
+                   tenant: str | None = None) -> str:
     """The command that resumes this batch (the options that shape the jobs included: a line whose job
     changed would be refused by its idempotency key)."""
     import shlex
 
     args = ["arbiter", "batch", str(src), "--out", str(out_dir), "--workload", workload.value,
-            "--priority", priority.value, *(["--model", model] if model else [])]
+            "--priority", priority.value, *(["--model", model] if model else []),
+            *(["--tenant", tenant] if tenant else [])]
     return " ".join(shlex.quote(a) for a in args)
