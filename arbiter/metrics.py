@@ -44,6 +44,7 @@ from prometheus_client.utils import floatToGoString
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from arbiter.cache_metrics import cache_families
 from arbiter.world import GpuState
 from arbiter.world import read as read_world
 from broker.app import all_queues, worker_queue
@@ -54,7 +55,6 @@ from broker.schemas import PRIORITY_ORDER, Workload, queue_name
 from broker.settings import Settings
 from broker.states import TERMINAL, JobState
 from broker.units import MIB
-from cache.status import collect as cache_collect
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class ArbiterCollector(Collector):
         except Exception:  # a scrape never raises; the log says what broke
             log.exception("metrics scrape failed")
         try:
-            yield from self._cache()
+            yield from cache_families(self.r, self.keys)
         except Exception as exc:  # noqa: BLE001 - a scrape never fails on one section
             log.warning("metrics scrape: cache section skipped: %s", exc)
 
@@ -283,27 +283,6 @@ class ArbiterCollector(Collector):
             # count is the +Inf bucket, so the exposition stays consistent even mid-write
             fams[metric].add_metric([w, p], _cumulative(h, BUCKETS), _num(h.get("sum")) or 0.0)
         yield from fams.values()
-
-    def _cache(self) -> Iterator[Metric]:
-        nodes = cache_collect(self.r, self.keys).get("nodes", {})
-        lab = ["node", "tier"]
-        hits = CounterMetricFamily("arbiter_cache_hits_total", "Fragment reads served by a tier (origin: fetches).",
-                                   labels=lab)
-        misses = CounterMetricFamily("arbiter_cache_misses_total", "Fragment reads a tier could not serve.",
-                                     labels=lab)
-        loaded = CounterMetricFamily("arbiter_cache_loaded_bytes_total", "Bytes loaded from a tier.", labels=lab)
-        used = GaugeMetricFamily("arbiter_cache_used_bytes", "Bytes a tier holds.", labels=lab)
-        budget = GaugeMetricFamily("arbiter_cache_budget_bytes", "A tier's byte budget.", labels=lab)
-        frags = GaugeMetricFamily("arbiter_cache_fragments", "Fragments a tier holds.", labels=lab)
-        for node, info in sorted(nodes.items()):
-            for tier, v in info.get("tiers", {}).items():
-                hits.add_metric([node, tier], v.get("hits") or 0)
-                misses.add_metric([node, tier], v.get("misses") or 0)
-                loaded.add_metric([node, tier], v.get("bytes_loaded") or 0)
-                for fam, field in ((used, "used_bytes"), (budget, "budget_bytes"), (frags, "fragments")):
-                    if v.get(field) is not None:
-                        fam.add_metric([node, tier], v[field])
-        yield from (hits, misses, loaded, used, budget, frags)
 
 
 def _queue_controls(queues: list[str], controls: dict[str, Any]) -> Iterator[Metric]:

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterator
 
@@ -30,6 +30,7 @@ import redis
 from broker.counters import add_counters
 from broker.keys import Keys
 from broker.settings import Settings
+from cache.behind import Behind, Counters
 from cache.index import CacheIndex
 from cache.manifest import Fragment, Manifest, join_fragments, tensors_in
 from cache.origin import Origin, OriginError, origin_mapping, stream
@@ -60,10 +61,8 @@ class FragmentCache:
         self.peers = PeerDirectory(r, keys, heartbeat_ttl_s)
         self.lock_ttl_s, self.clock, self.peer_timeout_s = lock_ttl_s, clock, peer_timeout_s
         self.server: FragmentServer | None = None
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-behind")
-        self._pending: dict[str, Future] = {}
-        self._counts: dict[str, float] = {}
-        self._counts_lock = threading.Lock()
+        self._counters = Counters()
+        self._background = Behind(self._counters)
         self._stopped = threading.Event()
         self.heartbeat()
 
@@ -110,57 +109,28 @@ class FragmentCache:
             self.peers.unregister(self.node, self.server.url)
             self.server.stop()
             self.server = None
-        self._background.shutdown(wait=True)
+        self._background.shutdown()
 
     def flush(self, timeout_s: float = 300.0) -> None:
         """Wait for the background work (disk writes behind, promotions to RAM) and publish the counters."""
-        while pending := [f for f in list(self._pending.values()) if not f.done()]:
-            for fut in pending:   # a store behind may queue its disk copy behind it: look again
-                fut.result(timeout=timeout_s)
+        self._background.wait(timeout_s)
         self._publish()
 
-    def _stat(self, **counters: float) -> None:
-        with self._counts_lock:
-            for k, v in counters.items():
-                self._counts[k] = self._counts.get(k, 0.0) + v
-
     def _publish(self) -> None:
-        with self._counts_lock:
-            counts, self._counts = self._counts, {}
-        if counts:
+        if counts := self._counters.drain():
             add_counters(self.r, self.keys.cache_stats(self.node), **counts)
 
     def _indexed(self, tier: FileTier, sha: str, evicted: list[str]) -> None:
         pipe = self.r.pipeline(transaction=False)
         if evicted:
             pipe.srem(self.keys.cache_holdings(self.node, tier.name), *evicted)
-            self._stat(**{f"{tier.name}_evictions": len(evicted)})
+            self._counters.add(**{f"{tier.name}_evictions": len(evicted)})
         pipe.sadd(self.keys.cache_holdings(self.node, tier.name), sha)
         pipe.set(self.keys.cache_node_alive(self.node), 1, px=int(self.index.ttl_s * 1000))   # a filling node lives
         pipe.sadd(self.keys.cache_nodes(), self.node)
         pipe.execute()
 
-    def _put(self, tier: FileTier, sha: str, data: bytes | memoryview, verified: bool = False) -> None:
-        self._indexed(tier, sha, tier.put(sha, data, verified=verified))
-
     # -- background: write behind to disk, promote to RAM ------------------------------------------------
-    def _behind(self, key: str, fn: Callable[[], None]) -> Future:
-        if key in self._pending and not self._pending[key].done():
-            return self._pending[key]
-        self._pending[key] = fut = self._background.submit(self._guarded, key, fn)
-        return fut
-
-    def _guarded(self, key: str, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except TierFull as exc:
-            log.error("%s", exc)
-            self._stat(**{f"{key.split(':')[0]}_full": 1})
-        except Exception:
-            log.exception("cache background work %s failed", key)
-        finally:
-            self._pending.pop(key, None)
-
     def _copy(self, src: FileTier, dest: FileTier, sha: str) -> None:
         """A verified fragment from one tier into another, copied in the kernel."""
         if dest.has(sha):
@@ -172,13 +142,14 @@ class FragmentCache:
             assert pinned.fd is not None
             t0 = time.perf_counter()
             self._indexed(dest, sha, dest.fill(sha, len(pinned.data), sendfile_from(pinned.fd, 0), verify=False))
-            self._stat(**{f"{dest.name}_fill_bytes": len(pinned.data), f"{dest.name}_fill_s": time.perf_counter() - t0})
+            self._counters.add(**{f"{dest.name}_fill_bytes": len(pinned.data),
+                                  f"{dest.name}_fill_s": time.perf_counter() - t0})
 
     # -- one fragment ------------------------------------------------------------------------------------
     def _local(self, frag: Fragment) -> tuple[Pinned, str] | None:
         pinned = self.ram.open(frag.sha256)
         if pinned is not None:
-            self._stat(ram_hits=1, ram_bytes=frag.size)
+            self._counters.add(ram_hits=1, ram_bytes=frag.size)
             return pinned, "ram"
         t0 = time.perf_counter()
         try:
@@ -186,12 +157,12 @@ class FragmentCache:
         except CorruptFragment as exc:
             log.warning("%s; fetching it again", exc)
             self.index.remove("disk", frag.sha256)
-            self._stat(disk_corrupt=1)
+            self._counters.add(disk_corrupt=1)
             on_disk = None
         if on_disk is None:
             return None
-        self._stat(ram_misses=1, disk_hits=1, disk_bytes=frag.size, disk_s=time.perf_counter() - t0)
-        self._behind(f"ram:{frag.sha256}", lambda: self._copy(self.disk, self.ram, frag.sha256))
+        self._counters.add(ram_misses=1, disk_hits=1, disk_bytes=frag.size, disk_s=time.perf_counter() - t0)
+        self._background.submit(f"ram:{frag.sha256}", lambda: self._copy(self.disk, self.ram, frag.sha256))
         return on_disk, "disk"
 
     def _store(self, frag: Fragment, source: Source, what: str, fast: bool = False) -> Pinned:
@@ -204,14 +175,14 @@ class FragmentCache:
                     evicted = tier.fill(frag.sha256, frag.size, write_into, xxh3_128=frag.xxh3 if fast else None)
             except TierFull as exc:
                 log.error("%s (from %s); trying the next tier", exc, what)
-                self._stat(**{f"{tier.name}_full": 1})
+                self._counters.add(**{f"{tier.name}_full": 1})
                 continue
             self._indexed(tier, frag.sha256, evicted)
             pinned = tier.open(frag.sha256, verify=False)
             if pinned is None:
                 continue   # evicted at once by a full tier
             if tier is self.ram:
-                self._behind(f"disk:{frag.sha256}", lambda: self._copy(self.ram, self.disk, frag.sha256))
+                self._background.submit(f"disk:{frag.sha256}", lambda: self._copy(self.ram, self.disk, frag.sha256))
             return pinned
         with source() as write_into:
             return fill_anonymous(frag.sha256, frag.size, write_into)
@@ -234,15 +205,16 @@ class FragmentCache:
         except CorruptFragment:
             log.warning("peer %s sent fragment %s with the wrong bytes; dropped from its index entry",
                         node, frag.sha256[:12])
-            self._stat(peer_corrupt=1)
+            self._counters.add(peer_corrupt=1)
             if fetch is not None and fetch.tier:
                 self.r.srem(self.keys.cache_holdings(node, fetch.tier), frag.sha256)
             return None
         except fetch_errors() as exc:
             log.warning("fetching fragment %s from peer %s failed (%s); trying elsewhere", frag.sha256[:12], node, exc)
-            self._stat(peer_failures=1)
+            self._counters.add(peer_failures=1)
             return None
-        self._stat(peer_fetches=1, peer_bytes=frag.size, peer_s=time.perf_counter() - t0, ram_misses=1, disk_misses=1)
+        self._counters.add(peer_fetches=1, peer_bytes=frag.size, peer_s=time.perf_counter() - t0, ram_misses=1,
+                           disk_misses=1)
         return pinned
 
     def _from_origin(self, frag: Fragment, origin: Origin, model: str) -> tuple[Pinned, Future | None]:
@@ -257,13 +229,14 @@ class FragmentCache:
             if pinned is None:
                 pinned = self._store(frag, source, what, fast=frag.xxh3 is not None)
             else:
-                pending = self._behind(f"store:{frag.sha256}", lambda: self._store(frag, source, what, fast=True).close())
+                pending = self._background.submit(f"store:{frag.sha256}",
+                                                  lambda: self._store(frag, source, what, fast=True).close())
         except OriginError as exc:
             raise OriginError(f"model {model}: {exc}") from exc
         except CorruptFragment as exc:
             raise CorruptFragment(f"model {model}: origin {origin.location} served {frag.file}@{frag.offset} "
                                   f"with the wrong bytes: {exc}") from exc
-        self._stat(origin_fetches=1, origin_bytes=frag.size, origin_s=time.perf_counter() - t0,
+        self._counters.add(origin_fetches=1, origin_bytes=frag.size, origin_s=time.perf_counter() - t0,
                    ram_misses=1, disk_misses=1)
         return pinned, pending
 

@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from arbiter import metrics
+from arbiter import cache_metrics, metrics
 from arbiter.metrics import ArbiterCollector, render, serve_metrics
 from broker.app import worker_queue
 from broker.counters import add_counters
@@ -230,7 +230,7 @@ def test_a_scrape_is_a_few_round_trips(populated, monkeypatch):
         calls["n"] += 1
         return original(self, *args, **kw)
 
-    monkeypatch.setattr(metrics, "cache_collect", lambda r, k: {"nodes": {}})
+    monkeypatch.setattr(cache_metrics, "collect", lambda r, k: {"nodes": {}})
     monkeypatch.setattr(type(populated), "execute_command", counting)
     store = JobStore(populated, KEYS, ttl_s=3600)
     for i in range(50):
