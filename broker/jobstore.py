@@ -59,7 +59,6 @@ class JobStore:
     def __init__(self, r: redis.Redis, keys: Keys, ttl_s: int) -> None:
         self.r, self.keys, self.ttl_s = r, keys, ttl_s
         self._transition = r.register_script(load("job_transition"))
-        self._transition_loaded = False
         self._write = r.register_script(load("job_write"))
         self._settle = r.register_script(load("job_settle"))
         self._start = r.register_script(load("job_start"))
@@ -82,12 +81,12 @@ class JobStore:
         pipe.execute()
 
     def transition(self, job_id: str, to: JobState, allowed: frozenset[JobState] | None = None,
-                   pipe: Any = None, incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,
+                   incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,
                    owner_fence: int | None = None, **fields: Any) -> tuple[bool, JobState | None]:
         """Atomically move to `to` if the current state may go there (per `ALLOWED_FROM`, or only from
         `allowed` when given, which must be a subset) and, with `owner_fence`, the record still names that
         fence; setting `fields`, incrementing `incr` and setting `setnx` fields that have no value yet.
-        Returns (done, state now); queued on `pipe` if given (then read the reply with `transition_reply`)."""
+        Returns (done, state now)."""
         src = ALLOWED_FROM[to] if allowed is None else allowed & ALLOWED_FROM[to]
         k = self.keys
         flat = _flat(fields, incr, setnx)
@@ -96,15 +95,9 @@ class JobStore:
         args = [to.value, ",".join(s.value for s in src), time.time(),
                 1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
                 "" if owner_fence is None else owner_fence, *flat]
-        if pipe is not None and self._transition_loaded:
-            # EVALSHA straight into the pipeline: redis-py would ask SCRIPT EXISTS first, one round trip per
-            # pipeline. After a Redis restart the script is gone: the pipeline raises NoScriptError and the
-            # caller sends the transition alone (`transition` without `pipe` reloads it).
-            pipe.evalsha(self._transition.sha, len(keys), *keys, *args)
-            return False, None
-        reply = self._transition(keys=keys, args=args, client=pipe)
-        self._transition_loaded = True
-        return (False, None) if pipe is not None else transition_reply(reply)
+        ok, state = self._transition(keys=keys, args=args)
+        state = _s(state) if state else None
+        return bool(ok), (JobState(state) if state else None)
 
     def start(self, job_id: str, gpu_id: str, capacity_mib: int, mib: int, ttl_s: float, priority: str,
               workload: str, holder: str, weights: tuple[str, int] | None = None,
@@ -262,12 +255,6 @@ class JobStore:
 
     def live_ids(self) -> list[str]:
         return [_s(x) for x in self.r.zrange(self.keys.jobs_live(), 0, -1)]
-
-
-def transition_reply(reply: Any) -> tuple[bool, JobState | None]:
-    ok, state = reply
-    state = state.decode() if isinstance(state, bytes) else state
-    return bool(ok), (JobState(state) if state else None)
 
 
 def decode_hash(data: dict) -> dict[str, str]:
