@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from broker.settings import Settings, get_settings
+from broker.settings import TENANT_PATTERN, Settings, get_settings
 from broker.states import JobState
 from broker.units import VRAM_RESERVE_FRACTION
 
@@ -40,9 +40,6 @@ def workload_min_quality(workload: Workload, settings: Settings) -> float:
 def _settings(info: ValidationInfo) -> Settings:
     ctx = info.context or {}
     return ctx.get("settings") or get_settings()
-
-
-TENANT_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
 
 
 def tenant_for(name: str) -> str:

@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     min_quality_diffusion: float = Field(0.3, ge=0.0, le=1.0)
 
 
-_TENANT = re.compile(r"^(\*|[A-Za-z0-9_.@-]{1,64})$")   # `*` or a tenant name (broker.schemas.TENANT_PATTERN)
+TENANT_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"   # a tenant's name (a job's `tenant`, an API key's name)
 
 
 @lru_cache(maxsize=64)
@@ -189,7 +189,7 @@ def parse_tenant_map(text: str, minimum: int = 0) -> dict[str, int]:
             continue
         name, _, value = entry.rpartition("=") if "=" in entry else ("*", "=", entry)
         name, value = name.strip(), value.strip()
-        if not _TENANT.match(name):
+        if name != "*" and not re.match(TENANT_PATTERN, name):
             raise ValueError(f"{entry!r}: a tenant name (letters, digits, _ . @ -) or * before '='")
         try:
             n = int(value)
