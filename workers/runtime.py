@@ -103,7 +103,10 @@ def make_device(settings: Settings, r: redis.Redis, keys: Keys) -> SimGpu | Real
         return RealDevice(r, keys, spec, settings.node, settings.cpu_device_mib, settings.vram_reserve_fraction)
     gpu_id, total_mib = parse_gpu(settings.worker_gpu, settings.node)
     return SimGpu(r, keys, gpu_id, total_mib or settings.sim_gpu_vram_mib, time_scale=settings.sim_time_scale,
-                  pcie_gbps=settings.sim_pcie_gbps, entry_ttl_s=settings.heartbeat_ttl_s)
+                  pcie_gbps=settings.sim_pcie_gbps,
+                  # a dead process's memory leaves the sim no later than its leases leave the ledger (a real
+                  # GPU frees it at once): longer, and the ledger grants room the sim still counts as used
+                  entry_ttl_s=min(settings.lease_ttl_s, settings.heartbeat_ttl_s))
 
 
 @dataclass
