@@ -28,6 +28,20 @@ class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag):  # type: ignore[no-untyped-def]
         return retry_while(lambda: kombu_redis.QoS.ack(self, delivery_tag), redis_full, log, "acknowledge a message")
 
+    def restore_unacked(self, client=None):  # type: ignore[no-untyped-def]
+        """kombu puts a closing channel's unacknowledged messages back through a client made from the
+        channel's connection, which is already gone when the channel closes because Redis went away
+        (`AttributeError: 'NoneType' object has no attribute 'hostname'`, and the worker exits — seen in
+        tests/faults/test_redis_restart.py). Then they are left where they are, in kombu's unacked hash:
+        its visibility-timeout restore and the beat's lost-delivery sweep put them back."""
+        try:
+            return super().restore_unacked(client)
+        except AttributeError as exc:
+            if getattr(self.channel.connection, "client", None) is not None:
+                raise
+            log.warning("unacknowledged messages left for redelivery: the connection closed under them (%s)", exc)
+            return []
+
 
 BANDS = ("interactive", "standard", "background", "improve")
 
