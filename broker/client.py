@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from broker import fairshare
 from broker.app import TASK_NAMES, create_app
 from broker.catalog import model_names
-from broker.controls import refuse_closed
+from broker.controls import QueueClosed, QueueControl
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -117,8 +117,10 @@ def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec, hold: di
     the message, built for its queue, waits on its tenant's held list until the beat feeds it in."""
     queue = job.queue if policy(settings.policy).priority_bands else queue_name(job.workload, Priority.STANDARD)
     extra = {"headers": {fairshare.HOLD_HEADER: hold}} if hold else {}
+    # ignore_result: clients follow the job record, so Celery's result channel is not subscribed per job
+    # (a SUBSCRIBE and an UNSUBSCRIBE each); the outcome is still written there (workers/celery_result.py)
     app.send_task(TASK_NAMES[job.workload], args=[job.model_dump(mode="json")], task_id=job_id, queue=queue,
-                  **extra)
+                  ignore_result=True, **extra)
 
 
 class Client:
@@ -157,14 +159,18 @@ class Client:
                                                                "type": "value_error"}])
         # a band whose predicted wait is over the job's deadline_s or its max wait: Overloaded, nothing written
         refuse_if_overloaded(self.redis, self.keys, self.settings, job, idempotency_key)
-        refuse_closed(self.redis, self.keys, job_queue(job.workload, job.priority, None, self.settings))  # drained
+        queue = job_queue(job.workload, job.priority, None, self.settings)
         job_id = str(uuid.uuid4())
         if idempotency_key is not None:
             existing = self._claim(idempotency_key, job_id, job)
             if existing is not None:
                 confirm_replicated(self.redis, self.settings, existing.id)   # a retry after NotReplicated
                 return existing
-        self.store.create(job_id, job)
+        closed = self.store.create(job_id, job, queue=queue)   # not in a queue an operator drained
+        if closed is not None:
+            if idempotency_key is not None:   # the key is bound to a job that never was: free it
+                self.redis.delete(self.keys.idempotency(idempotency_key))
+            raise QueueClosed(queue, QueueControl.from_json(closed))
         # fair share: the message waits its tenant's turn on a held list (broker/fairshare.py); the beat feeds it
         hold = fairshare.hold_header(self.keys, job_id, job, self.settings) if fairshare.applies(job, self.settings) \
             else None

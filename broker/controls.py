@@ -117,14 +117,6 @@ def read_control(r: redis.Redis, keys: Keys, queue: str) -> QueueControl | None:
     return None if raw is None else QueueControl.from_json(raw)
 
 
-def refuse_closed(r: redis.Redis, keys: Keys, queue: str) -> None:
-    """At submit (one HGET): `QueueClosed` if an operator drained the job's queue."""
-    raw = r.hget(keys.queue_controls(), queue)
-    control = None if raw is None else QueueControl.from_json(raw)
-    if control is not None and control.state == "draining":
-        raise QueueClosed(queue, control)
-
-
 def registered_workers(r: redis.Redis, keys: Keys) -> dict[str, str]:
     """name -> workload of every registered worker (expired ones too: a broadcast to a dead one is harmless)."""
     out = {}

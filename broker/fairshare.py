@@ -62,7 +62,7 @@ def hold_header(keys: Keys, job_id: str, spec: JobSpec, settings: Settings) -> d
     bands = workload_queues(spec.workload)
     stronger = bands[:bands.index(q)]
     return {"keys": [*_band_keys(keys, q), keys.held(q, t), keys.job(job_id), keys.workers(), keys.recent_runs(q),
-                     *stronger, *(keys.held_count(s) for s in stronger)],
+                     keys.seconds_per_job(q), *stronger, *(keys.held_count(s) for s in stronger)],
             "prefix": [keys.held(q), keys.job_prefix(), active_prefix(keys, q)],
             "target": settings.fair_share_depth, "tenant": t, "mark": f"{q}|{t}",
             "weight": settings.tenant_weight(t), "cap": settings.tenant_cap(t),

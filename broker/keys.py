@@ -133,6 +133,11 @@ class Keys:
         there takes now — at the quality budgets allow and under the GPU's contention — for ETAs."""
         return f"{self.prefix}:recent:{queue}"
 
+    def seconds_per_job(self, queue: str) -> str:
+        """String, kept 1 s: the median of `recent_runs(queue)` over the workload's live worker slots, as the
+        last ETA at submit computed it (`fair.lua`), so a burst of submits computes it once a second."""
+        return f"{self.prefix}:perjob:{queue}"
+
     def job_prefix(self) -> str:
         """What `job(id)` puts before the id (for scripts that build job keys)."""
         return f"{self.prefix}:job:"

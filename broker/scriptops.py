@@ -3,8 +3,8 @@ pipeline of their own: the counters, histograms and predictor a run's start and 
 less per start and per end, and they count only when the step is done (a refused finish counts nothing).
 
 `ScriptOps` takes the part of a redis-py pipeline that `broker.stats.add` and `broker.histograms.record_job`
-use (hincrby, hincrbyfloat, lpush, ltrim, set, hlen), so they are passed it as their `pipe`. Anything else
-asked of it goes to a plain pipeline (`spill`), which the caller runs after the step, best effort — so a
+use (hincrby, hincrbyfloat, lpush, ltrim, set, hlen), so they are passed it as their `pipe`, and a SET with
+expiry + PUBLISH (Celery's result, written by the finish step). Anything else asked of it goes to a plain pipeline (`spill`), which the caller runs after the step, best effort — so a
 helper that learns a new command still works, at the cost of that round trip.
 
 Encoding (job_lib.lua's `side_writes`): after the script's own ARGV, each command as name, the index of its
@@ -47,8 +47,12 @@ class ScriptOps:
     def ltrim(self, key: str, start: int, end: int) -> ScriptOps:
         return self._op("LTRIM", key, int(start), int(end))
 
-    def set(self, key: str, value: Any) -> ScriptOps:
-        return self._op("SET", key, value)
+    def set(self, key: str, value: Any, ex: int | None = None) -> ScriptOps:
+        return self._op("SET", key, value, "EX", int(ex)) if ex else self._op("SET", key, value)
+
+    def publish(self, channel: str, message: Any) -> ScriptOps:
+        """Published only when the step is recorded (the channel travels as a key, like the others)."""
+        return self._op("PUBLISH", channel, message)
 
     def hlen(self, key: str) -> ScriptOps:
         """Read with the step: its reply is `last(replies, "HLEN")`."""

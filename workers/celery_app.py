@@ -33,8 +33,12 @@ class JobTask(Task):
     max_retries = 0
     # The job record holds the running state (and states Celery has no word for); Flower learns STARTED from
     # the task-started event. Writing STARTED to Celery's result backend as well cost two round trips per
-    # job (`arbiter bench dispatch`), so only the final result goes there.
+    # job (`arbiter bench dispatch`), so only the final result goes there — and that is written inside the
+    # job's finish step (workers/celery_result.py), not by Celery after the task returns (two round trips
+    # more); Celery still stores failures.
     track_started = False
+    ignore_result = True
+    store_errors_even_if_ignored = True
     acks_late = True
     reject_on_worker_lost = True
     typing = False   # a malformed message reaches the task and is rejected with a reason, not a TypeError

@@ -271,7 +271,8 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     checkpoint = view.checkpoint
     now = time.time()
     rt.current = CurrentJob(job_id, fence, rung.variant)
-    log.info("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
+    # DEBUG: a job's INFO line is its end (`endings.finished`, with the same details); Celery logs its receipt
+    log.debug("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")
     ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task, fence=fence)
     hooks = default_hooks(rt)
@@ -309,7 +310,8 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
             raise
         # queued before the finish, so whoever sees the job finished also sees its improvement run named
         queue_improvement(rt, job_id, spec, rung.quality, task)
-        summary, parked = finished(rt, job_id, spec, rung, fence, view.job, view.predictor, output, run_s, now)
+        summary, parked = finished(rt, job_id, spec, rung, fence, view.job, view.predictor, output, run_s, now,
+                                  task)
     finally:
         rt.current = None
     if parked:

@@ -16,11 +16,14 @@
 -- ETA at submit (broker.position's formula, as `arbiter status` would give it at that moment): ahead = the
 -- stronger bands' queues and held jobs + the band's queue + the held jobs the weighted round robin feeds
 -- first; eta = (ahead + 1) x the median of the band's recent run times / the workload's live worker slots.
--- None (no `eta_s`) while the queue is paused, with no live worker or fewer than 3 recent runs.
+-- None (no `eta_s`) while the queue is paused, with no live worker or fewer than 3 recent runs. Its second
+-- factor, median / slots, is kept for a second (KEYS[11]) once known: a burst of submits reads the workers'
+-- registrations and sorts the run times once a second, not once a job.
 -- KEYS[1] ring  KEYS[2] ring members  KEYS[3] held count  KEYS[4] the band's Celery queue  KEYS[5] target
 -- KEYS[6] the band's policy hash (w:<tenant> weight, c:<tenant> cap, d:<tenant> credit left this round)
 -- 'hold' only: KEYS[7] the tenant's held list  KEYS[8] the job hash  KEYS[9] the workers' registrations
---   KEYS[10] the band's recent run times  KEYS[11..] the stronger bands' queues, then their held counts
+--   KEYS[10] the band's recent run times  KEYS[11] the band's seconds per job (median / slots), kept 1 s
+--   KEYS[12..] the stronger bands' queues, then their held counts
 -- ARGV[1] 'hold' | 'feed'  ARGV[2] prefix of the tenants' held lists  ARGV[3] prefix of job keys  ARGV[4] now
 -- ARGV[5] default target  ARGV[6] prefix of the workload's active sets (a tenant's fed, unended job ids)
 -- 'hold' only: ARGV[7] message  ARGV[8] tenant  ARGV[9] '<queue>|<tenant>'  ARGV[10] weight  ARGV[11] cap
@@ -30,8 +33,9 @@ local function weight(t)
   return math.max(1, tonumber(redis.call('HGET', KEYS[6], 'w:' .. t) or '1') or 1)
 end
 
-local function eta_at_submit(target)
-  if target <= 0 or ARGV[12] == '' then return nil end
+local function seconds_per_job()
+  local kept = tonumber(redis.call('GET', KEYS[11]) or '')
+  if kept then return kept end
   local slots = 0
   local workers = redis.call('HGETALL', KEYS[9])
   for i = 2, #workers, 2 do
@@ -44,7 +48,15 @@ local function eta_at_submit(target)
   if slots <= 0 or #runs < 3 then return nil end
   for i = 1, #runs do runs[i] = tonumber(runs[i]) or 0 end
   table.sort(runs)
-  local service = runs[math.floor(#runs / 2) + 1]
+  local rate = runs[math.floor(#runs / 2) + 1] / slots
+  redis.call('SET', KEYS[11], string.format('%.17g', rate), 'PX', 1000)
+  return rate
+end
+
+local function eta_at_submit(target)
+  if target <= 0 or ARGV[12] == '' then return nil end
+  local per_job = seconds_per_job()
+  if not per_job then return nil end
   -- the held jobs fed before this one (broker.fairshare.rank): it is `index`-th (0 = oldest) of its tenant's
   local tenant, index = ARGV[8], redis.call('LLEN', KEYS[7])
   local mine = math.max(1, tonumber(ARGV[10]) or 1)
@@ -59,11 +71,23 @@ local function eta_at_submit(target)
     end
   end
   ahead = ahead + redis.call('LLEN', KEYS[4])
-  local stronger = (#KEYS - 10) / 2
+  local stronger = (#KEYS - 11) / 2
   for i = 1, stronger do
-    ahead = ahead + redis.call('LLEN', KEYS[10 + i]) + math.max(0, tonumber(redis.call('GET', KEYS[10 + stronger + i]) or '0') or 0)
+    ahead = ahead + redis.call('LLEN', KEYS[11 + i]) + math.max(0, tonumber(redis.call('GET', KEYS[11 + stronger + i]) or '0') or 0)
   end
-  return (ahead + 1) * service / slots
+  return (ahead + 1) * per_job
+end
+
+-- The job id of a Celery message (and its job key): its headers' task id. Found in the envelope's text (kombu writes the
+-- headers, task id first, before `argsrepr`, where a prompt's quotes are escaped), else by decoding it.
+local function job_of(msg)
+  local id = string.match(msg, '"id": "([%w%-]+)"')
+  if not id then
+    local ok, envelope = pcall(cjson.decode, msg)
+    id = ok and type(envelope) == 'table' and type(envelope['headers']) == 'table' and envelope['headers']['id']
+  end
+  if type(id) ~= 'string' then return nil, nil end
+  return id, ARGV[3] .. id
 end
 
 local function capped(tenant)
@@ -116,9 +140,7 @@ while moved < want and turns < 100000 do
     local msg = redis.call('RPOP', list)
     if msg then
       redis.call('DECR', KEYS[3])
-      local ok, envelope = pcall(cjson.decode, msg)
-      local id = ok and type(envelope) == 'table' and type(envelope['headers']) == 'table' and envelope['headers']['id']
-      local key = type(id) == 'string' and (ARGV[3] .. id) or nil
+      local id, key = job_of(msg)
       local state = key and redis.call('HGET', key, 'state')
       if not state or state == 'queued' then
         if state then

@@ -106,7 +106,8 @@ end
 -- argument count, the arguments. Only the commands ScriptOps makes; one that fails (a key of the wrong type)
 -- is skipped, never undoing the step (counters are best effort). Returns their replies, in order (false:
 -- failed).
-local SIDE_WRITES = {HINCRBY = true, HINCRBYFLOAT = true, LPUSH = true, LTRIM = true, SET = true, HLEN = true}
+local SIDE_WRITES = {HINCRBY = true, HINCRBYFLOAT = true, LPUSH = true, LTRIM = true, SET = true, HLEN = true,
+                     PUBLISH = true}
 local function side_writes(first, base)
   local i = first
   while i <= #ARGV do   -- every command checked before the first is run

@@ -62,6 +62,18 @@ def test_progress_is_visible_while_running(client):
     assert kinds == {"state", "progress"}
 
 
+def test_celery_result_is_written_by_the_finish_step_and_published(client):
+    """The task is ignore_result; its finish step writes Celery's meta (with the backend's expiry) and
+    publishes it, so a waiter subscribed while the job runs gets it, as with Celery's own write."""
+    job = client.submit(workload="diffusion", prompt="waited on", steps=30, width=512, height=512)
+    wait_until(lambda: job.status().state is JobState.RUNNING, timeout_s=20)
+    meta = AsyncResult(job.id, app=client.app)
+    assert meta.get(timeout=30)["job_id"] == job.id          # woken by the PUBLISH, not by polling
+    assert meta.state == "SUCCESS" and meta.date_done is not None
+    key = client.app.backend.get_key_for_task(job.id)
+    assert 0 < client.redis.ttl(key) <= client.settings.result_ttl_s
+
+
 def test_cancel_a_running_job_stops_it_at_a_step(client):
     job = client.submit(workload="diffusion", prompt="long", steps=200, width=1024, height=1024)
     wait_until(lambda: (job.status().step or 0) >= 2, timeout_s=20)

@@ -22,10 +22,10 @@ from broker.controls import (
     parse_controls,
     pause,
     read_control,
-    refuse_closed,
     resume,
 )
 from broker.errors import InvalidJob
+from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.reorder import NotQueued, bump, find_message
 from broker.schemas import JobSpec, Workload
@@ -125,7 +125,7 @@ def test_pause_records_and_broadcasts_resume_tells_only_the_workloads_workers(fa
     assert {q for kind, q, _ in app.control.sent if kind == "cancel"} == {"diffusion.background",
                                                                           "diffusion.background@d1@n"}
     assert r.lrange(KEYS.beat_wake(), 0, -1) == [b"pause diffusion.background"]
-    refuse_closed(r, KEYS, "diffusion.background")        # paused: submits still queue
+    assert submit(r, "diffusion.background")               # paused: submits still queue
     app.control.sent.clear()
     assert resume(r, KEYS, app, "diffusion.background") == c
     assert read_control(r, KEYS, "diffusion.background") is None
@@ -135,16 +135,29 @@ def test_pause_records_and_broadcasts_resume_tells_only_the_workloads_workers(fa
     assert all(dest != ("l1@n",) for _, _, dest in app.control.sent)
 
 
+def submit(r, queue: str) -> bool:
+    """A submit's record (`JobStore.create` with the job's queue: `job_create.lua`): True when written;
+    refused for a drained queue, with `QueueClosed` as the client raises it and nothing written."""
+    job_id = f"j{r.incr('t:n')}"
+    closed = JobStore(r, KEYS, 60).create(job_id, JobSpec(workload="llm", prompt="p"), queue=queue)
+    if closed is None:
+        return bool(r.exists(KEYS.job(job_id))) and r.zscore(KEYS.jobs_live(), job_id) is not None
+    assert not r.exists(KEYS.job(job_id)) and r.zscore(KEYS.jobs_live(), job_id) is None
+    raise QueueClosed(queue, QueueControl.from_json(closed))
+
+
 def test_drain_refuses_submits_naming_the_queue_and_who_and_resume_ends_it(fake_redis):
     r, app = fake_redis, FakeApp()
     drain(r, KEYS, app, "llm.standard", by="ops", reason="upgrade", now=5.0)
     with pytest.raises(QueueClosed, match=r"queue llm.standard is draining by ops \(upgrade\)"):
-        refuse_closed(r, KEYS, "llm.standard")
-    refuse_closed(r, KEYS, "llm.background")
+        submit(r, "llm.standard")
+    assert submit(r, "llm.background")
     assert describe(read_control(r, KEYS, "llm.standard"), 65.0) == "draining 60 s ago by ops (upgrade)"
     assert describe(None, 0.0) == "running"
     resume(r, KEYS, app, "llm.standard")
-    refuse_closed(r, KEYS, "llm.standard")
+    assert submit(r, "llm.standard")
+    r.hset(KEYS.queue_controls(), "llm.standard", "not json")         # a foreign writer's record: not a drain
+    assert submit(r, "llm.standard")
 
 
 def test_draining_a_paused_queue_lets_its_workers_consume_it_again(fake_redis):
