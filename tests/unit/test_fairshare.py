@@ -144,3 +144,27 @@ def test_only_standard_and_background_jobs_of_the_arbiter_policy_are_held():
     assert not fairshare.applies(JobSpec(workload="llm", prompt="x", priority="interactive"), s)
     assert not fairshare.applies(JobSpec(workload="llm", prompt="x"), Settings(fair_share=False))
     assert not fairshare.applies(JobSpec(workload="llm", prompt="x"), Settings(policy="fifo"))
+
+
+def test_a_submit_goes_straight_to_the_queue_while_nobody_waits_and_it_has_room(fake_redis, store):
+    """What the feed would do at once, in the hold step itself: nothing held, no ring, marked fed."""
+    fake_redis.set(KEYS.feed_target(Q), 2)
+    assert submit(fake_redis, store, "a0", "A") == 1 and submit(fake_redis, store, "b0", "B") == 1
+    assert fed(fake_redis) == ["a0", "b0"] and fairshare.held_counts(fake_redis, KEYS, [Q]) == {Q: 0}
+    assert not fake_redis.exists(KEYS.held_ring(Q)) and not fake_redis.exists(fairshare.policy_key(KEYS, Q))
+    assert "held" not in store.raw("a0") and "fed_at" in store.raw("a0")
+    assert submit(fake_redis, store, "a1", "A") == 0          # the queue is at its target: held
+    assert submit(fake_redis, store, "c0", "C") == 0
+    fake_redis.rpop(Q)                                         # a worker took a0: room again, but A waits
+    assert submit(fake_redis, store, "d0", "D") == 1 and fed(fake_redis) == ["b0", "a1"]   # fed, a1 first
+    assert store.raw("d0")["held"] == f"{Q}|D"                 # d0 joined the ring behind C
+
+
+def test_a_capped_tenant_is_always_held_first(fake_redis, store):
+    """A cap counts a tenant's fed jobs in the feed: its submits never take the shortcut."""
+    fake_redis.set(KEYS.feed_target(Q), 5)
+    spec = JobSpec(workload="diffusion", prompt="p", priority="background", tenant="A")
+    store.create("a0", spec)
+    header = fairshare.hold_header(KEYS, "a0", spec, Settings(tenant_max_running="A=1"))
+    assert fairshare.hold_message(fake_redis, header, message("a0")) == 1 and fed(fake_redis) == ["a0"]
+    assert fake_redis.smembers(fairshare.active_prefix(KEYS, Q) + "A") == {b"a0"}
