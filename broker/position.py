@@ -1,46 +1,30 @@
 """Where a queued job stands: its place in its band, the jobs that start before it, and when it should start.
 
-Celery's queues are kombu's Redis lists: a message is LPUSHed onto the list named after its queue and a
-worker BRPOPs from the right end, so the oldest message sits at index -1 (place 1 = next to start). Arbiter
-sends no per-message priority, so each queue is that one list (kombu's `<queue>\\x06\\x16<n>` lists for
-priorities 3/6/9 stay empty). A message is a JSON envelope whose `headers.id` is the task id = the job id.
-
-A worker drains its workload's lists in a fixed order (`broker.app.workload_queues`): strongest band
-first, and within a band its own `<queue>@<worker>` list (jobs passed to it by affinity) before the shared
-one. So the jobs ahead of a job are every list any worker drains before the job's list, plus those nearer
-the right end of its own list; the slots are the worker processes that can take it (every live worker of
-the workload, or the one worker whose own list holds it). The ETA is the predicted wait until it starts:
-
-    eta_s = (ahead + 1) × service_s ÷ slots
-
-(with every slot busy, the job starts once `ahead + 1` jobs have finished across the slots). The service
-time is the workers' predictor (`broker.predictor`, ms per step × the request's steps at full quality),
-or before any prediction the mean duration in the workload's histograms (`broker.histograms`).
-
-Pure maths first, then one reader (`read_position`: two pipelined round trips, plus one per further chunk
-of a long list, capped at `SCAN_CAP` messages) and `with_position` for `JobStatus`."""
+The order and the ETA's arithmetic are `broker.queue_order` (pure: which lists drain before a job's, its
+place in its own, `eta_s = (ahead + 1) × service_s ÷ slots`), the service time `broker.service_time`. This
+module reads them from Redis (`read_position`: two pipelined round trips, plus one per further chunk of a
+long list, capped at `SCAN_CAP` messages), fills `JobStatus` (`with_position`) and says it in words
+(`describe`)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from broker import simcatalog
 from broker.app import shared_queue, workload_queues
-from broker.catalog import registry
 from broker.controls import describe as describe_control
 from broker.controls import read_control
 from broker.fairshare import rank, read_ring
 from broker.histograms import histogram_key
 from broker.keys import Keys
 from broker.policies import policy
-from broker.predictor import StepPredictor, features
+from broker.queue_order import eta_s, jobs_ahead, lists_before, live_slots, place_in_chunk
 from broker.schemas import PRIORITY_ORDER, JobSpec, JobStatus, Priority, Workload, improve_queue, queue_name
+from broker.service_time import job_service_s
 from broker.settings import Settings
 from broker.states import JobState
 
@@ -63,108 +47,7 @@ class Position:
         return self.place is None
 
 
-# -- pure ---------------------------------------------------------------------------------------------
-def message_id(raw: bytes) -> str | None:
-    """The task id of a kombu message (`headers.id`), or None for anything else."""
-    try:
-        headers = json.loads(raw).get("headers") or {}
-        return str(headers["id"]) if "id" in headers else None
-    except (ValueError, AttributeError, TypeError):
-        return None
-
-
-def place_in_chunk(chunk: Sequence[bytes], job_id: str, skipped: int) -> int | None:
-    """The job's place (1 = the right end) in a list, from one LRANGE reply (left to right) of the slice
-    that ends `skipped` messages from the right end; None if its message is not in the chunk."""
-    needle = job_id.encode()
-    for i in range(len(chunk) - 1, -1, -1):   # oldest first
-        if needle in chunk[i] and message_id(chunk[i]) == job_id:
-            return skipped + len(chunk) - i
-    return None
-
-
-def lists_before(workload: Workload, queue: str, workers: Sequence[str]) -> list[str]:
-    """The lists some worker of the workload drains before `queue` (a shared queue or a worker's own
-    `<queue>@<worker>`), each once: strict priority across bands, a worker's own list before the shared
-    one."""
-    if "@" in queue:
-        order = workload_queues(workload, queue.partition("@")[2])
-        return order[:order.index(queue)]
-    out: dict[str, None] = {}
-    for w in workers or [None]:
-        order = workload_queues(workload, w)
-        out.update(dict.fromkeys(order[:order.index(queue)]))
-    return list(out)
-
-
-def jobs_ahead(place: int, depths_before: Sequence[int]) -> int:
-    """Jobs that start before the one at `place` in its list: every list drained before it, whole, and
-    the `place - 1` messages nearer the right end of its own."""
-    return sum(depths_before) + place - 1
-
-
-def eta_s(ahead: int, service_s: float | None, slots: int) -> float | None:
-    """Predicted seconds until the job starts: `ahead + 1` jobs finish across `slots` busy slots."""
-    if service_s is None or slots <= 0:
-        return None
-    return (ahead + 1) * service_s / slots
-
-
-def live_slots(workers_raw: Mapping[Any, Any], workload: str, now: float) -> dict[str, int]:
-    """Worker name -> processes, for the workload's workers whose registration has not expired (entries as
-    `workers.runtime` registers them; a malformed one is skipped)."""
-    out = {}
-    for name, raw in workers_raw.items():
-        try:
-            e = json.loads(raw)
-            if e["workload"] == workload and float(e["expires_at"]) >= now:
-                out[_s(name)] = int(e["concurrency"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
-def request_shape(spec: JobSpec, weights_mib: int | None) -> tuple[list[float] | None, int]:
-    """The predictor's features of the job at full quality and its steps (denoising steps or new tokens);
-    features None for an llm job whose model's weight size is unknown."""
-    if spec.workload is Workload.DIFFUSION:
-        return features("diffusion", {"width": spec.width, "height": spec.height}), int(spec.steps or 0)
-    x = None if weights_mib is None else features("llm", {"weights_mib": weights_mib})
-    return x, int(spec.max_new_tokens or 0)
-
-
-def service_time_s(predictors: Sequence[Mapping[str, Any]], x: list[float] | None, steps: int,
-                   duration_sum_s: float, duration_count: int, recent: Sequence[Any] = ()) -> float | None:
-    """One job's predicted run time: the median of the band's recent run times when there are at least
-    `MIN_RECENT` (they hold the quality budgets allow now and the GPU's contention: a flood lowers both the
-    quality and the speed), else the mean over the workers' predictors (ms per step × steps at full
-    quality), else the mean recorded duration; None when nothing is known."""
-    runs = sorted(float(v) for v in recent)
-    if len(runs) >= MIN_RECENT:
-        return runs[len(runs) // 2]
-    if x is not None and steps > 0:
-        per_step = [ms for p in predictors if (ms := StepPredictor.from_dict(p).predict_ms(x)) is not None]
-        if per_step:
-            return sum(per_step) / len(per_step) * steps / 1000
-    if duration_count > 0:
-        return duration_sum_s / duration_count
-    return None
-
-
-MIN_RECENT = 3
-
-
-def recorded_durations(hists: Sequence[Sequence[Any]], own: int) -> tuple[float, int]:
-    """(sum s, count) of finished jobs' durations from the bands' `sum`/`count` histogram fields: the job's
-    own band (index `own`) when it has any, else the whole workload's."""
-    def pair(h: Sequence[Any]) -> tuple[float, int]:
-        return float(h[0] or 0), int(h[1] or 0)
-
-    if pair(hists[own])[1] > 0:
-        return pair(hists[own])
-    return sum(pair(h)[0] for h in hists), sum(pair(h)[1] for h in hists)
-
-
+# -- words --------------------------------------------------------------------------------------------
 def ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -191,16 +74,6 @@ def job_queue(workload: Workload, priority: Priority, improves: str | None, sett
     if not policy(settings.policy).priority_bands:
         return queue_name(workload, Priority.STANDARD)
     return improve_queue(workload) if improves else queue_name(workload, priority)
-
-
-def full_quality_weights_mib(spec: JobSpec, settings: Settings) -> int | None:
-    """The weight size of the model variant an llm job runs at full quality (the predictor's feature)."""
-    reg = registry(settings)
-    if reg is not None:
-        model = reg.model(spec.model) if spec.model in reg.models else None
-        return model.variants[model.ladder[0].variant].weights_mib if model else None
-    ladder = simcatalog.LLM_MODELS.get(spec.model or simcatalog.model_names(Workload.LLM)[0])
-    return simcatalog.LLM_VARIANTS[ladder[0][1]].weights_mib if ladder else None
 
 
 def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, workload: Workload,
@@ -273,16 +146,6 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
     return Position(where, place, ahead, n_slots, service, eta_s(ahead, service, n_slots))
 
 
-def job_service_s(spec: JobSpec, settings: Settings, predictors: Sequence[Mapping[str, Any]],
-                  hists: Sequence[Sequence[Any]], recent: Sequence[Any]) -> float | None:
-    """The predicted run time of a job like `spec` (`service_time_s`): its request's shape at full quality,
-    its band's recorded durations and recent run times, as read."""
-    weights = full_quality_weights_mib(spec, settings) if spec.workload is Workload.LLM else None
-    x, steps = request_shape(spec, weights)
-    return service_time_s(predictors, x, steps, *recorded_durations(hists, PRIORITY_ORDER.index(spec.priority)),
-                          recent=recent)
-
-
 def held_place(r: redis.Redis, keys: Keys, queue: str, tenant: str, job_id: str, cap: int = SCAN_CAP,
                chunk: int = CHUNK) -> int | None:
     """How many held jobs of `queue` the round robin feeds before this one (`broker.fairshare.rank`): its
@@ -323,7 +186,3 @@ def with_position(r: redis.Redis, keys: Keys, settings: Settings, status: JobSta
         update.update(eta_s=None, waiting_for=f"its queue {shared_queue(pos.queue)} is "
                                               f"{describe_control(control, time.time())}")
     return status.model_copy(update=update)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -27,7 +27,8 @@ from broker.errors import ArbiterError, InvalidJob
 from broker.keys import Keys
 from broker.lua import load
 from broker.policies import policy
-from broker.position import CHUNK, SCAN_CAP, held_place, job_queue, place_in_chunk
+from broker.position import CHUNK, SCAN_CAP, held_place, job_queue
+from broker.queue_order import place_in_chunk
 from broker.schemas import JobSpec, Priority
 from broker.settings import Settings
 from broker.states import JobState

@@ -9,7 +9,7 @@ wait of the band it would join is over a limit:
   included; a deadline is honoured in every band.
 
 The wait is computed only when one of these applies (a plain submit costs nothing more). It is the ETA
-(`broker.position`) of a job at the back of the band: every list a worker drains before the band's shared
+(`broker.queue_order`) of a job at the back of the band: every list a worker drains before the band's shared
 list (stronger bands, the workers' own lists up to the band's) and that list itself, whole, are ahead:
 
     wait_s = (ahead + 1) × service_s ÷ slots        (0 when nothing at all is queued ahead)
@@ -38,14 +38,10 @@ from broker.errors import Overloaded
 from broker.fairshare import parse_weights, policy_key, rank
 from broker.histograms import histogram_key
 from broker.keys import Keys
-from broker.position import (
-    eta_s,
-    job_queue,
-    job_service_s,
-    lists_before,
-    live_slots,
-)
+from broker.position import job_queue
+from broker.queue_order import eta_s, lists_before, live_slots
 from broker.schemas import PRIORITY_ORDER, JobSpec, Priority
+from broker.service_time import job_service_s
 from broker.settings import Settings
 from broker.stats import add as add_stats
 

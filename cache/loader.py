@@ -1,28 +1,20 @@
 """Loading a model variant through the tiers: RAM, then disk, then a peer node, then the origin.
 
-- A RAM hit is a lookup: the tier keeps this process's fragments mapped.
-- A disk hit is served from the disk file's own verified mapping (a read, not a read plus a write) and
-  promoted to RAM in the background.
-- A miss streams the fragment into the RAM tier while a second thread hashes it, then writes it behind to
-  the disk tier in the background; no tier can take it (full): it lands in this process's memory, and the
-  error names the tier and path once in the log. From a local origin, the fragment is served from the
-  origin file's own mapping once its xxh3-128 matches the manifest, and stored in the tiers behind.
-- Before the origin, a node asks the index which live node holds the fragment and fetches it from that
-  node's fragment server, verified. One node of the cluster fetches a fragment from the origin at a time
-  (a Redis lock with expiry per fragment); the others wait for it to appear on that node, then fetch it
-  from there. On a node, concurrent loaders of one fragment fetch it once (a Redis lock per node). The
-  locks only save work: correctness comes from the tiers' verified, atomic writes."""
+This node's tiers as one store (`cache.node_store`: a RAM hit is a lookup, a disk hit is promoted to RAM
+behind, a miss streams into the first tier that takes it and is written behind to disk); a fragment no
+tier holds comes from a live peer that holds it, else from the origin, fetched by one node of the cluster
+at a time (`cache.remote`). On a node, concurrent loaders of one fragment fetch it once (a Redis lock per
+node). The locks only save work: correctness comes from the tiers' verified, atomic writes. The loader
+also keeps the node alive: its fragment server, its index entries and its tiers' usage (`heartbeat`)."""
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 import redis
@@ -33,13 +25,14 @@ from broker.settings import Settings
 from cache.behind import Behind, Counters
 from cache.index import CacheIndex
 from cache.manifest import Fragment, Manifest, join_fragments, tensors_in
-from cache.origin import Origin, OriginError, origin_mapping, stream
-from cache.peer import FragmentServer, PeerDirectory, PeerFetch, fetch_errors
-from cache.streams import WriteInto, sendfile_from
-from cache.tiers import CorruptFragment, FileTier, Pinned, TierFull, fill_anonymous
+from cache.node_store import NodeStore
+from cache.origin import Origin
+from cache.peer import FragmentServer, PeerDirectory
+from cache.pinned import Pinned
+from cache.remote import RemoteFetch, release_lock
+from cache.tiers import FileTier
 
 log = logging.getLogger(__name__)
-Source = Callable[[], ContextManager[WriteInto]]
 
 
 def from_settings(r: redis.Redis, settings: Settings) -> FragmentCache:
@@ -63,6 +56,8 @@ class FragmentCache:
         self.server: FragmentServer | None = None
         self._counters = Counters()
         self._background = Behind(self._counters)
+        self._store = NodeStore(r, keys, node, ram, disk, self.index, self._counters, self._background)
+        self._remote = RemoteFetch(self._store, self.peers, lock_ttl_s, clock, peer_timeout_s)
         self._stopped = threading.Event()
         self.heartbeat()
 
@@ -120,178 +115,13 @@ class FragmentCache:
         if counts := self._counters.drain():
             add_counters(self.r, self.keys.cache_stats(self.node), **counts)
 
-    def _indexed(self, tier: FileTier, sha: str, evicted: list[str]) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        if evicted:
-            pipe.srem(self.keys.cache_holdings(self.node, tier.name), *evicted)
-            self._counters.add(**{f"{tier.name}_evictions": len(evicted)})
-        pipe.sadd(self.keys.cache_holdings(self.node, tier.name), sha)
-        pipe.set(self.keys.cache_node_alive(self.node), 1, px=int(self.index.ttl_s * 1000))   # a filling node lives
-        pipe.sadd(self.keys.cache_nodes(), self.node)
-        pipe.execute()
-
-    # -- background: write behind to disk, promote to RAM ------------------------------------------------
-    def _copy(self, src: FileTier, dest: FileTier, sha: str) -> None:
-        """A verified fragment from one tier into another, copied in the kernel."""
-        if dest.has(sha):
-            return
-        pinned = src.open(sha, verify=False)
-        if pinned is None:
-            return   # evicted meanwhile: nothing to copy
-        with pinned:
-            assert pinned.fd is not None
-            t0 = time.perf_counter()
-            self._indexed(dest, sha, dest.fill(sha, len(pinned.data), sendfile_from(pinned.fd, 0), verify=False))
-            self._counters.add(**{f"{dest.name}_fill_bytes": len(pinned.data),
-                                  f"{dest.name}_fill_s": time.perf_counter() - t0})
-
     # -- one fragment ------------------------------------------------------------------------------------
-    def _local(self, frag: Fragment) -> tuple[Pinned, str] | None:
-        pinned = self.ram.open(frag.sha256)
-        if pinned is not None:
-            self._counters.add(ram_hits=1, ram_bytes=frag.size)
-            return pinned, "ram"
-        t0 = time.perf_counter()
-        try:
-            on_disk = self.disk.open(frag.sha256)
-        except CorruptFragment as exc:
-            log.warning("%s; fetching it again", exc)
-            self.index.remove("disk", frag.sha256)
-            self._counters.add(disk_corrupt=1)
-            on_disk = None
-        if on_disk is None:
-            return None
-        self._counters.add(ram_misses=1, disk_hits=1, disk_bytes=frag.size, disk_s=time.perf_counter() - t0)
-        self._background.submit(f"ram:{frag.sha256}", lambda: self._copy(self.disk, self.ram, frag.sha256))
-        return on_disk, "disk"
-
-    def _store(self, frag: Fragment, source: Source, what: str, fast: bool = False) -> Pinned:
-        """The fragment from `source` into the first tier that takes it (RAM, else disk), verified (by the
-        manifest's xxh3-128 if `fast`, else SHA-256); written behind to disk when RAM took it. No tier can:
-        into this process's memory."""
-        for tier in (self.ram, self.disk):
-            try:
-                with source() as write_into:
-                    evicted = tier.fill(frag.sha256, frag.size, write_into, xxh3_128=frag.xxh3 if fast else None)
-            except TierFull as exc:
-                log.error("%s (from %s); trying the next tier", exc, what)
-                self._counters.add(**{f"{tier.name}_full": 1})
-                continue
-            self._indexed(tier, frag.sha256, evicted)
-            pinned = tier.open(frag.sha256, verify=False)
-            if pinned is None:
-                continue   # evicted at once by a full tier
-            if tier is self.ram:
-                self._background.submit(f"disk:{frag.sha256}", lambda: self._copy(self.ram, self.disk, frag.sha256))
-            return pinned
-        with source() as write_into:
-            return fill_anonymous(frag.sha256, frag.size, write_into)
-
-    def _from_peer(self, frag: Fragment, node: str, url: str) -> Pinned | None:
-        fetch: PeerFetch | None = None
-
-        @contextmanager
-        def source() -> Iterator[WriteInto]:
-            nonlocal fetch
-            fetch = PeerFetch(url, frag.sha256, frag.size, self.peer_timeout_s)
-            try:
-                yield fetch.write_into
-            finally:
-                fetch.close()
-
-        t0 = time.perf_counter()
-        try:
-            pinned = self._store(frag, source, f"peer {node}")
-        except CorruptFragment:
-            log.warning("peer %s sent fragment %s with the wrong bytes; dropped from its index entry",
-                        node, frag.sha256[:12])
-            self._counters.add(peer_corrupt=1)
-            if fetch is not None and fetch.tier:
-                self.r.srem(self.keys.cache_holdings(node, fetch.tier), frag.sha256)
-            return None
-        except fetch_errors() as exc:
-            log.warning("fetching fragment %s from peer %s failed (%s); trying elsewhere", frag.sha256[:12], node, exc)
-            self._counters.add(peer_failures=1)
-            return None
-        self._counters.add(peer_fetches=1, peer_bytes=frag.size, peer_s=time.perf_counter() - t0, ram_misses=1,
-                           disk_misses=1)
-        return pinned
-
-    def _from_origin(self, frag: Fragment, origin: Origin, model: str) -> tuple[Pinned, Future | None]:
-        """From the origin, checked by the manifest's xxh3-128 when it has one (the origin wrote the manifest:
-        SHA-256 would guard against nothing more). A local origin's file is served from its own mapping and
-        stored in the tiers behind (the Future); any other origin streams into a tier."""
-        t0 = time.perf_counter()
-        source, what = lambda: stream(origin, frag.file, frag.offset, frag.size), f"origin {origin.location}"
-        pending: Future | None = None
-        try:
-            pinned = origin_mapping(origin, frag)
-            if pinned is None:
-                pinned = self._store(frag, source, what, fast=frag.xxh3 is not None)
-            else:
-                pending = self._background.submit(f"store:{frag.sha256}",
-                                                  lambda: self._store(frag, source, what, fast=True).close())
-        except OriginError as exc:
-            raise OriginError(f"model {model}: {exc}") from exc
-        except CorruptFragment as exc:
-            raise CorruptFragment(f"model {model}: origin {origin.location} served {frag.file}@{frag.offset} "
-                                  f"with the wrong bytes: {exc}") from exc
-        self._counters.add(origin_fetches=1, origin_bytes=frag.size, origin_s=time.perf_counter() - t0,
-                   ram_misses=1, disk_misses=1)
-        return pinned, pending
-
-    def _unlock(self, lock: str, token: str, after: Future | None = None) -> None:
-        """Drop a lock we hold — once `after` is done, when the fragment is served before it is stored (until
-        then, other processes and nodes must wait for it rather than fetch it again)."""
-        def release(_: object = None) -> None:
-            if self.r.get(lock) == token.encode():
-                self.r.delete(lock)
-
-        if after is None:
-            release()
-        else:
-            after.add_done_callback(release)
-
-    def _peers_with(self, sha: str, skip: set[str]) -> list[tuple[str, str]]:
-        nodes = sorted({n for n, _ in self.index.where(sha)} - {self.node} - skip)
-        urls = self.peers.urls(nodes)
-        out = [(n, urls[n]) for n in nodes if n in urls]
-        random.shuffle(out)   # spread the fetches of many nodes over the holders
-        return out
-
-    def _remote(self, frag: Fragment, origin: Origin, model: str,
-                deadline: float) -> tuple[Pinned, str, Future | None]:
-        """A peer that holds it, else the origin — fetched from the origin by one node of the cluster. The
-        Future, if any: the fragment is still being stored in this node's tiers."""
-        failed: set[str] = set()
-        while True:
-            for node, url in self._peers_with(frag.sha256, failed):
-                pinned = self._from_peer(frag, node, url)
-                if pinned is not None:
-                    return pinned, "peer", None
-                failed.add(node)
-            token = uuid.uuid4().hex
-            lock = self.keys.cache_fetch(frag.sha256)
-            if self.r.set(lock, token, nx=True, px=int(self.lock_ttl_s * 1000)):
-                pending: Future | None = None
-                try:
-                    if not self._peers_with(frag.sha256, failed):   # none appeared while we took the lock
-                        pinned, pending = self._from_origin(frag, origin, model)
-                        return pinned, "origin", pending
-                finally:
-                    self._unlock(lock, token, pending)
-                continue
-            if self.clock() > deadline:
-                raise TimeoutError(f"model {model}: fragment {frag.sha256[:12]} still being fetched by another "
-                                   "node after the wait")
-            time.sleep(0.02)   # another node fetches it from the origin: wait for it to hold it
-
     def fragment(self, frag: Fragment, origin: Origin, model: str, wait_s: float = 300.0) -> tuple[Pinned, str]:
         """The fragment's bytes, pinned, from wherever they are closest, and where they came from ("ram",
         "disk", "peer" or "origin")."""
         deadline = self.clock() + wait_s
         while True:
-            got = self._local(frag)
+            got = self._store.local(frag)
             if got is not None:
                 return got
             token = uuid.uuid4().hex
@@ -299,12 +129,12 @@ class FragmentCache:
             if self.r.set(lock, token, nx=True, px=int(self.lock_ttl_s * 1000)):
                 pending: Future | None = None
                 try:
-                    got = self._local(frag)
+                    got = self._store.local(frag)
                     if got is None:
-                        pinned, source, pending = self._remote(frag, origin, model, deadline)
+                        pinned, source, pending = self._remote.fetch(frag, origin, model, deadline)
                         got = pinned, source
                 finally:
-                    self._unlock(lock, token, pending)
+                    release_lock(self.r, lock, token, pending)
                     self._publish()
                 return got
             if self.clock() > deadline:

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from cache.manifest import Manifest
-from cache.tiers import Pinned
+from cache.pinned import Pinned
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

@@ -13,8 +13,8 @@ from typing import Iterator, Protocol
 import xxhash
 
 from cache.manifest import Fragment
+from cache.pinned import CorruptFragment, Pinned, map_range
 from cache.streams import WriteInto, sendfile_from
-from cache.tiers import CorruptFragment, Pinned, map_range
 
 
 class OriginError(OSError):

@@ -8,8 +8,9 @@ landed, so hashing overlaps the copy. A tier that verifies reads (disk) also kee
 ~10 GB/s against SHA-256's ~1.5 here) beside each fragment, written once the SHA-256 was checked, so a read
 is checked at memory speed. A fragment being read is pinned with a shared flock on its file; eviction
 (least recently used first) takes an exclusive, non-blocking lock and skips what it cannot get, so a
-fragment in use is never evicted, and a process that dies releases its pins with it. A tier may keep
-fragments mapped (`keep_mapped_bytes`): a later hit is a lookup, not a map + populate.
+fragment in use is never evicted, and a process that dies releases its pins with it (the mappings:
+`cache.pinned`). A tier may keep fragments mapped (`keep_mapped_bytes`): a later hit is a lookup, not a
+map + populate.
 
 A budget larger than the free space of the tier's directory is reported loudly at start-up and clamped to
 what fits; running out of space while writing raises `TierFull`, naming the tier and the path."""
@@ -20,7 +21,6 @@ import errno
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import shutil
 import tempfile
@@ -31,58 +31,14 @@ from pathlib import Path
 
 import xxhash
 
+from cache.pinned import CorruptFragment, MappedFile, Pinned
 from cache.streams import WriteInto, stream_hashed
 
 log = logging.getLogger(__name__)
 
 
-class CorruptFragment(OSError):
-    pass
-
-
 class TierFull(OSError):
     """A tier cannot store a fragment: out of space on its file system, or its budget is pinned."""
-
-
-class _Map:
-    """One open, shared-locked, mapped fragment file (or `size` bytes of a file from `offset`); unmapped and
-    unlocked when the last user drops it. `view()` is the mapped bytes."""
-
-    def __init__(self, fd: int, size: int, populate: bool = True, offset: int = 0) -> None:
-        self.fd, self.size = fd, size
-        self.skip = offset % mmap.ALLOCATIONGRANULARITY   # mmap offsets are page-aligned
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        self.m = mmap.mmap(fd, size + self.skip, flags=flags, prot=mmap.PROT_READ,
-                           offset=offset - self.skip) if size else None
-
-    def view(self) -> memoryview:
-        return memoryview(self.m)[self.skip:] if self.m is not None else memoryview(b"")
-
-    def __del__(self) -> None:
-        try:
-            if self.m is not None:
-                self.m.close()
-        except BufferError:
-            pass   # a view is still exported: the mapping goes with the mmap object
-        os.close(self.fd)   # drops the shared flock
-
-
-class Pinned:
-    """A fragment's bytes, pinned until `close()`: a mapping of a file (`fd` is that file and `fd_offset` where
-    the bytes start in it: a tier file, a memfd, or a range of a local origin's file)."""
-
-    def __init__(self, data: memoryview, owner: object = None, fd: int | None = None, fd_offset: int = 0) -> None:
-        self.data, self._owner, self.fd, self.fd_offset = data, owner, fd, fd_offset
-
-    def close(self) -> None:
-        self.data.release()
-        self._owner = None
-
-    def __enter__(self) -> Pinned:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _out_of_space(exc: OSError) -> bool:
@@ -94,7 +50,7 @@ class FileTier:
                  keep_mapped_bytes: int = 0) -> None:
         self.name, self.root, self.budget_bytes, self.verify_reads = name, Path(root), budget_bytes, verify_reads
         self.keep_mapped_bytes = keep_mapped_bytes
-        self._held: OrderedDict[str, _Map] = OrderedDict()
+        self._held: OrderedDict[str, MappedFile] = OrderedDict()
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep_temp_files()
@@ -140,7 +96,7 @@ class FileTier:
     def has(self, sha: str) -> bool:
         return self.path(sha).exists()
 
-    def _held_map(self, sha: str) -> _Map | None:
+    def _held_map(self, sha: str) -> MappedFile | None:
         with self._lock:
             held = self._held.get(sha)
             if held is None:
@@ -151,7 +107,7 @@ class FileTier:
             self._held.move_to_end(sha)
             return held
 
-    def _hold(self, sha: str, held: _Map) -> None:
+    def _hold(self, sha: str, held: MappedFile) -> None:
         with self._lock:
             self._held[sha] = held
             total = sum(h.size for h in self._held.values())
@@ -175,7 +131,7 @@ class FileTier:
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
-        mapped = _Map(fd, os.fstat(fd).st_size)
+        mapped = MappedFile(fd, os.fstat(fd).st_size)
         pinned = Pinned(mapped.view(), mapped, fd)
         if (self.verify_reads if verify is None else verify) and not self._intact(sha, pinned.data):
             pinned.close()
@@ -303,31 +259,3 @@ class FileTier:
             raise TierFull(errno.ENOSPC, f"the {self.name} tier ({self.root}) cannot make room for {need} bytes: "
                                          f"{used} of {self.budget_bytes} in use and pinned")
         return evicted
-
-
-def fill_anonymous(sha: str, size: int, write_into: WriteInto) -> Pinned:
-    """A verified fragment in this process's memory (an anonymous memfd), for when no tier can store it."""
-    fd = os.memfd_create(f"fragment-{sha[:12]}")
-    try:
-        got = stream_hashed(fd, size, write_into, True, False)["sha"]
-        if got != sha:
-            raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash")
-        mapped = _Map(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return Pinned(mapped.view(), mapped, fd)
-
-
-def map_range(path: Path, offset: int, size: int) -> Pinned:
-    """`size` bytes of a local file from `offset`, mapped read-only and populated (no copy), not verified:
-    the caller checks them. Raises OSError if the file cannot be opened or is too short."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if os.fstat(fd).st_size < offset + size:
-            raise OSError(errno.EINVAL, f"{path} is shorter than {offset + size} bytes")
-        mapped = _Map(fd, size, offset=offset)
-    except BaseException:
-        os.close(fd)
-        raise
-    return Pinned(mapped.view(), mapped, fd, offset)

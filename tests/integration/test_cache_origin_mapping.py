@@ -12,7 +12,8 @@ from cache.loader import FragmentCache
 from cache.manifest import Manifest
 from cache.mapped import map_files
 from cache.origin import LocalOrigin
-from cache.tiers import CorruptFragment, FileTier
+from cache.pinned import CorruptFragment
+from cache.tiers import FileTier
 
 from tests.support.cache import CountingOrigin, random_model
 

@@ -5,7 +5,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from cache.manifest import assemble, build_manifest
-from cache.tiers import CorruptFragment, FileTier
+from cache.pinned import CorruptFragment
+from cache.tiers import FileTier
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_mapped_files_give_the_same_tensors_without_a_copy(model_dir, tmp_path):
     import torch
 
     from cache.mapped import map_files, torch_tensors
-    from cache.tiers import Pinned
+    from cache.pinned import Pinned
 
     m = build_manifest(model_dir, "tiny", "fp32", fragment_mib=1)
     blobs = read_all(model_dir, m)

@@ -195,7 +195,7 @@ def exported() -> set[str]:
     r = fakeredis.FakeRedis()
     populate(r)
     # every counter the stats hash can carry, so the dashboard may use any of them
-    from arbiter.metrics import COUNTERS
+    from arbiter.metric_families import COUNTERS
     from broker.stats import add
 
     add(r, KEYS, **{name: 1 for name in COUNTERS})

@@ -1,5 +1,6 @@
-"""Queue position and ETA, the pure part (broker/position.py): place in a list from LRANGE chunks, the lists
-drained before a job's, jobs ahead, service time and ETA, and the words `arbiter status` prints."""
+"""Queue position and ETA, the pure part (broker/queue_order.py, broker/service_time.py and the words of
+broker/position.py): place in a list from LRANGE chunks, the lists drained before a job's, jobs ahead,
+service time and ETA, and the words `arbiter status` prints."""
 
 from __future__ import annotations
 
@@ -7,21 +8,11 @@ import json
 
 import pytest
 
-from broker.position import (
-    describe,
-    eta_s,
-    jobs_ahead,
-    lists_before,
-    live_slots,
-    message_id,
-    ordinal,
-    place_in_chunk,
-    recorded_durations,
-    request_shape,
-    service_time_s,
-)
+from broker.position import describe, ordinal
 from broker.predictor import StepPredictor, features
+from broker.queue_order import eta_s, jobs_ahead, lists_before, live_slots, message_id, place_in_chunk
 from broker.schemas import JobSpec, Workload
+from broker.service_time import recorded_durations, request_shape, service_time_s
 
 
 def msg(job_id: str, root: str | None = None) -> bytes:
