@@ -23,10 +23,10 @@ from arbiter.world import Snapshot
 from arbiter.world import read as read_world_snapshot
 from broker import fairshare, parking
 from broker.app import create_app
-from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Ledger
+from broker.messages import enqueue
 from broker.policies import policy
 from broker.redis_server import connect
 from broker.settings import Settings

@@ -23,10 +23,10 @@ from celery import Celery
 
 from broker import parking
 from broker.app import all_queues, shared_queue, worker_queue, workload_queues
-from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.lua import load
+from broker.messages import enqueue
 from broker.schemas import ParkedJob, Workload
 from broker.settings import Settings
 from broker.states import JobState

@@ -17,25 +17,23 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import redis
-from celery import Celery
-from pydantic import ValidationError
 
 from broker import fairshare
-from broker.app import TASK_NAMES, create_app
-from broker.catalog import model_names
+from broker.app import create_app
 from broker.controls import QueueClosed, QueueControl
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
 from broker.keys import Keys
-from broker.policies import policy
+from broker.messages import enqueue
 from broker.position import job_queue, with_position
 from broker.redis_server import connect
 from broker.replication import confirm_replicated
 from broker.retry import redis_full
-from broker.schemas import JobResult, JobSpec, JobStatus, Priority, queue_name
+from broker.schemas import JobResult, JobSpec, JobStatus, Priority
 from broker.settings import Settings, get_settings
 from broker.shedding import refuse_if_overloaded
 from broker.states import TERMINAL, JobState
+from broker.validation import validate_spec
 
 # States a client may cancel directly; a running (or paused) job is stopped by its worker at the next step.
 _CANCEL_DIRECTLY = frozenset({JobState.QUEUED, JobState.WAITING_FOR_VRAM, JobState.WAITING_FOR_WEIGHTS,
@@ -78,61 +76,10 @@ def _translated(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def validate_spec(data: JobSpec | dict[str, Any], settings: Settings) -> JobSpec:
-    """A `JobSpec` checked against these settings' limits, or `InvalidJob` naming every bad field."""
-    if isinstance(data, JobSpec):
-        data = data.model_dump(exclude_none=True)
-    try:
-        spec = JobSpec.model_validate(data, context={"settings": settings})
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        parts = []
-        for e in errors:
-            loc = ".".join(str(p) for p in e["loc"]) or "job"
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" if loc != "job" else msg)
-        raise InvalidJob("invalid job: " + "; ".join(parts), errors=errors) from None
-    models = model_names(spec.workload, settings)
-    if not models:
-        raise InvalidJob(f"invalid job: no {spec.workload.value} model is served here (model registry: "
-                         f"{settings.models_file or 'none'})")
-    if spec.model is None:
-        return spec.model_copy(update={"model": models[0]})
-    if spec.model not in models:
-        raise InvalidJob(f"invalid job: model: {spec.model!r} is not served for {spec.workload.value} jobs; "
-                         f"available: {', '.join(models)}",
-                         errors=[{"loc": ("model",), "msg": "unknown model", "input": spec.model}])
-    return spec
-
-
 def _sent(fields: dict[str, str]) -> bool:
     """The job's message went out (`enqueued`), or the job waits its turn in fair share (`held`) or was just
     taken from it by the beat (`fed_at`; the beat's lost-message sweep covers a beat that died sending)."""
     return "enqueued" in fields or "held" in fields or "fed_at" in fields
-
-
-def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec, hold: dict[str, str] | None = None) -> None:
-    """Send the job's message (task id = job id) to its queue. Under the `fifo` baseline policy every job
-    of a workload goes to one queue, served in arrival order. With `hold` (`broker.fairshare.hold_header`)
-    the message, built for its queue, waits on its tenant's held list until the beat feeds it in."""
-    queue = job.queue if policy(settings.policy).priority_bands else queue_name(job.workload, Priority.STANDARD)
-    extra = {"headers": {fairshare.HOLD_HEADER: hold}} if hold else {}
-    args = [job.model_dump(mode="json")]
-    # ignore_result: clients follow the job record, so Celery's result channel is not subscribed per job
-    # (a SUBSCRIBE and an UNSUBSCRIBE each); the outcome is still written there (workers/celery_result.py)
-    app.send_task(TASK_NAMES[job.workload], args=args, task_id=job_id, queue=queue, ignore_result=True,
-                  argsrepr=_argsrepr(args), kwargsrepr="{}", **extra)
-
-
-ARGSREPR_MAX = 1024   # Celery's own cut (`celery.app.amqp.AMQP.argsrepr_maxsize`)
-
-
-def _argsrepr(args: list[Any]) -> str:
-    """The message's `argsrepr` (the args Flower and the worker's log show): the spec's repr, cut where Celery
-    cuts it. The spec is plain JSON data, so Python's own repr is safe; Celery's `saferepr` walks it in
-    Python, a seventh of a submit's CPU in `arbiter bench dispatch`."""
-    text = repr(args)
-    return text if len(text) <= ARGSREPR_MAX else text[:ARGSREPR_MAX - 3] + "..."
 
 
 class Client:

@@ -11,10 +11,10 @@ from typing import Any
 
 import redis
 
-from broker.client import enqueue
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.lua import load
+from broker.messages import enqueue
 from broker.settings import Settings
 from broker.states import JobState
 

@@ -32,6 +32,7 @@ from broker.queue_order import place_in_chunk
 from broker.schemas import JobSpec, Priority
 from broker.settings import Settings
 from broker.states import JobState
+from broker.validation import validate_spec
 
 STAGING_TTL_S = 60
 
@@ -130,8 +131,6 @@ def reprioritize(r: redis.Redis, keys: Keys, settings: Settings, app: Any, job_i
                  priority: Priority | str) -> Moved | None:
     """Move a queued job to the back of another band; its record's spec and priority change with its message.
     None when it is already at that priority."""
-    from broker.client import validate_spec  # the client imports this package's siblings at import time
-
     priority = Priority(priority)
     spec = _queued(r, keys, settings, job_id, "reprioritized")
     if spec.priority is priority:

@@ -14,10 +14,10 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore, Reject
 
-from broker.client import enqueue
 from broker.errors import Preempted
 from broker.histograms import record_job
 from broker.jobstore import Settled
+from broker.messages import enqueue
 from broker.predictor import StepPredictor
 from broker.retry import redis_passing, retry_while
 from broker.schemas import JobResult, JobSpec, Priority

@@ -16,7 +16,6 @@ from celery.exceptions import Ignore
 from broker import fairshare
 from broker.app import direct_queue, worker_queue
 from broker.budgets import budget_key
-from broker.client import validate_spec
 from broker.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -35,6 +34,7 @@ from broker.schemas import JobSpec, Priority
 from broker.scriptops import ScriptOps
 from broker.states import JobState
 from broker.stats import add as add_stats
+from broker.validation import validate_spec
 from broker.waiting import WaitingEntry
 from workers import flower
 from workers.admission import Fail, Hold, JobView, Park, Skip, Try, decide, on_no_room

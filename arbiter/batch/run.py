@@ -49,8 +49,9 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
     """`arbiter batch`'s run (see `batch_command`); ends by raising `typer.Exit` with the exit status."""
     from rich.console import Console
 
-    from broker.client import Client, validate_spec
+    from broker.client import Client
     from broker.errors import InvalidJob, Overloaded
+    from broker.validation import validate_spec
 
     console = Console(highlight=False)
     src = prompts.expanduser().resolve()

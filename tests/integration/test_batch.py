@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker.client import validate_spec
+from broker.validation import validate_spec
 from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings
 

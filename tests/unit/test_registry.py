@@ -91,8 +91,8 @@ def test_missing_file_and_missing_weights_are_named(tmp_path):
 
 
 def test_jobs_name_a_served_model(tmp_path):
-    from broker.client import validate_spec
     from broker.errors import InvalidJob
+    from broker.validation import validate_spec
 
     s = Settings(models_file=str(write(tmp_path, GOOD)))
     assert validate_spec({"workload": "llm", "prompt": "x"}, s).model == "chat"        # the default

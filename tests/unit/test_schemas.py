@@ -1,9 +1,9 @@
 import pytest
 
-from broker.client import validate_spec
 from broker.errors import InvalidJob
 from broker.schemas import JobSpec, Priority, Workload, queue_name
 from broker.settings import Settings
+from broker.validation import validate_spec
 
 S = Settings(max_prompt_chars=100)
 

@@ -1,8 +1,8 @@
 """What a parked job says it needs, per budget: exactly what its worker's admission would ask for."""
 
-from broker.client import validate_spec
 from broker.schemas import ParkedJob
 from broker.settings import Settings
+from broker.validation import validate_spec
 from workers.ladders import admissible_rungs, diffusion_ladder, llm_ladder, rung_cost_mib
 from workers.waiting import needs_by_budget
 
