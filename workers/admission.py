@@ -1,6 +1,6 @@
 """Whether and how a delivered job may start on this worker: pure functions, no Redis, no clock of their own.
 
-The worker reads what the decision needs in one round trip (`runner.View`), asks `decide`, and applies the
+The worker reads what the decision needs in one round trip (`workers.view.View`), asks `decide`, and applies the
 one answer it gets (`runner.execute`):
 
 - `Skip`     the delivery is a duplicate or late (the job is finished, or running elsewhere): acknowledged,
