@@ -23,6 +23,11 @@ from broker.redis_server import EmbeddedRedis
 from broker.settings import Settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
+# One intra-op thread per torch process (the pytest process, every worker, `arbiter bench gpu`, the demo:
+# they inherit it). Two xdist workers already keep both cores busy; with torch's default of a thread per
+# core, two torch processes at once spin against each other (OpenMP busy-waits) and a tiny-SD step at
+# 64 px went from 30 ms to 480 ms. Nothing in the suite asserts a speed.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _db_numbers = itertools.count(1)
 
 
@@ -48,9 +53,11 @@ def cache_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny random models (GPT-2 x2, Stable Diffusion) and their registry, built once per session. Without
-    the llm/diffusion extras the tests that need them are skipped — except under `make test`, which
-    installs the extras and sets ARBITER_REQUIRE_EXTRAS so that a broken install fails loudly."""
+    """Tiny random models (GPT-2 x2, Stable Diffusion) and their registry, built once per run: under xdist
+    the first worker that needs them builds them in the run's shared temp root, the others wait for it
+    and read them (nothing writes to them). Without the llm/diffusion extras the tests that need them are
+    skipped — except under `make test`, which installs the extras and sets ARBITER_REQUIRE_EXTRAS so that a
+    broken install fails loudly."""
     import importlib.util
 
     missing = [m for m in ("torch", "transformers", "diffusers") if importlib.util.find_spec(m) is None]
@@ -58,9 +65,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if os.environ.get("ARBITER_REQUIRE_EXTRAS"):
             pytest.fail(f"{', '.join(missing)} not installed: pip install -e '.[llm,diffusion]'")
         pytest.skip(f"needs the llm and diffusion extras ({', '.join(missing)} missing)")
+    import fcntl
+
     from workers.tinymodels import build_all
 
-    return build_all(tmp_path_factory.mktemp("tiny-models"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                      # the run's root, shared by every xdist worker
+    with open(root / "tiny-models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # build_all keeps a finished registry: the second one reads it
+        return build_all(root / "tiny-models")
 
 
 @pytest.fixture

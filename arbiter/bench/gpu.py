@@ -90,7 +90,12 @@ def check_device(device: str) -> str:
     return "cuda:0"
 
 
-def bench_settings(models_file: Path, work: Path, policy: str, weights_mib: float) -> Any:
+# the tiny (CPU, test-suite) preset only: budgets recover within a second or two after a chat instead of
+# the default 5 s contention window (a job needing full quality otherwise waits that long after each chat)
+TINY_SETTINGS = {"contention_window_s": 1.0, "beat_interval_s": 0.25}
+
+
+def bench_settings(models_file: Path, work: Path, policy: str, weights_mib: float, tiny: bool = False) -> Any:
     from broker.settings import get_settings
 
     room = int(weights_mib * 1.3) + 1024       # every fragment of a model is pinned while it loads
@@ -101,7 +106,8 @@ def bench_settings(models_file: Path, work: Path, policy: str, weights_mib: floa
         "policy": policy, "models_file": str(models_file), "cache_disk_dir": str(work / "cache-disk"),
         "cache_ram_dir": str(ram), "cache_ram_budget_mib": room, "cache_disk_budget_mib": room,
         "progress_interval_s": 0.05, "max_steps_limit": 5000, "checkpoint_interval_s": 1.0,
-        "allocation_timeout_s": 120.0, "preempt_grace_s": 30.0, "lost_delivery_s": 300.0})
+        "allocation_timeout_s": 120.0, "preempt_grace_s": 30.0, "lost_delivery_s": 300.0,
+        **(TINY_SETTINGS if tiny else {})})
 
 
 def run_gpu(device: str, quick: bool, out: Path, work: Path, budget_s: float | None = None) -> dict[str, Any]:
@@ -124,14 +130,15 @@ def run_gpu(device: str, quick: bool, out: Path, work: Path, budget_s: float | N
     weights = registry["llm_mib"] + registry["sd_mib"]
     for d in ("cache-disk", "cache-ram"):
         shutil.rmtree(work / d, ignore_errors=True)
-    settings = bench_settings(models_file, work, "arbiter", weights)
+    tiny = p.name == "tiny"
+    settings = bench_settings(models_file, work, "arbiter", weights, tiny)
     shutil.rmtree(settings.cache_ram_dir, ignore_errors=True)
     run.section("nvml", gpu_probe.nvml_cost)
     _probe(run, settings, dev, p)
     data["nvml_before_stack_mib"] = gpu_probe.nvml_used_mib()
     for policy in ("priority", "arbiter"):
-        run.section(f"stack_{policy}", lambda pol=policy: _stack(bench_settings(models_file, work, pol, weights), dev, p,
-                                                                 work / "logs" / pol, run), 60)
+        run.section(f"stack_{policy}", lambda pol=policy: _stack(bench_settings(models_file, work, pol, weights, tiny),
+                                                                 dev, p, work / "logs" / pol, run), 60)
     data["calibration"] = compare(data)
     data["wall_s"] = round(time.monotonic() - run.t0, 1)
     write_json(out / "gpu.json", data)

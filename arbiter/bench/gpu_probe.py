@@ -69,7 +69,7 @@ class Probe:
         self.sd = DiffusersBackend(self.registry, dev, cache, settings)
 
     def spec(self, **fields: Any) -> Any:
-        from broker.client import validate_spec
+        from broker.validation import validate_spec
 
         return validate_spec(fields, self.settings)
 

@@ -9,6 +9,7 @@ import pytest
 
 from arbiter.gateway.apikeys import KeyStore
 from broker import fairshare
+from tests.conftest import wait_for_worker
 from tests.integration.arbiter_helpers import fast_settings
 from tests.support.gateway import Gateway
 
@@ -27,9 +28,11 @@ def rss_mib(pid: int) -> float:
 
 
 def test_ten_thousand_queued_jobs(client, settings, start_worker, start_beat, tmp_path):
-    workers = [start_worker("diffusion", concurrency=1, gpu="sim9:24GiB", name="diff@flood"),
-               start_worker("llm", concurrency=1, gpu="sim9:24GiB", name="llm@flood")]
+    workers = [start_worker("diffusion", concurrency=1, gpu="sim9:24GiB", name="diff@flood", wait=False),
+               start_worker("llm", concurrency=1, gpu="sim9:24GiB", name="llm@flood", wait=False)]
     beat = start_beat()
+    for w in workers:                  # started together, then each waited for (Celery ping)
+        wait_for_worker(settings, w)
     gw = Gateway(settings, tmp_path / "gw.log")
     base = gw.base
     key = KeyStore(client.redis, client.keys).create("flood", ["interactive", "background"], "background",

@@ -9,7 +9,7 @@ import pytest
 from broker.client import Client
 from broker.redis_server import EmbeddedRedis
 from broker.states import TERMINAL, JobState
-from tests.conftest import wait_until
+from tests.conftest import wait_for_worker, wait_until
 from tests.integration.arbiter_helpers import fast_settings
 from tests.support.gateway import Gateway
 
@@ -46,9 +46,11 @@ def restart(server: EmbeddedRedis, kill: bool, down_s: float = 2.0) -> None:
 @pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
 def test_every_accepted_job_ends_and_every_process_reconnects(own_redis, settings, client, start_worker,
                                                               start_beat, tmp_path, kill):
-    workers = [start_worker("llm", concurrency=2, name=f"llm-{kill}@faults"),
-               start_worker("diffusion", concurrency=2, name=f"diff-{kill}@faults")]
+    workers = [start_worker("llm", concurrency=2, name=f"llm-{kill}@faults", wait=False),
+               start_worker("diffusion", concurrency=2, name=f"diff-{kill}@faults", wait=False)]
     beat = start_beat()
+    for w in workers:                  # started together, then each waited for (Celery ping)
+        wait_for_worker(settings, w)
     gw = Gateway(settings, tmp_path / "gw.log")
     try:
         jobs = []
@@ -65,7 +67,7 @@ def test_every_accepted_job_ends_and_every_process_reconnects(own_redis, setting
         jobs += [client.submit(workload="llm", priority="interactive", prompt="after", max_new_tokens=20)]
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not all(j.status().state in TERMINAL for j in jobs):
-            time.sleep(0.5)
+            time.sleep(0.2)
         states = {j.id: j.status() for j in jobs}
         unfinished = {k: v.state.value for k, v in states.items() if v.state not in TERMINAL}
         assert not unfinished, unfinished

@@ -19,7 +19,7 @@ def test_jain_and_shares():
 
 
 def test_fairness_bench_accounts_for_every_job(tmp_path):
-    data = run_fairness(a_jobs=12, b_jobs=3, b_at_s=1.0, chat_every_s=5.0, scale=0.3, log_dir=tmp_path,
+    data = run_fairness(a_jobs=12, b_jobs=3, b_at_s=1.0, chat_every_s=5.0, scale=0.2, log_dir=tmp_path,
                         timeout_s=120)
     for mode, r in data["modes"].items():
         assert r["a_jobs"] == 12 and r["b_jobs"] == 3 and r["unfinished"] == 0, mode

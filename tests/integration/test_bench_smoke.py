@@ -20,7 +20,7 @@ def test_trace_is_reproducible():
 
 
 def test_mixed_accounting_adds_up(tmp_path):
-    data = run_mixed(duration_s=4, scale=0.5, seed=2, flood=3, chat_per_s=1.0, log_dir=tmp_path,
+    data = run_mixed(duration_s=4, scale=0.25, seed=2, flood=3, chat_per_s=1.0, log_dir=tmp_path,
                      policies=("fifo", "arbiter"))
     for name, r in data["policies"].items():
         assert r["submitted"] == sum(data["trace"].values())

@@ -13,7 +13,7 @@ import pytest
 from broker.keys import Keys
 from broker.states import JobState
 from cache.status import collect as cache_status
-from tests.conftest import wait_until
+from tests.conftest import wait_for_worker, wait_until
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -47,12 +47,14 @@ def test_three_nodes_two_gpus_each(client, procs, settings, tmp_path):  # noqa: 
             workers[f"{node}:sim{i}"] = worker(
                 "diffusion", concurrency=1, gpu=f"sim{i}:24GiB", name=f"diff-{node}-sim{i}@multi",
                 ARBITER_NODE=node, ARBITER_CACHE_RAM_DIR=str(tmp_path / node / "ram"),
-                ARBITER_CACHE_DISK_DIR=str(tmp_path / node / "disk"))
+                ARBITER_CACHE_DISK_DIR=str(tmp_path / node / "disk"), wait=False)
     beat()
+    for w in workers.values():                     # started together, then each waited for (Celery ping)
+        wait_for_worker(settings, w)
     keys = Keys(settings.key_prefix)
 
     # 1. jobs spread: six long background jobs, one per GPU
-    batch = [client.submit(workload="diffusion", priority="background", prompt=f"batch {k}", steps=200,
+    batch = [client.submit(workload="diffusion", priority="background", prompt=f"batch {k}", steps=160,
                            width=1024, height=1024, seed=k) for k in range(NODES * GPUS)]
     wait_until(lambda: all(j.status().state is JobState.RUNNING for j in batch), timeout_s=60)
     running_on = {j.status().gpu_id for j in batch}
