@@ -155,8 +155,9 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
         next_step = on_no_room(chosen.interactive, time.monotonic() - started, rt.settings.allocation_timeout_s)
         if isinstance(next_step, Park):
             add_stats(rt.redis, rt.keys, allocations_failed=1)
-            park(rt, job_id, spec, "vram", budget, mib=rung_cost_mib(rungs[0], held), task=task,
-                 kept_mib=view.reserve.when_parked(rung_cost_mib(rungs[0], held)) if kept else 0)
+            cost = rung_cost_mib(rungs[0], held)
+            park(rt, job_id, spec, "vram", budget, mib=cost, task=task,
+                 kept_mib=view.reserve.when_parked(cost) if kept else 0)
         if isinstance(next_step, Fail):
             rt.redis.hdel(rt.keys.waiting_vram(), job_id)
             add_stats(rt.redis, rt.keys, allocations_failed=1)

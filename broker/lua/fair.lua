@@ -1,9 +1,10 @@
 -- Fair share within a band (broker/fairshare.py), in one step each:
 --   'hold' (the producer's transport, in place of kombu's LPUSH onto the band's queue): first the job's ETA at
 --     submit (below); when no tenant waits in the band, the queue is under its target and the tenant has no
---     cap, the message goes straight onto the queue (what the feed would do at once); else the message — Celery's own bytes for the band — onto its tenant's held list; the
---     tenant into the band's ring if it was not in it (with its weight and cap into the band's policy hash); the held
---     count up; the record's `held` mark (no sweep sends it another message) and `eta_s`; then feed.
+--     cap, the message goes straight onto the queue (what the feed would do at once); else the message —
+--     Celery's own bytes for the band — onto its tenant's held list; the tenant into the band's ring if it
+--     was not in it (with its weight and cap into the band's policy hash); the held count up; the record's
+--     `held` mark (no sweep sends it another message) and `eta_s`; then feed.
 --   'feed' (a worker that took a batch job, the beat each tick): move held messages onto the band's queue
 --     until it holds `target` messages. Weighted round robin: the tenant at the ring's head gives its oldest
 --     (the right end of its list) and keeps the head until it has given its weight's worth this round (the
@@ -41,7 +42,8 @@ local function seconds_per_job()
   local workers = redis.call('HGETALL', KEYS[9])
   for i = 2, #workers, 2 do
     local ok, e = pcall(cjson.decode, workers[i])
-    if ok and type(e) == 'table' and e['workload'] == ARGV[12] and tonumber(e['expires_at'] or 0) >= tonumber(ARGV[4]) then
+    if ok and type(e) == 'table' and e['workload'] == ARGV[12]
+        and tonumber(e['expires_at'] or 0) >= tonumber(ARGV[4]) then
       slots = slots + (tonumber(e['concurrency']) or 0)
     end
   end
@@ -54,7 +56,7 @@ local function seconds_per_job()
   return rate
 end
 
-local function eta_at_submit(target)
+local function eta_at_submit(target, queued)
   if target <= 0 or ARGV[12] == '' then return nil end
   local per_job = seconds_per_job()
   if not per_job then return nil end
@@ -71,16 +73,18 @@ local function eta_at_submit(target)
       ahead = ahead + math.min(redis.call('LLEN', ARGV[2] .. t), weight(t) * n)
     end
   end
-  ahead = ahead + redis.call('LLEN', KEYS[4])
+  ahead = ahead + queued
   local stronger = (#KEYS - 11) / 2
   for i = 1, stronger do
-    ahead = ahead + redis.call('LLEN', KEYS[11 + i]) + math.max(0, tonumber(redis.call('GET', KEYS[11 + stronger + i]) or '0') or 0)
+    ahead = ahead + redis.call('LLEN', KEYS[11 + i])
+      + math.max(0, tonumber(redis.call('GET', KEYS[11 + stronger + i]) or '0') or 0)
   end
   return (ahead + 1) * per_job
 end
 
--- The job id of a Celery message (and its job key): its headers' task id. Found in the envelope's text (kombu writes the
--- headers, task id first, before `argsrepr`, where a prompt's quotes are escaped), else by decoding it.
+-- The job id of a Celery message (and its job key): its headers' task id. Found in the envelope's text
+-- (kombu writes the headers, task id first, before `argsrepr`, where a prompt's quotes are escaped), else by
+-- decoding it.
 local function job_of(msg)
   local id = string.match(msg, '"id": "([%w%-]+)"')
   if not id then
@@ -106,13 +110,14 @@ local function capped(tenant)
 end
 
 local target = tonumber(redis.call('GET', KEYS[5]) or ARGV[5])
+local queued = redis.call('LLEN', KEYS[4])   -- the band's queue now (a hold does not change it before the feed)
 if ARGV[1] == 'hold' then
   local tenant = ARGV[8]
-  local eta = eta_at_submit(target)
+  local eta = eta_at_submit(target, queued)
   local eta_field = eta and string.format('%.3f', eta)
   -- Nobody waits in the band, the queue has room and the tenant has no cap: the feed below would take this
   -- message straight back out, so it goes onto the queue at once, marked fed (10 commands less).
-  if (tonumber(ARGV[11]) or 0) <= 0 and redis.call('LLEN', KEYS[4]) < target and redis.call('LLEN', KEYS[1]) == 0 then
+  if (tonumber(ARGV[11]) or 0) <= 0 and queued < target and redis.call('LLEN', KEYS[1]) == 0 then
     redis.call('LPUSH', KEYS[4], ARGV[7])
     if eta then
       redis.call('HSET', KEYS[8], 'fed_at', ARGV[4], 'eta_s', eta_field)
@@ -138,7 +143,7 @@ if ARGV[1] == 'hold' then
     end
   end
 end
-local want = target - redis.call('LLEN', KEYS[4])
+local want = target - queued
 local moved, turns, passed = 0, 0, 0
 while moved < want and turns < 100000 do
   turns = turns + 1
