@@ -4,8 +4,9 @@ less per start and per end, and they count only when the step is done (a refused
 
 `ScriptOps` takes the part of a redis-py pipeline that `broker.stats.add` and `broker.histograms.record_job`
 use (hincrby, hincrbyfloat, lpush, ltrim, set, hlen), so they are passed it as their `pipe`, and a SET with
-expiry + PUBLISH (Celery's result, written by the finish step). Anything else asked of it goes to a plain pipeline (`spill`), which the caller runs after the step, best effort — so a
-helper that learns a new command still works, at the cost of that round trip.
+expiry + PUBLISH (Celery's result, written by the finish step). Anything else asked of it goes to a plain
+pipeline (`spill`), which the caller runs after the step, best effort — so a helper that learns a new command
+still works, at the cost of that round trip.
 
 Encoding (job_lib.lua's `side_writes`): after the script's own ARGV, each command as name, the index of its
 key among the side keys (passed after the script's own KEYS), its argument count, its arguments."""

@@ -61,7 +61,8 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
     """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
     (another owns the job now) finishes nothing; its counters, histograms, predictor and Celery's result
-    (`workers.celery_result`) ride in the same step (`broker.scriptops`). Returns the result's summary and how many jobs are parked (read in it too)."""
+    (`workers.celery_result`) ride in the same step (`broker.scriptops`). Returns the result's summary and
+    how many jobs are parked (read in it too)."""
     d = job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
