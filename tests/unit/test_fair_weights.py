@@ -33,6 +33,13 @@ def submit(r, store, job_id: str, tenant: str, settings: Settings) -> int:
     return fairshare.hold_message(r, fairshare.hold_header(KEYS, job_id, spec, settings), message(job_id))
 
 
+def submit_each(r, store, settings: Settings, **jobs: int) -> None:
+    """`A=7, B=4`: A's seven jobs a0..a6, then B's b0..b3, in that order."""
+    for tenant, n in jobs.items():
+        for i in range(n):
+            submit(r, store, f"{tenant.lower()}{i}", tenant, settings)
+
+
 def feed_to(r, target: int) -> int:
     r.set(KEYS.feed_target(Q), target)
     return fairshare.feed(r, KEYS, Q, default_target=2)
@@ -96,10 +103,7 @@ def test_weighted_rank(ring, held, tenant, index, weights, got):
 # -- Lua: weights ----------------------------------------------------------------------------------------
 def test_a_tenant_of_weight_3_gets_three_messages_a_round(fake_redis, store):
     s = Settings(tenant_weights="A=3")
-    for i in range(7):
-        submit(fake_redis, store, f"a{i}", "A", s)
-    for i in range(4):
-        submit(fake_redis, store, f"b{i}", "B", s)
+    submit_each(fake_redis, store, s, A=7, B=4)
     assert feed_to(fake_redis, 20) == 11
     assert fed(fake_redis) == ["a0", "a1", "a2", "b0", "a3", "a4", "a5", "b1", "a6", "b2", "b3"]
 
@@ -108,10 +112,7 @@ def test_the_round_goes_on_across_feeds_of_one_message(fake_redis, store):
     """Just in time, a worker's take feeds one message at a time: the credit left in a tenant's round is kept,
     so the interleave is the same 3:1."""
     s = Settings(tenant_weights="A=3")
-    for i in range(6):
-        submit(fake_redis, store, f"a{i}", "A", s)
-    for i in range(2):
-        submit(fake_redis, store, f"b{i}", "B", s)
+    submit_each(fake_redis, store, s, A=6, B=2)
     order = []
     for _ in range(8):
         assert feed_to(fake_redis, 1) == 1
@@ -123,10 +124,7 @@ def test_held_place_foresees_the_weights(fake_redis, store):
     from broker.position import held_place
 
     s = Settings(tenant_weights="A=3")
-    for i in range(6):
-        submit(fake_redis, store, f"a{i}", "A", s)
-    submit(fake_redis, store, "b0", "B", s)
-    submit(fake_redis, store, "b1", "B", s)
+    submit_each(fake_redis, store, s, A=6, B=2)
     assert held_place(fake_redis, KEYS, Q, "B", "b0") == 3 and held_place(fake_redis, KEYS, Q, "B", "b1") == 7
     feed_to(fake_redis, 20)
     assert fed(fake_redis).index("b0") == 3 and fed(fake_redis).index("b1") == 7
@@ -135,9 +133,7 @@ def test_held_place_foresees_the_weights(fake_redis, store):
 # -- Lua: caps -------------------------------------------------------------------------------------------
 def test_a_capped_tenant_stays_held_until_one_of_its_jobs_ends(fake_redis, store):
     s = Settings(tenant_max_running="A=2")
-    for i in range(4):
-        submit(fake_redis, store, f"a{i}", "A", s)
-    submit(fake_redis, store, "b0", "B", s)
+    submit_each(fake_redis, store, s, A=4, B=1)
     assert feed_to(fake_redis, 10) == 3 and fed(fake_redis) == ["a0", "b0", "a1"]
     assert feed_to(fake_redis, 10) == 0                       # A has 2 fed and not ended: a2, a3 stay held
     assert store.raw("a2")["held"] == f"{Q}|A" and store.raw("a2")["state"] == "queued"
@@ -152,10 +148,7 @@ def test_a_capped_tenant_stays_held_until_one_of_its_jobs_ends(fake_redis, store
 
 def test_an_uncapped_tenant_is_fed_past_a_capped_one(fake_redis, store):
     s = Settings(tenant_max_running="A=1")
-    for i in range(3):
-        submit(fake_redis, store, f"a{i}", "A", s)
-    for i in range(3):
-        submit(fake_redis, store, f"b{i}", "B", s)
+    submit_each(fake_redis, store, s, A=3, B=3)
     assert feed_to(fake_redis, 10) == 4 and fed(fake_redis) == ["a0", "b0", "b1", "b2"]
     assert fairshare.held_counts(fake_redis, KEYS, [Q]) == {Q: 2}
 
@@ -256,8 +249,7 @@ def test_shedding_foresees_the_weights(fake_redis, store):
     worker(fake_redis, concurrency=1)
     fake_redis.rpush(KEYS.recent_runs(Q), 1, 1, 1)
     s = Settings(tenant_weights="A=3")
-    for i in range(6):
-        submit(fake_redis, store, f"a{i}", "A", s)
+    submit_each(fake_redis, store, s, A=6)
     spec = JobSpec(workload="diffusion", prompt="p", priority="background", tenant="B")
     assert band_wait_s(fake_redis, KEYS, s, spec)[1] == pytest.approx(4.0)     # A's round of 3, then B's
     assert band_wait_s(fake_redis, KEYS, Settings(), spec)[1] == pytest.approx(4.0)   # A's weight as A's submits set it
