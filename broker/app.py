@@ -63,6 +63,10 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
     app = Celery(name, broker=target.broker_url(), backend=celery_backend_url(target))
     transport = {
         "queue_order_strategy": "priority",
+        # one Redis list per queue: priority is the queue itself (never a message's `priority`), so kombu's
+        # default steps [0, 3, 6, 9] only made a worker's BRPOP name four lists per queue (28, for an
+        # `arbiter worker` of 7 queues), three of them always empty
+        "priority_steps": [0],
         "visibility_timeout": settings.visibility_timeout_s,
         **target.transport_options(),               # Sentinel: master_name (Flower reads it from here too)
     }

@@ -2,8 +2,8 @@
 
 Celery's queues are kombu's Redis lists: a message is LPUSHed onto the list named after its queue and a
 worker BRPOPs from the right end, so the oldest message sits at index -1 (place 1 = next to start). Arbiter
-sends no per-message priority, so each queue is that one list (kombu's `<queue>\\x06\\x16<n>` lists for
-priorities 3/6/9 stay empty). A message is a JSON envelope whose `headers.id` is the task id = the job id.
+sends no per-message priority and sets kombu's `priority_steps` to [0] (`broker.app`), so each queue is
+that one list. A message is a JSON envelope whose `headers.id` is the task id = the job id.
 
 A worker drains its workload's lists in a fixed order (`broker.app.workload_queues`): strongest band
 first, and within a band its own `<queue>@<worker>` list (jobs passed to it by affinity) before the shared

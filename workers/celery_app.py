@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task
 from celery.signals import (
+    after_setup_logger,
     task_received,
     worker_init,
     worker_process_init,
@@ -143,6 +144,22 @@ def _honour_paused(sender: Any = None, **_: Any) -> None:
                     log.info("not consuming %s: its queue is paused", name)
     except Exception as exc:  # noqa: BLE001 - the run's admission still holds jobs of paused queues
         log.warning("could not read paused queues at start: %s", exc)
+
+
+# Celery's own lines per task: "received" (the consumer) and "succeeded in …: <the result's repr>" (the pool).
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+@after_setup_logger.connect
+def _one_line_per_job(loglevel: Any = None, **_: Any) -> None:
+    """An `arbiter worker` logs one line per job, its end (`workers.endings`: rung, params, GPU, wait), so
+    Celery's two INFO lines per task say less, twice: below DEBUG they are off. They cost a pool process
+    ~12 % of its CPU per job (the result's `saferepr`), the consumer ~3 % (`arbiter bench dispatch`).
+    Celery's warnings and errors (a failure's traceback) still reach the log; at DEBUG everything does."""
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    if get_settings().worker_name and isinstance(level, int) and level > logging.DEBUG:
+        for name in CELERY_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_process_init.connect

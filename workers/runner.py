@@ -206,7 +206,7 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, A
     checkpoint = view.checkpoint
     now = time.time()
     rt.current = CurrentJob(job_id, fence, rung.variant)
-    # DEBUG: a job's INFO line is its end (`endings.finished`, with the same details); Celery logs its receipt
+    # DEBUG: a job's one INFO line is its end (`endings.finished`, with the same details)
     log.debug("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, " (resuming from its checkpoint)" if checkpoint else "")
     ctx = RunContext(job_id, spec, rung, rt.worker, rt.gpu_id, task, fence=fence)

@@ -74,6 +74,19 @@ def test_celery_result_is_written_by_the_finish_step_and_published(client):
     assert 0 < client.redis.ttl(key) <= client.settings.result_ttl_s
 
 
+def test_worker_logs_one_line_per_job_at_info(client, workers):
+    """At INFO a job's run is one line in the worker's log, its end (a first load of weights adds one);
+    Celery's own "received" and "succeeded" lines per task (the second with the result's repr, ~12 % of a
+    pool process's CPU per job) are off."""
+    job = client.submit(workload="llm", prompt="one line", max_new_tokens=3)
+    job.result(timeout=30)
+    llm = workers[0]
+    wait_until(lambda: f"job {job.id} finished:" in llm.output(), timeout_s=5)
+    lines = [line for line in llm.output().splitlines() if job.id in line]
+    assert [line for line in lines if " celery." in line] == []
+    assert len([line for line in lines if "finished:" in line]) == 1, lines
+
+
 def test_cancel_a_running_job_stops_it_at_a_step(client):
     job = client.submit(workload="diffusion", prompt="long", steps=200, width=1024, height=1024)
     wait_until(lambda: (job.status().step or 0) >= 2, timeout_s=20)
