@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
@@ -46,7 +47,7 @@ class JobTask(Task):
     throws = (ArbiterError,)   # expected failures are logged by us, without Celery's traceback
 
 
-def _run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def _run(task: Task, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
     if len(args) != 1 or kwargs:
         log.error("job %s rejected: expected one argument (the job spec), got args=%r kwargs=%r",
                   task.request.id, args, kwargs)
@@ -58,12 +59,12 @@ def _run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=JobTask, name=TASK_NAMES[Workload.LLM])
-def llm_generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def llm_generate(self: Task, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
     return _run(self, *args, **kwargs)
 
 
 @app.task(bind=True, base=JobTask, name=TASK_NAMES[Workload.DIFFUSION])
-def diffusion_generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def diffusion_generate(self: Task, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
     return _run(self, *args, **kwargs)
 
 

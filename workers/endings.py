@@ -25,7 +25,7 @@ from broker.scriptops import ScriptOps
 from broker.states import JobState
 from broker.stats import add as add_stats
 from workers import flower
-from workers.celery_result import success_writes
+from workers.celery_result import Outcome, success_writes
 from workers.ladders import Rung, rung_features
 from workers.runtime import Runtime
 
@@ -57,12 +57,12 @@ def cleanup(rt: Runtime, job_id: str, fence: int, to: JobState, **fields: Any) -
 
 def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, job: dict[str, str],
              predictor: StepPredictor, output: Any, run_s: float, started_at: float,
-             task: Any = None) -> tuple[dict[str, Any], int]:
+             task: Any = None) -> tuple[Outcome, int]:
     """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
     (another owns the job now) finishes nothing; its counters, histograms, predictor and Celery's result
-    (`workers.celery_result`) ride in the same step (`broker.scriptops`). Returns the result's summary and
-    how many jobs are parked (read in it too)."""
+    (`workers.celery_result`) ride in the same step (`broker.scriptops`). Returns the result's summary (what
+    the task returns to Celery) and how many jobs are parked (read in it too)."""
     d = job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
@@ -86,9 +86,10 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
         side.ltrim(rt.keys.beat_wake(), 0, 99)
     side.hlen(rt.keys.parked())   # jobs parked for VRAM this run's lease may now make room for
     summary = result.summary()
-    success_writes(side, task, job_id, summary)
+    text = json.dumps(summary)
+    success_writes(side, task, job_id, summary, text)
     done = settle(rt, job_id, fence, "result", states=(JobState.FINISHED,), allowed=frozenset({JobState.RUNNING}),
-                  output=result.image_png, result=json.dumps(summary), finished_at=result.finished_at,
+                  output=result.image_png, result=text, finished_at=result.finished_at,
                   step=rung.total_steps, total=rung.total_steps, side=side)
     if not done.ok:  # cancelled in the very last moment: the cancel wins
         log.info("job %s finished but is %s", job_id, done.state.value if done.state else "gone")
@@ -101,7 +102,7 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
     log.info("job %s finished: %s %s quality %.2f %s on %s, %.2f s after submit%s", job_id, w, spec.priority.value,
              rung.quality, rung.params, rt.gpu_id, result.latency_s,
              f" (resumed from step {output.resumed_from_step})" if output.resumed_from_step else "")
-    return summary, parked
+    return Outcome(summary, text), parked
 
 
 def preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted, task: Any = None) -> None:

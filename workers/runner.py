@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +192,7 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
 
 
 # -- the run -----------------------------------------------------------------------------------------------
-def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> dict[str, Any]:
+def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> Mapping[str, Any]:
     spec = parse_message(rt, job_id, raw)
     store = rt.store
     view = View.read(rt, job_id, spec)
