@@ -83,7 +83,7 @@ class Stack:
         if self.flower:
             user, password = self.settings.flower_user, self.settings.flower_password.get_secret_value()
             # credentials through Flower's own environment variable, never the command line (`ps` shows it)
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "arbiter.flower_app", "flower",
                                    f"--port={self.settings.flower_port}", "--address=127.0.0.1",
                                    "--persistent=False"], FLOWER_BASIC_AUTH=f"{user}:{password}",
                         FLOWER_TASKS_COLUMNS=FLOWER_TASKS_COLUMNS)

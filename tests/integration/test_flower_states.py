@@ -30,7 +30,7 @@ def settings(redis_url):
 def flower(settings, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower", f"--port={port}",
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "arbiter.flower_app", "flower", f"--port={port}",
                              "--address=127.0.0.1", "--persistent=False"],
                             env=worker_env(settings, FLOWER_BASIC_AUTH=AUTH, FLOWER_TASKS_COLUMNS=FLOWER_TASKS_COLUMNS),
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent, cwd=ROOT)
@@ -104,3 +104,17 @@ def test_flower_shows_waiting_cancelled_and_preempted_jobs_as_arbiter_does(clien
     assert "preempted at step" in (final.get("exception") or "")
     html = _get(f"{flower}/tasks")
     assert "Routing Key" in html and "Exception" in html         # the columns a user looks at
+
+
+def test_flowers_broker_page_shows_the_queues(client, flower):
+    """Flower's Broker page and queue lengths API read Redis with their own client, chosen by the broker URL's
+    scheme: the Flower app's URL is the plain `redis://` one (with Arbiter's transport it was
+    `broker.transport:Transport://...`, and the page answered "'redis' broker is not supported")."""
+    client.redis.lpush("diffusion.improve", "not a job: only counted")
+    try:
+        assert "not supported" not in _get(f"{flower}/broker")
+        wait_until(lambda: "diffusion.improve" in _get(f"{flower}/api/queues/length"), timeout_s=20, interval_s=0.5)
+        lengths = {q["name"]: q["messages"] for q in json.loads(_get(f"{flower}/api/queues/length"))["active_queues"]}
+        assert lengths["diffusion.improve"] == 1
+    finally:
+        client.redis.delete("diffusion.improve")
