@@ -21,6 +21,7 @@ from arbiter.stack import _die_with_parent
 from broker.client import Client
 from broker.redis_server import EmbeddedRedis
 from broker.settings import Settings, settings_env
+from tests.support.durations import longest_first
 
 ROOT = Path(__file__).resolve().parent.parent
 # One intra-op thread per torch process (the pytest process, every worker, `arbiter bench gpu`, the demo:
@@ -29,6 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # 64 px went from 30 ms to 480 ms. Nothing in the suite asserts a speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 _db_numbers = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `--dist loadfile` hands out files in the collected order only without xdist's own reordering (most tests
+    # first), which ran the one-test 15-20 s files last while the other worker idled; see longest_first
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    longest_first(items)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,12 +64,10 @@ def cache_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny random models (GPT-2 x2, Stable Diffusion) and their registry, built once per run: under xdist
-    the first worker that needs them builds them in the run's shared temp root, the others wait for it
-    and read them (nothing writes to them). Without the llm/diffusion extras the tests that need them are
-    skipped — except under `make test`, which installs the extras and sets ARBITER_REQUIRE_EXTRAS so that a
-    broken install fails loudly."""
+def ml_extras() -> None:
+    """The llm and diffusion extras (torch, transformers, diffusers) are installed. Without them the tests
+    that need them are skipped — except under `make test`, which installs the extras and sets
+    ARBITER_REQUIRE_EXTRAS so that a broken install fails loudly."""
     import importlib.util
 
     missing = [m for m in ("torch", "transformers", "diffusers") if importlib.util.find_spec(m) is None]
@@ -65,6 +75,13 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if os.environ.get("ARBITER_REQUIRE_EXTRAS"):
             pytest.fail(f"{', '.join(missing)} not installed: pip install -e '.[llm,diffusion]'")
         pytest.skip(f"needs the llm and diffusion extras ({', '.join(missing)} missing)")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, ml_extras: None) -> Path:
+    """Tiny random models (GPT-2 x2, Stable Diffusion) and their registry, built once per run: under xdist
+    the first worker that needs them builds them in the run's shared temp root, the others wait for it
+    and read them (nothing writes to them). Needs the extras (see ml_extras)."""
     import fcntl
 
     from workers.tinymodels import build_all

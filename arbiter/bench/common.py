@@ -42,15 +42,18 @@ def bench_settings(policy: str, scale: float, **extra: Any) -> Settings:
 
 @contextmanager
 def private_stack(settings: Settings, workers: list[WorkerSpec], log_dir: Path, beat: bool = True) -> Iterator[tuple[Stack, Client]]:
-    """A fresh embedded Redis with these workers (and the beat), torn down afterwards."""
-    stack = Stack(settings, workers, flower=False, beat=beat, private_redis=True, log_dir=log_dir)
-    with stack:
+    """A fresh embedded Redis with these workers (and the beat), killed afterwards: the run has read what it
+    measured, and nothing of a private stack outlives it, so there is nothing for a warm shutdown to save."""
+    stack = Stack(settings, workers, flower=False, beat=beat, private_redis=True, log_dir=log_dir).start()
+    try:
         stack.wait_for_workers()
         client = Client(settings=stack.settings)
         try:
             yield stack, client
         finally:
             client.close()
+    finally:
+        stack.stop(graceful=False)
 
 
 def token_times_ms(client: Client, job_id: str) -> list[float]:

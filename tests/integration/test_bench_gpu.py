@@ -24,7 +24,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, tiny_models):   # tiny_models: skips (or fails under make test) without the extras
+def bench(tmp_path_factory, ml_extras):   # skips (or fails under make test) without the extras; builds its own models
     out = tmp_path_factory.mktemp("bench-gpu")
     p = subprocess.run([sys.executable, "-m", "arbiter", "bench", "gpu", "--device", "cpu", "--quick",
                         "--out", str(out / "out"), "--work", str(out / "work"), "--budget", "900"],
