@@ -1,6 +1,6 @@
-"""The Celery app Flower runs with: `celery -A arbiter.flower_app flower` (what `arbiter dev` and the compose
-file start). Arbiter's app (`workers.celery_app`: the same settings, queues and task names, so Flower's API can
-still apply a task), with kombu's stock Redis (or Sentinel) transport.
+"""The Celery app Flower runs with: `celery -A arbiter.flower_app flower` (what `arbiter dev` and the
+compose file start). Arbiter's app (`workers.celery_app`: the same settings, queues and task names, so
+Flower's API can still apply a task), with kombu's stock Redis (or Sentinel) transport.
 
 Arbiter's hardened transport (`broker.transport`) is named by its import path, so kombu writes the broker URL
 as `broker.transport:Transport://host:port/db`, and Flower, which picks its broker client by the URL's scheme

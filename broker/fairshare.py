@@ -115,8 +115,8 @@ def feed_in(pipe: Any, keys: Keys, queue: str, default_target: int) -> None:
     """`feed`, queued on a pipeline as a plain EVALSHA (redis-py would ask SCRIPT EXISTS first, a round trip
     of its own). A Redis that lost its scripts answers NoScriptError when the pipeline runs: `load_script`, and
     run it again."""
-    pipe.evalsha(_script("fair").sha, 6, *_band_keys(keys, queue), "feed", keys.held(queue), keys.job_prefix(),
-                 time.time(), default_target, active_prefix(keys, queue))
+    pipe.evalsha(_script("fair").sha, 6, *_band_keys(keys, queue), "feed", keys.held(queue),
+                 keys.job_prefix(), time.time(), default_target, active_prefix(keys, queue))
 
 
 def load_script(r: redis.Redis) -> None:
@@ -128,9 +128,8 @@ def unhold(r: redis.Redis, keys: Keys, job_id: str, spec: JobSpec, message: byte
     """Move a held job's message (its exact bytes) to the front of its band's queue (one Lua step). False
     when it was not held any more."""
     q, t = spec.queue, spec.tenant
-    return bool(_run(r, "fair_unhold",
-                     [keys.held(q, t), keys.held_ring(q), keys.held_members(q), keys.held_count(q), keys.job(job_id), q],
-                     [message, t, time.time()]))
+    lists = [keys.held(q, t), keys.held_ring(q), keys.held_members(q), keys.held_count(q), keys.job(job_id), q]
+    return bool(_run(r, "fair_unhold", lists, [message, t, time.time()]))
 
 
 def held_counts(r: redis.Redis, keys: Keys, queues: Sequence[str]) -> dict[str, int]:

@@ -147,7 +147,7 @@ def _honour_paused(sender: Any = None, **_: Any) -> None:
         log.warning("could not read paused queues at start: %s", exc)
 
 
-# Celery's own lines per task: "received" (the consumer) and "succeeded in …: <the result's repr>" (the pool).
+# Celery's own lines per task: "received" (the consumer), "succeeded in …: <the result's repr>" (the pool)
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 

@@ -33,7 +33,7 @@ def test_two_tenants_interleave_within_a_band(client, procs):  # noqa: F811
     a = [client.submit(prompt=f"a{i}", tenant="A", seed=i, **BG) for i in range(8)]
     b = [client.submit(prompt=f"b{i}", tenant="B", seed=i, **BG) for i in range(3)]
     held = [json.loads(m) for m in client.redis.lrange(client.keys.held("diffusion.background", "A"), 0, -1)]
-    assert held and all(fairshare.HOLD_HEADER not in m["headers"] for m in held)   # the transport's, not the job's
+    assert held and all(fairshare.HOLD_HEADER not in m["headers"] for m in held)   # the transport's only
     for job in a + b:
         assert job.wait(timeout=90).state is JobState.FINISHED
     order = sorted(a + b, key=lambda j: j.status().started_at)

@@ -113,8 +113,9 @@ def test_flowers_broker_page_shows_the_queues(client, flower):
     client.redis.lpush("diffusion.improve", "not a job: only counted")
     try:
         assert "not supported" not in _get(f"{flower}/broker")
-        wait_until(lambda: "diffusion.improve" in _get(f"{flower}/api/queues/length"), timeout_s=20, interval_s=0.5)
-        lengths = {q["name"]: q["messages"] for q in json.loads(_get(f"{flower}/api/queues/length"))["active_queues"]}
+        api = f"{flower}/api/queues/length"
+        wait_until(lambda: "diffusion.improve" in _get(api), timeout_s=20, interval_s=0.5)
+        lengths = {q["name"]: q["messages"] for q in json.loads(_get(api))["active_queues"]}
         assert lengths["diffusion.improve"] == 1
     finally:
         client.redis.delete("diffusion.improve")

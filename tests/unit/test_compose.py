@@ -75,7 +75,7 @@ def test_every_arbiter_command_is_a_real_subcommand_with_valid_options(services)
 
 def test_flower_runs_celery_on_the_workers_app_with_auth(services):
     cmd = argv(services["flower"])
-    assert cmd[:3] == ["celery", "-A", "arbiter.flower_app"] and "flower" in cmd   # the workers' app, stock transport
+    assert cmd[:3] == ["celery", "-A", "arbiter.flower_app"] and "flower" in cmd   # stock transport
     assert importlib.util.find_spec("arbiter.flower_app") is not None
     assert not any("basic-auth" in a or "PASSWORD" in a for a in cmd)      # nothing secret in `ps`
     auth = services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
