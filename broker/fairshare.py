@@ -128,8 +128,8 @@ def unhold(r: redis.Redis, keys: Keys, job_id: str, spec: JobSpec, message: byte
     """Move a held job's message (its exact bytes) to the front of its band's queue (one Lua step). False
     when it was not held any more."""
     q, t = spec.queue, spec.tenant
-    lists = [keys.held(q, t), keys.held_ring(q), keys.held_members(q), keys.held_count(q), keys.job(job_id), q]
-    return bool(_run(r, "fair_unhold", lists, [message, t, time.time()]))
+    ks = [keys.held(q, t), keys.held_ring(q), keys.held_members(q), keys.held_count(q), keys.job(job_id), q]
+    return bool(_run(r, "fair_unhold", ks, [message, t, time.time()]))
 
 
 def held_counts(r: redis.Redis, keys: Keys, queues: Sequence[str]) -> dict[str, int]:
