@@ -10,8 +10,8 @@ from celery.utils.saferepr import saferepr
 from kombu.utils import json as kombu_json
 
 from broker.app import create_app
-from broker.settings import Settings
 from broker.scriptops import ScriptOps
+from broker.settings import Settings
 from workers.celery_result import Outcome, success_meta, success_writes
 
 
