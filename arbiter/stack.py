@@ -77,18 +77,18 @@ class Stack:
                 seen[w.workload] = i = seen.get(w.workload, 0) + 1
                 name = f"{name}-{i}"
                 argv += ["--name", f"{w.workload}-{i}@{self.settings.node}"]
-            self._spawn(name, argv)
+            self.spawn(name, argv)
         if self.beat:
-            self._spawn("beat", [sys.executable, "-m", "arbiter", "beat"])
+            self.spawn("beat", [sys.executable, "-m", "arbiter", "beat"])
         if self.flower:
             user, password = self.settings.flower_user, self.settings.flower_password.get_secret_value()
             # credentials through Flower's own environment variable, never the command line (`ps` shows it)
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "arbiter.flower_app", "flower",
+            self.spawn("flower", [sys.executable, "-m", "celery", "-A", "arbiter.flower_app", "flower",
                                    f"--port={self.settings.flower_port}", "--address=127.0.0.1",
                                    "--persistent=False"], FLOWER_BASIC_AUTH=f"{user}:{password}",
                         FLOWER_TASKS_COLUMNS=FLOWER_TASKS_COLUMNS)
         if self.gateway:
-            self._spawn("gateway", [sys.executable, "-m", "arbiter", "gateway", "--port",
+            self.spawn("gateway", [sys.executable, "-m", "arbiter", "gateway", "--port",
                                     str(self.settings.gateway_port)])
         return self
 
@@ -127,7 +127,9 @@ class Stack:
             return store.create(name, ["interactive", "standard", "background"], "standard", rate_per_min=0,
                                 max_queued=0)
 
-    def _spawn(self, name: str, argv: list[str], **env: str) -> None:
+    def spawn(self, name: str, argv: list[str], **env: str) -> None:
+        """Start a process of the stack's own: its log in the log dir, stopped (with its process group) with the
+        rest."""
         out = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)

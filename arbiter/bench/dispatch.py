@@ -5,7 +5,6 @@ events on): burst throughput and submit->start latency, as ratios."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -64,19 +63,15 @@ def run_dispatch(n_burst: int, n_latency: int, log_dir: Path) -> dict[str, Any]:
     settings = bench_settings("arbiter", 1.0)
     workers = [WorkerSpec("llm", "sim:24GiB", CONCURRENCY, backend="noop")]
     with private_stack(settings, workers, log_dir / "dispatch") as (stack, client):
-        bare = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", BARE_QUEUE, "-c",
-             str(CONCURRENCY), "-n", "bare@bench", "-E", "--pool", "prefork", "--without-gossip",
-             "--without-mingle", "-O", "fair", "--loglevel", "WARNING"],
-            env=stack.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            stack.wait_for_workers(extra=1)
-            arbiter = _arbiter(client, n_burst, n_latency)
-            baseline = _bare(client, n_burst, n_latency)
-            plan_us = float(read_stats(client.redis, client.keys).get("plan_us_p99", 0.0))
-        finally:
-            bare.terminate()
-            bare.wait(10)
+        # one of the stack's processes: stopped with it, its process group included (a bare worker left to
+        # itself once outlived a run, reconnecting to the stack's Redis after it was gone)
+        stack.spawn("bare", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", BARE_QUEUE,
+                             "-c", str(CONCURRENCY), "-n", "bare@bench", "-E", "--pool", "prefork",
+                             "--without-gossip", "--without-mingle", "-O", "fair", "--loglevel", "WARNING"])
+        stack.wait_for_workers(extra=1)
+        arbiter = _arbiter(client, n_burst, n_latency)
+        baseline = _bare(client, n_burst, n_latency)
+        plan_us = float(read_stats(client.redis, client.keys).get("plan_us_p99", 0.0))
     return {
         "scenario": "dispatch", "burst": n_burst, "latency_samples": n_latency, "concurrency": CONCURRENCY,
         "arbiter": arbiter, "bare_celery": baseline,
