@@ -145,6 +145,8 @@ class Client:
                                   finished_at=time.time())
             if idempotency_key is not None:   # a retry with this key may submit again
                 self.redis.delete(self.keys.idempotency(idempotency_key))
+            if isinstance(exc.__cause__, redis.RedisError):   # kombu's wrapper of a full or gone Redis
+                raise redis_unavailable(exc.__cause__) from exc
             raise
         if idempotency_key is not None:       # proof the message went out (see _claim)
             self.redis.hset(self.keys.job(job_id), "enqueued", 1)
