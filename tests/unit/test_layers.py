@@ -5,7 +5,7 @@
     cache    the fragment cache (tiers, loader, index, peers)
     workers  execution: Celery tasks, the run, its hooks, devices, backends
     arbiter  the control plane (pressure, budgets, policy, world, beat, status, metrics)
-    apps     arbiter's programs: the CLI (the composition root), gateway, batch, bench, demo, stack
+    apps     arbiter's programs: the CLI (the composition root), gateway, batch, bench, demo, stack, Flower's app
 
 A module may import from its own layer and the ones below it, never above — not at the top of the file,
 not lazily inside a function, not by a dotted string ("workers.celery_app", "pkg.mod:attr") handed to
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("broker", "cache", "workers", "arbiter", "apps")
 APPS = ("arbiter.cli", "arbiter.__main__", "arbiter.gateway", "arbiter.batch", "arbiter.bench", "arbiter.demo",
-        "arbiter.stack")
+        "arbiter.stack", "arbiter.flower_app")
 DOTTED = re.compile(r"^(broker|cache|workers|arbiter)(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
 
 
