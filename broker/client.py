@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import redis
+from kombu.exceptions import OperationalError
 
 from broker import fairshare
 from broker.app import create_app
@@ -56,23 +57,33 @@ def redis_unavailable(exc: redis.RedisError) -> RedisUnavailable:
     return RedisUnavailable("refused a command", str(exc))
 
 
+def _redis_cause(exc: Exception) -> redis.RedisError | None:
+    """The Redis error behind `exc`: itself, or the one kombu wrapped while sending a message."""
+    cause = exc.__cause__ if isinstance(exc, OperationalError) else exc
+    return cause if isinstance(cause, redis.RedisError) else None
+
+
 def _translated(fn: F) -> F:
-    """Redis errors out of a client call become `RedisUnavailable` (Arbiter's own, naming the cause)."""
+    """Redis errors out of a client call (kombu-wrapped too) become `RedisUnavailable`, naming the cause."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args: Any, **kwargs: Any) -> Any:
             try:
                 yield from fn(*args, **kwargs)
-            except redis.RedisError as exc:
-                raise redis_unavailable(exc) from exc
+            except (redis.RedisError, OperationalError) as exc:
+                if (cause := _redis_cause(exc)) is None:
+                    raise
+                raise redis_unavailable(cause) from exc
         return gen  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except redis.RedisError as exc:
-            raise redis_unavailable(exc) from exc
+        except (redis.RedisError, OperationalError) as exc:
+            if (cause := _redis_cause(exc)) is None:
+                raise
+            raise redis_unavailable(cause) from exc
     return wrapper  # type: ignore[return-value]
 
 
@@ -140,8 +151,6 @@ class Client:
                                   finished_at=time.time())
             if idempotency_key is not None:   # a retry with this key may submit again
                 self.redis.delete(self.keys.idempotency(idempotency_key))
-            if isinstance(exc.__cause__, redis.RedisError):   # kombu's wrapper of a full or gone Redis
-                raise redis_unavailable(exc.__cause__) from exc
             raise
         if idempotency_key is not None:       # proof the message went out (see _claim)
             self.redis.hset(self.keys.job(job_id), "enqueued", 1)
