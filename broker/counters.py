@@ -9,7 +9,7 @@ import redis
 
 def add_counters(r: redis.Redis, key: str, pipe: Any = None, **counters: float) -> None:
     """Add each counter to the hash `key`; queued on `pipe` if given, else sent at once."""
-    p = pipe or r.pipeline(transaction=False)
+    p = pipe if pipe is not None else r.pipeline(transaction=False)
     for name, value in counters.items():
         (p.hincrby if isinstance(value, int) else p.hincrbyfloat)(key, name, value)
     if pipe is None:

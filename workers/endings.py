@@ -24,6 +24,7 @@ from broker.schemas import JobResult, JobSpec, Priority
 from broker.scriptops import ScriptOps
 from broker.states import JobState
 from broker.stats import add as add_stats
+from broker.tally import Counts
 from workers import flower
 from workers.celery_result import Outcome, success_writes
 from workers.ladders import Rung, rung_features
@@ -60,8 +61,9 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
              task: Any = None) -> tuple[Outcome, int]:
     """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
-    (another owns the job now) finishes nothing; its counters, histograms, predictor and Celery's result
-    (`workers.celery_result`) ride in the same step (`broker.scriptops`). Returns the result's summary (what
+    (another owns the job now) finishes nothing; Celery's result (`workers.celery_result`) rides in the same
+    step (`broker.scriptops`), and so do its counters, histograms and predictor when a write is due
+    (`broker.tally`: else they are merged with the next one's, counted only if this step is done). Returns the result's summary (what
     the task returns to Celery) and how many jobs are parked (read in it too)."""
     d = job
     result = JobResult(
@@ -72,15 +74,15 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
         gpu_id=rt.gpu_id,
     )
     w = spec.workload.value
-    side = ScriptOps(rt.redis)   # counters, histograms, predictor: inside the finish step, counted only with it
-    add_stats(rt.redis, rt.keys, pipe=side, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
-                                               "quality_reductions": int(rung.quality < 1.0)})
-    record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=side,
+    side, counts = ScriptOps(rt.redis), Counts()   # the step's side writes; counters ride in it when due
+    add_stats(rt.redis, rt.keys, pipe=counts, **{f"quality_sum__{w}": float(rung.quality), f"quality_n__{w}": 1,
+                                                 "quality_reductions": int(rung.quality < 1.0)})
+    record_job(rt.redis, rt.keys, w, spec.priority.value, result.queue_wait_s, run_s, pipe=counts,
                eta_s=d.get("eta_s"))
     steps_run = rung.total_steps - output.resumed_from_step
-    if steps_run > 0:   # last writer wins among a worker's processes: fine for an online estimate
+    if steps_run > 0:   # this process's predictor; the last writer among a worker's processes wins in Redis
         predictor.update(rung_features(rung), run_s * 1000 / steps_run)
-        side.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
+        counts.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
     if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
         side.lpush(rt.keys.beat_wake(), "interactive done")
         side.ltrim(rt.keys.beat_wake(), 0, 99)
@@ -88,9 +90,11 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
     summary = result.summary()
     text = json.dumps(summary)
     success_writes(side, task, job_id, summary, text)
-    done = settle(rt, job_id, fence, "result", states=(JobState.FINISHED,), allowed=frozenset({JobState.RUNNING}),
-                  output=result.image_png, result=text, finished_at=result.finished_at,
-                  step=rung.total_steps, total=rung.total_steps, side=side)
+    with rt.tally.ride(counts, side) as ride:   # counted only if the job is finished here (`broker.tally`)
+        done = settle(rt, job_id, fence, "result", states=(JobState.FINISHED,),
+                      allowed=frozenset({JobState.RUNNING}), output=result.image_png, result=text,
+                      finished_at=result.finished_at, step=rung.total_steps, total=rung.total_steps, side=side)
+        ride.ok = done.ok
     if not done.ok:  # cancelled in the very last moment: the cancel wins
         log.info("job %s finished but is %s", job_id, done.state.value if done.state else "gone")
         raise Ignore()

@@ -29,6 +29,7 @@ from broker.schemas import JobSpec, Priority
 from broker.scriptops import ScriptOps
 from broker.states import JobState
 from broker.stats import add as add_stats
+from broker.tally import Counts
 from broker.validation import validate_spec
 from broker.waiting import WaitingEntry
 from workers import flower
@@ -181,14 +182,18 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
     """Lease the rung's VRAM and start the job, with its counters, in one atomic step and one round trip
     (`JobStore.start`); nothing is written if the lease does not fit or the job may not start any more. The
     weights lease is always named: counted only if not held yet, renewed (re-made) if it is."""
-    side = ScriptOps()
-    add_stats(rt.redis, rt.keys, pipe=side, allocations_ok=1, resumes=int(resumed))
+    side, counts = ScriptOps(), Counts()
+    add_stats(rt.redis, rt.keys, pipe=counts, allocations_ok=1, resumes=int(resumed))
     now = time.time()
-    return rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.priority.value,
-                          spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
-                          incr={"runs": 1}, setnx={"started_at": now}, side=side, now=now,
-                          fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
-                                  "total": rung.total_steps})
+    with rt.tally.ride(counts, side) as ride:   # counted only if it starts (`broker.tally`)
+        grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s,
+                               spec.priority.value, spec.workload.value, rt.holder,
+                               (weights_field(rt.worker, rung.variant), rung.weights_mib), incr={"runs": 1},
+                               setnx={"started_at": now}, side=side, now=now,
+                               fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
+                                       "total": rung.total_steps})
+        ride.ok = grant.ok
+    return grant
 
 
 # -- the run -----------------------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Lease, Ledger, weights_in
 from broker.policies import policy
+from broker.predictor import StepPredictor
 from broker.redis_server import connect
 from broker.registry import REAL_BACKENDS, Registry
 from broker.schemas import Workload
 from broker.settings import Settings, get_settings
+from broker.tally import Tally
 from cache.loader import FragmentCache
 from cache.loader import from_settings as cache_from_settings
 from workers.backends.base import Backend
@@ -177,6 +179,8 @@ class Runtime:
         self.backend = make_backend(settings.worker_backend, self.workload, self.gpu, self.worker, self.cache, settings)
         self.holder = f"{self.worker}/{os.getpid()}"   # job leases name the process: fencing within a worker too
         self.current: CurrentJob | None = None
+        self.tally = Tally()   # this process's counters, merged and written at most every 0.25 s (broker.tally)
+        self._predictor: StepPredictor | None = None
         self._stop = threading.Event()
         self._register()
         self._beat = threading.Thread(target=self._heartbeat, name="arbiter-heartbeat", daemon=True)
@@ -202,6 +206,14 @@ class Runtime:
         when the caller already read them), plus this process's own."""
         held = self.ledger.weights_held(self.gpu_id, self.worker) if leases is None else weights_in(leases, self.worker)
         return held | set(self.backend.resident())
+
+    def predictor(self) -> StepPredictor:
+        """This process's latency predictor (`broker.predictor`): read once from Redis (what this worker
+        learned before), then learned from every job it runs here and written with its counts."""
+        if self._predictor is None:
+            raw = self.redis.get(self.keys.predictor(self.worker, self.workload.value))
+            self._predictor = StepPredictor.from_dict(json.loads(raw)) if raw else StepPredictor()
+        return self._predictor
 
     def control(self, job_id: str) -> tuple[str | None, float]:
         """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s); a control
@@ -241,6 +253,7 @@ class Runtime:
                     last_renew = time.monotonic()
                 self.gpu.publish_snapshot(s.heartbeat_ttl_s)
                 self._watchdog()
+                self.tally.flush(self.redis)
             except Exception:
                 log.exception("heartbeat of %s failed (will retry)", self.worker)
 
@@ -268,6 +281,10 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         try:
+            try:
+                self.tally.flush(self.redis, force=True)
+            except redis.RedisError as exc:
+                log.warning("%s: its last counters were not recorded: %s", self.worker, exc)
             self.redis.hdel(self.keys.workers(), self.worker)   # no more jobs handed to it (another process
             # of this worker registers it again at its next renewal)
             for variant in self.backend.resident():

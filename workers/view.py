@@ -3,7 +3,6 @@ refill of the job's band riding in it), and the admission decision's input built
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -53,17 +52,16 @@ class View:
         pipe.hget(rt.keys.budgets(rt.gpu_id), budget_key(spec.workload, spec.priority))
         pipe.hgetall(rt.keys.leases(rt.gpu_id))
         pipe.get(rt.keys.job_checkpoint(job_id))
-        pipe.get(rt.keys.predictor(rt.worker, rt.workload.value))
         pipe.hget(rt.keys.queue_controls(), job_queue(spec.workload, spec.priority, spec.improves, rt.settings))
         pipe.hvals(rt.keys.waiting_vram())
         if fairshare.applies(spec, rt.settings):
             fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth)
-        job, budget, leases, checkpoint, predictor, control, waiting, *_ = pipe.execute()
+        job, budget, leases, checkpoint, control, waiting, *_ = pipe.execute()
         now = time.time()
         live = parse_leases(leases, now)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(live), checkpoint,
-                   StepPredictor.from_dict(json.loads(predictor)) if predictor else StepPredictor(),
+                   rt.predictor(),
                    paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),
                    reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now))
 
