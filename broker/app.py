@@ -89,9 +89,10 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        # a submit's message rides out a restart or a Sentinel failover (seconds: ~18 s of retries), as the
-        # client's own Redis calls do (broker/redis_server.py `connect`); Celery's default gives up after ~0.6 s
-        task_publish_retry_policy={"max_retries": 20, "interval_start": 0, "interval_step": 0.25, "interval_max": 1.0},
+        # a submit's message rides out a restart or a Sentinel failover (~32 s of retries) as long as the
+        # client's own Redis calls do (broker/redis_server.py `connect`): a fair-share submit's first write (its
+        # record, with the hold) is in it. Celery's default gives up after ~0.6 s
+        task_publish_retry_policy={"max_retries": 35, "interval_start": 0, "interval_step": 0.25, "interval_max": 1.0},
         task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in [*all_queues(), BARE_QUEUE]],
         task_default_exchange=EXCHANGE.name,
         task_create_missing_queues=False,

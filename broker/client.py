@@ -136,16 +136,21 @@ class Client:
             if existing is not None:
                 confirm_replicated(self.redis, self.settings, existing.id)   # a retry after NotReplicated
                 return existing
-        closed = self.store.create(job_id, job, queue=queue)   # not in a queue an operator drained
-        if closed is not None:
-            if idempotency_key is not None:   # the key is bound to a job that never was: free it
-                self.redis.delete(self.keys.idempotency(idempotency_key))
-            raise QueueClosed(queue, QueueControl.from_json(closed))
         # fair share: the message waits its tenant's turn on a held list (broker/fairshare.py); the beat feeds it
         hold = fairshare.hold_header(self.keys, job_id, job, self.settings) if fairshare.applies(job, self.settings) \
             else None
+        if hold is not None and idempotency_key is None:   # the record is created in the hold's round trip
+            hold["create"] = self.store.create_step(job_id, job, queue=queue)
+        else:
+            closed = self.store.create(job_id, job, queue=queue)   # not in a queue an operator drained
+            if closed is not None:
+                if idempotency_key is not None:   # the key is bound to a job that never was: free it
+                    self.redis.delete(self.keys.idempotency(idempotency_key))
+                raise QueueClosed(queue, QueueControl.from_json(closed))
         try:
             enqueue(self.app, self.settings, job_id, job, hold)
+        except QueueClosed:   # refused with the hold: nothing was written
+            raise
         except Exception as exc:
             self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
                                   finished_at=time.time())

@@ -30,6 +30,7 @@ import redis
 from redis.commands.core import Script
 
 from broker.app import workload_queues
+from broker.controls import QueueClosed, QueueControl
 from broker.keys import Keys
 from broker.lua import load
 from broker.policies import policy
@@ -96,11 +97,30 @@ def active_prefix(keys: Keys, queue: str) -> str:
 def hold_message(client: Any, hold: Mapping[str, Any], message: bytes | str) -> int:
     """Put a message built for its band on its tenant's held list (recording the job's ETA at submit), then
     feed the band up to its target (one Lua step, run by the producer's transport). Returns the messages
-    moved onto the band's queue."""
+    moved onto the band's queue. With `hold["create"]` (`JobStore.create_step`, the client's submit) the
+    job's record is created first in the same round trip; a queue an operator drained refuses both
+    (`QueueClosed`: nothing written)."""
     prefix_lists, prefix_jobs, prefix_active = hold["prefix"]
-    return int(_run(client, "fair", hold["keys"], [
-        "hold", prefix_lists, prefix_jobs, time.time(), hold["target"], prefix_active, message, hold["tenant"],
-        hold["mark"], hold.get("weight", 1), hold.get("cap", 0), hold.get("workload", "")]))
+    create = hold.get("create")
+    args = ["hold", prefix_lists, prefix_jobs, time.time(), hold["target"], prefix_active, message, hold["tenant"],
+            hold["mark"], hold.get("weight", 1), hold.get("cap", 0), hold.get("workload", ""), int(bool(create))]
+    if not create:
+        return int(_run(client, "fair", hold["keys"], args))
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(_script("job_create").sha, len(create["keys"]), *create["keys"], *create["args"])
+        pipe.evalsha(_script("fair").sha, len(hold["keys"]), *hold["keys"], *args)
+        try:
+            closed, moved = pipe.execute()
+            break
+        except redis.exceptions.NoScriptError:   # Redis lost its scripts (a restart): both steps again, loaded
+            if attempt == 2:
+                raise
+            for name in ("job_create", "fair"):
+                client.script_load(_script(name).script)
+    if closed:   # nothing was written: the hold found no record
+        raise QueueClosed(create["args"][3], QueueControl.from_json(closed))
+    return int(moved)
 
 
 def feed(r: redis.Redis, keys: Keys, queue: str, default_target: int, now: float | None = None) -> int:

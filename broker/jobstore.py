@@ -69,16 +69,19 @@ class JobStore:
     def create(self, job_id: str, spec: JobSpec, now: float | None = None, queue: str = "") -> str | None:
         """The job's record (`job_create.lua`). With `queue`, only if an operator has not drained that queue:
         then nothing is written and the queue's control (its JSON) is returned for `QueueClosed`."""
+        closed = self._create(**self.create_step(job_id, spec, now, queue))
+        return _s(closed) if closed else None
+
+    def create_step(self, job_id: str, spec: JobSpec, now: float | None = None, queue: str = "") -> dict[str, Any]:
+        """`create`'s keys and args, to ride in another step's round trip (`broker.fairshare.hold_message`).
+        A live record outlives any job (shortened to ttl_s once terminal); its event stream starts with the
+        next change: a stream costs ~4.7 KB even with one entry, and a deep queue holds many jobs."""
         now = time.time() if now is None else now
         k = self.keys
-        # A live record outlives any job; it is shortened to ttl_s once the job is terminal. Its event
-        # stream starts with the first change after this one: a Redis stream costs ~4.7 KB even with one
-        # entry, 60 % of a queued job's memory, and a deep queue holds many jobs.
         fields = {"spec": spec.model_dump_json(), "state": JobState.QUEUED.value, "workload": spec.workload.value,
                   "priority": spec.priority.value, "queued_at": now, "updated_at": now, "preemptions": 0, "runs": 0}
-        closed = self._create(keys=[k.job(job_id), k.jobs_live(), k.queue_controls()],
-                              args=[job_id, now, self.ttl_s * 7, queue, *(x for kv in fields.items() for x in kv)])
-        return _s(closed) if closed else None
+        return {"keys": [k.job(job_id), k.jobs_live(), k.queue_controls()],
+                "args": [job_id, now, self.ttl_s * 7, queue, *(x for kv in fields.items() for x in kv)]}
 
     def transition(self, job_id: str, to: JobState, allowed: frozenset[JobState] | None = None,
                    incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlparse
 
 import redis
+from redis.sentinel import SentinelManagedConnection
 
 SENTINEL_PORT = 26379
 SENTINEL_TIMEOUT_S = 1.0    # a sentinel that does not answer within this long is skipped for the next one
@@ -130,17 +131,40 @@ def parse_redis_url(url: str, master_name: str = "") -> RedisTarget:
                        username=users.pop() if users else None, password=passwords.pop() if passwords else None)
 
 
+class ResolvingConnection(SentinelManagedConnection):
+    """redis-py's Sentinel connection, asking the sentinels for the primary at every reconnect. redis-py's own
+    asks only in `connect()`, which a pool calls for a fresh connection; a command that meets its connection
+    dropped reconnects through `connect_check_health` to the address it had (redis/redis-py#3874, open). So in
+    a failover it dialled the dead primary until its retries ran out (~30 s, then the submit failed with
+    RedisUnavailable), though a replica was promoted within 2 s (tests/faults/test_sentinel_failover.py)."""
+
+    _dialling = False   # inside `connect_to`: the address was just asked for
+
+    def connect_to(self, address: Any) -> None:
+        self._dialling = True
+        try:
+            super().connect_to(address)
+        finally:
+            self._dialling = False
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock is not None or self._dialling:
+            return super().connect_check_health(check_health, retry_socket_connect)
+        return self.connect()   # ask the sentinels, then dial (with the connection's retry)
+
+
 def redis_client(target: RedisTarget, **kwargs: Any) -> redis.Redis:
     """A redis-py client of the target's primary; `kwargs` are the client's connection options (timeouts,
     retry). For Sentinel: a `Sentinel(...).master_for(name)` client, which asks the sentinels for the primary
-    at every (re)connect and turns a READONLY answer (a demoted primary) into a reconnect."""
+    at every (re)connect (`ResolvingConnection`) and turns a READONLY answer (a demoted primary) into a
+    reconnect."""
     if not target.is_sentinel:
         return redis.Redis.from_url(target.url, **kwargs)
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     from redis.sentinel import Sentinel
 
-    conn: dict[str, Any] = {"db": target.db, **kwargs}
+    conn: dict[str, Any] = {"db": target.db, "connection_class": ResolvingConnection, **kwargs}
     if target.username:
         conn["username"] = target.username
     if target.password is not None:

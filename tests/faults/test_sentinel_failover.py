@@ -245,3 +245,24 @@ def test_without_wait_a_failover_loses_accepted_jobs_with_wait_none_is_accepted(
                   f"the submit refused (NotReplicated), {len(kept)} acknowledged jobs all kept")
             assert lost == blind          # what async replication does to an accepted submit without WAIT
             assert not exists(refused.value.job_id)    # refused, and indeed not on the new primary
+
+
+def test_a_command_in_flight_when_the_primary_dies_follows_the_failover():
+    """redis-py's Sentinel connection asks the sentinels for the primary only when a pool hands out a fresh
+    connection; a command in flight when the primary died retried on the same connection, dialling the dead
+    address until its retries ran out (redis/redis-py#3874) — in the drill, a submit failed after ~30 s
+    though a replica was promoted within 2 s. Arbiter's clients ask at every reconnect
+    (`broker.redis_url.ResolvingConnection`)."""
+    with SentinelGroup(down_after_ms=1000, failover_timeout_ms=3000) as g:
+        r = connect(g.url, retry_s=3)   # 8 retries of up to 1 s: the dead address would outlast them all
+        try:
+            old = g.primary_port()
+            killer = threading.Timer(0.3, g.server(old).proc.kill)
+            killer.start()
+            t = time.monotonic()
+            assert r.blpop(["nothing"], timeout=1) is None   # in flight at the kill; retried on the new primary
+            took = time.monotonic() - t
+            killer.join()
+            assert g.primary_port() != old and took < 15, took
+        finally:
+            r.close()

@@ -74,8 +74,11 @@ def test_drain_refuses_submits_and_what_was_queued_still_finishes(client, procs)
     worker("diffusion", concurrency=1)
     queued = [client.submit(prompt=f"queued {i}", priority="background", **SMALL) for i in range(2)]
     drain(r, k, app, "diffusion.background", by="ops", reason="moving racks")   # from paused: consumes again
+    live = r.zcard(k.jobs_live())
     with pytest.raises(QueueClosed, match=r"queue diffusion.background is draining by ops \(moving racks\)"):
         client.submit(prompt="refused", priority="background", **SMALL)
+    # nothing written: no record (created in the fair-share hold's round trip, refused with it), nothing held
+    assert r.zcard(k.jobs_live()) == live and r.llen(k.held("diffusion.background", "default")) == 0
     for j in queued:
         assert j.result(timeout=30).quality > 0
     client.submit(prompt="standard still open", priority="standard", **SMALL).result(timeout=30)

@@ -9,6 +9,7 @@ import pytest
 
 from arbiter.flow import feed_targets
 from broker import fairshare
+from broker.controls import QueueClosed
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.position import held_place
@@ -168,3 +169,18 @@ def test_a_capped_tenant_is_always_held_first(fake_redis, store):
     header = fairshare.hold_header(KEYS, "a0", spec, Settings(tenant_max_running="A=1"))
     assert fairshare.hold_message(fake_redis, header, message("a0")) == 1 and fed(fake_redis) == ["a0"]
     assert fake_redis.smembers(fairshare.active_prefix(KEYS, Q) + "A") == {b"a0"}
+
+
+def test_the_record_is_created_in_the_holds_round_trip_and_a_drain_refuses_both(fake_redis, store):
+    """The client's submit: `hold["create"]` creates the record just before the hold, in one round trip; a queue
+    an operator drained refuses the record, and the hold then writes nothing (no record: -1)."""
+    spec = JobSpec(workload="diffusion", prompt="p", priority="background", tenant="A")
+    hold = {**fairshare.hold_header(KEYS, "a0", spec, Settings()), "create": store.create_step("a0", spec, queue=Q)}
+    assert fairshare.hold_message(fake_redis, hold, message("a0")) == 0          # held: the target is 0 here
+    assert store.raw("a0")["state"] == "queued" and store.raw("a0")["held"] == f"{Q}|A"
+    fake_redis.hset(KEYS.queue_controls(), Q, json.dumps({"state": "draining", "since": 1.0, "by": "ops"}))
+    hold = {**fairshare.hold_header(KEYS, "a1", spec, Settings()), "create": store.create_step("a1", spec, queue=Q)}
+    with pytest.raises(QueueClosed, match="draining by ops"):
+        fairshare.hold_message(fake_redis, hold, message("a1"))
+    assert not fake_redis.exists(KEYS.job("a1")) and fake_redis.llen(KEYS.held(Q, "A")) == 1
+    assert fairshare.held_counts(fake_redis, KEYS, [Q]) == {Q: 1}

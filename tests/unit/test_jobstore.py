@@ -31,6 +31,15 @@ def test_create_transition_and_terminal_expiry(store, fake_redis):
     assert states == ["running", "finished"]               # the stream starts with the first change
 
 
+def test_a_create_sent_again_changes_nothing_even_once_the_job_runs(store):
+    """kombu's publish retry sends the create riding with the fair-share hold again after a lost reply: by then
+    a worker may be running the job, and a second create must not put it back to queued."""
+    store.create("j0", spec())
+    store.transition("j0", JobState.RUNNING, fence=1, worker="w")
+    assert store.create("j0", spec()) is None                     # "created": nothing to refuse, nothing written
+    assert store.status("j0").state is JobState.RUNNING and store.raw("j0")["worker"] == "w"
+
+
 def test_restricted_transition_and_missing_job(store):
     store.create("j2", spec())
     store.transition("j2", JobState.RUNNING)
