@@ -5,13 +5,14 @@ Why: under a flood a worker process ends hundreds of jobs a second, and these wr
 step's 18 side writes — about a third of the step's Redis time and of its Python in the worker
 (`arbiter bench dispatch`). Merged, a burst's 40 jobs add to each counter once.
 
-When they are written (`Tally.ride`): a run's atomic step (`JobStore.start`, `JobStore.settle`) carries what
-is pending, its own counts included, whenever the last write is `WRITE_EVERY_S` old or older. So a job on a
-quiet worker — a chat, a test — writes its counts in its own step, exactly as before, and they count only if
-the step is done. In a burst one step in many carries the merged counts of the others; a step refused (another
-run owns the job) carries none of its own and gives back the rest. What a burst leaves pending, the worker's
-heartbeat writes within `WRITE_EVERY_S` (`Tally.flush`), and again at shutdown. A process killed outright
-loses at most that interval's counts; the jobs themselves never depend on them.
+When they are written (`Tally.ride`): a run's finish step (`JobStore.settle`) carries what is pending, its own
+counts and its start's included, whenever the last write is `WRITE_EVERY_S` old or older. So a job on a quiet
+worker — a chat, a test — writes its counts in its own finish step, as before, and they count only if the step
+is done. In a burst one finish in many carries the merged counts of the others; a finish refused (another run
+owns the job) carries none of its own and gives the rest back. What a burst leaves pending, the worker's
+heartbeat writes within `WRITE_EVERY_S` (`Tally.flush`), and again at shutdown. A process killed outright loses
+at most that interval's counts; the jobs themselves never depend on them. A reader right after a burst (an ETA,
+`arbiter status`) may see counts up to `WRITE_EVERY_S` old.
 
 `Counts` takes the part of a redis-py pipeline that `broker.stats.add` and `broker.histograms.record_job`
 use (hincrby, hincrbyfloat, lpush, ltrim) plus set (the predictor: the last value wins)."""
@@ -30,9 +31,10 @@ import redis
 WRITE_EVERY_S = 0.25
 
 
-def due(last_write: float, now: float, every_s: float = WRITE_EVERY_S) -> bool:
-    """Whether pending counts are written now: the last write is at least `every_s` old. Pure."""
-    return now - last_write >= every_s
+def due(since: float, now: float, every_s: float = WRITE_EVERY_S) -> bool:
+    """Whether it is time to write: `since` (the last ride, or when the pending counts began to wait) is at
+    least `every_s` old. Pure."""
+    return now - since >= every_s
 
 
 class Counts:
@@ -109,41 +111,45 @@ class Ride:
 
 
 class Tally:
-    """A process's pending counts and when they were last written; thread-safe (the job's thread adds and
-    rides, the heartbeat's thread flushes)."""
+    """A process's pending counts, when they began to wait and when a step last carried them; thread-safe (the
+    job's thread adds and rides, the heartbeat's thread flushes). A step rides when the last ride is
+    `every_s` old, whatever the heartbeat wrote meanwhile (a job's start counts, written while it runs, do not
+    keep its finish from carrying its own); the heartbeat writes counts that have waited `every_s`."""
 
     def __init__(self, every_s: float = WRITE_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.every_s, self.clock = every_s, clock
         self._lock = threading.Lock()
         self._pending = Counts()
-        self._written = -math.inf
+        self._rode = -math.inf           # when a step last carried the pending counts
+        self._since: float | None = None  # when the pending counts began to wait (None: none pending)
 
-    def _take(self, riding: bool = False, force: bool = False) -> Counts | None:
-        """What is pending, if it is to be written now (`due`, or `force`; a flush takes nothing when nothing
-        is pending, a ride takes its turn to write even then); the caller writes it or gives it back."""
-        with self._lock:
-            now = self.clock()
-            if not (riding or self._pending) or not (force or due(self._written, now, self.every_s)):
-                return None
-            taken, self._pending, self._written = self._pending, Counts(), now
-            return taken
+    def _take(self) -> Counts:
+        taken, self._pending, self._since = self._pending, Counts(), None
+        return taken
 
-    def _give_back(self, taken: Counts) -> None:
-        """Counts taken to write and not written: before what was added meanwhile."""
+    def _put_back(self, counts: Counts, older: bool) -> None:
+        if not counts:
+            return
         with self._lock:
-            self._pending = taken.merge(self._pending)
+            self._pending = counts.merge(self._pending) if older else self._pending.merge(counts)
+            if self._since is None:
+                self._since = self.clock()
 
-    def _add(self, counts: Counts) -> None:
-        with self._lock:
-            self._pending.merge(counts)
+    def add(self, counts: Counts) -> None:
+        """Counts of a step already done (a start): written with the next step that rides, or by the heartbeat."""
+        self._put_back(counts, older=False)
 
     @contextmanager
     def ride(self, counts: Counts, side: Any) -> Iterator[Ride]:
-        """A step about to run with `side` (its ScriptOps) and `counts` (this run's own): if a write is due,
-        `counts` and everything pending are queued on `side` to ride in the step. Set `ride.ok` once the step
-        is done; else (refused, or an exception) the pending counts are given back and `counts` is dropped —
-        counted only with its step. When nothing rides, a done step's `counts` are added to the pending."""
-        taken = self._take(riding=True)
+        """A step about to run with `side` (its ScriptOps) and `counts` (this run's own): if the last ride is
+        `every_s` old, `counts` and everything pending are queued on `side` to ride in the step. Set `ride.ok`
+        once the step is done; else (refused, or an exception) the pending counts are given back and `counts`
+        is dropped — counted only with its step. When nothing rides, a done step's `counts` wait for the next."""
+        with self._lock:
+            now = self.clock()
+            taken = None
+            if due(self._rode, now, self.every_s):
+                taken, self._rode = self._take(), now
         ride = Ride(taken)
         if taken is not None:
             Counts().merge(taken).merge(counts).write(side)
@@ -151,20 +157,22 @@ class Tally:
             yield ride
         finally:
             if taken is not None and not ride.ok:
-                self._give_back(taken)
+                self._put_back(taken, older=True)
             elif taken is None and ride.ok:
-                self._add(counts)
+                self.add(counts)
 
     def flush(self, r: redis.Redis, force: bool = False) -> None:
-        """Write what is pending, if due (or `force`: at shutdown), in one round trip; on a Redis error it
-        stays pending and the error is raised."""
-        taken = self._take(force=force)
-        if taken is None:
-            return
+        """Write the pending counts if they have waited `every_s` (or `force`: at shutdown), in one round trip;
+        on a Redis error they stay pending and the error is raised."""
+        with self._lock:
+            now = self.clock()
+            if self._since is None or not (force or due(self._since, now, self.every_s)):
+                return
+            taken = self._take()
         pipe = r.pipeline(transaction=False)
         taken.write(pipe)
         try:
             pipe.execute()
         except redis.RedisError:
-            self._give_back(taken)
+            self._put_back(taken, older=True)
             raise

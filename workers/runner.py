@@ -26,7 +26,6 @@ from broker.errors import (
 from broker.jobstore import Started
 from broker.ledger import weights_field
 from broker.schemas import JobSpec, Priority
-from broker.scriptops import ScriptOps
 from broker.states import JobState
 from broker.stats import add as add_stats
 from broker.tally import Counts
@@ -179,20 +178,18 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
 
 
 def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, resumed: bool) -> Started:
-    """Lease the rung's VRAM and start the job, with its counters, in one atomic step and one round trip
-    (`JobStore.start`); nothing is written if the lease does not fit or the job may not start any more. The
-    weights lease is always named: counted only if not held yet, renewed (re-made) if it is."""
-    side, counts = ScriptOps(), Counts()
-    add_stats(rt.redis, rt.keys, pipe=counts, allocations_ok=1, resumes=int(resumed))
+    """Lease the rung's VRAM and start the job in one atomic step and one round trip (`JobStore.start`);
+    nothing is written if the lease does not fit or the job may not start any more. The weights lease is always
+    named: counted only if not held yet, renewed (re-made) if it is."""
     now = time.time()
-    with rt.tally.ride(counts, side) as ride:   # counted only if it starts (`broker.tally`)
-        grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s,
-                               spec.priority.value, spec.workload.value, rt.holder,
-                               (weights_field(rt.worker, rung.variant), rung.weights_mib), incr={"runs": 1},
-                               setnx={"started_at": now}, side=side, now=now,
-                               fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
-                                       "total": rung.total_steps})
-        ride.ok = grant.ok
+    grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.priority.value,
+                           spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
+                           incr={"runs": 1}, setnx={"started_at": now}, now=now,
+                           fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
+                                   "total": rung.total_steps})
+    if grant.ok:   # counted only if it started; written with the job's finish (`broker.tally`)
+        add_stats(rt.redis, rt.keys, pipe=(counts := Counts()), allocations_ok=1, resumes=int(resumed))
+        rt.tally.add(counts)
     return grant
 
 

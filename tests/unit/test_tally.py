@@ -69,7 +69,7 @@ def test_merged_writes_equal_the_commands_one_by_one():
     total.write(pipe := merged.pipeline(transaction=False))
     pipe.execute()
     a, b = dump(one_by_one), dump(merged)
-    floats = lambda h: {k: round(float(v), 9) for k, v in h.items()}   # noqa: E731 - sums add in another order
+    floats = lambda h: {k: round(float(v), 9) for k, v in h.items()}   # sums add in another order
     assert a.keys() == b.keys() and len(a) >= 5
     for key in a:
         assert (floats(a[key]) == floats(b[key])) if isinstance(a[key], dict) else a[key] == b[key], key
@@ -142,6 +142,22 @@ def test_the_heartbeat_writes_what_a_burst_left_and_keeps_it_on_a_redis_error(fa
     with tally.ride(c, fake_redis.pipeline(transaction=False)) as ride:
         ride.ok = True
     assert ride.carried is not None
+
+
+def test_a_jobs_start_counts_written_while_it_runs_do_not_keep_its_finish_from_riding(fake_redis):
+    clock = Clock()
+    tally = Tally(clock=clock)
+    start, finish = Counts(), jobs_counts(1)[0]
+    add_stats(None, KEYS, pipe=start, allocations_ok=1)
+    tally.add(start)                                   # the start is done: its counts wait
+    clock.now += WRITE_EVERY_S
+    tally.flush(fake_redis)                            # the heartbeat, while the job runs
+    assert fake_redis.hget(KEYS.stats(), "allocations_ok") == b"1"
+    clock.now += WRITE_EVERY_S / 10
+    with tally.ride(finish, side := fake_redis.pipeline(transaction=False)) as ride:
+        step(side)
+        ride.ok = True
+    assert ride.carried is not None and fake_redis.hget(KEYS.stats(), "quality_n.llm") == b"1"
 
 
 def test_counts_ride_inside_a_real_start_step(fake_redis):
