@@ -1,6 +1,6 @@
 """Latency histograms in Redis: every worker adds each finished job to the queue-wait and duration
-histograms of its (workload, priority) (`record_job`, on the run's finish pipeline); the metrics collector
-(`arbiter.metrics`) reads them back at scrape time as Prometheus histograms.
+histograms of its (workload, priority) (`record_job`, with the run's other counts: `broker.tally`); the
+metrics collector (`arbiter.metrics`) reads them back at scrape time as Prometheus histograms.
 
 ETA accuracy: a job held for fair share has the ETA it was given at submit in its record (`eta_s`, written by
 `broker/lua/fair.lua`'s hold step). When it finishes, `record_job` adds ETA at submit ÷ real wait (`eta_ratio`:

@@ -1,6 +1,7 @@
 """Side writes that ride inside a run's atomic step (`job_start.lua`, `job_settle.lua`) instead of a
-pipeline of their own: the counters, histograms and predictor a run's start and end update. One round trip
-less per start and per end, and they count only when the step is done (a refused finish counts nothing).
+pipeline of their own: Celery's result, and the counters, histograms and predictor of a worker process's runs
+when they are due (`broker.tally`). No round trip of their own, and they count only when the step is done (a
+refused finish counts nothing).
 
 `ScriptOps` takes the part of a redis-py pipeline that `broker.stats.add` and `broker.histograms.record_job`
 use (hincrby, hincrbyfloat, lpush, ltrim, set, hlen), so they are passed it as their `pipe`, and a SET with

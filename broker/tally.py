@@ -10,9 +10,9 @@ counts and its start's included, whenever the last write is `WRITE_EVERY_S` old 
 worker — a chat, a test — writes its counts in its own finish step, as before, and they count only if the step
 is done. In a burst one finish in many carries the merged counts of the others; a finish refused (another run
 owns the job) carries none of its own and gives the rest back. What a burst leaves pending, the worker's
-heartbeat writes within `WRITE_EVERY_S` (`Tally.flush`), and again at shutdown. A process killed outright loses
-at most that interval's counts; the jobs themselves never depend on them. A reader right after a burst (an ETA,
-`arbiter status`) may see counts up to `WRITE_EVERY_S` old.
+heartbeat writes within `WRITE_EVERY_S` (`Tally.flush`), and again at shutdown. A process killed outright
+loses at most that interval's counts; the jobs themselves never depend on them. A reader right after a burst
+(an ETA, `arbiter status`) may see counts up to `WRITE_EVERY_S` old.
 
 `Counts` takes the part of a redis-py pipeline that `broker.stats.add` and `broker.histograms.record_job`
 use (hincrby, hincrbyfloat, lpush, ltrim) plus set (the predictor: the last value wins)."""
@@ -136,7 +136,8 @@ class Tally:
                 self._since = self.clock()
 
     def add(self, counts: Counts) -> None:
-        """Counts of a step already done (a start): written with the next step that rides, or by the heartbeat."""
+        """Counts of a step already done (a start): written with the next step that rides, or by the
+        heartbeat."""
         self._put_back(counts, older=False)
 
     @contextmanager
@@ -144,7 +145,8 @@ class Tally:
         """A step about to run with `side` (its ScriptOps) and `counts` (this run's own): if the last ride is
         `every_s` old, `counts` and everything pending are queued on `side` to ride in the step. Set `ride.ok`
         once the step is done; else (refused, or an exception) the pending counts are given back and `counts`
-        is dropped — counted only with its step. When nothing rides, a done step's `counts` wait for the next."""
+        is dropped — counted only with its step. When nothing rides, a done step's `counts` wait for the
+        next."""
         with self._lock:
             now = self.clock()
             taken = None
@@ -162,8 +164,8 @@ class Tally:
                 self.add(counts)
 
     def flush(self, r: redis.Redis, force: bool = False) -> None:
-        """Write the pending counts if they have waited `every_s` (or `force`: at shutdown), in one round trip;
-        on a Redis error they stay pending and the error is raised."""
+        """Write the pending counts if they have waited `every_s` (or `force`: at shutdown), in one round
+        trip; on a Redis error they stay pending and the error is raised."""
         with self._lock:
             now = self.clock()
             if self._since is None or not (force or due(self._since, now, self.every_s)):

@@ -63,8 +63,8 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
     (another owns the job now) finishes nothing; Celery's result (`workers.celery_result`) rides in the same
     step (`broker.scriptops`), and so do its counters, histograms and predictor when a write is due
-    (`broker.tally`: else they are merged with the next one's, counted only if this step is done). Returns the result's summary (what
-    the task returns to Celery) and how many jobs are parked (read in it too)."""
+    (`broker.tally`: else they wait, merged, for the next; counted only if this step is done). Returns the
+    result's summary (what the task returns to Celery) and how many jobs are parked (read in it too)."""
     d = job
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
