@@ -23,6 +23,7 @@ from arbiter.world import Snapshot
 from arbiter.world import read as read_world_snapshot
 from broker import fairshare, parking
 from broker.app import create_app
+from broker.job_controls import control_since, encode_control
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Ledger
@@ -241,17 +242,15 @@ class Beat:
                    if seen.queues.get(q, 0) < targets[q])
 
     def _controls(self, pipe: Any, gpu_id: str, want: dict[str, str], have: dict[str, str], now: float) -> None:
-        """Controls as '<action>:<since>:<stamp>': `since` when the action was first asked (the preemption
-        grace runs from it), `stamp` renewed every tick. A worker ignores a control whose stamp is a few lease
-        TTLs old, so a dead beat leaves no job paused for its whole outage. `have`: as this tick read them."""
+        """Each GPU's controls (`broker.job_controls`), `since` kept while the action stays the same and the
+        stamp renewed every tick. `have`: as this tick read them."""
         key = self.keys.controls(gpu_id)
         for job_id in have:
             if job_id not in want:
                 pipe.hdel(key, job_id)
         for job_id, action in want.items():
-            old_action, _, rest = have.get(job_id, "").partition(":")
-            since = rest.partition(":")[0] if old_action == action and rest else repr(now)
-            pipe.hset(key, job_id, f"{action}:{since}:{now!r}")
+            since = control_since(have.get(job_id, ""), action) or repr(now)
+            pipe.hset(key, job_id, encode_control(action, since, now))
 
     def requeue_lost(self, job_id: str) -> None:
         """A job whose worker died: back to its queue with the same id; it resumes from its checkpoint. A

@@ -6,13 +6,15 @@ step's 18 side writes — about a third of the step's Redis time and of its Pyth
 (`arbiter bench dispatch`). Merged, a burst's 40 jobs add to each counter once.
 
 When they are written (`Tally.ride`): a run's finish step (`JobStore.settle`) carries what is pending, its own
-counts and its start's included, whenever the last write is `WRITE_EVERY_S` old or older. So a job on a quiet
+counts and its start's included, whenever the last ride is `WRITE_EVERY_S` old or older. So a job on a quiet
 worker — a chat, a test — writes its counts in its own finish step, as before, and they count only if the step
 is done. In a burst one finish in many carries the merged counts of the others; a finish refused (another run
 owns the job) carries none of its own and gives the rest back. What a burst leaves pending, the worker's
-heartbeat writes within `WRITE_EVERY_S` (`Tally.flush`), and again at shutdown. A process killed outright
-loses at most that interval's counts; the jobs themselves never depend on them. A reader right after a burst
-(an ETA, `arbiter status`) may see counts up to `WRITE_EVERY_S` old.
+heartbeat writes once it has waited `WRITE_EVERY_S` (`Tally.flush`: within that plus one heartbeat interval,
+~0.5 s), and again at shutdown; a reader right after a burst (an ETA, `arbiter status`) may see counts that
+old. A process killed outright loses at most that much; the jobs themselves never depend on the counts. A
+finish whose reply is lost, sent again, counts what rode in it twice (as redis-py's own retry of a counter
+would).
 
 `Counts` takes the part of a redis-py pipeline that `broker.stats.add` and `broker.histograms.record_job`
 use (hincrby, hincrbyfloat, lpush, ltrim) plus set (the predictor: the last value wins)."""
@@ -35,6 +37,13 @@ def due(since: float, now: float, every_s: float = WRITE_EVERY_S) -> bool:
     """Whether it is time to write: `since` (the last ride, or when the pending counts began to wait) is at
     least `every_s` old. Pure."""
     return now - since >= every_s
+
+
+def not_taken(exc: redis.RedisError) -> bool:
+    """Whether Redis refused a whole MULTI/EXEC (so it can be sent again): unreachable, full, read-only, or
+    aborted before it ran. Pure."""
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ExecAbortError,
+                            redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError))
 
 
 class Counts:
@@ -153,9 +162,9 @@ class Tally:
             if due(self._rode, now, self.every_s):
                 taken, self._rode = self._take(), now
         ride = Ride(taken)
-        if taken is not None:
-            Counts().merge(taken).merge(counts).write(side)
         try:
+            if taken is not None:
+                Counts().merge(taken).merge(counts).write(side)
             yield ride
         finally:
             if taken is not None and not ride.ok:
@@ -165,16 +174,18 @@ class Tally:
 
     def flush(self, r: redis.Redis, force: bool = False) -> None:
         """Write the pending counts if they have waited `every_s` (or `force`: at shutdown), in one round
-        trip; on a Redis error they stay pending and the error is raised."""
+        trip (MULTI/EXEC: all or nothing). When Redis did not take them (unreachable, full, read-only) they
+        stay pending; another refusal would repeat forever, so they are dropped. The error is raised."""
         with self._lock:
             now = self.clock()
             if self._since is None or not (force or due(self._since, now, self.every_s)):
                 return
             taken = self._take()
-        pipe = r.pipeline(transaction=False)
-        taken.write(pipe)
+        pipe = r.pipeline(transaction=True)
         try:
+            taken.write(pipe)
             pipe.execute()
-        except redis.RedisError:
-            self._put_back(taken, older=True)
+        except redis.RedisError as exc:
+            if not_taken(exc):
+                self._put_back(taken, older=True)
             raise

@@ -16,6 +16,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 from broker.fairshare import HOLD_HEADER, hold_message
+from broker.redis_url import ResolvingConnection
 from broker.retry import redis_full, retry_while
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,12 @@ class Channel(HeldPuts, HardenedReads, kombu_redis.Channel):
 
 
 class SentinelChannel(HeldPuts, HardenedReads, kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel (`sentinel://...` with `master_name` in the transport options), hardened alike."""
+    """kombu's Sentinel channel (`sentinel://...` with `master_name` in the transport options), hardened alike;
+    its connections ask the sentinels for the primary at every reconnect, as the clients' do
+    (`broker.redis_url.ResolvingConnection`): a fair-share submit's record is written through it."""
 
     QoS = QoS
+    connection_class = ResolvingConnection
 
 
 class Transport(kombu_redis.Transport):

@@ -65,8 +65,8 @@ class FileTier:
             return None
         msg = (f"the {self.name} tier's budget ({self.budget_bytes >> 20} MiB) is larger than the free space "
                f"of {self.root} ({usage.free >> 20} MiB free, {usage.total >> 20} MiB in all); using "
-               f"{int(fits * 0.95) >> 20} MiB")
-        log.error("%s", msg)
+               f"{int(fits * 0.95) >> 20} MiB (set ARBITER_CACHE_{self.name.upper()}_BUDGET_MIB to fit)")
+        log.warning("%s", msg)   # handled (clamped): a warning, not an error a newcomer must chase
         self.budget_bytes = int(fits * 0.95)
         return msg
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import Cancelled, LeaseLost, Preempted
+from broker.job_controls import control_ttl_s, parse_control
 from broker.jobstore import JobStore
 from broker.schemas import JobSpec, Progress
 from broker.states import JobState
 from broker.stats import add as add_stats
 from workers.backends.base import StepInfo
 from workers.ladders import Rung
-from workers.runtime import Runtime, control_ttl_s, parse_control
+from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

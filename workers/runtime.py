@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from broker.catalog import registry
+from broker.job_controls import control_ttl_s, parse_control
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Lease, Ledger, weights_in
@@ -117,27 +118,6 @@ class CurrentJob:
     fence: int
     variant: str = ""            # the model variant it runs (its weights lease is kept alive while loading)
     lost: bool = False           # the lease could not be renewed: another run owns the job now
-
-
-def control_ttl_s(lease_ttl_s: float) -> float:
-    """How long a control (pause, preempt) counts without the beat renewing its stamp: a few lease TTLs."""
-    return 3 * lease_ttl_s
-
-
-def parse_control(raw: bytes | str | None, now: float, ttl_s: float) -> tuple[str | None, float]:
-    """A control as the beat writes it, '<action>:<since>:<stamp>' (or the older '<action>:<since>'):
-    (action, since) — or (None, 0) when there is none or its stamp is older than `ttl_s` (the beat that
-    wrote it is gone)."""
-    if not raw:
-        return None, 0.0
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    action, _, rest = text.partition(":")
-    since_s, _, stamp_s = rest.partition(":")
-    since = float(since_s or 0)
-    stamp = float(stamp_s or since_s or 0)
-    if stamp and now - stamp > ttl_s:
-        return None, 0.0
-    return action, since
 
 
 class GpuConflict(ValueError):
@@ -253,9 +233,12 @@ class Runtime:
                     last_renew = time.monotonic()
                 self.gpu.publish_snapshot(s.heartbeat_ttl_s)
                 self._watchdog()
-                self.tally.flush(self.redis)
             except Exception:
                 log.exception("heartbeat of %s failed (will retry)", self.worker)
+            try:   # what a burst of jobs left (broker.tally), whatever else failed above
+                self.tally.flush(self.redis)
+            except redis.RedisError as exc:
+                log.warning("%s: counters not recorded yet (will retry): %s", self.worker, exc)
 
     def _renew(self) -> None:
         self._register()
@@ -280,6 +263,7 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
+        self._beat.join(timeout=5)   # its flush, if one is under way, ends before the last one
         try:
             try:
                 self.tally.flush(self.redis, force=True)

@@ -31,6 +31,7 @@
 -- 'hold' only: ARGV[7] message  ARGV[8] tenant  ARGV[9] '<queue>|<tenant>'  ARGV[10] weight  ARGV[11] cap
 --   ARGV[12] workload ('' : no ETA at submit, ARBITER_ETA_AT_SUBMIT=false)  ARGV[13] '1': hold only if the job's
 --   record exists (its creation ran just before, in the same round trip, and may have been refused: a drained queue)
+--   and is not held or fed already (the same hold sent again after its reply was lost: kombu's publish retry)
 -- Returns the number of messages moved onto the band's queue (-1: not held, no record).
 local function weight(t)
   return math.max(1, tonumber(redis.call('HGET', KEYS[6], 'w:' .. t) or '1') or 1)
@@ -110,7 +111,10 @@ local function capped(tenant)
   return redis.call('SCARD', active) >= cap, true
 end
 
-if ARGV[1] == 'hold' and ARGV[13] == '1' and redis.call('EXISTS', KEYS[8]) == 0 then return -1 end
+if ARGV[1] == 'hold' and ARGV[13] == '1' then
+  if redis.call('EXISTS', KEYS[8]) == 0 then return -1 end
+  if redis.call('HEXISTS', KEYS[8], 'held') == 1 or redis.call('HEXISTS', KEYS[8], 'fed_at') == 1 then return 0 end
+end
 local target = tonumber(redis.call('GET', KEYS[5]) or ARGV[5])
 local queued = redis.call('LLEN', KEYS[4])   -- the band's queue now (a hold does not change it before the feed)
 if ARGV[1] == 'hold' then

@@ -184,3 +184,7 @@ def test_the_record_is_created_in_the_holds_round_trip_and_a_drain_refuses_both(
         fairshare.hold_message(fake_redis, hold, message("a1"))
     assert not fake_redis.exists(KEYS.job("a1")) and fake_redis.llen(KEYS.held(Q, "A")) == 1
     assert fairshare.held_counts(fake_redis, KEYS, [Q]) == {Q: 1}
+    # the first hold sent again (kombu's publish retry after a lost reply): nothing held twice
+    hold = {**fairshare.hold_header(KEYS, "a0", spec, Settings()), "create": store.create_step("a0", spec, queue=Q)}
+    assert fairshare.hold_message(fake_redis, hold, message("a0")) == 0
+    assert fake_redis.llen(KEYS.held(Q, "A")) == 1 and fairshare.held_counts(fake_redis, KEYS, [Q]) == {Q: 1}
