@@ -16,7 +16,6 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 from broker.fairshare import HOLD_HEADER, hold_message
-from broker.redis_url import ResolvingConnection
 from broker.retry import redis_full, retry_while
 
 log = logging.getLogger(__name__)
@@ -104,12 +103,12 @@ class Channel(HeldPuts, HardenedReads, kombu_redis.Channel):
 
 
 class SentinelChannel(HeldPuts, HardenedReads, kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel (`sentinel://...` with `master_name` in the transport options), hardened alike;
-    its connections ask the sentinels for the primary at every reconnect, as the clients' do
-    (`broker.redis_url.ResolvingConnection`): a fair-share submit's record is written through it."""
+    """kombu's Sentinel channel (`sentinel://...` with `master_name` in the transport options), hardened alike.
+    Its connections are redis-py's own: a command in flight when the primary dies meets redis/redis-py#3874
+    (see `broker.redis_url.ResolvingConnection`) until kombu's publish retry revives the channel, whose new
+    connections ask the sentinels."""
 
     QoS = QoS
-    connection_class = ResolvingConnection
 
 
 class Transport(kombu_redis.Transport):
