@@ -18,7 +18,6 @@ from broker.errors import Preempted
 from broker.histograms import record_job
 from broker.jobstore import Settled
 from broker.messages import enqueue
-from broker.predictor import StepPredictor
 from broker.retry import redis_passing, retry_while
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.scriptops import ScriptOps
@@ -57,8 +56,7 @@ def cleanup(rt: Runtime, job_id: str, fence: int, to: JobState, **fields: Any) -
 
 
 def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, job: dict[str, str],
-             predictor: StepPredictor, output: Any, run_s: float, started_at: float,
-             task: Any = None) -> tuple[Outcome, int]:
+             output: Any, run_s: float, started_at: float, task: Any = None) -> tuple[Outcome, int]:
     """End the job in one atomic, fenced step — result, output, step = total, the final transition, the
     lease and the control (`JobStore.settle`): nothing is ever finished without its output, and a stale run
     (another owns the job now) finishes nothing; Celery's result (`workers.celery_result`) rides in the same
@@ -81,6 +79,7 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
                eta_s=d.get("eta_s"))
     steps_run = rung.total_steps - output.resumed_from_step
     if steps_run > 0:   # this process's predictor; the last writer among a worker's processes wins in Redis
+        predictor = rt.predictor()
         predictor.update(rung_features(rung), run_s * 1000 / steps_run)
         counts.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
     if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick

@@ -248,8 +248,7 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> Mapping[str
             raise
         # queued before the finish, so whoever sees the job finished also sees its improvement run named
         queue_improvement(rt, job_id, spec, rung.quality, task)
-        summary, parked = finished(rt, job_id, spec, rung, fence, view.job, view.predictor, output, run_s, now,
-                                  task)
+        summary, parked = finished(rt, job_id, spec, rung, fence, view.job, output, run_s, now, task)
     finally:
         rt.current = None
     if parked:

@@ -13,7 +13,6 @@ from broker.budgets import budget_key
 from broker.jobstore import decode_hash, status_from
 from broker.ledger import parse_leases
 from broker.position import job_queue
-from broker.predictor import StepPredictor
 from broker.schemas import JobSpec, Priority
 from workers.admission import JobView
 from workers.ladders import rung_features
@@ -30,7 +29,6 @@ class View:
     budget: float
     resident: set[str]
     checkpoint: bytes | None
-    predictor: StepPredictor
     paused: bool = False     # an operator paused the job's queue (`broker.controls`)
     held_mib: int = 0        # VRAM interactive jobs waiting on this GPU need (`workers.vramhold`)
     reserve: Reserve = NO_RESERVE   # VRAM kept free for the next interactive job on this GPU (`workers.vramhold`)
@@ -60,9 +58,7 @@ class View:
         now = time.time()
         live = parse_leases(leases, now)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
-                   rt.resident_variants(live), checkpoint,
-                   rt.predictor(),
-                   paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),
+                   rt.resident_variants(live), checkpoint, paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),
                    reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now))
 
 
@@ -72,7 +68,7 @@ def job_view(rt: Runtime, job_id: str, spec: JobSpec, view: View, now: float) ->
     resume_at = view.job.get("checkpoint_quality")
     predicted: tuple[float | None, ...] = ()
     if spec.deadline_s:
-        predicted = tuple(None if (ms := view.predictor.predict_ms(rung_features(r))) is None else ms * r.total_steps
+        predicted = tuple(None if (ms := rt.predictor().predict_ms(rung_features(r))) is None else ms * r.total_steps
                           for r in ladder)
     return JobView(state=status_from(job_id, view.job).state,
                    interactive=spec.priority is Priority.INTERACTIVE, queued_at=float(view.job["queued_at"]),
