@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -15,6 +16,7 @@ from broker.budgets import DEGRADE_ORDER
 from broker.client import Client
 from broker.controls import QueueControl
 from broker.controls import describe as describe_control
+from broker.job_controls import parse_control
 from broker.schemas import GpuSnapshot
 from broker.states import JobState
 from broker.stats import read as read_stats
@@ -52,7 +54,7 @@ def collect(client: Client) -> dict[str, Any]:
         gpus.append({**g.snapshot.model_dump(mode="json"), "usable_mib": g.snapshot.usable_mib,
                      "pressure": round(p.ratio, 4), "room_mib": p.room_mib, "demand_mib": p.demand_mib,
                      "weights_mib": p.weights_mib, "leased_mib": sum(x.mib for x in g.leases),
-                     "budgets": g.budgets, "controls": {k: v.partition(":")[0] for k, v in g.controls.items()},
+                     "budgets": g.budgets, "controls": {k: parse_control(v, seen.now, math.inf)[0] for k, v in g.controls.items()},
                      "leases": [{"holder": x.field, "kind": x.kind, "mib": x.mib, "priority": x.priority,
                                  "worker": x.worker} for x in g.leases]})
     return {

@@ -29,7 +29,7 @@ class GpuState:
     snapshot: GpuSnapshot | None           # None: no live worker publishes this GPU
     leases: tuple[Lease, ...]
     budgets: dict[str, float]
-    controls: dict[str, str]               # job id -> "pause:<ts>" | "preempt:<ts>"
+    controls: dict[str, str]               # job id -> its control as written (`broker.job_controls`)
     view: GpuView | None                   # what the policy sees (None without a snapshot)
 
     @property

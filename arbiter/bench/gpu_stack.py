@@ -7,6 +7,7 @@ of the card against the ledger."""
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import threading
 import time
@@ -17,6 +18,7 @@ from arbiter.bench.common import state_time_ms, token_times_ms
 from arbiter.bench.gpu_models import Preset
 from arbiter.bench.gpu_probe import CHAT_PROMPT, nvml_used_mib
 from broker.client import Client, JobHandle
+from broker.job_controls import parse_control
 from broker.states import JobState
 
 LLM = dict(workload="llm", model="bench-llm", min_quality=1.0)
@@ -109,9 +111,9 @@ class StackRun:
         r = self.client.redis
         key = self.client.keys.controls(self.gpu_id)
         while not done.is_set():
-            raw = r.hget(key, job_id)
-            if raw and raw.decode().startswith("preempt"):    # '<action>:<since>[:<stamp>]'
-                found["flag_ms"] = float(raw.decode().split(":")[1]) * 1000
+            action, since = parse_control(r.hget(key, job_id), 0.0, math.inf)
+            if action == "preempt":
+                found["flag_ms"] = since * 1000
                 return
             time.sleep(0.002)
 
