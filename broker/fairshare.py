@@ -106,21 +106,23 @@ def hold_message(client: Any, hold: Mapping[str, Any], message: bytes | str) -> 
             hold["mark"], hold.get("weight", 1), hold.get("cap", 0), hold.get("workload", ""), int(bool(create))]
     if not create:
         return int(_run(client, "fair", hold["keys"], args))
-    for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        pipe.evalsha(_script("job_create").sha, len(create["keys"]), *create["keys"], *create["args"])
-        pipe.evalsha(_script("fair").sha, len(hold["keys"]), *hold["keys"], *args)
-        try:
-            closed, moved = pipe.execute()
-            break
-        except redis.exceptions.NoScriptError:   # Redis lost its scripts (a restart): both steps again, loaded
-            if attempt == 2:
-                raise
-            for name in ("job_create", "fair"):
-                client.script_load(_script(name).script)
+    try:
+        closed, moved = _create_and_hold(client, create, hold["keys"], args)
+    except redis.exceptions.NoScriptError:   # Redis lost its scripts (a restart): both steps again, loaded
+        for name in ("job_create", "fair"):
+            client.script_load(_script(name).script)
+        closed, moved = _create_and_hold(client, create, hold["keys"], args)
     if closed:   # nothing was written: the hold found no record
         raise QueueClosed(create["args"][3], QueueControl.from_json(closed))
     return int(moved)
+
+
+def _create_and_hold(client: Any, create: Mapping[str, Any], keys: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """`job_create` then the hold, one pipeline of plain EVALSHAs (no SCRIPT EXISTS round trip first)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.evalsha(_script("job_create").sha, len(create["keys"]), *create["keys"], *create["args"])
+    pipe.evalsha(_script("fair").sha, len(keys), *keys, *args)
+    return pipe.execute()
 
 
 def feed(r: redis.Redis, keys: Keys, queue: str, default_target: int, now: float | None = None) -> int:

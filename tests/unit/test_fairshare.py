@@ -188,3 +188,13 @@ def test_the_record_is_created_in_the_holds_round_trip_and_a_drain_refuses_both(
     hold = {**fairshare.hold_header(KEYS, "a0", spec, Settings()), "create": store.create_step("a0", spec, queue=Q)}
     assert fairshare.hold_message(fake_redis, hold, message("a0")) == 0
     assert fake_redis.llen(KEYS.held(Q, "A")) == 1 and fairshare.held_counts(fake_redis, KEYS, [Q]) == {Q: 1}
+
+
+def test_a_redis_that_lost_its_scripts_still_creates_and_holds(fake_redis, store):
+    """After a restart Redis has no scripts: the create-and-hold pipeline answers NOSCRIPT, loads both, runs
+    again."""
+    fake_redis.script_flush()
+    spec = JobSpec(workload="diffusion", prompt="p", priority="background", tenant="A")
+    hold = {**fairshare.hold_header(KEYS, "s0", spec, Settings()), "create": store.create_step("s0", spec, queue=Q)}
+    assert fairshare.hold_message(fake_redis, hold, message("s0")) == 0
+    assert store.raw("s0")["held"] == f"{Q}|A" and fake_redis.llen(KEYS.held(Q, "A")) == 1
