@@ -21,6 +21,7 @@ from broker.jobstore import JobStore
 from broker.schemas import JobSpec, Progress
 from broker.states import JobState
 from broker.stats import add as add_stats
+from workers import flower
 from workers.backends.base import StepInfo
 from workers.ladders import Rung
 from workers.runtime import Runtime
@@ -134,6 +135,8 @@ class ControlHook(Hook):
         add_stats(self.rt.redis, self.rt.keys, pauses=1)
         log.info("job %s paused at step %d/%d (interactive work on %s)", ctx.job_id, info.step, info.total,
                  self.rt.gpu_id)
+        flower.waiting(ctx.task, JobState.PAUSED.value, f"at step {info.step}/{info.total}: the GPU "
+                                                        f"{self.rt.gpu_id} serves interactive work first")
         try:
             while True:
                 time.sleep(self.POLL_S)
@@ -146,6 +149,7 @@ class ControlHook(Hook):
             if not store.transition(ctx.job_id, JobState.RUNNING, allowed=frozenset({JobState.PAUSED}),
                                     owner_fence=ctx.fence)[0]:
                 ctx.refused("resume")
+            flower.resumed(ctx.task)
             log.info("job %s resumed after a pause", ctx.job_id)
 
 

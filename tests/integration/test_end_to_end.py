@@ -4,6 +4,8 @@ import io
 
 import pytest
 import redis
+from celery import Celery
+from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult
 from PIL import Image
 
@@ -95,6 +97,14 @@ def test_cancel_a_running_job_stops_it_at_a_step(client):
         job.result(timeout=10)
     st = job.status()
     assert st.state is JobState.CANCELLED and st.step < 200 and "cancelled at step" in st.error
+    # Celery's own result readers see a revoke as Celery stores one (it was `{"reason": ...}`, which Celery
+    # decoded as an exception: "Exception information must include the exception type")
+    plain = Celery(backend=client.settings.redis_url)
+    for app in (client.app, plain):
+        meta = AsyncResult(job.id, app=app)
+        wait_until(lambda: meta.state != "PROGRESS", timeout_s=10)   # written just after the job's record
+        assert meta.state == "REVOKED"
+        assert isinstance(meta.result, TaskRevokedError) and "cancelled at step" in str(meta.result)
 
 
 def test_cancel_a_queued_job_never_runs_it(client):

@@ -8,12 +8,15 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import time
 
 import pytest
 
 from broker.budgets import DEGRADE_ORDER
 from arbiter.stack import FLOWER_TASKS_COLUMNS
+from broker.job_controls import encode_control
 from broker.redis_server import free_port
+from broker.states import JobState
 from tests.conftest import ROOT, die_with_parent, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
 
@@ -65,9 +68,30 @@ def state_is(base, job_id, state):
 
 def test_flower_shows_waiting_cancelled_and_preempted_jobs_as_arbiter_does(client, procs, flower):  # noqa: F811
     worker, beat = procs
-    worker("diffusion", concurrency=1, gpu="sim81:24GiB")
+    w = worker("diffusion", concurrency=1, gpu="sim81:24GiB")
     warm = client.submit(workload="diffusion", prompt="warm", steps=2, width=64, height=64).result(timeout=60)
     gpu = warm.gpu_id
+
+    # Flower started before the worker: /api/workers lists it without ?refresh=1 (it was {} until then)
+    wait_until(lambda: any(w.name in name for name in json.loads(_get(f"{flower}/api/workers"))),
+               timeout_s=20, interval_s=0.3)
+
+    # paused on its GPU by the arbiter (interactive work first): RETRY with the reason, STARTED when it resumes
+    slow = client.submit(workload="diffusion", priority="background", prompt="slow", steps=60, width=512, height=512)
+    wait_until(lambda: (slow.status().step or 0) > 1, timeout_s=30)
+    since = time.time()
+
+    def paused_in_flower():   # the control as the beat writes it, its stamp renewed as the beat would
+        client.redis.hset(client.keys.controls(gpu), slow.id, encode_control("pause", since, time.time()))
+        return state_is(flower, slow.id, "RETRY")
+
+    wait_until(paused_in_flower, timeout_s=20, interval_s=0.2)
+    assert slow.status().state is JobState.PAUSED
+    assert task(flower, slow.id)["exception"].startswith("paused: at step ")
+    assert "serves interactive work first" in task(flower, slow.id)["exception"]
+    client.redis.hdel(client.keys.controls(gpu), slow.id)
+    wait_until(lambda: task(flower, slow.id).get("state") in ("STARTED", "SUCCESS"), timeout_s=20, interval_s=0.2)
+    slow.result(timeout=60)
 
     # waiting: budgets left low, no beat yet -> parked, RETRY with the reason, not STARTED
     client.redis.hset(client.keys.budgets(gpu), mapping={k: 0.3 if k.startswith("diffusion") else 0.4
