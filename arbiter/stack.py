@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.redis_server import EmbeddedRedis, ensure_redis, exit_with_parent, free_port
+from broker.errors import ArbiterError
+from broker.redis_server import EmbeddedRedis, ensure_redis, exit_with_parent, free_port, port_taken
 from broker.settings import Settings, settings_env
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ def _die_with_parent() -> None:
     # SIGKILL, not SIGTERM: a Celery worker's warm shutdown can hang while its Redis (another child of the same
     # supervisor) is gone; its jobs are safe (acks_late, leases, checkpoints).
     exit_with_parent(signal.SIGKILL)
+
+
+class StackError(ArbiterError):
+    """A process of the stack cannot start (a port taken, a child that exited): one line says which and why."""
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Stack:
     gateway: bool = False
     private_redis: bool = False
     log_dir: Path | None = None
+    redis_dir: Path | None = None   # an embedded Redis keeps its data here (AOF) across restarts; None: ephemeral
     redis: EmbeddedRedis | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -61,12 +67,25 @@ class Stack:
         env.update(extra)
         return env
 
+    def ports(self) -> list[tuple[int, str, str]]:
+        """(port, whose, how to change it) of each server the stack will listen on."""
+        s = self.settings
+        return ([(s.gateway_port, "the gateway's", "--gateway-port or ARBITER_GATEWAY_PORT")] if self.gateway else []) + \
+            ([(s.flower_port, "Flower's", "ARBITER_FLOWER_PORT, or --no-flower")] if self.flower else [])
+
+    def check_ports(self) -> None:
+        """Refuse to start, in one line, when a port the stack needs is taken (before anything starts)."""
+        for port, whose, setting in self.ports():
+            if port_taken(self.settings.gateway_host if "gateway" in whose else "127.0.0.1", port):
+                raise StackError(f"port {port} ({whose}) is taken by another process: choose another with {setting}")
+
     def start(self) -> Stack:
+        self.check_ports()
         if self.private_redis:
             self.redis = EmbeddedRedis().start()
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
         else:
-            self.redis = ensure_redis(self.settings.redis_url, self.settings.redis_master_name)
+            self.redis = ensure_redis(self.settings.redis_url, self.settings.redis_master_name, self.redis_dir)
         counts = {w.workload: sum(x.workload == w.workload for x in self.workers) for w in self.workers}
         seen: dict[str, int] = {}
         for w in self.workers:
@@ -105,8 +124,9 @@ class Stack:
         while time.monotonic() < deadline:
             proc = self.procs["gateway"]
             if proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with code {proc.returncode} while starting "
-                                   f"(is port {self.settings.gateway_port} taken? --gateway-port)")
+                raise StackError(f"the gateway exited with code {proc.returncode} while starting (is port "
+                                 f"{self.settings.gateway_port} taken? choose another with --gateway-port or "
+                                 f"ARBITER_GATEWAY_PORT; its log: {self._log('gateway')})")
             try:
                 with urllib.request.urlopen(self.gateway_url + "/healthz", timeout=1) as r:
                     if r.status == 200:
@@ -115,17 +135,29 @@ class Stack:
                 time.sleep(0.2)
         raise TimeoutError(f"the gateway did not answer at {self.gateway_url} within {timeout_s} s")
 
-    def dev_key(self, name: str = "dev") -> str:
-        """A fresh development API key allowed every priority (default standard), no limits; replaces
-        an earlier key of that name."""
+    def _log(self, name: str) -> str:
+        return str(self.log_dir / f"{name}.log") if self.log_dir else "none kept"
+
+    def dev_key(self, name: str = "dev", saved: Path | None = None) -> str:
+        """A development API key allowed every priority (default standard), no limits. With `saved` (a file),
+        the key written there last time while Redis still knows it; else a fresh one (replacing an earlier key
+        of that name), written there (readable by its owner only)."""
         from arbiter.gateway.apikeys import KeyStore
         from broker.client import Client
 
         with Client(settings=self.settings) as client:
             store = KeyStore(client.redis, client.keys)
+            old = saved.read_text().strip() if saved is not None and saved.exists() else ""
+            if old and (known := store.lookup(old)) is not None and known.name == name:
+                return old
             store.revoke(name)
-            return store.create(name, ["interactive", "standard", "background"], "standard", rate_per_min=0,
-                                max_queued=0)
+            key = store.create(name, ["interactive", "standard", "background"], "standard", rate_per_min=0,
+                               max_queued=0)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.touch(mode=0o600)
+            saved.write_text(key + "\n")
+        return key
 
     def spawn(self, name: str, argv: list[str], **env: str) -> None:
         """Start a process of the stack's own: its log in the log dir, stopped (with its process group) with the
@@ -148,7 +180,8 @@ class Stack:
             while time.monotonic() < deadline:
                 for name, proc in self.procs.items():
                     if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with code {proc.returncode} while starting")
+                        raise StackError(f"{name} exited with code {proc.returncode} while starting (its log: "
+                                         f"{self._log(name)})")
                 # limit: the ping returns as soon as every worker has answered, not after its whole timeout
                 replies = app.control.ping(timeout=0.5, limit=want) or []
                 if len(replies) >= want:

@@ -63,7 +63,12 @@ class Overloaded(ArbiterError):
 
 
 class Cancelled(ArbiterError):
-    """The job was cancelled by a client."""
+    """The job was cancelled by a client. Raised inside a worker at a step boundary with the step it stopped
+    after (`total` 0: not known, e.g. a client's wait on a job cancelled while queued)."""
+
+    def __init__(self, message: str, step: int = 0, total: int = 0) -> None:
+        super().__init__(message)
+        self.step, self.total = step, total
 
 
 class Timeout(ArbiterError):

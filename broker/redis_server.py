@@ -91,6 +91,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on (host, port): a server started there would fail to bind."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def ping(url: str, timeout_s: float = 0.5, master_name: str = "") -> bool:
     """Whether a Redis (the primary, for a Sentinel URL) answers at `url`."""
     from redis.backoff import NoBackoff
@@ -166,9 +177,10 @@ class EmbeddedRedis:
         self.cleanup()
 
 
-def ensure_redis(url: str, master_name: str = "") -> EmbeddedRedis | None:
+def ensure_redis(url: str, master_name: str = "", data_dir: Path | None = None) -> EmbeddedRedis | None:
     """Return None if a Redis answers at `url`; else start an embedded one on its local port (never for a
-    Sentinel URL: a replicated group is the operator's to run)."""
+    Sentinel URL: a replicated group is the operator's to run). With `data_dir`, it keeps its data there in an
+    append-only file, so a restart finds its keys and jobs again; without, it starts empty each time."""
     if ping(url, master_name=master_name):
         return None
     from broker.redis_url import parse_redis_url
@@ -180,4 +192,8 @@ def ensure_redis(url: str, master_name: str = "") -> EmbeddedRedis | None:
     parsed = urlparse(url)
     if parsed.hostname not in LOCAL_HOSTS:
         raise ConnectionError(f"no Redis answers at {url} and it is not local, so none can be started there")
-    return EmbeddedRedis(port=parsed.port or 6379).start()
+    port = parsed.port or 6379
+    if port_taken(parsed.hostname or "127.0.0.1", port):
+        raise ConnectionError(f"port {port} is taken by a process that does not answer as Redis: point "
+                              "ARBITER_REDIS_URL at another port (or at that Redis, with its password)")
+    return EmbeddedRedis(port=port, data_dir=data_dir, appendonly=data_dir is not None).start()

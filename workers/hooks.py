@@ -118,7 +118,7 @@ class ControlHook(Hook):
         if not cancel and action == "pause":
             cancel, action = self._pause(ctx, info)
         if cancel:
-            raise Cancelled(f"job {ctx.job_id} cancelled at step {info.step}/{info.total}")
+            raise Cancelled(f"job {ctx.job_id} cancelled at step {info.step}/{info.total}", info.step, info.total)
         if action == "preempt" and info.step < info.total:
             raise Preempted(f"job {ctx.job_id} preempted at step {info.step}/{info.total}", info.capture(),
                             info.step)

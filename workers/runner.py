@@ -233,7 +233,10 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> Mapping[str
             log.warning("%s; another run owns the job now", exc)
             raise Ignore() from None
         except Cancelled as exc:
-            cleanup(rt, job_id, fence, JobState.CANCELLED, error=str(exc))
+            # its progress is the step it stopped after, as its error says (progress is written at most every
+            # interval, so the record may still hold an earlier step)
+            stopped_at = {"step": exc.step, "total": exc.total} if exc.total else {}
+            cleanup(rt, job_id, fence, JobState.CANCELLED, error=str(exc), **stopped_at)
             log.info("job %s cancelled: %s", job_id, exc)
             flower.revoked(task, job_id, str(exc))   # REVOKED in Flower and Celery's backend, no traceback
             raise Ignore() from None

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from arbiter.bench.cache_model import missing_extras, run_model
 from arbiter.bench.rounds import interleaved, summary, timed
 from broker.keys import Keys
 from broker.redis_server import EmbeddedRedis
@@ -187,11 +188,12 @@ def run_cache(size_gib: float, processes: int, work_dir: Path | None = None, rou
             tiers = tier_rounds(cache, manifest, origin_dir, rounds)
             cache.close()
             shutil.rmtree(shm / "ram-one", ignore_errors=True)
-            model = None
-            if model_gb > 0:
-                from arbiter.bench.cache_model import run_model
-
-                model = run_model(server.url, work / "model", shm / "model", model_gb, rounds)
+            model: dict[str, Any] | None = None
+            if model_gb > 0 and (skipped := missing_extras()) is not None:
+                model = {"skipped": skipped}
+            elif model_gb > 0:
+                model = run_model(make_cache(server.url, work / "model-disk", shm / "model", "model"),
+                                  work / "model", model_gb, rounds)
             nodes = cluster(server.url, work, shm, manifest, origin_dir, processes)
     finally:
         shutil.rmtree(work, ignore_errors=True)

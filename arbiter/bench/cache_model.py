@@ -11,12 +11,14 @@ page cache is shared with everything else the node does, the RAM tier is not evi
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from arbiter.bench.rounds import summary, verdict
+from cache.loader import FragmentCache
 from cache.manifest import build_manifest
 from cache.mapped import map_files, torch_tensors
 from cache.origin import LocalOrigin
@@ -47,16 +49,29 @@ def make_model(root: Path, size_gb: float) -> None:
     config.save_pretrained(root)
 
 
-def run_model(url: str, root: Path, shm: Path, size_gb: float, rounds: int) -> dict[str, Any]:
+# what the real-model row needs beyond the base install: the module and the extra that brings it
+MODEL_NEEDS = {"torch": "llm", "transformers": "llm"}
+
+
+def missing_extras() -> str | None:
+    """None when the real-model row can run; else a note naming the missing modules and the extra."""
+    missing = [m for m in MODEL_NEEDS if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    extras = sorted({MODEL_NEEDS[m] for m in missing})
+    return (f"the real-model row needs {' and '.join(missing)}: install the "
+            f"{' and '.join(extras)} extra (pip install -e '.[{','.join(extras)}]', or `make test`, which does)")
+
+
+def run_model(cache: FragmentCache, root: Path, size_gb: float, rounds: int) -> dict[str, Any]:
+    """The comparison, with `cache` (its own node's tiers, closed here) holding the model's fragments."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from arbiter.bench.cache import make_cache
     from workers.backends.hfweights import load_module, no_init
 
     make_model(root, size_gb)
     manifest = build_manifest(root, "gpt2-random", "fp32")
-    cache = make_cache(url, root.parent / "model-disk", shm, "model")
     origin = LocalOrigin(root)
     cache.stage(manifest, origin)   # into the RAM tier
     config = AutoConfig.from_pretrained(root)

@@ -28,7 +28,9 @@ def cache_table(console: Console, data: dict[str, Any]) -> None:
     console.print(f"RAM hit, mapped only (no copy): {_s(data['ram']['mapped_only_gbps'])} GB/s; a cold load "
                   f"was stored in RAM and on disk {_s(data['cold']['stored_behind_s'])} s after it returned")
     m = data.get("model")
-    if m:
+    if m and "skipped" in m:
+        console.print(f"real model: skipped; {m['skipped']}", markup=False, highlight=False)
+    elif m:
         for case, what in (("cold_dir", "its page cache dropped"), ("warm_dir", "in the page cache")):
             r = m[case]
             console.print(f"real model ({m['model_bytes'] / 1e9:.2f} GB GPT-2, random weights), ready to run (built + "

@@ -15,6 +15,7 @@ import typer
 from arbiter.batch import batch_command
 from arbiter.cli import bench, cache, jobs, keys, queues, run
 from arbiter.cli.common import fail
+from arbiter.cli.help import App
 from broker.errors import ArbiterError, InvalidJob
 
 try:  # typer >= 0.20 vendors click
@@ -22,7 +23,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import ClickException as _ClickException
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = App(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Arbiter: a GPU job broker with priority queues, quality budgets and preemption.")
 
 # the top-level commands, in the order `arbiter --help` lists them

@@ -9,8 +9,9 @@ import typer
 
 from arbiter.bench.gpu import gpu_command
 from arbiter.cli.common import console
+from arbiter.cli.help import App
 
-app = typer.Typer(no_args_is_help=True, help="Benchmarks on the sim GPU with real Redis and workers.")
+app = App(no_args_is_help=True, help="Benchmarks on the sim GPU with real Redis and workers.")
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results here as JSON.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")]
 LOGS = Path(".arbiter/bench-logs")

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from arbiter.cli.common import console
+from arbiter.cli.help import App
 from broker.settings import get_settings
 
-app = typer.Typer(no_args_is_help=True, help="The fragment cache (model weights in tiers).")
+app = App(no_args_is_help=True, help="The fragment cache (model weights in tiers).")
 
 
 @app.command("status")

@@ -13,6 +13,7 @@ from arbiter.cli.common import console, err, fail, open_client, print_result
 from broker.errors import Overloaded
 from broker.position import describe, job_queue
 from broker.schemas import Priority, Workload
+from broker.states import RUNNING_STATES, JobState
 from broker.settings import get_settings
 
 OVERLOADED_EXIT = 75   # sysexits EX_TEMPFAIL: the band is overloaded now; the same submit later should pass
@@ -44,6 +45,9 @@ def submit(
               "min_quality": min_quality, "improve": improve or None,
               "deadline_s": deadline_s, "max_new_tokens": max_new_tokens, "steps": steps, "width": width,
               "height": height, "seed": seed}
+    if stream and workload is not Workload.LLM:   # before anything is queued
+        fail(f"--stream: streaming is for llm jobs (tokens as they come); a {workload.value} job's output is a "
+             "file: use --out FILE (e.g. --out image.png)", 2)
     with open_client() as client:
         try:
             handle = client.submit({k: v for k, v in fields.items() if v is not None})
@@ -72,10 +76,14 @@ def result(
 
 
 def cancel(job_id: str) -> None:
-    """Cancel a job: at once if queued, at its next step if running."""
+    """Cancel a job: at once if queued, at its next step if running. Exit 0 when it is (or already was)
+    cancelled; 1 when it had already finished or failed (nothing changes: its result stands)."""
     with open_client() as client:
         state = client.get(job_id).cancel()
-        print(f"{job_id}: {state.value}" + (" (stops at its next step)" if state.value in ("running", "paused") else ""))
+    if state in (JobState.FINISHED, JobState.FAILED):
+        fail(f"{job_id}: already {state.value}, nothing to cancel"
+             + (f" (its result: `arbiter result {job_id}`)" if state is JobState.FINISHED else ""), 1)
+    print(f"{job_id}: {state.value}" + (" (stops at its next step)" if state in RUNNING_STATES else ""))
 
 
 def status_cmd(

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from arbiter.cli.common import console, open_client
+from arbiter.cli.help import App
 from broker.errors import InvalidJob
 
-app = typer.Typer(no_args_is_help=True, help="API keys for the gateway (stored hashed in Redis).")
+app = App(no_args_is_help=True, help="API keys for the gateway (stored hashed in Redis).")
 
 
 @app.command("create")

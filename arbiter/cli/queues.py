@@ -12,10 +12,11 @@ from typing import Annotated
 import typer
 
 from arbiter.cli.common import console, open_client
+from arbiter.cli.help import App
 from broker.schemas import Priority
 
-app = typer.Typer(no_args_is_help=True, help="Pause, drain and resume queues (`<workload>.<priority|improve>`).")
-job_app = typer.Typer(no_args_is_help=True, help="Move a queued job: to the front of its band, or to another band.")
+app = App(no_args_is_help=True, help="Pause, drain and resume queues (`<workload>.<priority|improve>`).")
+job_app = App(no_args_is_help=True, help="Move a queued job: to the front of its band, or to another band.")
 
 QueueArg = Annotated[str, typer.Argument(help="A queue, e.g. diffusion.background (`arbiter queue list`).")]
 By = Annotated[str | None, typer.Option(help="Who asks (shown in `arbiter queue list`; default: your user name).")]
@@ -74,12 +75,23 @@ def queue_pause(
 
 @app.command("drain")
 def queue_drain(queue: QueueArg, by: By = None, reason: Reason = "") -> None:
-    """New submits to the queue are refused; what is queued and running goes on."""
-    from broker.controls import drain
+    """New submits to the queue are refused; what is queued and running goes on. A paused queue starts its
+    queued jobs again (drain means "finish what you have, take nothing new"): the pause ends, and this says so."""
+    from broker.controls import check_queue, drain, read_control
 
     with open_client() as client:
+        was = read_control(client.redis, client.keys, check_queue(queue))
         drain(client.redis, client.keys, client.app, queue, _who(by), reason)
     print(f"{queue}: draining (new submits refused until `arbiter queue resume {queue}`)")
+    if was is not None and was.state == "paused":
+        print(f"{queue}: its pause ({_described(was)}) has ended: its queued jobs start again; "
+              f"`arbiter queue pause {queue}` to hold them")
+
+
+def _described(control) -> str:
+    """`by ops, 40 s ago: moving racks` for a control record."""
+    text = f"by {control.by or 'someone'}, {time.time() - control.since:.0f} s ago"
+    return text + (f": {control.reason}" if control.reason else "")
 
 
 @app.command("resume")
@@ -95,11 +107,12 @@ def queue_resume(queue: QueueArg) -> None:
 @job_app.command("bump")
 def job_bump(job_id: Annotated[str, typer.Argument(help="A queued job's id.")]) -> None:
     """Move a queued job to the front of its band: it starts next from its queue."""
+    from broker.position import ordinal
     from broker.reorder import bump
 
     with open_client() as client:
         moved = bump(client.redis, client.keys, client.settings, job_id)
-    print(f"{job_id}: front of {moved.queue} (was {moved.place_before}.)")
+    print(f"{job_id}: front of {moved.queue} (it was {ordinal(moved.place_before)} in line)")
 
 
 @job_app.command("reprioritize")

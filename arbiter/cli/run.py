@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import sys
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -16,6 +18,30 @@ from arbiter.cli.common import console, err, open_client
 from broker.errors import InvalidJob
 from broker.schemas import Workload
 from broker.settings import get_settings
+
+
+DEV_DIR = Path(".arbiter")   # `arbiter dev`'s logs, its embedded Redis's data and its development key
+
+
+def arbiter_command() -> str:
+    """How to run this `arbiter` again from the same shell: `arbiter` when that is the one on PATH, else its
+    path (`.venv/bin/arbiter`), or `python -m arbiter` with this interpreter."""
+    exe = Path(sys.argv[0])
+    if exe.name != "arbiter":
+        return f"{_short(Path(sys.executable))} -m arbiter"
+    on_path = shutil.which("arbiter")
+    if on_path and Path(on_path).resolve() == exe.resolve():
+        return "arbiter"
+    return _short(exe)
+
+
+def _short(path: Path) -> str:
+    """The path relative to the working directory when it lies below it, else absolute."""
+    full = path.absolute()
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(full)
 
 
 class DemoBackend(StrEnum):
@@ -139,25 +165,31 @@ def dev(
     diffusion_concurrency: Annotated[int, typer.Option(min=1)] = 1,
     gpu: Annotated[str, typer.Option(help="The sim GPU both workers share.")] = "sim:24GiB",
     policy: Annotated[PolicyArg | None, typer.Option(help="Scheduling policy (default: ARBITER_POLICY or arbiter).")] = None,
+    fresh: Annotated[bool, typer.Option(help=f"Start the embedded Redis empty (delete {DEV_DIR / 'redis'}).")] = False,
 ) -> None:
     """Run a local stack: Redis (embedded unless one answers at ARBITER_REDIS_URL), an llm and a diffusion
     worker on one sim GPU, the beat, Flower and the gateway (with a development API key allowed every
-    priority). Ctrl-C stops everything."""
+    priority). The embedded Redis keeps its data in .arbiter/redis (append-only file): jobs, keys and the
+    development key survive a restart; --fresh starts it empty. Ctrl-C stops everything."""
     from arbiter.stack import Stack, WorkerSpec
     from broker.redis_server import redacted
 
+    redis_dir = DEV_DIR / "redis"
+    if fresh:
+        shutil.rmtree(redis_dir, ignore_errors=True)
     s = get_settings()
     if policy is not None:
         s = s.model_copy(update={"policy": policy.value})
     if gateway_port is not None:
         s = s.model_copy(update={"gateway_port": gateway_port})
     stack = Stack(s, [WorkerSpec("llm", gpu, llm_concurrency), WorkerSpec("diffusion", gpu, diffusion_concurrency)],
-                  flower=flower, gateway=gateway, log_dir=Path(".arbiter/logs"))
+                  flower=flower, gateway=gateway, log_dir=DEV_DIR / "logs", redis_dir=redis_dir)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
         redis_url = redacted(stack.redis_url)
-        console.print(f"redis    {redis_url}" + (" (embedded)" if stack.redis else ""), soft_wrap=True)
+        console.print(f"redis    {redis_url}" + (f" (embedded; data kept in {redis_dir}/ across restarts, --fresh "
+                                                    "to start empty)" if stack.redis else ""), soft_wrap=True)
         stack.wait_for_workers()
         console.print(f"workers  llm x{llm_concurrency}, diffusion x{diffusion_concurrency} on {gpu}, beat "
                       f"(policy {stack.settings.policy}); logs in .arbiter/logs/", soft_wrap=True)
@@ -166,7 +198,7 @@ def dev(
                           f"{s.flower_password.get_secret_value()})", soft_wrap=True)
         if gateway:
             stack.wait_for_gateway()
-            key = stack.dev_key()
+            key = stack.dev_key(saved=DEV_DIR / "dev-key")
             console.print(f"gateway  {stack.gateway_url}  (docs {stack.gateway_url}/docs)", soft_wrap=True)
             console.print(f"api key  {key}  (development key: every priority, no limits)", soft_wrap=True,
                           highlight=False)
@@ -174,7 +206,7 @@ def dev(
                           f"{key}' -H 'Content-Type: application/json' -d '{{\"model\": \"llama-3\", "
                           f"\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], "
                           f"\"service_tier\": \"priority\"}}'", soft_wrap=True, highlight=False, markup=False)
-        console.print(f"try      ARBITER_REDIS_URL={redis_url} arbiter submit llm 'hello' --priority interactive "
+        console.print(f"try      ARBITER_REDIS_URL={redis_url} {arbiter_command()} submit llm 'hello' --priority interactive "
                       "--stream", soft_wrap=True, highlight=False)
         console.print("[dim]Ctrl-C to stop[/dim]")
         while all(p.poll() is None for p in stack.procs.values()):

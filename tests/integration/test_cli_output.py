@@ -58,3 +58,38 @@ def test_piped_output_does_not_wrap_at_80_columns(arbiter):
     status = arbiter("status").stdout
     assert max(len(line) for line in status.splitlines()) <= 250
     assert "…" not in status, status   # no header or cell cut short
+
+
+@pytest.fixture(scope="module")
+def arbiter_rc(settings, arbiter):
+    """Like `arbiter`, for a command whose exit status is the point: returns the finished process."""
+    env = worker_env(settings, ARBITER_LOG_LEVEL="WARNING")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "arbiter", *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    return run
+
+
+def test_cancel_of_a_finished_job_says_it_had_finished_and_exits_1(arbiter, arbiter_rc):
+    job = arbiter("submit", "llm", "done already", "--max-new-tokens", "2").stdout.strip()
+    arbiter("result", job)
+    p = arbiter_rc("cancel", job)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == f"error: {job}: already finished, nothing to cancel (its result: `arbiter result {job}`)\n"
+    assert json.loads(arbiter("status", job, "--json").stdout)["state"] == "finished"   # untouched
+
+
+def test_bump_names_the_place_and_drain_says_the_pause_ended(arbiter):
+    queue = "llm.background"
+    arbiter("queue", "pause", queue, "--by", "ops", "--reason", "moving racks")
+    jobs = [arbiter("submit", "llm", f"held {i}", "--priority", "background", "--max-new-tokens", "2").stdout.strip()
+            for i in range(3)]
+    assert arbiter("job", "bump", jobs[2]).stdout == f"{jobs[2]}: front of {queue} (it was 3rd in line)\n"
+    out = arbiter("queue", "drain", queue, "--by", "ops").stdout.splitlines()
+    assert out[0] == f"{queue}: draining (new submits refused until `arbiter queue resume {queue}`)"
+    assert re.fullmatch(rf"{queue}: its pause \(by ops, \d+ s ago: moving racks\) has ended: its queued jobs start "
+                        rf"again; `arbiter queue pause {queue}` to hold them", out[1]), out
+    for job in jobs:
+        arbiter("result", job)
+    assert arbiter("queue", "resume", queue).stdout == f"{queue}: running\n"

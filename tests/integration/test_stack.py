@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +15,11 @@ import urllib.request
 import psutil
 import pytest
 
+from arbiter.stack import Stack
 from broker.client import Client
 from broker.redis_server import free_port
 from broker.settings import Settings
+from broker.states import JobState
 from tests.conftest import die_with_parent, wait_until
 
 pytestmark = pytest.mark.integration
@@ -48,6 +51,8 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
         assert not any("s3cret" in " ".join(c.cmdline()) for c in children)
 
         _printed_gateway_answers(out, gateway_port)
+        _printed_try_line_works(out, tmp_path)
+        assert f"(embedded; data kept in .arbiter/redis/ across restarts" in out
 
         client = Client(settings=Settings(redis_url=env["ARBITER_REDIS_URL"]))
         job = client.submit(workload="llm", prompt="hi flower", priority="interactive", max_new_tokens=5)
@@ -99,6 +104,68 @@ def _printed_gateway_answers(out, port):
     job = httpx.get(f"{gateway}/v1/jobs/{reply.id.removeprefix('chatcmpl-')}",
                     headers={"Authorization": f"Bearer {key}"}).json()
     assert job["status"]["priority"] == "interactive"
+
+
+def _printed_try_line_works(out, cwd):
+    """The `arbiter submit` line `arbiter dev` printed runs as printed, in a shell (no bare `arbiter` that is
+    not on PATH): here the interpreter that runs `arbiter dev`, with `-m arbiter`."""
+    line = re.search(r"^try +(ARBITER_REDIS_URL=.* submit llm .*)$", out, re.M).group(1)
+    assert f"{sys.executable} -m arbiter submit" in line
+    p = subprocess.run(line.replace("'hello'", "'hello' --max-new-tokens 3"), shell=True, cwd=cwd,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and len(p.stdout.split()) == 3, p.stdout + p.stderr
+
+
+def test_dev_with_a_taken_port_says_which_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, ARBITER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", ARBITER_GATEWAY_PORT=str(port))
+        p = subprocess.run([sys.executable, "-m", "arbiter", "dev", "--no-flower"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr == (f"error: port {port} (the gateway's) is taken by another process: choose another with "
+                            "--gateway-port or ARBITER_GATEWAY_PORT\n")
+        env.update(ARBITER_FLOWER_PORT=str(port), ARBITER_GATEWAY_PORT=str(free_port()))
+        p = subprocess.run([sys.executable, "-m", "arbiter", "dev", "--no-gateway"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and p.stderr.startswith(f"error: port {port} (Flower's) is taken"), p.stderr
+        assert "ARBITER_FLOWER_PORT" in p.stderr
+    assert not (tmp_path / ".arbiter" / "redis").exists()   # refused before anything started
+
+
+def test_dev_redis_keeps_jobs_and_the_dev_key_across_a_restart(tmp_path):
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    data, saved = tmp_path / "redis", tmp_path / "dev-key"
+
+    def stack():
+        return Stack(settings, [], flower=False, beat=False, redis_dir=data).start()
+
+    first = stack()
+    try:
+        key = first.dev_key(saved=saved)
+        with Client(settings=settings) as client:
+            job = client.submit(workload="llm", prompt="kept", max_new_tokens=2)
+    finally:
+        first.stop()
+    assert saved.stat().st_mode & 0o777 == 0o600
+    second = stack()
+    try:
+        assert second.redis is not None   # embedded again, from its data directory
+        assert second.dev_key(saved=saved) == key
+        with Client(settings=settings) as client:
+            assert client.get(job.id).status().state is JobState.QUEUED
+    finally:
+        second.stop()
+    import shutil
+
+    shutil.rmtree(data)   # what `arbiter dev --fresh` does: empty again, and a new key
+    third = stack()
+    try:
+        assert third.dev_key(saved=saved) != key
+    finally:
+        third.stop()
 
 
 def _flower_up(base):
