@@ -10,19 +10,24 @@ from dataclasses import dataclass, field
 
 from arbiter.budgets import BudgetConfig, BudgetState, Demand, next_budgets
 from arbiter.pressure import Pressure
-from broker.schemas import ParkedJob
+from broker.schemas import IMPROVE_BAND, ParkedJob
 
 INTERACTIVE, STANDARD, BACKGROUND = "interactive", "standard", "background"
-VICTIM_ORDER = (BACKGROUND, STANDARD)      # who yields to interactive work, first to last
+VICTIM_ORDER = (IMPROVE_BAND, BACKGROUND, STANDARD)      # who yields to interactive work, first to last
 
 
 @dataclass(frozen=True)
 class RunningJob:
     job_id: str
     workload: str
-    priority: str
-    worker: str
+    priority: str      # the band it was taken from, as its lease names it: a priority, or `improve` for an
+    worker: str        # improvement run (`JobSpec.band`)
     mib: int
+
+    @property
+    def queue(self) -> str:
+        """The queue it was taken from (`<workload>.<priority|improve>`): what an operator's pause names."""
+        return f"{self.workload}.{self.priority}"
 
 
 @dataclass(frozen=True)
@@ -223,9 +228,9 @@ def plan(world: World, cfg: PolicyConfig) -> Decisions:
         for j in gpu.running:
             if j.job_id in world.preempting:
                 controls[j.job_id] = "preempt"
-            elif f"{j.workload}.{j.priority}" in world.preempt_queues:   # the operator's pause --preempt
+            elif j.queue in world.preempt_queues:   # the operator's pause --preempt
                 controls[j.job_id] = "preempt"
-                d.preempt.append((gpu.gpu_id, j.job_id, f"queue {j.workload}.{j.priority} paused with --preempt"))
+                d.preempt.append((gpu.gpu_id, j.job_id, f"queue {j.queue} paused with --preempt"))
         live = [j for j in gpu.running if j.job_id not in controls]
         if cfg.preempt:
             # 1. interactive jobs waiting for VRAM on this GPU

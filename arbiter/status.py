@@ -102,9 +102,11 @@ def render(console: Console, data: dict[str, Any]) -> None:
     jobs = Table(title="Live jobs (not queued)")
     for col in ("job", "workload", "priority", "state", "quality", "step", "gpu", "waiting for"):
         jobs.add_column(col)
-    for j in data["jobs"]:
-        short = j["job_id"][:8] + (" (improvement run)" if ".improve." in j["job_id"] else "")
-        jobs.add_row(short, j["workload"], j["priority"], j["state"],
+    # an improvement run is listed right after its job, named as its job's run
+    for j in sorted(data["jobs"], key=lambda j: (j.get("improves") or j["job_id"], j.get("improves") is not None)):
+        parent = j.get("improves")
+        short = f"{parent[:8]} improvement run" if parent else j["job_id"][:8]
+        jobs.add_row(short, j["workload"], "improve" if parent else j["priority"], j["state"],
                      "" if j["quality"] is None else f"{j['quality']:.2f}",
                      f"{j['step'] or 0}/{j['total'] or '?'}", j["gpu_id"] or "", j.get("waiting_for") or "")
     console.print(jobs)

@@ -290,11 +290,18 @@ class JobHandle:
 
     @_translated
     def cancel(self) -> JobState:
-        """Cancel the job. A queued job is cancelled at once; a running one stops at its next step.
+        """Cancel the job. A queued job is cancelled at once; a running one stops at its next step. Its
+        improvement run, if one is queued or running, is cancelled too, and never replaces the result.
         Returns the state right after the request (a terminal job is left as it is)."""
         store = self.client.store
-        if not store.request_cancel(self.id):   # nothing is written for an unknown or expired id
+        found, run = store.request_cancel(self.id)
+        if not found:   # nothing is written for an unknown or expired id
             raise JobNotFound(self.id)
+        if run is not None:
+            try:
+                JobHandle(self.client, run).cancel()
+            except JobNotFound:    # its record expired: nothing left to stop
+                pass
         done, state = store.transition(self.id, JobState.CANCELLED, allowed=_CANCEL_DIRECTLY,
                                        error="cancelled by client", finished_at=time.time())
         if done:

@@ -80,6 +80,8 @@ class JobStore:
         k = self.keys
         fields = {"spec": spec.model_dump_json(), "state": JobState.QUEUED.value, "workload": spec.workload.value,
                   "priority": spec.priority.value, "queued_at": now, "updated_at": now, "preemptions": 0, "runs": 0}
+        if spec.improves:     # an improvement run names its job in its record (status, `arbiter status`)
+            fields["improves"] = spec.improves
         return {"keys": [k.job(job_id), k.jobs_live(), k.queue_controls()],
                 "args": [job_id, now, self.ttl_s * 7, queue, *(x for kv in fields.items() for x in kv)]}
 
@@ -199,9 +201,14 @@ class JobStore:
                               maxlen=STREAM_MAXLEN, approximate=True)
         return True
 
-    def request_cancel(self, job_id: str) -> bool:
-        """Flag the job for its worker to stop; False (nothing written) if there is no such job."""
-        return bool(self._cancel_request(keys=[self.keys.job(job_id)]))
+    def request_cancel(self, job_id: str) -> tuple[bool, str | None]:
+        """Flag the job for its worker to stop: (False, None), nothing written, if there is no such job; else
+        True and the id of its improvement run if one was queued or running (marked cancelled on the job: the
+        caller cancels the run too)."""
+        reply = self._cancel_request(keys=[self.keys.job(job_id)])
+        if isinstance(reply, (bytes, str)):
+            return True, _s(reply)
+        return bool(reply), None
 
     def save_result(self, result: JobResult, pipe: Any = None) -> None:
         k = self.keys
@@ -273,7 +280,7 @@ def status_from(job_id: str, d: dict[str, str]) -> JobStatus:
         runs=int(d.get("runs", 0)), error=d.get("error"), queued_at=float(d["queued_at"]),
         started_at=_float(d.get("started_at")), finished_at=_float(d.get("finished_at")),
         waiting_for=d.get("waiting_for") if JobState(d["state"]) in WAITING else None,
-        improvement=d.get("improvement_state"),
+        improvement=d.get("improvement_state"), improvement_run=d.get("improvement"), improves=d.get("improves"),
     )
 
 

@@ -20,7 +20,9 @@ def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec, hold: di
     of a workload goes to one queue, served in arrival order. With `hold` (`broker.fairshare.hold_header`)
     the message, built for its queue, waits on its tenant's held list until the beat feeds it in."""
     queue = job.queue if policy(settings.policy).priority_bands else queue_name(job.workload, Priority.STANDARD)
-    extra = {"headers": {fairshare.HOLD_HEADER: hold}} if hold else {}
+    extra: dict[str, Any] = {"headers": {fairshare.HOLD_HEADER: hold}} if hold else {}
+    if job.improves:    # an improvement run, sent again: Flower shows its job as its parent, as at first
+        extra.update(parent_id=job.improves, root_id=job.improves)
     args = [job.model_dump(mode="json")]
     # ignore_result: clients follow the job record, so Celery's result channel is not subscribed per job
     # (a SUBSCRIBE and an UNSUBSCRIBE each); the outcome is still written there (workers/celery_result.py)

@@ -121,6 +121,12 @@ class JobSpec(BaseModel):
     def queue(self) -> str:
         return improve_queue(self.workload) if self.improves else queue_name(self.workload, self.priority)
 
+    @property
+    def band(self) -> str:
+        """The band its queue serves: its priority, or `improve` for an improvement run. A running job's lease
+        names it, so the beat matches a run to its queue (operators' controls, victim order)."""
+        return IMPROVE_BAND if self.improves else self.priority.value
+
 
 def queue_name(workload: Workload | str, priority: Priority | str) -> str:
     return f"{Workload(workload).value}.{Priority(priority).value}"
@@ -159,7 +165,10 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     waiting_for: str | None = None     # why a waiting job cannot run yet, in numbers
-    improvement: str | None = None     # improve: true and finished below 1.0: "queued" or "done" (result v2)
+    improvement: str | None = None     # improve: true and finished below 1.0: "queued", "done" (result v2) or
+    # "cancelled" (the job was cancelled: its run stopped, its result kept)
+    improvement_run: str | None = None  # that improvement run's job id
+    improves: str | None = None        # on an improvement run: the job whose result it replaces
     # queued jobs only (broker/position.py): place in its band's list (1 = next to start), jobs that start
     # before it, predicted seconds until it starts. position None with ahead set: more than `ahead` are ahead
     # (the scan stopped at its cap) and eta_s is a lower bound

@@ -40,7 +40,8 @@ def queue_improvement(rt: Runtime, job_id: str, spec: JobSpec, quality: float, t
     # hand changes nothing)
     rt.redis.hset(rt.keys.job(job_id), mapping={"improvement": run_id, "improvement_state": "queued"})
     add_stats(rt.redis, rt.keys, improvements_queued=1)
-    task.app.send_task(task.name, args=[run.model_dump(mode="json")], task_id=run_id, queue=run.queue)
+    task.app.send_task(task.name, args=[run.model_dump(mode="json")], task_id=run_id, queue=run.queue,
+                       parent_id=job_id, root_id=job_id)    # Flower shows the run under its job
     log.info("job %s finished at quality %.2f: improvement run %s queued (%s)", job_id, quality, run_id, run.queue)
     return run_id
 

@@ -182,7 +182,7 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
     nothing is written if the lease does not fit or the job may not start any more. The weights lease is always
     named: counted only if not held yet, renewed (re-made) if it is."""
     now = time.time()
-    grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.priority.value,
+    grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.band,
                            spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
                            incr={"runs": 1}, setnx={"started_at": now}, now=now,
                            fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,

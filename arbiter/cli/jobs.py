@@ -127,11 +127,15 @@ def _job_table(st):
     if st.waiting_for:
         rows.insert(2, ("waiting for", st.waiting_for))
     if st.ahead is not None:   # queued: "queued: 3rd in llm.standard, 12 jobs ahead, ETA ~40 s"
-        band = job_queue(st.workload, st.priority, None, get_settings())
+        band = job_queue(st.workload, st.priority, st.improves, get_settings())
         rows[1] = ("state", f"{st.state.value}: {describe(st.position, st.ahead, st.eta_s, band, bool(st.waiting_for))}")
     if st.improvement:
-        rows.append(("improvement", "done: the result is version 2, at full quality" if st.improvement == "done"
-                     else "queued: redone at full quality when the GPU would otherwise idle"))
+        said = {"done": "done: the result is version 2, at full quality",
+                "cancelled": "cancelled with the job: the result stays version 1"}
+        queued = "queued: redone at full quality when the GPU would otherwise idle"
+        rows.append(("improvement", f"{said.get(st.improvement, queued)} (run {st.improvement_run})"))
+    if st.improves:
+        rows.append(("improves", f"{st.improves}: this run's result replaces that job's at full quality"))
     if st.error:
         rows.append(("error", st.error))
     for name, value in rows:

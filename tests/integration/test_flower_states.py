@@ -143,3 +143,21 @@ def test_flowers_broker_page_shows_the_queues(client, flower):
         assert lengths["diffusion.improve"] == 1
     finally:
         client.redis.delete("diffusion.improve")
+
+
+def test_flower_shows_an_improvement_run_under_its_job(client, procs, flower):  # noqa: F811
+    """The run is a task of its own (`<job>.improve.<n>`, routing key `<w>.improve`) whose parent and root are
+    the job it improves, so Flower's task page links the two."""
+    worker, beat = procs
+    worker("diffusion", concurrency=1, gpu="sim82:24GiB")
+    warm = client.submit(workload="diffusion", prompt="warm", steps=2, width=64, height=64).result(timeout=60)
+    client.redis.hset(client.keys.budgets(warm.gpu_id), mapping={k: 0.3 if k.startswith("diffusion") else 0.4
+                                                                 for k in DEGRADE_ORDER})
+    job = client.submit(workload="diffusion", priority="background", prompt="fox", steps=10, width=256, height=256,
+                        improve=True)
+    assert job.result(timeout=60).quality < 1.0
+    run_id = client.get(job.id).status().improvement_run
+    beat()
+    wait_until(lambda: state_is(flower, run_id, "SUCCESS"), timeout_s=40, interval_s=0.3)
+    t = task(flower, run_id)
+    assert t["routing_key"] == "diffusion.improve" and t["parent_id"] == job.id and t["root_id"] == job.id

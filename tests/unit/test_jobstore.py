@@ -111,4 +111,17 @@ def test_a_terminal_job_keeps_no_checkpoint_and_cancel_of_an_unknown_id_writes_n
     store.save_checkpoint("j7", b"c")
     store.transition("j7", JobState.CANCELLED)
     assert store.checkpoint("j7") is None
-    assert not store.request_cancel("nope") and not fake_redis.exists("t:job:nope")
+    assert store.request_cancel("nope") == (False, None) and not fake_redis.exists("t:job:nope")
+
+
+def test_cancelling_a_finished_job_names_its_queued_improvement_run_once(store, fake_redis):
+    store.create("j8", spec())
+    store.transition("j8", JobState.RUNNING, fence=1)
+    store.transition("j8", JobState.FINISHED)
+    assert store.request_cancel("j8") == (True, None)                 # no run: nothing more to stop
+    store.create("j9", spec())
+    fake_redis.hset("t:job:j9", mapping={"improvement": "j9.improve.1", "improvement_state": "queued"})
+    assert store.request_cancel("j9") == (True, "j9.improve.1")
+    st = store.status("j9")
+    assert st.improvement == "cancelled" and st.improvement_run == "j9.improve.1"
+    assert store.request_cancel("j9") == (True, None)                 # asked again: already cancelled

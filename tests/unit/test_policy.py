@@ -23,6 +23,8 @@ def test_victims_background_first_largest_first():
     assert [v.job_id for v in choose_victims(cands, 0, count=1)] == ["j3"]
     assert choose_victims([job(1, priority="interactive")], 100) == []      # never an interactive job
     assert choose_victims(cands, 10_000) == []                               # cannot free enough: nobody
+    run = job(4, priority="improve", mib=100)                               # an improvement run: first of all
+    assert [v.job_id for v in choose_victims([*cands, run], 0, count=2)] == ["j4", "j3"]
 
 
 def test_interactive_waiting_for_vram_preempts_background():

@@ -79,6 +79,25 @@ def test_pause_with_preempt_preempts_the_queues_running_jobs_only():
     assert plan(World((_gpu(bg, std, chat),), {}, {}), PolicyConfig(yield_compute=False)).controls["g"] == {}
 
 
+def test_pause_with_preempt_matches_an_improvement_run_by_its_queue_not_its_priority():
+    # an improvement run's lease names its band, `improve` (`JobSpec.band`), though its spec says background
+    run = RunningJob("j.improve.1", "diffusion", "improve", "d@n", 500)
+    bg = RunningJob("bg", "diffusion", "background", "d@n", 500)
+    cfg = PolicyConfig(yield_compute=False)
+    d = plan(World((_gpu(run, bg),), {}, {}, preempt_queues=frozenset({"diffusion.background"})), cfg)
+    assert d.controls["g"] == {"bg": "preempt"}                  # the run goes on
+    d = plan(World((_gpu(run, bg),), {}, {}, preempt_queues=frozenset({"diffusion.improve"})), cfg)
+    assert d.controls["g"] == {"j.improve.1": "preempt"}
+    assert [why for _, _, why in d.preempt] == ["queue diffusion.improve paused with --preempt"]
+
+
+def test_an_improvement_runs_lease_names_its_band():
+    spec = JobSpec(workload=Workload.DIFFUSION, prompt="p", priority="background")
+    assert spec.band == "background" and spec.queue == "diffusion.background"
+    run = spec.model_copy(update={"improves": "j1"})
+    assert run.band == "improve" and run.queue == "diffusion.improve"
+
+
 def test_a_worker_reads_its_queues_in_strict_order_whatever_order_they_were_added_in():
     for worker in (None, "w1@node"):
         order = workload_queues(Workload.DIFFUSION, worker)

@@ -2,9 +2,11 @@
 -- KEYS[1] job hash   KEYS[2] run hash   KEYS[3] job output   KEYS[4] job output v1   KEYS[5] run output
 -- KEYS[6] job event stream
 -- ARGV[1] run id     ARGV[2] job id     ARGV[3] now          ARGV[4] stream maxlen
--- Returns 1 when adopted; 0 when the job does not name this run as its improvement, ended otherwise than
--- finished, or the run has no result; -1 while the job has not finished yet.
+-- Returns 1 when adopted; 0 when the job does not name this run as its improvement, was cancelled (even
+-- after it finished), ended otherwise than finished, or the run has no result; -1 while the job has not
+-- finished yet.
 if redis.call('HGET', KEYS[1], 'improvement') ~= ARGV[1] then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then return 0 end   -- cancelled: the result stays
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'failed' or state == 'cancelled' then return 0 end
 if state ~= 'finished' then return -1 end
