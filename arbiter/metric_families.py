@@ -43,6 +43,7 @@ HISTOGRAMS: dict[str, str] = {
 # Stats-hash counters exposed as arbiter_<name>_total (see broker/stats.py for their meaning).
 COUNTERS: dict[str, str] = {
     "preemptions": "Jobs preempted (checkpointed and requeued) for interactive work.",
+    "drained": "Jobs checkpointed and requeued because their worker was stopping (SIGTERM drain).",
     "resumes": "Jobs resumed from a checkpoint.",
     "pauses": "Pauses of background/standard jobs while interactive work ran.",
     "ooms": "Simulated or real out-of-memory errors.",

@@ -35,9 +35,9 @@ class InsufficientQuality(ArbiterError):
 class Preempted(ArbiterError):
     """Raised inside a worker to stop a job at a step boundary; it is checkpointed and requeued."""
 
-    def __init__(self, message: str, checkpoint: bytes | None = None, step: int = 0) -> None:
+    def __init__(self, message: str, checkpoint: bytes | None = None, step: int = 0, drained: bool = False) -> None:
         super().__init__(message)
-        self.checkpoint, self.step = checkpoint, step
+        self.checkpoint, self.step, self.drained = checkpoint, step, drained   # drained: its worker is stopping
 
 
 class LeaseLost(ArbiterError):

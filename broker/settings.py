@@ -64,7 +64,12 @@ class Settings(BaseSettings):
                                          "once (workers/vramhold.py).")
     preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "
                                                           "request is hard-stopped (its process is killed).")
-    checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs.")
+    checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs: a worker "
+                                         "lost outright (SIGKILL, power) loses at most this much work per job.")
+    drain_timeout_s: float = Field(8.0, gt=0, description="A worker told to stop (SIGTERM) asks its running jobs to "
+                                   "checkpoint and requeue at their next step; one still running this long after "
+                                   "the signal is stopped at once (it resumes from its last periodic checkpoint). "
+                                   "Set the pod's terminationGracePeriodSeconds above it (docs/scaling.md).")
     affinity_max_declines: int = Field(1, ge=0, description="How many times a job may be passed to a peer "
                                        "that holds its model variant (0: no affinity).")
     affinity_max_backlog: int = Field(3, ge=1, description="A job that is not interactive may wait behind this "

@@ -1,7 +1,7 @@
 """Counters every process adds to (one Redis hash) and `arbiter status` / metrics read.
 
 Names: allocations_ok, allocations_failed, quality_reductions (jobs run below quality 1.0), preemptions,
-resumes, pauses, requeued_lost, deadline_shed, ooms, budget_changes, checkpoints, checkpoint_ms,
+drained (jobs requeued by their stopping worker: workers/drain.py), resumes, pauses, requeued_lost, deadline_shed, ooms, budget_changes, checkpoints, checkpoint_ms,
 step_ms (time in steps, to compare with checkpoint_ms), quality_sum.<workload>, quality_n.<workload>,
 pressure_sum, pressure_n, model_loads and model_load_s (variants made resident and the seconds it took),
 affinity_declines (jobs passed to a peer that holds their variant), shed_at_submit (jobs refused at submit

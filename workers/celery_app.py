@@ -16,6 +16,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
+    worker_shutting_down,
 )
 
 from broker.app import BARE_TASK, TASK_NAMES, create_app
@@ -23,6 +24,7 @@ from broker.errors import ArbiterError
 from broker.schemas import Workload
 from broker.settings import get_settings
 from workers import runner
+from workers.drain import Drain
 from workers.runtime import GpuConflict, check_gpu_size, close_runtime, get_runtime, make_device
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,32 @@ def _honour_paused(sender: Any = None, **_: Any) -> None:
                     log.info("not consuming %s: its queue is paused", name)
     except Exception as exc:  # noqa: BLE001 - the run's admission still holds jobs of paused queues
         log.warning("could not read paused queues at start: %s", exc)
+
+
+def _running_jobs() -> list[tuple[str, int]]:
+    """In the main process: the Arbiter jobs its pool processes run now, as (job id, process pid)."""
+    from celery.worker.state import active_requests
+
+    jobs = set(TASK_NAMES.values())
+    return [(req.id, int(req.worker_pid)) for req in list(active_requests)
+            if req.worker_pid and getattr(req, "name", None) in jobs]
+
+
+@worker_shutting_down.connect
+def _drain(sig: str = "", how: str = "", **_: Any) -> None:
+    """In the main process, inside Celery's handler of a shutdown signal (`workers.drain`). A warm shutdown (the
+    first SIGTERM or Ctrl-C) drains: Celery stops taking jobs and waits for the running ones, which this asks to
+    checkpoint and requeue at their next step. A second one, or the drain's time running out, is a cold shutdown
+    (SIGQUIT): Celery stops the running jobs at once."""
+    if not _main or how != "Warm":
+        return
+    drain = _main.get("drain")
+    if drain is None:
+        s = get_settings()
+        drain = _main["drain"] = Drain(_main["redis"], _main["keys"], s.worker_name, _running_jobs,
+                                       s.drain_timeout_s)
+    if not drain.start():
+        drain.escalate(f"a second {sig}")
 
 
 # Celery's own lines per task: "received" (the consumer), "succeeded in …: <the result's repr>" (the pool)

@@ -109,23 +109,25 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
 
 
 def preempted(rt: Runtime, job_id: str, spec: JobSpec, fence: int, exc: Preempted, task: Any = None) -> None:
-    """vLLM's one guarded transition, as one fenced step: checkpoint, count, release the lease, state
-    preempted then queued; then a new message to the job's shared queue (never a worker's own queue, which
+    """vLLM's one guarded transition, as one fenced step: checkpoint, the step it holds (the record's `step`),
+    count, release the lease, state preempted then queued; then a new message to the job's shared queue (never a worker's own queue, which
     may have no live consumer) and this delivery is acknowledged. A crash in between leaves the old message
     unacknowledged: delivered again later, it finds the job taken or finished and is dropped."""
     quality = rt.store.r.hget(rt.keys.job(job_id), "quality")
     fields: dict[str, Any] = {"checkpoint_quality": float(quality or 1.0)} if exc.checkpoint else {}
     side = ScriptOps()
-    add_stats(rt.redis, rt.keys, pipe=side, preemptions=1)   # counted in the same step, only if it is done
+    # counted in the same step, only if it is done: a drain (its worker stopping, `workers.drain`) apart
+    add_stats(rt.redis, rt.keys, pipe=side, **{"drained" if exc.drained else "preemptions": 1})
     done = settle(rt, job_id, fence, "preemption", states=(JobState.PREEMPTED, JobState.QUEUED),
-                  checkpoint=exc.checkpoint or None, incr={"preemptions": 1}, side=side, **fields)
+                  checkpoint=exc.checkpoint or None, incr={"preemptions": 1}, side=side, step=exc.step, **fields)
     if not done.ok:
         log.info("job %s could not be preempted: it is %s", job_id, done.state.value if done.state else "gone")
         raise Ignore()
-    log.info("job %s preempted at step %d: checkpointed, lease released, requeued (%s %s)", job_id, exc.step,
+    why = f"drained (worker {rt.worker} stopping)" if exc.drained else "preempted"
+    log.info("job %s %s at step %d: checkpointed, lease released, requeued (%s %s)", job_id, why, exc.step,
              spec.workload.value, spec.priority.value)
     if task is None:   # no Celery app to send with (a direct call): Celery puts the message back
         raise Reject(str(exc), requeue=True)
     enqueue(task.app, rt.settings, job_id, spec)
-    flower.waiting(task, JobState.QUEUED.value, f"preempted at step {exc.step}: checkpointed, back on {spec.queue}")
+    flower.waiting(task, JobState.QUEUED.value, f"{why} at step {exc.step}: checkpointed, back on {spec.queue}")
     raise Ignore()

@@ -23,6 +23,7 @@ from broker.states import JobState
 from broker.stats import add as add_stats
 from workers import flower
 from workers.backends.base import StepInfo
+from workers.drain import DRAIN_FIELD, asked_to_drain
 from workers.ladders import Rung
 from workers.runtime import Runtime
 
@@ -102,10 +103,13 @@ class ControlHook(Hook):
         self.rt = rt
 
     def _read(self, job_id: str) -> tuple[bool, str | None]:
+        """(cancel asked, the control's action) — 'drain' when this run's worker is stopping (`workers.drain`)."""
         pipe = self.rt.redis.pipeline(transaction=False)
-        pipe.hget(self.rt.keys.job(job_id), "cancel_requested")
+        pipe.hmget(self.rt.keys.job(job_id), "cancel_requested", DRAIN_FIELD)
         pipe.hget(self.rt.keys.controls(self.rt.gpu_id), job_id)
-        cancel, control = pipe.execute()
+        (cancel, drain), control = pipe.execute()
+        if asked_to_drain(drain, self.rt.holder):
+            return bool(cancel), "drain"
         action, _ = parse_control(control, time.time(), control_ttl_s(self.rt.settings.lease_ttl_s))
         return bool(cancel), action
 
@@ -119,9 +123,10 @@ class ControlHook(Hook):
             cancel, action = self._pause(ctx, info)
         if cancel:
             raise Cancelled(f"job {ctx.job_id} cancelled at step {info.step}/{info.total}", info.step, info.total)
-        if action == "preempt" and info.step < info.total:
-            raise Preempted(f"job {ctx.job_id} preempted at step {info.step}/{info.total}", info.capture(),
-                            info.step)
+        if action in ("preempt", "drain") and info.step < info.total:
+            why = "preempted" if action == "preempt" else f"drained (worker {self.rt.worker} stopping)"
+            raise Preempted(f"job {ctx.job_id} {why} at step {info.step}/{info.total}", info.capture(), info.step,
+                            drained=action == "drain")
         cur = self.rt.current
         if ctx.fenced_out or (cur is not None and cur.lost):
             raise LeaseLost(f"job {ctx.job_id} lost its lease at step {info.step}/{info.total}")

@@ -34,6 +34,7 @@ from broker.waiting import WaitingEntry
 from workers import flower
 from workers.admission import Fail, Hold, Park, Skip, Try, decide, on_no_room
 from workers.affinity import pass_to
+from workers.drain import DRAIN_FIELD
 from workers.endings import cleanup, finished, preempted
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
 from workers.improve import adopt, queue_improvement
@@ -186,7 +187,7 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
                            spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
                            incr={"runs": 1}, setnx={"started_at": now}, now=now,
                            fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
-                                   "total": rung.total_steps})
+                                   "total": rung.total_steps, DRAIN_FIELD: ""})   # an earlier run's drain ask
     if grant.ok:   # counted only if it started; written with the job's finish (`broker.tally`)
         add_stats(rt.redis, rt.keys, pipe=(counts := Counts()), allocations_ok=1, resumes=int(resumed))
         rt.tally.add(counts)

@@ -1,0 +1,72 @@
+"""Draining (what a cluster asks of a process, docs/scaling.md): a worker told to stop with SIGTERM checkpoints
+its running job at its next step, requeues it at once and exits within its drain bound; the job continues on
+another worker from that step. Real Redis, real `arbiter worker` processes, real beats."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from broker.keys import Keys
+from broker.states import JobState
+from tests.conftest import wait_until
+from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+DRAIN_BOUND_S = 10.0   # the documented default bound (ARBITER_DRAIN_TIMEOUT_S + Celery's own exit)
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url):
+    # no periodic checkpoint within the test (100 s): the only checkpoint a run can leave is the drain's
+    return fast_settings(redis_url, checkpoint_interval_s=100.0, sim_origin_gbps=500.0, sim_disk_gbps=500.0)
+
+
+def runs(job):
+    """Per run (split at each `running` state event): the progress steps it reported."""
+    out: list[list[int]] = []
+    for event in job.events(timeout=1):
+        if event["type"] == "state" and event["state"] == "running":
+            out.append([])
+        elif event["type"] == "progress" and out:
+            out[-1].append(int(event["step"]))
+    return out
+
+
+def sigterm_main(w) -> float:
+    """SIGTERM to the worker's main process only, as Kubernetes sends it to a container's PID 1. Returns when
+    it was sent."""
+    os.kill(w.proc.pid, signal.SIGTERM)
+    return time.monotonic()
+
+
+def test_sigterm_mid_job_checkpoints_requeues_at_once_and_the_job_resumes_elsewhere(client, procs, settings):  # noqa: F811
+    worker, beat = procs
+    beat()
+    spec = dict(workload="diffusion", priority="standard", prompt="drain me", steps=200, width=1024,
+                height=1024, seed=3)
+    # 10x slower than the other runs (~35 s for the job): Celery's warm shutdown alone would wait that long
+    first = worker("diffusion", concurrency=1, gpu="sim0:24GiB", ARBITER_SIM_TIME_SCALE="3")
+    job = client.submit(spec)
+    wait_until(lambda: (job.status().step or 0) >= 20, timeout_s=30)
+    sent = sigterm_main(first)
+    first.proc.wait(timeout=DRAIN_BOUND_S + 5)
+    exited_s = time.monotonic() - sent
+    assert exited_s < DRAIN_BOUND_S, first.output()[-3000:]
+    # requeued by the drain itself, not by the beat after a lease expiry: queued, with its checkpoint
+    st = job.status()
+    assert st.state is JobState.QUEUED, (st, first.output()[-3000:])
+    drained_at = st.step
+    assert drained_at and drained_at >= 20
+    assert client.redis.exists(Keys().job_checkpoint(job.id))
+    assert "drain" in first.output()
+
+    worker("diffusion", concurrency=1, gpu="sim0:24GiB")
+    result = job.result(timeout=60)
+    per_run = runs(job)
+    assert len(per_run) == 2 and result.runs == 2 and result.preemptions == 1
+    assert per_run[1][0] == drained_at + 1                  # from the step it reached, not from step 1
+    reference = client.submit(spec).result(timeout=60)
+    assert result.image_png == reference.image_png          # same bytes as an uninterrupted run
