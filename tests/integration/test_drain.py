@@ -4,6 +4,7 @@ another worker from that step. Real Redis, real `arbiter worker` processes, real
 
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -70,3 +71,57 @@ def test_sigterm_mid_job_checkpoints_requeues_at_once_and_the_job_resumes_elsewh
     assert per_run[1][0] == drained_at + 1                  # from the step it reached, not from step 1
     reference = client.submit(spec).result(timeout=60)
     assert result.image_png == reference.image_png          # same bytes as an uninterrupted run
+
+
+def checkpoint_step(client, job) -> int:
+    """The step the job's stored checkpoint holds (the sim's checkpoint starts with it, little-endian u32)."""
+    blob = client.redis.get(Keys().job_checkpoint(job.id))
+    assert blob, "no checkpoint"
+    return struct.unpack("<I", blob[:4])[0]
+
+
+def test_a_second_sigterm_stops_the_job_at_once_and_it_resumes_from_its_last_periodic_checkpoint(client, procs):  # noqa: F811
+    # 20x slower sim: one 1536 px step lasts ~2 s, so the drain's ask is not seen before the second signal; every
+    # step checkpoints (0.01 s)
+    worker, beat = procs
+    beat()
+    spec = dict(workload="diffusion", priority="standard", prompt="stop me twice", steps=5, width=1536,
+                height=1536, seed=9)
+    first = worker("diffusion", concurrency=1, gpu="sim1:24GiB", ARBITER_SIM_TIME_SCALE="20",
+                   ARBITER_CHECKPOINT_INTERVAL_S="0.01", ARBITER_SIM_PCIE_GBPS="500")
+    job = client.submit(spec)
+    wait_until(lambda: client.redis.exists(Keys().job_checkpoint(job.id)), timeout_s=40)
+    sent = sigterm_main(first)
+    time.sleep(0.05)
+    os.kill(first.proc.pid, signal.SIGTERM)
+    first.proc.wait(timeout=DRAIN_BOUND_S + 5)
+    assert time.monotonic() - sent < DRAIN_BOUND_S, first.output()[-3000:]
+    assert "a second SIGTERM" in first.output()
+    kept = checkpoint_step(client, job)
+    assert kept >= 1
+
+    worker("diffusion", concurrency=1, gpu="sim1:24GiB")   # the beat requeues the job when its lease expires
+    result = job.result(timeout=60)
+    per_run = runs(job)
+    assert result.runs == 2 and per_run[-1][0] == kept + 1   # lost only the steps since its last checkpoint
+    assert result.image_png == client.submit(spec).result(timeout=60).image_png
+
+
+def test_sigkill_mid_job_resumes_from_its_last_periodic_checkpoint(client, procs):  # noqa: F811
+    worker, beat = procs
+    beat()
+    spec = dict(workload="diffusion", priority="standard", prompt="pull the plug", steps=200, width=1024,
+                height=1024, seed=4)
+    first = worker("diffusion", concurrency=1, gpu="sim2:24GiB", ARBITER_SIM_TIME_SCALE="3",
+                   ARBITER_CHECKPOINT_INTERVAL_S="1")
+    job = client.submit(spec)
+    wait_until(lambda: (job.status().step or 0) >= 20, timeout_s=30)
+    first.kill(signal.SIGKILL)                               # the node lost outright: parent and pool at once
+    kept = checkpoint_step(client, job)
+    assert 0 < kept <= job.status().step
+
+    worker("diffusion", concurrency=1, gpu="sim2:24GiB")
+    result = job.result(timeout=60)
+    per_run = runs(job)
+    assert result.runs == 2 and per_run[-1][0] == kept + 1   # at most one checkpoint interval of work lost
+    assert result.image_png == client.submit(spec).result(timeout=60).image_png
