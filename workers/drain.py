@@ -104,7 +104,7 @@ class Drain:
                 asked |= new
             except redis.RedisError as exc:   # Redis away: the jobs resume from their periodic checkpoints
                 log.warning("worker %s draining: could not ask its jobs to requeue (will retry): %s", self.worker, exc)
-            except Exception:  # noqa: BLE001 - a drain that fails must still end in the bound (below)
+            except Exception:
                 log.exception("worker %s draining: asking its jobs failed", self.worker)
             time.sleep(REMARK_S)
         self.escalate(f"jobs still running {self.timeout_s:g} s after the stop signal")

@@ -46,8 +46,8 @@ def sigterm_main(w) -> float:
 def test_sigterm_mid_job_checkpoints_requeues_at_once_and_the_job_resumes_elsewhere(client, procs, settings):  # noqa: F811
     worker, beat = procs
     beat()
-    spec = dict(workload="diffusion", priority="standard", prompt="drain me", steps=200, width=1024,
-                height=1024, seed=3)
+    spec = {"workload": "diffusion", "priority": "standard", "prompt": "drain me", "steps": 200, "width": 1024,
+                "height": 1024, "seed": 3}
     # 10x slower than the other runs (~35 s for the job): Celery's warm shutdown alone would wait that long
     first = worker("diffusion", concurrency=1, gpu="sim0:24GiB", ARBITER_SIM_TIME_SCALE="3")
     job = client.submit(spec)
@@ -85,8 +85,8 @@ def test_a_second_sigterm_stops_the_job_at_once_and_it_resumes_from_its_last_per
     # step checkpoints (0.01 s)
     worker, beat = procs
     beat()
-    spec = dict(workload="diffusion", priority="standard", prompt="stop me twice", steps=5, width=1536,
-                height=1536, seed=9)
+    spec = {"workload": "diffusion", "priority": "standard", "prompt": "stop me twice", "steps": 5, "width": 1536,
+                "height": 1536, "seed": 9}
     first = worker("diffusion", concurrency=1, gpu="sim1:24GiB", ARBITER_SIM_TIME_SCALE="20",
                    ARBITER_CHECKPOINT_INTERVAL_S="0.01", ARBITER_SIM_PCIE_GBPS="500")
     job = client.submit(spec)
@@ -110,8 +110,8 @@ def test_a_second_sigterm_stops_the_job_at_once_and_it_resumes_from_its_last_per
 def test_sigkill_mid_job_resumes_from_its_last_periodic_checkpoint(client, procs):  # noqa: F811
     worker, beat = procs
     beat()
-    spec = dict(workload="diffusion", priority="standard", prompt="pull the plug", steps=200, width=1024,
-                height=1024, seed=4)
+    spec = {"workload": "diffusion", "priority": "standard", "prompt": "pull the plug", "steps": 200, "width": 1024,
+                "height": 1024, "seed": 4}
     first = worker("diffusion", concurrency=1, gpu="sim2:24GiB", ARBITER_SIM_TIME_SCALE="3",
                    ARBITER_CHECKPOINT_INTERVAL_S="1")
     job = client.submit(spec)
