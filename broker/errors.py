@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ArbiterError(Exception):
     """Base of every error Arbiter raises on purpose."""
@@ -46,6 +48,15 @@ class LeaseLost(ArbiterError):
 
 class DeadlineExceeded(ArbiterError):
     """A job's deadline passed before it could start."""
+
+    @staticmethod
+    def message(deadline_s: float, late_s: float) -> str:
+        return f"deadline of {deadline_s} s passed {late_s:.1f} s before the job could start"
+
+    @staticmethod
+    def describes(error: str | None) -> bool:
+        """Whether a failed job's recorded error is this one."""
+        return bool(error) and re.match(r"deadline of \S+ s passed", error or "") is not None
 
 
 class Overloaded(ArbiterError):

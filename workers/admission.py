@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from broker.errors import DeadlineExceeded
 from broker.predictor import pick_for_deadline
 from broker.states import STARTABLE, TERMINAL, JobState
 from workers.ladders import Rung, admissible_rungs
@@ -109,7 +110,7 @@ def decide(job: JobView) -> Decision:
         return Skip(f"it is {job.state.value} elsewhere (a duplicate delivery)")
     if job.deadline_s and job.now > job.queued_at + job.deadline_s:
         late = job.now - job.queued_at - job.deadline_s
-        return Fail("deadline", f"deadline of {job.deadline_s} s passed {late:.1f} s before the job could start")
+        return Fail("deadline", DeadlineExceeded.message(job.deadline_s, late))
     if job.paused:
         return Hold("its queue is paused")
     rungs = candidate_rungs(job)

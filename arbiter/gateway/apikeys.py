@@ -91,7 +91,7 @@ class KeyStore:
         """Count one request against the key's rate (a fixed one-minute window); a Limit if over."""
         if not key.rate_per_min:
             return None
-        window = f"{self.keys.prefix}:apikey:{key.name}:rate:{int(time.time() // 60)}"
+        window = self._rate_window(key)
         pipe = self.r.pipeline()
         pipe.incr(window)
         pipe.expire(window, 61)
@@ -100,6 +100,19 @@ class KeyStore:
             return Limit(429, f"key {key.name!r} is over its rate limit of {key.rate_per_min} requests per minute",
                          retry_after_s=60 - int(time.time()) % 60)
         return None
+
+    def _rate_window(self, key: ApiKey) -> str:
+        return f"{self.keys.prefix}:apikey:{key.name}:rate:{int(time.time() // 60)}"
+
+    def rate_headers(self, key: ApiKey) -> dict[str, str]:
+        """OpenAI's request-rate headers for the key, read from its limiter: the limit, the requests left in
+        this window and when the window resets ("12s"); none for a key without a rate limit."""
+        if not key.rate_per_min:
+            return {}
+        used = int(self.r.get(self._rate_window(key)) or 0)
+        return {"x-ratelimit-limit-requests": str(key.rate_per_min),
+                "x-ratelimit-remaining-requests": str(max(0, key.rate_per_min - used)),
+                "x-ratelimit-reset-requests": f"{60 - int(time.time()) % 60}s"}
 
     def _jobs(self, key: ApiKey) -> str:
         return f"{self.keys.prefix}:apikey:{key.name}:jobs"

@@ -70,7 +70,7 @@ def create_gateway(settings: Settings) -> FastAPI:
         handle = ctx.submit(key, {**fields, "priority": priority.value}, idempotency_key)
         return JobCreated(job_id=handle.id, status_url=f"/v1/jobs/{handle.id}")
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 502, 503),
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 502, 503, 504),
              summary="A job's state, progress and (when finished) result; image_png in standard base64")
     def get_job(job_id: str = JobId, key: ApiKey = Depends(caller)) -> JobView:
         handle = ctx.owned(key, job_id)
@@ -95,7 +95,7 @@ def create_gateway(settings: Settings) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/image.png", tags=["jobs"],
              summary="A finished image job's PNG (API key, or a signed link)",
-             response_class=Response, responses={200: PNG, **errors(401, 403, 404, 409, 422, 502, 503)})
+             response_class=Response, responses={200: PNG, **errors(401, 403, 404, 409, 422, 502, 503, 504)})
     def job_image(job_id: str = JobId, key: ApiKey | None = Depends(maybe_caller),
                   expires: int | None = Query(None, ge=0, lt=2**53, description="Signed links: expiry (epoch s)."),
                   sig: str | None = Query(None, pattern="^[0-9a-f]{64}$", description="Signed links: the "
@@ -145,10 +145,27 @@ def create_gateway(settings: Settings) -> FastAPI:
     return app
 
 
+# the events' numeric fields (Redis streams hold text): sent as JSON numbers
+EVENT_NUMBERS: dict[str, type] = {"step": int, "total": int, "index": int, "position": int, "ahead": int,
+                                  "quality": float, "eta_s": float}
+
+
+def typed(event: dict[str, str]) -> dict[str, object]:
+    """An event as JSON: its numeric fields as numbers (an empty one, e.g. an unknown ETA, as null)."""
+    out: dict[str, object] = dict(event)
+    for name, kind in EVENT_NUMBERS.items():
+        if name in event:
+            try:
+                out[name] = kind(event[name]) if event[name] != "" else None
+            except ValueError:
+                pass   # not a number after all: kept as sent
+    return out
+
+
 async def _native(events: AsyncIterator[dict[str, str] | None]) -> AsyncIterator[bytes | None]:
     async for event in events:
         yield None if event is None else \
-            f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
+            f"event: {event.get('type', 'message')}\ndata: {json.dumps(typed(event))}\n\n".encode()
 
 
 async def stream(ctx: Ctx, key: ApiKey, chunks: AsyncIterator[bytes | None]) -> StreamingResponse:

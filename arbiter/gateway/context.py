@@ -11,11 +11,11 @@ from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from arbiter.gateway.apikeys import ApiKey, KeyStore
-from arbiter.gateway.errors import ApiError, param_of
+from arbiter.gateway.errors import RETRY_AFTER_S, ApiError, param_of, request_words
 from arbiter.gateway.signing import UrlSigner
 from arbiter.gateway.streams import StreamSlots, job_events
 from broker.client import Client, JobHandle
-from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, Timeout
+from broker.errors import Cancelled, DeadlineExceeded, InvalidJob, JobFailed, JobNotFound, Timeout
 from broker.schemas import JobResult, JobSpec, Priority, tenant_for
 from broker.settings import Settings
 
@@ -93,9 +93,12 @@ class Ctx:
             field = param_of(exc.errors, JobSpec.model_fields) or _named(str(exc))
             if field == "idempotency_key" or "idempotency_key" in str(exc):
                 field = "Idempotency-Key"
-            param = (params or {}).get(field or "", field)
-            located = [{**e, "loc": ["body", *(e.get("loc") or ([param] if param else []))]} for e in exc.errors]
-            raise ApiError(status, str(exc), param=param, fields=located, code="invalid_value") from None
+            names = params or {}
+            param = names.get(field or "", field)
+            located = [{**e, "loc": ["body", *([names.get(str(x), x) for x in e.get("loc") or ()] or
+                                               ([param] if param else []))]} for e in exc.errors]
+            raise ApiError(status, request_words(str(exc), names, param), param=param, fields=located,
+                           code="invalid_value") from None
         self.keys.track(key, handle.id)
         self.client.redis.set(self._owner(handle.id), key.name, ex=self.settings.result_ttl_s)
         return handle
@@ -126,9 +129,14 @@ class Ctx:
                            code=st.state.value)
         try:
             return handle.result(timeout=1)
-        except (JobFailed, Cancelled) as exc:
-            raise ApiError(502 if isinstance(exc, JobFailed) else 409, f"job {handle.id}: {exc}", "job_error",
-                           code="job_failed" if isinstance(exc, JobFailed) else "job_cancelled") from None
+        except JobFailed as exc:
+            if DeadlineExceeded.describes(st.error):   # the caller's own deadline: a gateway timeout, not a 502
+                raise ApiError(504, f"job {handle.id}: {st.error}; submit again with a longer deadline_s or when "
+                                    "the queue is shorter", "timeout_error", param="deadline_s",
+                               code="deadline_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(502, f"job {handle.id}: {exc}", "job_error", code="job_failed") from None
+        except Cancelled as exc:
+            raise ApiError(409, f"job {handle.id}: {exc}", "job_error", code="job_cancelled") from None
 
     async def wait(self, handle: JobHandle, request: Request) -> tuple[JobResult, int]:
         """Wait for the job off the event loop; its result and how many tokens it produced. A caller that

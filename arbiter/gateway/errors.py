@@ -61,6 +61,18 @@ def param_of(errors: Sequence[dict[str, Any]], fields: Iterable[str] = ()) -> st
     return None
 
 
+def request_words(message: str, names: dict[str, str], param: str | None) -> str:
+    """A job's validation message in the words of the request it came from: each job field renamed to the one
+    request field it came from (`max_new_tokens` → `max_tokens`, `prompt` → `messages`); one that several job
+    fields come from (`size`: width and height) is named in front instead."""
+    for job_field, asked in names.items():
+        if job_field != asked and list(names.values()).count(asked) == 1:
+            message = re.sub(rf"\b{re.escape(job_field)}\b", asked, message)
+    if param and not re.search(rf"\b{re.escape(param)}\b", message):
+        message = f"{param}: {message}"
+    return message
+
+
 def _describe(e: dict[str, Any]) -> str:
     loc = [str(x) for x in e.get("loc", ())]
     where = ".".join(loc[1:] if loc[:1] in (["body"], ["header"], ["query"], ["path"]) else loc)

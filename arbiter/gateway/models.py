@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, create_model, field_validator
 
-from broker.schemas import JobResult, JobSpec, JobStatus, Priority
+from broker.schemas import MIN_DEADLINE_S, JobResult, JobSpec, JobStatus, Priority
 
 # -- errors (OpenAI's shape) --------------------------------------------------------------------------
 
@@ -112,12 +112,18 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")   # include_obfuscation...: accepted and ignored
     include_usage: bool = False
 
 
+Tier = Literal["auto", "default", "flex", "scale", "priority"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
 class ChatRequest(BaseModel):
-    """POST /v1/chat/completions. Unknown fields are refused (400 naming them)."""
+    """POST /v1/chat/completions. Every field OpenAI's API reference lists is either honoured, accepted and
+    ignored (it does not change the output here), or refused with 400 naming it (it would change the output
+    and Arbiter cannot do it): docs/openai.md. Unknown fields are refused (400 naming them)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
@@ -125,29 +131,44 @@ class ChatRequest(BaseModel):
          "stream_options": {"include_usage": True}, "service_tier": "priority"}]})
     model: str = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0, description="Wins over max_tokens.")
-    n: int = Field(1, ge=1, le=1, description="One choice per request.")
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
-    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
-        None, description="priority → interactive, flex → background, auto/default → the key's default.")
-    # accepted and ignored (the sampler is the backend's): see README
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: StrictInt | None = Field(None, gt=0)
+    max_completion_tokens: StrictInt | None = Field(None, gt=0, description="Wins over max_tokens.")
+    n: StrictInt = Field(1, ge=1, le=1, description="One choice per request.")
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
+    service_tier: Tier | None = Field(
+        None, description="priority → interactive, flex → background, auto/default/scale → the key's default; "
+                          "the response names the tier the job ran at.")
+    # accepted and ignored: they do not change the output here (the sampler is the backend's; no reasoning,
+    # no tools, no stored completions, no prompt cache to route by)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, ge=0, le=1)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
     stop: str | list[str] | None = None
+    user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    prompt_cache_retention: str | None = Field(None, max_length=32)
     metadata: dict[str, str] | None = None
-    store: bool | None = None
-    parallel_tool_calls: bool | None = None
-    # refused unless empty/off
-    logprobs: bool | None = None
+    store: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prediction: dict[str, Any] | None = None
+    # honoured when they ask nothing beyond text without token probabilities; refused (400) otherwise
+    modalities: list[Literal["text", "audio"]] | None = None
+    logit_bias: dict[str, StrictInt | StrictFloat] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class ChatResponseMessage(BaseModel):
@@ -181,6 +202,8 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    service_tier: Tier = Field(description="The tier the job ran at: interactive → priority, standard → "
+                                           "default, background → flex.")
     arbiter: ArbiterInfo
 
 
@@ -188,28 +211,35 @@ class ChatCompletion(BaseModel):
 
 
 class ImageRequest(BaseModel):
-    """POST /v1/images/generations. Extensions beyond OpenAI's fields: steps, seed, min_quality, deadline_s."""
+    """POST /v1/images/generations. Extensions beyond OpenAI's fields: steps, seed, min_quality, deadline_s.
+    OpenAI's fields are honoured, accepted and ignored, or refused with 400 naming them: docs/openai.md."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"prompt": "a red fox in snow", "size": "64x64", "steps": 4},
         {"prompt": "a red fox in snow", "size": "64x64", "steps": 4, "n": 2, "response_format": "url"}]})
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, min_length=1, max_length=128)
-    n: int = Field(1, ge=1, le=4)
+    n: StrictInt = Field(1, ge=1, le=4)
     size: str = Field("512x512", pattern=r"^\d{2,5}x\d{2,5}$", description="WIDTHxHEIGHT, multiples of 8.")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png"] = "png"
-    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
-    # accepted and ignored
+    service_tier: Tier | None = None
+    # accepted and ignored (they do not change a PNG here)
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
     style: Literal["vivid", "natural"] | None = None
     user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
     moderation: Literal["auto", "low"] | None = None
+    output_compression: StrictInt | None = Field(None, ge=0, le=100, description="Ignored: PNG is lossless.")
+    background: Literal["auto", "opaque"] | None = Field(None, description="transparent is refused.")
+    # refused when asked
+    stream: StrictBool = False
+    partial_images: StrictInt | None = Field(None, ge=0, le=3)
     # Arbiter extensions
-    steps: int | None = Field(None, gt=0)
-    seed: int = Field(0, ge=0, lt=2**63, description="Image i uses seed + i.")
-    min_quality: float | None = None
-    deadline_s: float | None = Field(None, gt=0)
+    steps: StrictInt | None = Field(None, gt=0)
+    seed: StrictInt = Field(0, ge=0, lt=2**63, description="Image i uses seed + i.")
+    min_quality: StrictFloat | None = None
+    deadline_s: StrictFloat | None = Field(None, ge=MIN_DEADLINE_S)
 
 
 class ImageData(BaseModel):

@@ -12,12 +12,19 @@ from arbiter.gateway.models import ChatMessage, ChatRequest, ImageRequest
 from broker.schemas import JobResult, Priority
 from workers.ladders import prompt_tokens
 
-TIERS = {"priority": Priority.INTERACTIVE, "flex": Priority.BACKGROUND}   # auto, default: the key's default
+TIERS = {"priority": Priority.INTERACTIVE, "flex": Priority.BACKGROUND}   # auto, default, scale: the key's default
+TIER_OF = {Priority.INTERACTIVE: "priority", Priority.STANDARD: "default", Priority.BACKGROUND: "flex"}
 
 
 def tier_priority(service_tier: str | None) -> Priority | None:
     """OpenAI's `service_tier` as an Arbiter priority (None: not given, or the key's default)."""
     return TIERS.get(service_tier or "")
+
+
+def model_not_found(model: str) -> ApiError:
+    """OpenAI's answer to a model it does not serve: 404 `model_not_found` (the SDK's NotFoundError)."""
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -29,15 +36,41 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
     return "\n".join(f"{role.capitalize()}: {text}" for role, text in turns) + "\nAssistant:"
 
 
+def _refuse(param: str, why: str) -> ApiError:
+    return ApiError(400, f"{param}: {why}; this server generates plain text, one choice, without token "
+                         "probabilities or tools", param=param, code="unsupported_parameter")
+
+
 def refuse_unsupported(body: ChatRequest) -> None:
-    """400 naming the field for what Arbiter cannot do (rather than silently doing something else)."""
+    """400 naming the field for what would change the output and Arbiter cannot do (rather than silently doing
+    something else). Each field's decision: docs/openai.md."""
     if body.tools:
-        raise ApiError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
+        raise _refuse("tools", "tools are not supported")
+    if body.functions:
+        raise _refuse("functions", "functions are not supported")
+    for name in ("tool_choice", "function_call"):
+        choice = getattr(body, name)
+        if choice is not None and choice not in ("none", "auto"):    # auto with no tools: none
+            raise _refuse(name, f"{choice!r} needs a tool; none can be called here")
     if body.logprobs:
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs",
-                       code="unsupported_parameter")
+        raise _refuse("logprobs", "logprobs are not supported")
+    if body.top_logprobs:
+        raise _refuse("top_logprobs", "token probabilities are not supported")
+    if body.logit_bias:
+        raise _refuse("logit_bias", "biasing tokens is not supported")
+    if body.modalities and set(body.modalities) != {"text"}:
+        raise _refuse("modalities", "only [\"text\"] is supported")
+    if body.audio:
+        raise _refuse("audio", "audio output is not supported")
+    if body.web_search_options is not None:
+        raise _refuse("web_search_options", "web search is not supported")
     if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format",
+        raise _refuse("response_format", "only {\"type\": \"text\"} is supported")
+
+
+def refuse_unsupported_image(body: ImageRequest) -> None:
+    if body.stream:
+        raise ApiError(400, "stream: streaming partial images is not supported; send stream false", param="stream",
                        code="unsupported_parameter")
 
 
@@ -51,7 +84,7 @@ def chat_job(body: ChatRequest, priority: Priority) -> dict[str, Any]:
 def chat_params(body: ChatRequest) -> dict[str, str]:
     """Job fields → the request fields they came from (so an error names the caller's field)."""
     return {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
-            "prompt": "messages", "seed": "seed", "model": "model"}
+            "prompt": "messages", "seed": "seed", "model": "model", "priority": "service_tier"}
 
 
 def usage(prompt: str, completion_tokens: int) -> dict[str, int]:
@@ -68,6 +101,7 @@ def finish_reason(completion_tokens: int, max_new_tokens: int | None) -> str:
 def completion(job_id: str, model: str, result: JobResult, prompt: str, completion_tokens: int) -> dict[str, Any]:
     mnt = result.params.get("max_new_tokens")
     return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(result.finished_at),
+            "service_tier": TIER_OF[result.priority],
             "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                          "finish_reason": finish_reason(completion_tokens, mnt)}],
             "usage": usage(prompt, completion_tokens),
@@ -76,10 +110,10 @@ def completion(job_id: str, model: str, result: JobResult, prompt: str, completi
 
 
 def chunk(job_id: str, model: str, delta: dict[str, Any] | None, finish: str | None = None,
-          usage_: dict[str, int] | None = None) -> dict[str, Any]:
+          usage_: dict[str, int] | None = None, tier: str | None = None) -> dict[str, Any]:
     """A chat.completion.chunk; with `usage_` (and delta None) the final usage-only chunk."""
     c: dict[str, Any] = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": int(time.time()),
-                         "model": model,
+                         "model": model, "service_tier": tier,
                          "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
     if usage_ is not None:
         c["usage"] = usage_

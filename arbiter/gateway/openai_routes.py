@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from arbiter.gateway import openai_api as oa
 from arbiter.gateway.apikeys import ApiKey
 from arbiter.gateway.context import Ctx
+from arbiter.gateway.errors import ApiError
 from arbiter.gateway.models import (
     ChatCompletion,
     ChatRequest,
@@ -37,40 +38,58 @@ CHAT_STREAM = sse_response("With stream=true: chat.completion.chunk events, then
 def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
     settings = ctx.settings
 
+    def cards() -> list[ModelCard]:
+        return [ModelCard(id=name, workload=w.value) for w in Workload for name in model_names(w, settings)]
+
+    def served(workload: Workload, model: str | None) -> None:
+        if model is not None and model not in model_names(workload, settings):
+            raise oa.model_not_found(model)
+
     @app.get("/v1/models", response_model=ModelList, summary="Models served (llm and diffusion)",
              responses=errors(401, 503), tags=["openai"])
     def list_models(key: ApiKey = Depends(caller)) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, workload=w.value) for w in Workload
-                               for name in model_names(w, settings)])
+        return ModelList(data=cards())
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, summary="One model served",
+             responses=errors(401, 404, 503), tags=["openai"])
+    def retrieve_model(model: str = Path(min_length=1, max_length=128), key: ApiKey = Depends(caller)) -> ModelCard:
+        for card in cards():
+            if card.id == model:
+                return card
+        raise oa.model_not_found(model)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, summary="Chat completion (an llm job)",
               tags=["openai"],
-              responses={200: CHAT_STREAM, **errors(400, 401, 403, 408, 409, 413, 429, 502, 503, 504)})
-    async def chat(body: ChatRequest, request: Request, key: ApiKey = Depends(caller),
+              responses={200: CHAT_STREAM, **errors(400, 401, 403, 404, 408, 409, 413, 429, 502, 503, 504)})
+    async def chat(body: ChatRequest, request: Request, response: Response, key: ApiKey = Depends(caller),
                    x_arbiter_priority: Priority | None = Header(
                        None, description="Arbiter priority (else service_tier, else the key's default)."),
                    idempotency_key: str | None = Header(None)) -> Any:
         oa.refuse_unsupported(body)
-        priority = await run_in_threadpool(ctx.priority, key, oa.tier_priority(body.service_tier),
-                                           x_arbiter_priority)
+        served(Workload.LLM, body.model)
+        priority = await _admit(ctx, key, body.service_tier, x_arbiter_priority, response)
         fields = oa.chat_job(body, priority)
         handle = await run_in_threadpool(ctx.submit, key, fields, idempotency_key, oa.chat_params(body), 400)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             from arbiter.gateway.app import stream
 
-            return await stream(ctx, key, _chat_chunks(ctx, handle, body.model, fields, include_usage))
+            streaming = await stream(ctx, key, _chat_chunks(ctx, handle, body.model, fields, include_usage,
+                                                            oa.TIER_OF[priority]))
+            streaming.headers.update(response.headers)
+            return streaming
         result, tokens = await ctx.wait(handle, request)
         return oa.completion(handle.id, body.model, result, fields["prompt"], tokens)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Images (diffusion jobs)",
               tags=["openai"], response_model_exclude_none=True,
-              responses=errors(400, 401, 403, 408, 409, 413, 429, 502, 503, 504))
-    async def images(body: ImageRequest, request: Request, key: ApiKey = Depends(caller),
+              responses=errors(400, 401, 403, 404, 408, 409, 413, 429, 502, 503, 504))
+    async def images(body: ImageRequest, request: Request, response: Response, key: ApiKey = Depends(caller),
                      x_arbiter_priority: Priority | None = Header(None), idempotency_key: str | None = Header(None)
                      ) -> ImagesResponse:
-        priority = await run_in_threadpool(ctx.priority, key, oa.tier_priority(body.service_tier),
-                                           x_arbiter_priority)
+        oa.refuse_unsupported_image(body)
+        served(Workload.DIFFUSION, body.model)
+        priority = await _admit(ctx, key, body.service_tier, x_arbiter_priority, response)
         handles = []
         for i, fields in enumerate(oa.image_jobs(body, priority)):
             idem = f"{idempotency_key}:{i}" if idempotency_key else None
@@ -87,11 +106,24 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
         return ImagesResponse(created=int(time.time()), data=data)
 
 
+async def _admit(ctx: Ctx, key: ApiKey, service_tier: str | None, header: Priority | None,
+                 response: Response) -> Priority:
+    """The request counted against the key's rate (429 over it) and its priority; the key's rate-limit
+    headers on the response (and on a 429), as OpenAI sends them."""
+    try:
+        priority = await run_in_threadpool(ctx.priority, key, oa.tier_priority(service_tier), header)
+    except ApiError as exc:
+        exc.headers = {**await run_in_threadpool(ctx.keys.rate_headers, key), **exc.headers}
+        raise
+    response.headers.update(await run_in_threadpool(ctx.keys.rate_headers, key))
+    return priority
+
+
 async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str, Any],
-                       include_usage: bool) -> AsyncIterator[bytes | None]:
+                       include_usage: bool, tier: str) -> AsyncIterator[bytes | None]:
     """chat.completion.chunk events as the job produces tokens (each index once, also after a resume),
     a final chunk with its finish_reason, the usage chunk when asked, then [DONE]."""
-    yield oa.sse(oa.chunk(handle.id, model, {"role": "assistant", "content": ""}))
+    yield oa.sse(oa.chunk(handle.id, model, {"role": "assistant", "content": ""}, tier=tier))
     seen, state = -1, ""
     async for event in job_events(handle, ctx.waiters, ctx.settings.visibility_timeout_s,
                                   ctx.settings.gateway_heartbeat_s):
@@ -99,7 +131,7 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
             yield None
         elif event.get("type") == "token" and int(event["index"]) > seen:
             seen = int(event["index"])
-            yield oa.sse(oa.chunk(handle.id, model, {"content": event["text"]}))
+            yield oa.sse(oa.chunk(handle.id, model, {"content": event["text"]}, tier=tier))
         elif event.get("type") == "state":
             state = event["state"]
     if not state:
@@ -110,7 +142,7 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
                                 "param": None, "code": state}})
         return
     tokens = seen + 1
-    yield oa.sse(oa.chunk(handle.id, model, {}, oa.finish_reason(tokens, fields.get("max_new_tokens"))))
+    yield oa.sse(oa.chunk(handle.id, model, {}, oa.finish_reason(tokens, fields.get("max_new_tokens")), tier=tier))
     if include_usage:
-        yield oa.sse(oa.chunk(handle.id, model, None, usage_=oa.usage(fields["prompt"], tokens)))
+        yield oa.sse(oa.chunk(handle.id, model, None, usage_=oa.usage(fields["prompt"], tokens), tier=tier))
     yield oa.DONE

@@ -126,7 +126,7 @@ def test_mixed_batch_writes_outputs_and_reports_bad_lines(settings, client, tmp_
 
 def test_failed_jobs_exit_1_and_are_not_retried_unless_asked(settings, client, tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "fine", "steps": 4, "width": 128, "height": 128},
-                                             {"id": "late", "prompt": "too late", "deadline_s": 0.0001}])
+                                             {"id": "late", "prompt": "too late", "deadline_s": 0.001}])
     out = tmp_path / "out"
     before = job_records(client)
     p = run_batch(settings, src, out)

@@ -81,6 +81,9 @@ def test_native_api_submit_events_result_and_cancel(gateway):
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
     assert [e for e in events if e["type"] == "token"] and events[-1]["state"] == "finished"
+    numbers = [e for e in events if e["type"] in ("progress", "token")]
+    assert numbers and all(isinstance(e.get("step", e.get("index")), int) for e in numbers)   # not "1"
+    assert all(isinstance(e["quality"], float) for e in events if e["type"] == "progress")
     got = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).json()
     assert got["status"]["state"] == "finished" and got["result"]["text"]
     r = httpx.post(base + "/v1/jobs", json={"workload": "diffusion", "prompt": "x", "steps": 200, "width": 1024,
@@ -164,7 +167,8 @@ def test_the_official_openai_client_chats_and_draws(gateway):
     assert bad.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as bad:
         oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
-    assert bad.value.body["param"] == "max_tokens" and "max_new_tokens" in bad.value.body["message"]
+    assert bad.value.body["param"] == "max_tokens" and "max_tokens 1000000 is over" in bad.value.body["message"]
+    assert "max_new_tokens" not in bad.value.body["message"]   # the door's own field, not the job's
     with pytest.raises(openai.BadRequestError) as bad:
         oa.images.generate(prompt="x", size="99999x99999")
     assert bad.value.body["param"] == "size"
@@ -212,3 +216,105 @@ def test_keys_cli_and_metrics(gateway, settings):
     assert bad.returncode == 2 and "urgent" in bad.stderr
     text = httpx.get(base + "/metrics").text
     assert "arbiter_queue_depth" in text and "arbiter_job_duration_seconds_bucket" in text
+
+
+CHAT = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_openai_models_and_unknown_models_as_openai_answers(gateway):
+    import openai
+
+    base, keys = gateway
+    oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
+    card = oa.models.retrieve("llama-3")
+    assert card.id == "llama-3" and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        oa.models.retrieve("gpt-9")
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as missing:
+        oa.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        oa.images.generate(model="dall-e-9", prompt="x", size="64x64")
+
+
+def test_openai_fields_current_sdks_send_are_accepted_honoured_or_refused_by_name(gateway):
+    import openai
+
+    base, keys = gateway
+    oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
+    ignored = dict(reasoning_effort="low", prompt_cache_key="k1", safety_identifier="user-1", logit_bias={},
+                   top_logprobs=0, modalities=["text"], verbosity="low", parallel_tool_calls=False, store=False,
+                   metadata={"app": "test"}, user="u1", temperature=0.2, tool_choice="none",
+                   prediction={"type": "content", "content": "hello"})
+    raw = oa.chat.completions.with_raw_response.create(model="llama-3", messages=[{"role": "user", "content": "hi"}],
+                                                       max_tokens=4, service_tier="priority", **ignored)
+    done = raw.parse()
+    assert done.usage.completion_tokens == 4 and done.service_tier == "priority"   # the tier it ran at, echoed
+    limit = int(raw.headers["x-ratelimit-limit-requests"])
+    left = int(raw.headers["x-ratelimit-remaining-requests"])
+    assert limit == 600 and 0 <= left < limit and raw.headers["x-ratelimit-reset-requests"].endswith("s")
+    again = oa.chat.completions.with_raw_response.create(model="llama-3", messages=[{"role": "user", "content": "x"}],
+                                                         max_tokens=2)
+    assert int(again.headers["x-ratelimit-remaining-requests"]) < left      # read from the key's limiter
+    assert again.parse().service_tier == "priority"                        # the chat key's default: interactive
+    chunks = list(oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=3, stream=True, stream_options={"include_usage": True},
+                                             extra_headers={"X-Arbiter-Priority": "standard"}, **ignored))
+    assert chunks[-1].usage.completion_tokens == 3 and {c.service_tier for c in chunks} == {"default"}
+    refused = {"tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True, "top_logprobs": 2,
+               "logit_bias": {"50256": -100}, "modalities": ["text", "audio"], "n": 2,
+               "tool_choice": "required", "response_format": {"type": "json_object"}}
+    for name, value in refused.items():
+        with pytest.raises(openai.BadRequestError) as bad:
+            oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       **{name: value})
+        assert bad.value.body["param"] == name, (name, bad.value.body)
+    img = oa.images.generate(model="sd-1.5", prompt="fox", size="64x64", quality="low", background="opaque",
+                             output_compression=50, moderation="low", user="u1", extra_body={"steps": 2})
+    assert img.data[0].b64_json
+    for name, value in {"background": "transparent", "output_format": "webp", "stream": True}.items():
+        with pytest.raises(openai.BadRequestError) as bad:
+            oa.images.generate(model="sd-1.5", prompt="fox", size="64x64", **{name: value})
+        assert bad.value.body["param"] == name, (name, bad.value.body)
+
+
+def test_errors_name_the_doors_own_fields(gateway):
+    base, keys = gateway
+    r = httpx.post(base + "/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": ""}]},
+                   headers=h(keys["chat"]))
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages", error
+    assert "prompt" not in error["message"] and error["fields"][0]["loc"][:2] == ["body", "messages"], error
+    r = httpx.post(base + "/v1/images/generations", json={"prompt": "fox", "size": "60x64"}, headers=h(keys["chat"]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "size"
+    assert r.json()["error"]["message"].startswith("size: ")
+
+
+@pytest.mark.parametrize("door, body, field", [
+    ("/v1/jobs", {"workload": "llm", "prompt": "x", "deadline_s": True}, "deadline_s"),
+    ("/v1/jobs", {"workload": "llm", "prompt": "x", "deadline_s": 2e-311}, "deadline_s"),
+    ("/v1/jobs", {"workload": "llm", "prompt": "x", "max_new_tokens": True}, "max_new_tokens"),
+    ("/v1/jobs", {"workload": "diffusion", "prompt": "x", "steps": False}, "steps"),
+    ("/v1/jobs", {"workload": "llm", "prompt": "x", "min_quality": True}, "min_quality"),
+    ("/v1/images/generations", {"prompt": "x", "size": "64x64", "deadline_s": True}, "deadline_s"),
+    ("/v1/images/generations", {"prompt": "x", "size": "64x64", "deadline_s": 1e-9}, "deadline_s"),
+    ("/v1/images/generations", {"prompt": "x", "size": "64x64", "n": True}, "n"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "seed": True}, "seed"),
+])
+def test_booleans_are_not_numbers_and_no_deadline_is_below_what_a_job_can_meet(gateway, door, body, field):
+    base, keys = gateway
+    r = httpx.post(base + door, json=body, headers=h(keys["chat"]))
+    assert r.status_code == (422 if door == "/v1/jobs" else 400), r.text
+    assert r.json()["error"]["param"] == field, r.text
+
+
+def test_a_deadline_that_passes_while_waiting_is_504_deadline_exceeded(gateway):
+    base, keys = gateway
+    # 1 ms: accepted at submit (nothing queued ahead), but passed before any worker could start it
+    r = httpx.post(base + "/v1/images/generations", json={"prompt": "late", "size": "64x64", "steps": 2,
+                                                          "deadline_s": 0.001}, headers=h(keys["chat"]), timeout=30)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "deadline_exceeded" and r.json()["error"]["param"] == "deadline_s"
+    assert int(r.headers["Retry-After"]) >= 1
