@@ -7,6 +7,8 @@ Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 
   job | weights), `gpu_leased_bytes`, `budget_quality_ratio{workload,priority}`;
 - `queue_depth{queue}` for the six `<workload>.<priority>` queues, each counting its per-worker affinity
   queues `<queue>@<worker>` too; `workers{workload}` (registered workers);
+- the backlog per (workload, band) for autoscalers (`band`: a priority or `improve`): `jobs_waiting` (queued,
+  affinity queues included, + held for fair share + parked) and `jobs_running` (live job leases);
 - `jobs{state}` over at most `arbiter.metrics.JOBS_SCAN_CAP` live jobs (the oldest, from the live index) and
   `jobs_live` (the index's full size: when it exceeds the cap, `jobs` under-counts);
 - counters from the stats hash (`broker.stats`): `<name>_total` for `COUNTERS`, and
@@ -31,7 +33,7 @@ from prometheus_client.utils import floatToGoString
 
 from arbiter.world import GpuState
 from broker.histograms import BUCKETS, ETA_RATIO_BUCKETS, bucket_field
-from broker.schemas import Workload
+from broker.schemas import IMPROVE_BAND, ParkedJob, Workload
 from broker.states import TERMINAL, JobState
 from broker.units import MIB
 
@@ -126,13 +128,19 @@ def gpu_families(gpus: tuple[GpuState, ...]) -> Iterator[Metric]:
     yield from (total, used, usable, pressure, util, leases, leased, budget)
 
 
-def queue_families(queues: list[str], depths: list[Any], affinity: list[tuple[str, str]], aff_depths: list[Any],
-                   by_workload: dict[str, int]) -> Iterator[Metric]:
-    """Queue depths (each shared queue with its per-worker affinity queues) and registered workers."""
+def queue_depths(queues: list[str], depths: list[Any], affinity: list[tuple[str, str]],
+                 aff_depths: list[Any]) -> dict[str, int]:
+    """queue -> messages in it and in its per-worker affinity queues (replies that are errors skipped)."""
     depth: dict[str, int] = {}
     for q, n in [*zip(queues, depths), *((s, n) for (s, _), n in zip(affinity, aff_depths))]:
         if isinstance(n, int):
             depth[q] = depth.get(q, 0) + n
+    return depth
+
+
+def queue_families(queues: list[str], depth: dict[str, int], by_workload: dict[str, int]) -> Iterator[Metric]:
+    """Queue depths (each shared queue with its per-worker affinity queues, `queue_depths`) and registered
+    workers."""
     fam = GaugeMetricFamily("arbiter_queue_depth", "Jobs waiting in a queue (its per-worker affinity "
                             "queues included).", labels=["queue"])
     for q in queues:
@@ -215,6 +223,34 @@ def held_family(queues: list[str], held: dict[str, int]) -> Metric:
     for q in queues:
         fam.add_metric([q], held.get(q, 0))
     return fam
+
+
+def backlog_families(queues: list[str], depth: dict[str, int], held: dict[str, int], parked: Iterable[ParkedJob],
+                     gpus: Iterable[GpuState]) -> Iterator[Metric]:
+    """The backlog autoscalers read (KEDA, `compose/kubernetes/`), per workload and band (`<w>.<band>`, every
+    queue, zeros included): jobs waiting to start wherever they wait, and jobs running (holding a live lease,
+    whose lease names its band: `JobSpec.band`)."""
+    waiting = {q: depth.get(q, 0) + held.get(q, 0) for q in queues}
+    for p in parked:
+        q = f"{p.workload}.{IMPROVE_BAND if p.improvement else p.priority}"
+        if q in waiting:
+            waiting[q] += 1
+    running = dict.fromkeys(queues, 0)
+    for g in gpus:
+        for lease in g.leases:
+            q = f"{lease.workload}.{lease.priority}"
+            if lease.kind == "job" and q in running:
+                running[q] += 1
+    fams = (GaugeMetricFamily("arbiter_jobs_waiting", "Jobs waiting to start, per workload and band: in the "
+                              "band's queue (its per-worker affinity queues included), held for fair share, or "
+                              "parked for a budget or VRAM (a raw queue length misses the last two).",
+                              labels=["workload", "band"]),
+            GaugeMetricFamily("arbiter_jobs_running", "Jobs running (holding a live VRAM lease), per workload and "
+                              "band.", labels=["workload", "band"]))
+    for fam, counts in zip(fams, (waiting, running)):
+        for q in queues:
+            fam.add_metric(list(q.split(".", 1)), counts[q])
+    yield from fams
 
 
 def _cumulative(h: dict[str, str], bounds: Iterable[float]) -> list[tuple[str, float]]:

@@ -28,12 +28,14 @@ from redis.retry import Retry
 from arbiter.cache_metrics import cache_families
 from arbiter.metric_families import (
     HISTOGRAMS,
+    backlog_families,
     eta_ratio_family,
     gpu_families,
     held_family,
     histogram_families,
     job_families,
     queue_control_families,
+    queue_depths,
     queue_families,
     stat_families,
 )
@@ -116,8 +118,10 @@ class ArbiterCollector(Collector):
         aff_depths, states = replies[:len(affinity)], replies[len(affinity):]
 
         queues = all_queues()
+        depth = queue_depths(queues, [world.queues.get(q, 0) for q in queues], affinity, aff_depths)
         yield from gpu_families(world.gpus)
-        yield from queue_families(queues, [world.queues.get(q, 0) for q in queues], affinity, aff_depths, by_workload)
+        yield from queue_families(queues, depth, by_workload)
+        yield from backlog_families(queues, depth, world.held, world.parked, world.gpus)
         yield from queue_control_families(queues, world.queue_controls)
         yield held_family(queues, world.held)
         yield from job_families(states, live_n, self.jobs_scan_cap)

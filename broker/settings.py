@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_public_url: str = Field("", description="Base URL clients reach the gateway at (image URLs); "
                                                     "default: the request's own.")
+    gateway_url_secret: SecretStr = Field(SecretStr(""), description="Key signing image URLs (HMAC-SHA256), "
+                                          "shared by every gateway of a deployment (a Kubernetes Secret); empty: "
+                                          "the first gateway makes one and keeps it in Redis.")
     gateway_url_ttl_s: int = Field(3600, gt=0, description="How long a signed image URL "
                                    "(response_format=url) stays valid.")
     gateway_streams_per_key: int = Field(16, ge=1, description="Open event streams (SSE) one API key may hold; "

@@ -37,7 +37,8 @@ class Ctx:
         self.client = Client(settings=settings)
         self.keys = KeyStore(self.client.redis, self.client.keys)
         prefix = self.client.keys.prefix
-        self.signer = UrlSigner(self.client.redis, f"{prefix}:gateway:url_secret", settings.gateway_url_ttl_s)
+        self.signer = UrlSigner(self.client.redis, f"{prefix}:gateway:url_secret", settings.gateway_url_ttl_s,
+                                settings.gateway_url_secret.get_secret_value())
         self.slots = StreamSlots(self.client.redis, prefix, settings.gateway_streams_per_key,
                                  ttl_s=3 * settings.gateway_heartbeat_s + 5)
         self.waiters = anyio.CapacityLimiter(WAITERS)

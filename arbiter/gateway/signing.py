@@ -1,6 +1,7 @@
 """Signed image URLs: `…/image.png?expires=T&sig=S`, S an HMAC-SHA256 over the job id and T with a
-secret every gateway process of a deployment shares (made once, kept in Redis). A browser or an `<img>`
-opens the link without an API key until T; the link carries no key, and changing the id or T breaks it."""
+secret every gateway process of a deployment shares (`ARBITER_GATEWAY_URL_SECRET`, or else made once and kept
+in Redis). A browser or an `<img>` opens the link without an API key until T; the link carries no key, and
+changing the id or T breaks it."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import redis
 
 
 class UrlSigner:
-    def __init__(self, r: redis.Redis, secret_key: str, ttl_s: int) -> None:
+    def __init__(self, r: redis.Redis, secret_key: str, ttl_s: int, secret: str = "") -> None:
+        """`secret`: the deployment's key (`ARBITER_GATEWAY_URL_SECRET`); empty, the one kept in Redis."""
         self.r, self.secret_key, self.ttl_s = r, secret_key, ttl_s
-        self._secret: bytes | None = None
+        self._secret: bytes | None = secret.encode() if secret else None
 
     def _key(self) -> bytes:
         if self._secret is None:   # the first gateway to ask makes it; the others read the same

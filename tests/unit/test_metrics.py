@@ -19,7 +19,7 @@ from broker.histograms import BUCKETS, histogram_key, record_job
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Ledger
-from broker.schemas import GpuJob, GpuSnapshot, JobSpec
+from broker.schemas import GpuJob, GpuSnapshot, JobSpec, ParkedJob
 from broker.settings import Settings
 from broker.states import JobState
 from broker.stats import add as add_stats
@@ -268,3 +268,23 @@ def test_serve_metrics_serves_only_the_collector(monkeypatch, fake_redis):
         thread.join(5)
     assert "arbiter_gpu_vram_used_bytes" in body
     assert "process_cpu_seconds_total" not in body and "python_info" not in body
+
+
+def test_the_backlog_per_workload_and_band_counts_held_and_parked_jobs(populated):
+    """What KEDA scales workers on: a raw list length misses jobs held for fair share and parked jobs."""
+    r = populated
+    r.set(KEYS.held_count("diffusion.background"), 4)
+    for job_id, improvement in (("p1", False), ("p2", True)):
+        r.hset(KEYS.parked(), job_id, ParkedJob(job_id=job_id, workload="diffusion", priority="background",
+                                                 reason="budget", gpu_id=GPU, since=time.time(),
+                                                 improvement=improvement).model_dump_json())
+    Ledger(r, KEYS).acquire(GPU, 22118, "j3.improve.1", 500, 60, "improve", "diffusion", "diff-0@node1")
+    got = scrape(r)
+    waiting, running = got["arbiter_jobs_waiting"], got["arbiter_jobs_running"]
+    assert one(waiting, workload="diffusion", band="background") == 5 + 4 + 1   # queued + held + parked
+    assert one(waiting, workload="diffusion", band="improve") == 1                # the parked improvement run
+    assert one(waiting, workload="llm", band="interactive") == 3                  # affinity queue included
+    assert one(waiting, workload="llm", band="standard") == 0 and len(waiting) == 8
+    assert one(running, workload="llm", band="interactive") == 1
+    assert one(running, workload="diffusion", band="background") == 1
+    assert one(running, workload="diffusion", band="improve") == 1                # its lease names its band
