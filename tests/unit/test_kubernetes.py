@@ -30,7 +30,7 @@ from tests.unit.test_metrics import KEYS, populate
 K8S = Path(__file__).resolve().parents[2] / "compose" / "kubernetes"
 OVERLAYS = ("cpu-sim", "nvidia")
 SECRET_KEYS = {"redis-password", "flower-user", "flower-password", "gateway-url-secret"}
-DRAIN_BOUND_S = 10      # a worker's documented SIGTERM drain bound (docs/scaling.md)
+DRAIN_BOUND_S = Settings().drain_timeout_s      # a worker's SIGTERM drain bound (ARBITER_DRAIN_TIMEOUT_S)
 WORKERS = {"llm-worker": "interactive", "llm-worker-batch": "batch", "diffusion-worker": "interactive",
            "diffusion-worker-batch": "batch"}
 
