@@ -184,6 +184,7 @@ def dev(
         s = s.model_copy(update={"gateway_port": gateway_port})
     stack = Stack(s, [WorkerSpec("llm", gpu, llm_concurrency), WorkerSpec("diffusion", gpu, diffusion_concurrency)],
                   flower=flower, gateway=gateway, log_dir=DEV_DIR / "logs", redis_dir=redis_dir)
+    stack.check_ports()   # one line and nothing started (nor "stopping...") when a port is taken
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()

@@ -124,7 +124,7 @@ def test_dev_with_a_taken_port_says_which_in_one_line(tmp_path):
         env = dict(os.environ, ARBITER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", ARBITER_GATEWAY_PORT=str(port))
         p = subprocess.run([sys.executable, "-m", "arbiter", "dev", "--no-flower"], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=60)
-        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.returncode == 1 and "Traceback" not in p.stderr and p.stdout == "", (p.stdout, p.stderr)
         assert p.stderr == (f"error: port {port} (the gateway's) is taken by another process: choose another with "
                             "--gateway-port or ARBITER_GATEWAY_PORT\n")
         env.update(ARBITER_FLOWER_PORT=str(port), ARBITER_GATEWAY_PORT=str(free_port()))
