@@ -96,14 +96,15 @@ def test_a_second_sigterm_stops_the_job_at_once_and_it_resumes_from_its_last_per
     os.kill(first.proc.pid, signal.SIGTERM)
     first.proc.wait(timeout=DRAIN_BOUND_S + 5)
     assert time.monotonic() - sent < DRAIN_BOUND_S, first.output()[-3000:]
-    assert "a second SIGTERM" in first.output()
+    assert "a second SIGTERM" in first.output(), first.output()[-3000:]
     kept = checkpoint_step(client, job)
     assert kept >= 1
 
-    worker("diffusion", concurrency=1, gpu="sim1:24GiB")   # the beat requeues the job when its lease expires
+    second = worker("diffusion", concurrency=1, gpu="sim1:24GiB")   # the beat requeues the job when its lease expires
     result = job.result(timeout=60)
     per_run = runs(job)
-    assert result.runs == 2 and per_run[-1][0] == kept + 1   # lost only the steps since its last checkpoint
+    why = (kept, per_run, list(job.events(timeout=1)), first.output()[-4000:], second.output()[-4000:])
+    assert result.runs == 2 and per_run[-1][0] == kept + 1, why   # lost only the steps since its last checkpoint
     assert result.image_png == client.submit(spec).result(timeout=60).image_png
 
 
