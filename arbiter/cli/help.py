@@ -1,7 +1,7 @@
 """Help pages that read well in a pipe (`arbiter submit --help | less`, `| grep`): a terminal gets typer's rich
 panels; a pipe or file gets plain text with one line per option, click's conventions for value types
 (`--tenant TEXT`, `--priority [interactive|standard|background]`, a flag bare), upper-case arguments in the
-usage line, and no hard breaks inside a sentence (the reader's pager wraps, never rich at 80 columns).
+usage line (in a terminal too), and no hard breaks inside a sentence (the reader's pager wraps, never rich at 80 columns).
 
 Every command group is an `App` (a `typer.Typer` whose commands and groups use the classes below)."""
 
@@ -57,8 +57,7 @@ def _usage_pieces(cmd: typer.core.click.Command, ctx: Any) -> list[str]:
 
 def _write_plain(cmd: Any, ctx: Any, formatter: Any, commands: list[tuple[str, str]] | None = None) -> None:
     formatter.width = PIPED_WIDTH
-    pieces = _usage_pieces(cmd, ctx) + ([cmd.subcommand_metavar] if commands is not None else [])
-    formatter.write_usage(ctx.command_path, " ".join(pieces))
+    formatter.write_usage(ctx.command_path, " ".join(cmd.collect_usage_pieces(ctx)))
     cmd.format_help_text(ctx, formatter)
     arguments, options = [], []
     for param in cmd.get_params(ctx):
@@ -75,6 +74,9 @@ def _write_plain(cmd: Any, ctx: Any, formatter: Any, commands: list[tuple[str, s
 
 
 class Command(TyperCommand):
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:   # `WORKLOAD PROMPT`, not `{workload} {prompt}`
+        return _usage_pieces(self, ctx)
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         if not piped():
             return super().format_help(ctx, formatter)
@@ -82,6 +84,9 @@ class Command(TyperCommand):
 
 
 class Group(TyperGroup):
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [*_usage_pieces(self, ctx), self.subcommand_metavar]
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         if not piped():
             return super().format_help(ctx, formatter)
