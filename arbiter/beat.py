@@ -27,6 +27,7 @@ from broker.job_controls import control_since, encode_control
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.ledger import Ledger
+from broker.lua import load
 from broker.messages import enqueue
 from broker.policies import policy
 from broker.redis_server import connect
@@ -62,6 +63,7 @@ class Beat:
         self.app = create_app(settings, name="arbiter-beat")
         self.token = uuid.uuid4().hex
         self._renew_lock = self.r.register_script(_RENEW_LOCK)
+        self._resign = self.r.register_script(load("beat_resign", "broker.lua"))
         self.budgets: dict[str, BudgetState] = {}
         self.interactive_seen: dict[str, float] = {}
         self.plan_us: deque[float] = deque(maxlen=2000)
@@ -81,6 +83,20 @@ class Beat:
         if self._renew_lock(keys=[self.keys.beat_lock()], args=[self.token, ttl_ms]):
             return True
         return bool(self.r.set(self.keys.beat_lock(), self.token, nx=True, px=ttl_ms))
+
+    def resign(self) -> bool:
+        """Hand over leadership now (a beat told to stop): the lock and the policy go if still this beat's, and
+        a standby waiting for them takes over at once (`broker/lua/beat_resign.lua`)."""
+        ttl_ms = int(self.lock_ttl_s() * 1000)
+        keys = [self.keys.beat_lock(), self.keys.beat_policy(), self.keys.beat_handover()]
+        return bool(self._resign(keys=keys, args=[self.token, ttl_ms]))
+
+    def wake(self, why: str) -> None:
+        """End the leader's wait for its next tick now (a job to act on, or this beat told to stop)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(self.keys.beat_wake(), why)
+        pipe.ltrim(self.keys.beat_wake(), 0, 99)
+        pipe.execute()
 
     def publish_policy(self) -> None:
         """The leader names its policy, for as long as its lock lives."""
@@ -124,13 +140,13 @@ class Beat:
                     woke = self.r.blpop([self.keys.beat_wake()], timeout=self.settings.beat_interval_s)
                     if woke:
                         self.r.delete(self.keys.beat_wake())
-                else:
-                    stop.wait(self.settings.beat_interval_s)
+                elif not stop.is_set():   # a stopping leader wakes a standby at once (`resign`)
+                    self.r.blpop([self.keys.beat_handover()], timeout=self.settings.beat_interval_s)
             except redis.RedisError as exc:
                 log.warning("beat: redis unavailable (%s); retrying", exc)
                 stop.wait(self.settings.beat_interval_s)
-        if leading:
-            self.r.delete(self.keys.beat_lock(), self.keys.beat_policy())
+        if leading and self.resign():
+            log.info("beat %s stopped: leadership handed over", self.token[:8])
 
     def _stored_budgets(self) -> dict[str, BudgetState]:
         out = {}

@@ -71,6 +71,11 @@ class Keys:
         """String with the leader lock's TTL: the policy the leading beat runs (a beat with another refuses)."""
         return f"{self.prefix}:beat:policy"
 
+    def beat_handover(self) -> str:
+        """List (expires with the leader lock's TTL): pushed by a leading beat that stops, so a standby takes the
+        lock at once rather than at its next tick."""
+        return f"{self.prefix}:beat:handover"
+
     def beat_wake(self) -> str:
         """List: pushed on an interactive submit (and job ends) so the beat acts before its next tick."""
         return f"{self.prefix}:beat:wake"

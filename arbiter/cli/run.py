@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -129,15 +130,18 @@ def beat(
         s = s.model_copy(update={"beat_interval_s": interval_s})
     logging.getLogger("arbiter").setLevel(logging.INFO)
     b = Beat(s)
-    stop = __import__("threading").Event()
+    stop = threading.Event()
 
     def on_term(*_: object) -> None:
-        """Stop after the current tick; if that takes more than 5 s (Redis gone: its client retries for ~30 s),
-        or on a second signal, exit now — the leader lock expires by itself."""
+        """Stop after the current tick, not at the next one (the leader's wait is woken: from a thread, as the
+        interrupted code may hold a Redis connection), handing leadership over at once (`Beat.resign`); if that
+        takes more than 5 s (Redis gone: its client retries for ~30 s), or on a second signal, exit now — the
+        leader lock expires by itself."""
         if stop.is_set():
             os._exit(0)
         stop.set()
-        timer = __import__("threading").Timer(5.0, os._exit, args=(0,))
+        threading.Thread(target=b.wake, args=("beat stopping",), daemon=True).start()
+        timer = threading.Timer(5.0, os._exit, args=(0,))
         timer.daemon = True
         timer.start()
 

@@ -126,3 +126,25 @@ def test_sigkill_mid_job_resumes_from_its_last_periodic_checkpoint(client, procs
     per_run = runs(job)
     assert result.runs == 2 and per_run[-1][0] == kept + 1   # at most one checkpoint interval of work lost
     assert result.image_png == client.submit(spec).result(timeout=60).image_png
+
+
+def test_a_beat_told_to_stop_hands_leadership_to_a_standby_at_once(client, start_beat):
+    # 2 s ticks: a leader that only lets its lock go at its next tick, or a standby that only looks at its next
+    # tick, takes a second on average; the handover is asked to take a small fraction of one tick
+    tick_s = 2.0
+    keys = Keys()
+    client.redis.delete(keys.beat_lock())          # the earlier tests' beats were killed; their lock would expire
+    leader = start_beat(ARBITER_BEAT_INTERVAL_S=str(tick_s))
+    wait_until(lambda: client.redis.get(keys.beat_lock()) is not None, timeout_s=20)
+    token = client.redis.get(keys.beat_lock())
+    standby = start_beat(ARBITER_BEAT_INTERVAL_S=str(tick_s))
+    wait_until(lambda: " started (policy" in standby.output(), timeout_s=20)
+    time.sleep(tick_s / 2)                         # mid-tick for both
+    sent = time.monotonic()
+    leader.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: client.redis.get(keys.beat_lock()) not in (None, token), timeout_s=3 * tick_s,
+               interval_s=0.005)
+    handover_s = time.monotonic() - sent
+    leader.proc.wait(timeout=5)
+    assert handover_s < tick_s / 4, (handover_s, leader.output()[-2000:], standby.output()[-2000:])
+    wait_until(lambda: "the leader" in standby.output(), timeout_s=tick_s)
