@@ -76,10 +76,16 @@ def result(
 
 
 def cancel(job_id: str) -> None:
-    """Cancel a job: at once if queued, at its next step if running. Exit 0 when it is (or already was)
-    cancelled; 1 when it had already finished or failed (nothing changes: its result stands)."""
+    """Cancel a job: at once if queued, at its next step if running; a finished job's improvement run too. Exit 0
+    when it is (or already was) cancelled; 1 when it had already finished or failed with nothing left to stop
+    (its result stands)."""
     with open_client() as client:
-        state = client.get(job_id).cancel()
+        job = client.get(job_id)
+        state = job.cancel()
+        st = job.status() if state is JobState.FINISHED else None
+    if st is not None and st.improvement == "cancelled":   # the job had finished; its improvement run stops
+        print(f"{job_id}: finished; its improvement run {st.improvement_run} is cancelled (the result stays version 1)")
+        return
     if state in (JobState.FINISHED, JobState.FAILED):
         fail(f"{job_id}: already {state.value}, nothing to cancel"
              + (f" (its result: `arbiter result {job_id}`)" if state is JobState.FINISHED else ""), 1)
