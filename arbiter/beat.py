@@ -55,7 +55,7 @@ def policy_config(s: Settings) -> PolicyConfig:
 class Beat:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings, self.clock = settings, clock
-        self.r = connect(settings.redis_url, master_name=settings.redis_master_name)
+        self.r = connect(settings.redis_url, retry_s=settings.redis_retry_s, master_name=settings.redis_master_name)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.r, self.keys, settings.result_ttl_s)
         self.ledger = Ledger(self.r, self.keys, clock)

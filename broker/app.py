@@ -56,7 +56,22 @@ def all_queues() -> list[str]:
     return [q for w in Workload for q in workload_queues(w)]
 
 
-def create_app(settings: Settings, name: str = "arbiter") -> Celery:
+PUBLISH_RETRY = {"interval_start": 0, "interval_step": 0.25, "interval_max": 1.0}   # kombu: 0, .25, .5, .75, 1, 1 …
+
+
+def publish_retries_within(retry_s: float) -> int:
+    """How many publish retries kombu's intervals (PUBLISH_RETRY) fit in `retry_s` seconds of waiting."""
+    step, cap = PUBLISH_RETRY["interval_step"], PUBLISH_RETRY["interval_max"]
+    waited, n = 0.0, 0
+    while waited + min(cap, step * n) <= retry_s:
+        waited += min(cap, step * n)
+        n += 1
+    return n
+
+
+def create_app(settings: Settings, name: str = "arbiter", retry_s: float | None = None) -> Celery:
+    """Arbiter's Celery app. Its publishes ride out a Redis that is down for `retry_s` (default: the settings'
+    `redis_retry_s`, what workers and the beat use; a client passes its shorter `redis_client_retry_s`)."""
     # a plain Redis or a Sentinel group (broker/redis_url.py); the result backend retries while Redis is full
     # or failing over (broker/backend.py) instead of failing the worker
     target = parse_redis_url(settings.redis_url, settings.redis_master_name)
@@ -89,10 +104,11 @@ def create_app(settings: Settings, name: str = "arbiter") -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        # a submit's message rides out a restart or a Sentinel failover (~32 s of retries) as long as the
-        # client's own Redis calls do (broker/redis_server.py `connect`): a fair-share submit's first write (its
+        # a submit's message rides out a restart or a Sentinel failover as long as the client's own Redis calls
+        # do (broker/redis_server.py `connect`, the same `retry_s`): a fair-share submit's first write (its
         # record, with the hold) is in it. Celery's default gives up after ~0.6 s
-        task_publish_retry_policy={"max_retries": 35, "interval_start": 0, "interval_step": 0.25, "interval_max": 1.0},
+        task_publish_retry_policy={"max_retries": publish_retries_within(
+            settings.redis_retry_s if retry_s is None else retry_s), **PUBLISH_RETRY},
         task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in [*all_queues(), BARE_QUEUE]],
         task_default_exchange=EXCHANGE.name,
         task_create_missing_queues=False,

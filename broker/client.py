@@ -45,7 +45,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def redis_unavailable(exc: redis.RedisError) -> RedisUnavailable:
-    """Arbiter's own error for a Redis error, naming its cause."""
+    """Arbiter's own error for a Redis error, naming its cause: the one wording of every door (the client, the
+    CLI, the gateway's 503)."""
     if redis_full(exc):
         return RedisUnavailable("is out of memory", f"it refuses writes at its maxmemory limit ({exc}); free "
                                 "memory or raise maxmemory, then retry")
@@ -53,7 +54,7 @@ def redis_unavailable(exc: redis.RedisError) -> RedisUnavailable:
         return RedisUnavailable("is read-only", f"this server is a replica ({exc}); point ARBITER_REDIS_URL at "
                                 "the primary (or a Sentinel), then retry")
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return RedisUnavailable("is unreachable", f"{exc}; retry once it is back")
+        return RedisUnavailable("is unreachable", f"{str(exc).rstrip('.')}; retry once it is back")
     return RedisUnavailable("refused a command", str(exc))
 
 
@@ -99,10 +100,12 @@ class Client:
         if redis_url is not None:
             s = s.model_copy(update={"redis_url": redis_url})
         self.settings = s
-        self.redis = connect(s.redis_url, master_name=s.redis_master_name)
+        # a person (or a web request) waits on a client: a Redis that is down is said within seconds
+        # (`redis_client_retry_s`), not after the workers' long failover window
+        self.redis = connect(s.redis_url, retry_s=s.redis_client_retry_s, master_name=s.redis_master_name)
         self.keys = Keys(s.key_prefix)
         self.store = JobStore(self.redis, self.keys, s.result_ttl_s)
-        self.app = create_app(s, name="arbiter-client")
+        self.app = create_app(s, name="arbiter-client", retry_s=s.redis_client_retry_s)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Client:

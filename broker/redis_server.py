@@ -54,10 +54,24 @@ def find_redis_server() -> str:
     )
 
 
+RETRY_BACKOFF_S = (0.05, 1.0)   # redis-py's exponential backoff: base and cap; the n-th retry sleeps base * 2**n
+
+
+def retries_within(retry_s: float) -> int:
+    """How many retries redis-py's backoff fits in `retry_s` seconds of sleeping (0 for 0)."""
+    base, cap = RETRY_BACKOFF_S
+    slept, n = 0.0, 0
+    while slept + min(cap, base * 2 ** (n + 1)) <= retry_s:
+        n += 1
+        slept += min(cap, base * 2 ** n)
+    return n
+
+
 def connect(url: str, retry_s: float = 30.0, master_name: str = "", **kwargs: Any) -> redis.Redis:
     """A Redis client (of the primary, for a Sentinel URL: broker/redis_url.py) that rides out a restart or a
     failover: a command that meets a dropped connection (or a demoted primary) is retried with exponential
-    backoff (50 ms doubling to 1 s) for about `retry_s` seconds before the error surfaces. A command the server
+    backoff (50 ms doubling to 1 s) for about `retry_s` seconds before the error surfaces (`redis_retry_s` for
+    the workers and the beat; `redis_client_retry_s`, short, where a person waits). A command the server
     ran just before the connection dropped may run again on retry: every write Arbiter makes is safe to repeat
     (guarded transitions, fenced leases), except counters, which may count one event twice. `kwargs` override
     the connection options (a scrape client's short timeouts and single retry)."""
@@ -66,9 +80,12 @@ def connect(url: str, retry_s: float = 30.0, master_name: str = "", **kwargs: An
 
     from broker.redis_url import parse_redis_url, redis_client
 
-    options: dict[str, Any] = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), int(retry_s) + 5),
+    base, cap = RETRY_BACKOFF_S
+    options: dict[str, Any] = {"retry": Retry(ExponentialBackoff(cap=cap, base=base), retries_within(retry_s)),
                                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
                                "socket_keepalive": True, "health_check_interval": 30}
+    if retry_s < 5:   # where a person waits, a host that does not answer at all: not the kernel's 2 min a try
+        options["socket_connect_timeout"] = 0.5
     return redis_client(parse_redis_url(url, master_name), **{**options, **kwargs})
 
 

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     redis_wait_replicas: int = Field(0, ge=0, description="A submit is accepted only once this many replicas "
                                      "hold the job (Redis WAIT); 0: once the primary has it.")
     redis_wait_ms: int = Field(500, gt=0, description="How long a submit waits for those replicas.")
+    redis_retry_s: float = Field(30.0, ge=0, description="How long the workers and the beat ride out a Redis that "
+                                 "is down (a restart, a Sentinel failover) before an error surfaces.")
+    redis_client_retry_s: float = Field(1.0, ge=0, description="How long the doors a person waits on (the CLI, "
+                                        "`Client`, the gateway's requests) retry a Redis that is down before "
+                                        "saying so; set it to redis_retry_s to ride out a failover there too.")
     key_prefix: str = Field("arbiter", description="Prefix of every Redis key Arbiter writes (not Celery's).")
 
     # Input limits, enforced at submit before anything is enqueued.

@@ -87,7 +87,7 @@ def _check_gpu(**_: Any) -> None:
     from broker.keys import Keys
     from broker.redis_server import connect
 
-    r = connect(s.redis_url, master_name=s.redis_master_name)
+    r = connect(s.redis_url, retry_s=s.redis_retry_s, master_name=s.redis_master_name)
     try:
         keys = Keys(s.key_prefix)
         gpu = make_device(s, r, keys)

@@ -146,7 +146,7 @@ def check_gpu_size(r: redis.Redis, keys: Keys, worker: str, gpu_id: str, total_m
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = connect(settings.redis_url, master_name=settings.redis_master_name)
+        self.redis = connect(settings.redis_url, retry_s=settings.redis_retry_s, master_name=settings.redis_master_name)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.ledger = Ledger(self.redis, self.keys)

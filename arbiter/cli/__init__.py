@@ -16,6 +16,7 @@ from arbiter.batch import batch_command
 from arbiter.cli import bench, cache, jobs, keys, queues, run
 from arbiter.cli.common import fail
 from arbiter.cli.help import App
+from broker.client import redis_unavailable
 from broker.errors import ArbiterError, InvalidJob
 
 try:  # typer >= 0.20 vendors click
@@ -66,5 +67,7 @@ def main() -> None:
         fail(exc.format_message(), exc.exit_code)
     except InvalidJob as exc:
         fail(str(exc), 2)
+    except redis.RedisError as exc:   # read outside the client's calls (status): in the client's words
+        fail(str(redis_unavailable(exc)), 1)
     except (ArbiterError, redis.RedisError, ConnectionError, OSError) as exc:
         fail(str(exc), 1)

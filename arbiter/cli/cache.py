@@ -24,7 +24,8 @@ def cache_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     from cache.status import collect
 
     s = get_settings()
-    data = collect(connect(s.redis_url, master_name=s.redis_master_name), Keys(s.key_prefix))
+    r = connect(s.redis_url, retry_s=s.redis_client_retry_s, master_name=s.redis_master_name)
+    data = collect(r, Keys(s.key_prefix))
     if as_json:
         console.print_json(json.dumps(data))
         return

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from broker.client import redis_unavailable
 from broker.errors import Overloaded, RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,10 @@ def validation_error(path: str, errors: Sequence[dict[str, Any]]) -> ApiError:
                     fields=errors, code=str(first.get("type") or "invalid_value"))
 
 
-def unavailable(what: str) -> ApiError:
-    return ApiError(503, f"Redis cannot serve this request now ({what}); retry shortly", "service_unavailable",
-                    headers={"Retry-After": str(RETRY_AFTER_S)}, code="unavailable")
+def unavailable(exc: RedisUnavailable) -> ApiError:
+    """503 with Retry-After, in the words every door uses for a Redis that cannot serve (`redis_unavailable`)."""
+    return ApiError(503, str(exc), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)},
+                    code="unavailable")
 
 
 def overloaded(exc: Overloaded) -> ApiError:
@@ -131,13 +133,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis error: %s: %s", type(exc).__name__, exc)
-        return error_response(unavailable(f"{type(exc).__name__}: {exc}"))
+        return error_response(unavailable(redis_unavailable(exc)))
 
     @app.exception_handler(RedisUnavailable)
     async def _redis_unavailable(_: Request, exc: RedisUnavailable) -> JSONResponse:
         log.warning("%s", exc)
-        return error_response(ApiError(503, f"{exc}; retry shortly", "service_unavailable", code="unavailable",
-                                       headers={"Retry-After": str(RETRY_AFTER_S)}))
+        return error_response(unavailable(exc))
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
@@ -146,7 +147,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _broker(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("broker error: %s", exc)
-        return error_response(unavailable(f"broker: {exc}"))
+        cause = exc.__cause__ if isinstance(exc.__cause__, redis.RedisError) else redis.ConnectionError(str(exc))
+        return error_response(unavailable(redis_unavailable(cause)))
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

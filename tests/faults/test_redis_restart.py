@@ -27,7 +27,9 @@ def own_redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(own_redis):
-    return fast_settings(own_redis.url, sim_time_scale=0.1, lease_ttl_s=6.0, heartbeat_ttl_s=10.0, lost_delivery_s=5.0)
+    # the client and the gateway ride the restart out (the workers' long window, not the doors' short default)
+    return fast_settings(own_redis.url, sim_time_scale=0.1, lease_ttl_s=6.0, heartbeat_ttl_s=10.0, lost_delivery_s=5.0,
+                         redis_client_retry_s=30.0)
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,10 @@ def group() -> Iterator[SentinelGroup]:
 
 @pytest.fixture(scope="module")
 def settings(group):
-    # leases outlive a failover (~2-3 s without a primary), so running jobs keep them
+    # leases outlive a failover (~2-3 s without a primary), so running jobs keep them; the client and the gateway
+    # ride the failover out too (redis_client_retry_s: the workers' long window, not the doors' short default)
     return fast_settings(group.url, sim_time_scale=0.1, lease_ttl_s=6.0, heartbeat_ttl_s=10.0, lost_delivery_s=5.0,
-                         redis_wait_replicas=1, redis_wait_ms=1000)
+                         redis_wait_replicas=1, redis_wait_ms=1000, redis_client_retry_s=30.0)
 
 
 def submit(c: Client, i: int):
@@ -214,7 +215,7 @@ def test_without_wait_a_failover_loses_accepted_jobs_with_wait_none_is_accepted(
     """The replica's link cut: the primary accepts submits it alone holds. Killed, and the replica promoted:
     those jobs are gone. A WAIT 1 submit in the same window is refused (NotReplicated) instead."""
     with SentinelGroup(down_after_ms=1000, failover_timeout_ms=3000) as g:
-        s = fast_settings(g.url, redis_wait_replicas=1, redis_wait_ms=300)
+        s = fast_settings(g.url, redis_wait_replicas=1, redis_wait_ms=300, redis_client_retry_s=30.0)
         with Client(settings=s) as waiting, \
                 Client(settings=s.model_copy(update={"redis_wait_replicas": 0})) as plain:
             kept = [submit(waiting, i).id for i in range(5)]                # acknowledged by the replica
@@ -254,7 +255,7 @@ def test_a_command_in_flight_when_the_primary_dies_follows_the_failover():
     though a replica was promoted within 2 s. Arbiter's clients ask at every reconnect
     (`broker.redis_url.ResolvingConnection`)."""
     with SentinelGroup(down_after_ms=1000, failover_timeout_ms=3000) as g:
-        r = connect(g.url, retry_s=3)   # 8 retries of up to 1 s: the dead address would outlast them all
+        r = connect(g.url, retry_s=6)   # 8 retries of up to 1 s: the dead address would outlast them all
         try:
             old = g.primary_port()
             killer = threading.Timer(0.3, g.server(old).proc.kill)
