@@ -70,7 +70,7 @@ def test_cli(settings, client, args, says):
     ("/v1/jobs", json.dumps({"workload": "llm", "prompt": "x", "steps": 3}), 422),
     ("/v1/chat/completions", json.dumps({"model": "llama-3", "messages": "hello"}), 400),
     ("/v1/chat/completions", json.dumps({"model": "llama-3", "messages": [{"role": "wizard", "content": "x"}]}), 400),
-    ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 400),
+    ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404),
     ("/v1/chat/completions", json.dumps({"model": "llama-3", "messages": [{"role": "user", "content": "x"}],
                                          "max_tokens": -4}), 400),
     ("/v1/images/generations", json.dumps({"prompt": "x", "n": 10}), 400),
