@@ -120,7 +120,7 @@ class Client:
 
         With an `idempotency_key`, submitting the same job again (a retry, a resumed batch) returns the job
         the key first made instead of a new one, for as long as job records are kept; the same key with a
-        different job is refused."""
+        different job is refused. Keys are the job's tenant's own: another tenant's same key makes another job."""
         data: JobSpec | dict[str, Any] = spec if spec is not None else {}
         if fields:
             base = data.model_dump(exclude_none=True) if isinstance(data, JobSpec) else dict(data)
@@ -148,7 +148,7 @@ class Client:
             closed = self.store.create(job_id, job, queue=queue)   # not in a queue an operator drained
             if closed is not None:
                 if idempotency_key is not None:   # the key is bound to a job that never was: free it
-                    self.redis.delete(self.keys.idempotency(idempotency_key))
+                    self.redis.delete(self.keys.idempotency(job.tenant, idempotency_key))
                 raise QueueClosed(queue, QueueControl.from_json(closed))
         try:
             enqueue(self.app, self.settings, job_id, job, hold)
@@ -158,7 +158,7 @@ class Client:
             self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
                                   finished_at=time.time())
             if idempotency_key is not None:   # a retry with this key may submit again
-                self.redis.delete(self.keys.idempotency(idempotency_key))
+                self.redis.delete(self.keys.idempotency(job.tenant, idempotency_key))
             raise
         if idempotency_key is not None:       # proof the message went out (see _claim)
             self.redis.hset(self.keys.job(job_id), "enqueued", 1)
@@ -177,7 +177,7 @@ class Client:
         if not 1 <= len(key) <= 200:
             raise InvalidJob(f"invalid job: idempotency_key must be 1 to 200 characters, got {len(key)}")
         digest = hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
-        rkey, mine = self.keys.idempotency(key), f"{job_id}|{digest}"
+        rkey, mine = self.keys.idempotency(job.tenant, key), f"{job_id}|{digest}"
         if self.redis.set(rkey, mine, nx=True, ex=self.settings.result_ttl_s):
             return None
         bound = (self.redis.get(rkey) or b"").decode()

@@ -79,7 +79,8 @@ class JobStore:
         now = time.time() if now is None else now
         k = self.keys
         fields = {"spec": spec.model_dump_json(), "state": JobState.QUEUED.value, "workload": spec.workload.value,
-                  "priority": spec.priority.value, "queued_at": now, "updated_at": now, "preemptions": 0, "runs": 0}
+                  "tenant": spec.tenant, "priority": spec.priority.value, "queued_at": now, "updated_at": now,
+                  "preemptions": 0, "runs": 0}
         if spec.improves:     # an improvement run names its job in its record (status, `arbiter status`)
             fields["improves"] = spec.improves
         return {"keys": [k.job(job_id), k.jobs_live(), k.queue_controls()],
@@ -228,6 +229,15 @@ class JobStore:
 
     def status(self, job_id: str) -> JobStatus:
         return status_from(job_id, self.raw(job_id))
+
+    def tenant(self, job_id: str) -> str | None:
+        """The tenant the job belongs to (its spec's), or None when there is no record (expired, or never): a
+        job's ownership lives exactly as long as its record."""
+        k = self.keys.job(job_id)
+        tenant, spec = self.r.hmget(k, "tenant", "spec")
+        if tenant is not None:
+            return _s(tenant)
+        return None if spec is None else JobSpec.model_validate_json(spec).tenant   # a record from before the field
 
     def spec(self, job_id: str) -> JobSpec:
         return JobSpec.model_validate_json(self.raw(job_id)["spec"])

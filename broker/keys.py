@@ -56,9 +56,28 @@ class Keys:
         """Hash: job id -> 'pause' | 'preempt' (what the beat asks running jobs to do)."""
         return f"{self.prefix}:controls:{gpu_id}"
 
-    def idempotency(self, key: str) -> str:
-        """String: '<job id>|<spec digest>' for a client's idempotency key (expires with job records)."""
-        return f"{self.prefix}:idem:{key}"
+    def idempotency(self, tenant: str, key: str) -> str:
+        """String: '<job id>|<spec digest>' for a tenant's idempotency key (expires with job records). Keyed by
+        the tenant too: two tenants sending the same key make two jobs (a tenant holds no ':')."""
+        return f"{self.prefix}:idem:{tenant}:{key}"
+
+    # the gateway's API keys and their limits (arbiter/gateway/apikeys.py, arbiter/gateway/limits.py)
+    def api_keys(self) -> str:
+        """Hash: SHA-256 of a key's secret -> the key's JSON record (id, name, tenant, priorities, limits)."""
+        return f"{self.prefix}:apikeys"
+
+    def api_key_ids(self) -> str:
+        """Set: every API key id ever issued, revoked ones included (so an id is never issued twice)."""
+        return f"{self.prefix}:apikeys:ids"
+
+    def api_key_rate(self, key_id: str, window: int) -> str:
+        """String: requests a key made in one rate window (epoch minute); expires after it."""
+        return f"{self.prefix}:apikey:{key_id}:rate:{window}"
+
+    def api_key_claims(self, key_id: str, kind: str) -> str:
+        """Zset: a key's claims of one limit (`jobs`: its job ids waiting or running; `streams`, `waits`: its
+        open connections) -> when the claim expires unless renewed (epoch s). See arbiter/gateway/limits.py."""
+        return f"{self.prefix}:apikey:{key_id}:claims:{kind}"
 
     def workers(self) -> str:
         """Hash: worker name -> JSON {workload, gpu_id, node, concurrency, expires_at}."""

@@ -115,7 +115,7 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     for p in PRIORITY_ORDER:
         pipe.hmget(histogram_key(keys, "job_duration_seconds", wl.value, p.value), "sum", "count")
     if idempotency_key:
-        pipe.exists(keys.idempotency(idempotency_key))
+        pipe.exists(keys.idempotency(spec.tenant, idempotency_key))
     workers_raw, *rest = pipe.execute()
     if idempotency_key and rest.pop():
         return queue, None, True

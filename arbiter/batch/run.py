@@ -186,7 +186,7 @@ def _submit(client: Any, ln: Line) -> tuple[str, bool]:
     """Submit the line with its idempotency key; returns (job id, whether an earlier run had submitted it).
     `Client.submit` also repairs what an earlier run killed inside a submit left behind (a key without a
     record, a record whose message was never sent)."""
-    earlier = client.redis.exists(client.keys.idempotency(ln.key))
+    earlier = client.redis.exists(client.keys.idempotency(ln.spec.get("tenant") or "default", ln.key))
     return client.submit(ln.spec, idempotency_key=ln.key).id, bool(earlier)
 
 

@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-import anyio
 from fastapi import Depends, FastAPI, Header, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
@@ -24,6 +23,7 @@ from arbiter.gateway.apikeys import ApiKey
 from arbiter.gateway.context import Ctx
 from arbiter.gateway.errors import ApiError
 from arbiter.gateway.guards import BodyGuard
+from arbiter.gateway.limits import Claim
 from arbiter.gateway.models import (
     CancelReply,
     Health,
@@ -90,8 +90,9 @@ def create_gateway(settings: Settings) -> FastAPI:
              response_class=StreamingResponse, responses={200: SSE, **errors(401, 404, 429, 503)})
     async def events(job_id: str = JobId, key: ApiKey = Depends(caller)) -> StreamingResponse:
         handle = await run_in_threadpool(ctx.owned, key, job_id)
-        return await stream(ctx, key, _native(job_events(handle, ctx.waiters, settings.visibility_timeout_s,
-                                                         settings.gateway_heartbeat_s)))
+        return await stream(ctx, await ctx.hold(key, stream=True),
+                            _native(job_events(handle, ctx.waiters, settings.visibility_timeout_s,
+                                               settings.gateway_heartbeat_s)))
 
     @app.get("/v1/jobs/{job_id}/image.png", tags=["jobs"],
              summary="A finished image job's PNG (API key, or a signed link)",
@@ -168,15 +169,10 @@ async def _native(events: AsyncIterator[dict[str, str] | None]) -> AsyncIterator
             f"event: {event.get('type', 'message')}\ndata: {json.dumps(typed(event))}\n\n".encode()
 
 
-async def stream(ctx: Ctx, key: ApiKey, chunks: AsyncIterator[bytes | None]) -> StreamingResponse:
-    """An SSE response of `chunks` (None: nothing new) holding one of the key's stream slots (429 when it
-    has none left): `: keep-alive` comments while quiet, the slot refreshed as it beats and freed when the
-    stream ends or the client leaves (Starlette cancels the stream on disconnect)."""
-    slot = await run_in_threadpool(ctx.slots.acquire, key.name)
-    if slot is None:
-        raise ApiError(429, f"key {key.name!r} holds {ctx.settings.gateway_streams_per_key} open streams, its "
-                            f"limit; close one", "rate_limit_error", code="too_many_streams",
-                       headers={"Retry-After": "5"})
+async def stream(ctx: Ctx, claim: Claim, chunks: AsyncIterator[bytes | None]) -> StreamingResponse:
+    """An SSE response of `chunks` (None: nothing new) holding `claim` (one of the key's waits and stream
+    slots, `ctx.hold(key, stream=True)`): `: keep-alive` comments while quiet, the claim renewed as it beats
+    and given back when the stream ends or the client leaves (Starlette cancels the stream on disconnect)."""
 
     async def body() -> AsyncIterator[bytes]:
         refreshed = time.monotonic()
@@ -185,15 +181,11 @@ async def stream(ctx: Ctx, key: ApiKey, chunks: AsyncIterator[bytes | None]) -> 
                 yield b": keep-alive\n\n" if chunk is None else chunk
                 if time.monotonic() - refreshed >= ctx.settings.gateway_heartbeat_s:
                     refreshed = time.monotonic()
-                    await run_in_threadpool(ctx.slots.refresh, key.name, slot)
+                    await run_in_threadpool(ctx.limits.renew, claim)
         except (Timeout, RedisError) as exc:
             yield f"event: error\ndata: {json.dumps({'type': 'error', 'message': str(exc)})}\n\n".encode()
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await run_in_threadpool(ctx.slots.release, key.name, slot)
-                except RedisError:
-                    pass   # the slot expires by itself
+            await ctx.let_go(claim)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,22 +1,27 @@
-"""What every route shares: the client, the key store, the URL signer, the stream slots, the waiters'
-thread limiter, and the key-aware steps (who is calling, at which priority, submit, own, wait). The
-synchronous steps talk to Redis and run on worker threads; `wait` never blocks the event loop."""
+"""What every route shares: the client, the key store, the URL signer, the key's limits, the waiters'
+thread limiter, and the key-aware steps (who is calling — every request counted against its key's rate —, at
+which priority, submit, own, hold a wait, wait). The synchronous steps talk to Redis and run on worker threads;
+`wait` never blocks the event loop."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
 from fastapi import Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis import RedisError
 
 from arbiter.gateway.apikeys import ApiKey, KeyStore
 from arbiter.gateway.errors import RETRY_AFTER_S, ApiError, param_of, request_words
+from arbiter.gateway.limits import Claim, Limits
 from arbiter.gateway.signing import UrlSigner
-from arbiter.gateway.streams import StreamSlots, job_events
+from arbiter.gateway.streams import job_events
 from broker.client import Client, JobHandle
 from broker.errors import Cancelled, DeadlineExceeded, InvalidJob, JobFailed, JobNotFound, Timeout
-from broker.schemas import JobResult, JobSpec, Priority, tenant_for
+from broker.schemas import JobResult, JobSpec, Priority
 from broker.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
@@ -39,8 +44,8 @@ class Ctx:
         prefix = self.client.keys.prefix
         self.signer = UrlSigner(self.client.redis, f"{prefix}:gateway:url_secret", settings.gateway_url_ttl_s,
                                 settings.gateway_url_secret.get_secret_value())
-        self.slots = StreamSlots(self.client.redis, prefix, settings.gateway_streams_per_key,
-                                 ttl_s=3 * settings.gateway_heartbeat_s + 5)
+        self.limits = Limits(self.client.redis, self.client.keys, settings.gateway_streams_per_key,
+                             conn_ttl_s=3 * settings.gateway_heartbeat_s + 5, jobs_ttl_s=settings.result_ttl_s * 7)
         self.waiters = anyio.CapacityLimiter(WAITERS)
 
     # -- dependencies (plain functions: FastAPI runs them on its thread pool) ------------------------------
@@ -49,6 +54,7 @@ class Ctx:
         if key is None:
             raise ApiError(401, "missing or unknown API key (send Authorization: Bearer <key>)",
                            "authentication_error", headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+        self.limits.request(key)   # every request counts against the key's rate: reads too
         return key
 
     def dependency(self) -> Any:
@@ -63,12 +69,8 @@ class Ctx:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def priority(self, key: ApiKey, asked: Priority | str | None, header: str | None) -> Priority:
-        """Count the request against the key's rate; the priority it submits at (the body's, else the
-        X-Arbiter-Priority header's, else the key's default), if the key allows it."""
-        limit = self.keys.admit(key)
-        if limit:
-            raise ApiError(limit.status, limit.message, "rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(max(1, limit.retry_after_s))})
+        """The priority the key submits at (the body's, else the X-Arbiter-Priority header's, else the key's
+        default), if the key allows it."""
         wanted = asked or header or key.default_priority
         try:
             priority = Priority(wanted)
@@ -82,15 +84,16 @@ class Ctx:
 
     def submit(self, key: ApiKey, fields: dict[str, Any], idempotency_key: str | None,
                params: dict[str, str] | None = None, status: int = 422) -> JobHandle:
-        """Submit under the key's queue cap. `params` renames job fields to the request's own in errors."""
-        limit = self.keys.can_queue(key)
-        if limit:
-            raise ApiError(limit.status, limit.message, "rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(limit.retry_after_s)})
+        """Submit as the key's tenant under the key's queued-job cap (a slot taken first, in one step; given
+        back if the submit fails). `params` renames job fields to the request's own in errors."""
+        claim = self.limits.submit(key)
         try:
-            # the key's name is the tenant: fair share within a band is between keys (broker/fairshare.py)
-            handle = self.client.submit({**fields, "tenant": tenant_for(key.name)}, idempotency_key=idempotency_key)
-        except InvalidJob as exc:
+            # the job is the key's tenant's: its owner, its idempotency keys, its fair share (broker/fairshare.py)
+            handle = self.client.submit({**fields, "tenant": key.tenant}, idempotency_key=idempotency_key)
+        except BaseException as exc:
+            self.limits.release(claim)
+            if not isinstance(exc, InvalidJob):
+                raise
             field = param_of(exc.errors, JobSpec.model_fields) or _named(str(exc))
             if field == "idempotency_key" or "idempotency_key" in str(exc):
                 field = "Idempotency-Key"
@@ -100,19 +103,28 @@ class Ctx:
                                                ([param] if param else []))]} for e in exc.errors]
             raise ApiError(status, request_words(str(exc), names, param), param=param, fields=located,
                            code="invalid_value") from None
-        self.keys.track(key, handle.id)
-        self.client.redis.set(self._owner(handle.id), key.name, ex=self.settings.result_ttl_s)
+        self.limits.bind(claim, handle.id)
         return handle
 
-    def _owner(self, job_id: str) -> str:
-        return f"{self.client.keys.prefix}:owner:{job_id}"
-
     def owned(self, key: ApiKey, job_id: str) -> JobHandle:
-        """The caller's own job (another key's job is reported as missing)."""
-        owner = self.client.redis.get(self._owner(job_id))
-        if owner is None or owner.decode() != key.name:
+        """A job of the caller's tenant, for as long as its record lives (any job for an admin key); another
+        tenant's job is reported as missing."""
+        tenant = self.client.store.tenant(job_id)
+        if tenant is None or (tenant != key.tenant and not key.admin):
             raise ApiError(404, f"no job {job_id} for this key", "not_found_error", param="job_id")
-        return self.job(job_id)
+        return JobHandle(self.client, job_id)
+
+    async def hold(self, key: ApiKey, stream: bool = False) -> Claim:
+        """One of the key's waits (and stream slots, for a stream), taken before its job is submitted."""
+        return await run_in_threadpool(self.limits.wait, key, stream)
+
+    async def let_go(self, claim: Claim) -> None:
+        """Give a wait back, even from a cancelled request (it lapses by itself if Redis is away)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await run_in_threadpool(self.limits.release, claim)
+            except RedisError:
+                pass
 
     def job(self, job_id: str) -> JobHandle:
         try:
@@ -139,16 +151,20 @@ class Ctx:
         except Cancelled as exc:
             raise ApiError(409, f"job {handle.id}: {exc}", "job_error", code="job_cancelled") from None
 
-    async def wait(self, handle: JobHandle, request: Request) -> tuple[JobResult, int]:
-        """Wait for the job off the event loop; its result and how many tokens it produced. A caller that
-        disconnects stops the wait (the job goes on: GET /v1/jobs/{id})."""
+    async def wait(self, handle: JobHandle, request: Request, claim: Claim) -> tuple[JobResult, int]:
+        """Wait for the job off the event loop, holding `claim` (renewed as it waits); its result and how many
+        tokens it produced. A caller that disconnects stops the wait (the job goes on: GET /v1/jobs/{id})."""
         timeout_s = self.settings.allocation_timeout_s + 600
         tokens = -1
+        renewed = time.monotonic()
         try:
             async for event in job_events(handle, self.waiters, timeout_s, heartbeat_s=1.0):
                 if event is None:
                     if await request.is_disconnected():
                         raise ApiError(408, "client went away", "timeout_error")
+                    if time.monotonic() - renewed >= self.settings.gateway_heartbeat_s:
+                        renewed = time.monotonic()
+                        await run_in_threadpool(self.limits.renew, claim)
                 elif event.get("type") == "token":
                     tokens = max(tokens, int(event["index"]))
         except Timeout:

@@ -16,6 +16,7 @@ from arbiter.gateway import openai_api as oa
 from arbiter.gateway.apikeys import ApiKey
 from arbiter.gateway.context import Ctx
 from arbiter.gateway.errors import ApiError
+from arbiter.gateway.limits import Claim
 from arbiter.gateway.models import (
     ChatCompletion,
     ChatRequest,
@@ -69,16 +70,22 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
         served(Workload.LLM, body.model)
         priority = await _admit(ctx, key, body.service_tier, x_arbiter_priority, response)
         fields = oa.chat_job(body, priority)
-        handle = await run_in_threadpool(ctx.submit, key, fields, idempotency_key, oa.chat_params(body), 400)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            from arbiter.gateway.app import stream
+        claim: Claim | None = await ctx.hold(key, stream=bool(body.stream))   # a wait (429 when the key holds its limit)
+        try:
+            handle = await run_in_threadpool(ctx.submit, key, fields, idempotency_key, oa.chat_params(body), 400)
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                from arbiter.gateway.app import stream
 
-            streaming = await stream(ctx, key, _chat_chunks(ctx, handle, body.model, fields, include_usage,
-                                                            oa.TIER_OF[priority]))
-            streaming.headers.update(response.headers)
-            return streaming
-        result, tokens = await ctx.wait(handle, request)
+                streaming = await stream(ctx, claim, _chat_chunks(ctx, handle, body.model, fields, include_usage,
+                                                                  oa.TIER_OF[priority]))
+                claim = None   # the stream gives it back when it ends
+                streaming.headers.update(response.headers)
+                return streaming
+            result, tokens = await ctx.wait(handle, request, claim)
+        finally:
+            if claim is not None:
+                await ctx.let_go(claim)
         return oa.completion(handle.id, body.model, result, fields["prompt"], tokens)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Images (diffusion jobs)",
@@ -91,13 +98,17 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
         served(Workload.DIFFUSION, body.model)
         priority = await _admit(ctx, key, body.service_tier, x_arbiter_priority, response)
         handles = []
-        for i, fields in enumerate(oa.image_jobs(body, priority)):
-            idem = f"{idempotency_key}:{i}" if idempotency_key else None
-            handles.append(await run_in_threadpool(ctx.submit, key, fields, idem, oa.IMAGE_PARAMS, 400))
+        claim = await ctx.hold(key)   # one wait for the request (429 when the key holds its limit)
+        try:
+            for i, fields in enumerate(oa.image_jobs(body, priority)):
+                idem = f"{idempotency_key}:{i}" if idempotency_key else None
+                handles.append(await run_in_threadpool(ctx.submit, key, fields, idem, oa.IMAGE_PARAMS, 400))
+            results = [(await ctx.wait(h, request, claim))[0] for h in handles]
+        finally:
+            await ctx.let_go(claim)
         base = settings.gateway_public_url.rstrip("/") or str(request.base_url).rstrip("/")
         data = []
-        for h in handles:
-            result, _ = await ctx.wait(h, request)
+        for h, result in zip(handles, results):
             if body.response_format == "url":
                 expires, sig = await run_in_threadpool(ctx.signer.sign, h.id)
                 data.append(ImageData(url=f"{base}/v1/jobs/{h.id}/image.png?expires={expires}&sig={sig}"))
@@ -113,9 +124,9 @@ async def _admit(ctx: Ctx, key: ApiKey, service_tier: str | None, header: Priori
     try:
         priority = await run_in_threadpool(ctx.priority, key, oa.tier_priority(service_tier), header)
     except ApiError as exc:
-        exc.headers = {**await run_in_threadpool(ctx.keys.rate_headers, key), **exc.headers}
+        exc.headers = {**await run_in_threadpool(ctx.limits.rate_headers, key), **exc.headers}
         raise
-    response.headers.update(await run_in_threadpool(ctx.keys.rate_headers, key))
+    response.headers.update(await run_in_threadpool(ctx.limits.rate_headers, key))
     return priority
 
 

@@ -1,17 +1,14 @@
 """Waiting on jobs without blocking the event loop: a job's events read in short blocking slices on worker
 threads of their own (a `CapacityLimiter` apart from FastAPI's pool, so waiters never starve the other
-endpoints), heartbeat ticks while a job is quiet, and a cap on the event streams one API key holds open
-(counted in Redis across gateway processes; a slot not refreshed by its heartbeat expires)."""
+endpoints), heartbeat ticks while a job is quiet. The caps on what one API key holds open are `limits.py`'s."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 
 import anyio
-import redis
 
 from broker.client import JobHandle
 from broker.errors import Timeout
@@ -67,41 +64,3 @@ async def job_events(handle: JobHandle, limiter: anyio.CapacityLimiter, timeout_
         if now - quiet_since >= heartbeat_s:
             quiet_since = now
             yield None
-
-
-class StreamSlots:
-    """At most `per_key` open streams per API key: a sorted set of stream ids scored by their expiry."""
-
-    def __init__(self, r: redis.Redis, prefix: str, per_key: int, ttl_s: float) -> None:
-        self.r, self.prefix, self.per_key, self.ttl_s = r, prefix, per_key, ttl_s
-
-    def _key(self, key_name: str) -> str:
-        return f"{self.prefix}:apikey:{key_name}:streams"
-
-    def acquire(self, key_name: str) -> str | None:
-        """A slot id, or None when the key already holds `per_key` live streams."""
-        now, slot, k = time.time(), uuid.uuid4().hex, self._key(key_name)
-        pipe = self.r.pipeline()
-        pipe.zremrangebyscore(k, "-inf", now)
-        pipe.zcard(k)
-        _, held = pipe.execute()
-        if held >= self.per_key:
-            return None
-        pipe = self.r.pipeline()
-        pipe.zadd(k, {slot: now + self.ttl_s})
-        pipe.expire(k, int(self.ttl_s) + 1)
-        pipe.execute()
-        return slot
-
-    def refresh(self, key_name: str, slot: str) -> None:
-        k = self._key(key_name)
-        pipe = self.r.pipeline()
-        pipe.zadd(k, {slot: time.time() + self.ttl_s}, xx=True)
-        pipe.expire(k, int(self.ttl_s) + 1)
-        pipe.execute()
-
-    def release(self, key_name: str, slot: str) -> None:
-        self.r.zrem(self._key(key_name), slot)
-
-    def held(self, key_name: str) -> int:
-        return int(self.r.zcount(self._key(key_name), time.time(), "+inf"))

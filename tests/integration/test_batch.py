@@ -73,7 +73,7 @@ def bound_jobs(client, out: Path) -> dict[str, str]:
     batch_key = json.loads((out / ".batch.json").read_text())["batch_key"]
     r: redis.Redis = client.redis
     found = {}
-    for key in r.scan_iter(match=client.keys.idempotency(f"batch:{batch_key}:*"), count=1000):
+    for key in r.scan_iter(match=client.keys.idempotency("default", f"batch:{batch_key}:*"), count=1000):
         found[key.decode()] = r.get(key).decode().split("|")[0]
     return found
 
@@ -193,7 +193,7 @@ def test_resume_completes_a_submit_cut_short(settings, client, tmp_path):
                                      **{k: v for k, v in r.items() if k != "id"}}, client.settings) for r in rows}
     bind = {i: f"{uuid.uuid4()}|{hashlib.sha256(specs[i].model_dump_json().encode()).hexdigest()[:16]}" for i in specs}
     for i, value in bind.items():
-        client.redis.set(client.keys.idempotency(f"batch:{batch_key}:{i}"), value)
+        client.redis.set(client.keys.idempotency("default", f"batch:{batch_key}:{i}"), value)
     ghost, orphan = (bind[i].split("|")[0] for i in ("a", "b"))
     client.store.create(orphan, specs["b"], now=time.time() - 60)   # b: a record, no message (killed a minute ago)
 

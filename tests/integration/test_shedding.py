@@ -71,7 +71,7 @@ def test_shedding_at_submit(client, settings, start_worker, tmp_path_factory):
     assert e.retry_after_s == retry_after_s(wait, 2) and e.predicted_wait_s == pytest.approx(wait)
     assert "llm.standard is overloaded" in str(e) and "retry in ~" in str(e)
     assert r.llen("llm.standard") == depth and job_keys(client) == records and r.zcard(keys.jobs_live()) == live
-    assert not r.exists(keys.idempotency("shed-1"))
+    assert not r.exists(keys.idempotency("default", "shed-1"))
     assert stats.read(r, keys)["shed_at_submit"] == 1
     # the band's maximum wait refuses a job without a deadline
     limited_settings = settings.model_copy(update={"max_wait_standard_s": 3.0})

@@ -160,8 +160,8 @@ def test_a_resubmit_whose_idempotency_key_is_bound_is_not_shed(fake_redis):
     fill(r, "llm.standard", 5)
     with pytest.raises(Overloaded):
         refuse_if_overloaded(r, KEYS, Settings(), llm(deadline_s=5), idempotency_key="k1")
-    assert not r.exists(KEYS.idempotency("k1"))
-    r.set(KEYS.idempotency("k1"), "job|digest")    # the key made a job earlier: the submit returns it
+    assert not r.exists(KEYS.idempotency("default", "k1"))
+    r.set(KEYS.idempotency("default", "k1"), "job|digest")    # the key made a job earlier: the submit returns it
     refuse_if_overloaded(r, KEYS, Settings(), llm(deadline_s=5), idempotency_key="k1")
 
 
@@ -198,7 +198,7 @@ def test_no_limit_no_redis_call_and_a_limit_costs_two_round_trips(fake_redis):
     fill(fake_redis, "llm.standard", 3)
     refuse_if_overloaded(calls, KEYS, Settings(), llm(deadline_s=600), idempotency_key="k")   # type: ignore[arg-type]
     assert len(calls.trips) == 2 and all(t.startswith("pipeline") for t in calls.trips), calls.trips
-    assert not fake_redis.exists(KEYS.idempotency("k"))                      # read, never written
+    assert not fake_redis.exists(KEYS.idempotency("default", "k"))                      # read, never written
 
 
 def test_gateway_answers_429_with_retry_after_naming_the_limit():

@@ -1,0 +1,195 @@
+"""The gateway as a multi-tenant door (issue 30): keys with ids and explicit tenants, idempotency per tenant,
+limits taken in one Redis step under concurrency, every read metered, the owner binding as long as the job's
+record. `arbiter gateway` as a process, real Redis, real workers and beat."""
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from arbiter.gateway.apikeys import KeyStore
+from broker.controls import pause, resume
+from tests.conftest import wait_until
+from tests.integration.arbiter_helpers import fast_settings
+from tests.support.gateway import Gateway
+
+pytestmark = pytest.mark.integration
+
+SLOW = {"workload": "diffusion", "prompt": "slow", "steps": 200, "width": 1024, "height": 1024,
+        "priority": "background"}
+CHAT = {"workload": "llm", "prompt": "hi", "max_new_tokens": 4, "priority": "standard"}
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url):
+    return fast_settings(redis_url, sim_time_scale=0.1, result_ttl_s=3)
+
+
+@pytest.fixture(scope="module")
+def gateway(settings, start_worker, start_beat, tmp_path_factory):
+    start_worker("llm", concurrency=2)
+    start_worker("diffusion", concurrency=1)
+    start_beat()
+    gw = Gateway(settings, tmp_path_factory.mktemp("tenants") / "gateway.log")
+    yield gw.base
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def store(client):
+    return KeyStore(client.redis, client.keys)
+
+
+def h(secret):
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def whole_minute_ahead(margin_s: float = 8.0) -> None:
+    """Start a rate-limited sequence where the minute's window will not roll over under it."""
+    left = 60 - time.time() % 60
+    if left < margin_s:
+        time.sleep(left + 0.1)
+
+
+def cancel_all(base, secret, ids):
+    for job_id in ids:
+        httpx.delete(f"{base}/v1/jobs/{job_id}", headers=h(secret))
+
+
+def test_forty_concurrent_submits_on_a_cap_of_three_accept_exactly_three(gateway, store):
+    secret = store.create("capped", ["background"], max_queued=3, rate_per_min=0)
+    with ThreadPoolExecutor(40) as pool:
+        replies = list(pool.map(lambda _: httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret), timeout=30),
+                                range(40)))
+    accepted = [r.json()["job_id"] for r in replies if r.status_code == 201]
+    refused = [r for r in replies if r.status_code == 429]
+    try:
+        assert len(accepted) == 3 and len(refused) == 37, [r.status_code for r in replies]
+        assert all(int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "too_many_jobs"
+                   for r in refused)
+    finally:
+        cancel_all(gateway, secret, accepted)
+    # the slots come back when the jobs end
+    wait_until(lambda: httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"},
+                                  headers=h(secret)).status_code == 201, timeout_s=30, interval_s=0.5)
+
+
+def test_concurrent_event_streams_open_no_more_than_the_slots(gateway, store, settings, client):
+    secret = store.create("streamer", ["background"], rate_per_min=0, max_waits=100)
+    job_id = httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret)).json()["job_id"]
+    slots = settings.gateway_streams_per_key
+
+    async def race() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as http, \
+                contextlib.AsyncExitStack() as held:
+            async def open_one() -> int:
+                r = await held.enter_async_context(http.stream("GET", f"{gateway}/v1/jobs/{job_id}/events",
+                                                               headers=h(secret)))
+                return r.status_code
+            return list(await asyncio.gather(*(open_one() for _ in range(80))))   # all held open, then closed
+
+    try:
+        codes = asyncio.run(race())
+        assert codes.count(200) == slots and codes.count(429) == 80 - slots, codes
+    finally:
+        cancel_all(gateway, secret, [job_id])
+    # closed streams give their slots back
+    key = store.lookup(secret)
+    held = client.keys.api_key_claims(key.id, "streams")
+    wait_until(lambda: client.redis.zcount(held, time.time(), "+inf") == 0, timeout_s=10)
+
+
+def test_waits_and_streams_share_the_waits_cap(gateway, store):
+    secret = store.create("waiter", ["standard", "background"], rate_per_min=0, max_waits=2)
+    job_id = httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret)).json()["job_id"]
+    try:
+        with httpx.stream("GET", f"{gateway}/v1/jobs/{job_id}/events", headers=h(secret), timeout=30) as a, \
+                httpx.stream("GET", f"{gateway}/v1/jobs/{job_id}/events", headers=h(secret), timeout=30) as b:
+            assert a.status_code == b.status_code == 200
+            r = httpx.post(gateway + "/v1/chat/completions", headers=h(secret), timeout=30,
+                           json={"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_waits", r.text
+            assert int(r.headers["Retry-After"]) >= 1
+        # both closed: a non-streaming chat waits and answers
+        r = httpx.post(gateway + "/v1/chat/completions", headers=h(secret), timeout=60,
+                       json={"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        cancel_all(gateway, secret, [job_id])
+
+
+def test_the_same_idempotency_key_from_two_tenants_makes_two_jobs(gateway, store, client):
+    alice, bob = store.create("alice", ["standard"]), store.create("bob", ["standard"])
+    idem = {"Idempotency-Key": "order-42"}
+    a = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(alice) | idem)
+    b = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(bob) | idem)
+    assert a.status_code == b.status_code == 201 and a.json()["job_id"] != b.json()["job_id"]
+    assert httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(alice) | idem).json()["job_id"] == a.json()["job_id"]
+    other = httpx.post(gateway + "/v1/jobs", json={**CHAT, "prompt": "other"}, headers=h(bob) | idem)
+    assert other.status_code == 422 and a.json()["job_id"] not in other.text and b.json()["job_id"] in other.text
+    assert httpx.get(f"{gateway}/v1/jobs/{a.json()['job_id']}", headers=h(alice)).status_code == 200
+    # the Python client: the same key under two tenants
+    one = client.submit(CHAT | {"tenant": "t-one"}, idempotency_key="batch-7")
+    two = client.submit(CHAT | {"tenant": "t-two"}, idempotency_key="batch-7")
+    assert one.id != two.id and client.submit(CHAT | {"tenant": "t-one"}, idempotency_key="batch-7").id == one.id
+
+
+def test_names_that_differ_never_share_a_tenant(gateway, store):
+    spaced, underscored = store.create("team a", ["standard"]), store.create("team_a", ["standard"])
+    idem = {"Idempotency-Key": "same"}
+    job = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(spaced) | idem).json()["job_id"]
+    assert httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(underscored)).status_code == 404
+    theirs = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(underscored) | idem).json()["job_id"]
+    assert theirs != job
+    assert httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(spaced)).status_code == 200   # still its owner's
+    # keys given one tenant on purpose share it
+    ci, dev = store.create("ci", ["standard"], tenant="team-b"), store.create("dev", ["standard"], tenant="team-b")
+    shared = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(ci)).json()["job_id"]
+    assert httpx.get(f"{gateway}/v1/jobs/{shared}", headers=h(dev)).status_code == 200
+
+
+def test_a_key_made_again_under_a_revoked_name_inherits_nothing(gateway, store):
+    old = store.create("rotating", ["standard"])
+    job = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(old)).json()["job_id"]
+    store.revoke("rotating")
+    new = store.create("rotating", ["standard"])
+    assert httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(old)).status_code == 401
+    assert httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(new)).status_code == 404
+    assert httpx.get(f"{gateway}/v1/jobs/{job}/events", headers=h(new)).status_code == 404
+    admin = store.create("root", ["standard"], admin=True)
+    assert httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(admin)).status_code == 200
+
+
+def test_the_owner_binding_lives_as_long_as_the_queued_job(gateway, store, client, settings):
+    """result_ttl_s is 3 s here: a job queued longer than that stays its owner's (readable, cancellable)."""
+    secret = store.create("patient", ["background"], rate_per_min=0)
+    queue = "llm.background"
+    pause(client.redis, client.keys, client.app, queue, "test", "owner TTL")
+    try:
+        job = httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret)).json()
+        time.sleep(settings.result_ttl_s + 1.5)
+        r = httpx.get(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret))
+        assert r.status_code == 200 and r.json()["status"]["state"] == "queued", r.text
+        assert httpx.delete(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret)).status_code == 202
+    finally:
+        resume(client.redis, client.keys, client.app, queue)
+    wait_until(lambda: httpx.get(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret)).json()["status"]["state"]
+               == "cancelled", timeout_s=20)
+
+
+def test_every_read_counts_against_the_rate(gateway, store):
+    secret = store.create("reader", ["standard"], rate_per_min=6)
+    whole_minute_ahead()
+    job = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(secret)).json()["job_id"]    # 1
+    reads = [httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(secret)) for _ in range(3)]      # 2..4
+    reads.append(httpx.get(f"{gateway}/v1/models", headers=h(secret)))                          # 5
+    with httpx.stream("GET", f"{gateway}/v1/jobs/{job}/events", headers=h(secret), timeout=30) as s:   # 6
+        reads.append(s)
+    assert [r.status_code for r in reads] == [200] * 5
+    over = httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(secret))
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(over.headers["Retry-After"]) <= 61
+    assert httpx.get(f"{gateway}/v1/jobs/{job}/events", headers=h(secret)).status_code == 429
