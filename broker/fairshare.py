@@ -16,7 +16,7 @@ priority across bands is exactly as before.
 A crash loses and doubles nothing: each move is one atomic step of bytes built at submit; a held job's record
 says it is held, so no sweep sends it a message; a message a worker takes after feeding carries the band's
 own routing key, so kombu's restore of an unacknowledged message puts it back on the band's queue. A job
-cancelled while held is dropped when its turn comes. The tenant is the API key's name through the gateway,
+cancelled while held is dropped when its turn comes. The tenant is the API key's tenant through the gateway,
 the `tenant` field through the client, CLI and batch (default `default`)."""
 
 from __future__ import annotations

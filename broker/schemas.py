@@ -65,7 +65,8 @@ def _settings(info: ValidationInfo) -> Settings:
 
 
 def tenant_for(name: str) -> str:
-    """A tenant name from any label (an API key's name): the characters a tenant may not hold become `_`."""
+    """A tenant name from any label: the characters a tenant may not hold become `_` (so two labels may meet in
+    one tenant: only for API keys made before keys had tenants of their own, `arbiter.gateway.apikeys`)."""
     return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)[:64] or "default"
 
 
@@ -82,7 +83,7 @@ class JobSpec(BaseModel):
                               description="Which model (a ladder of variants); default: the workload's first.")
     priority: Priority = Priority.STANDARD
     tenant: str = Field("default", pattern=TENANT_PATTERN, description="Who the job is for: within a "
-                        "priority band, tenants are served in turn (the gateway sets the API key's name).")
+                        "priority band, tenants are served in turn (the gateway sets the API key's tenant).")
     min_quality: Annotated[float | None, NotBool] = Field(None, description="Never run below this quality (default: workload floor).")
     deadline_s: Annotated[float | None, NotBool] = Field(None, ge=MIN_DEADLINE_S, description="Seconds after "
                                                          "submit by which it must finish (at least 1 ms).")

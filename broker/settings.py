@@ -132,8 +132,10 @@ class Settings(BaseSettings):
 
     # Fragment cache (model weights in tiers).
     cache_disk_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/arbiter/fragments"))
-    cache_ram_dir: str = Field(default_factory=lambda: "/dev/shm/arbiter-fragments" if os.path.isdir("/dev/shm")
-                               else os.path.join(tempfile.gettempdir(), "arbiter-fragments-ram"))
+    cache_ram_dir: str = Field(default_factory=lambda: os.path.join(
+        "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(), f"arbiter-fragments-{os.geteuid()}"),
+        description="The RAM tier: this user's own directory (created 0700; one another user owns or may write "
+                    "into is refused).")
     cache_ram_budget_mib: int = Field(4 * 1024, gt=0)
     cache_disk_budget_mib: int = Field(64 * 1024, gt=0)
     cache_fragment_mib: int = Field(32, gt=0, le=1024)
@@ -189,7 +191,7 @@ class Settings(BaseSettings):
     min_quality_diffusion: float = Field(0.3, ge=0.0, le=1.0)
 
 
-TENANT_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"   # a tenant's name (a job's `tenant`, an API key's name)
+TENANT_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"   # a tenant's name (a job's `tenant`, an API key's tenant)
 
 
 @lru_cache(maxsize=64)

@@ -52,7 +52,12 @@ class NodeStore:
         """A verified fragment from one tier into another, copied in the kernel."""
         if dest.has(sha):
             return
-        pinned = src.open(sha, verify=False)
+        try:
+            pinned = src.open(sha)   # checked unless this process wrote it: a copy must not launder bad bytes
+        except CorruptFragment as exc:
+            log.warning("%s; not copied to the %s tier", exc, dest.name)
+            self.index.remove(src.name, sha)
+            return
         if pinned is None:
             return   # evicted meanwhile: nothing to copy
         with pinned:
@@ -64,7 +69,13 @@ class NodeStore:
 
     # -- one fragment ------------------------------------------------------------------------------------
     def local(self, frag: Fragment) -> tuple[Pinned, str] | None:
-        pinned = self.ram.open(frag.sha256)
+        try:
+            pinned = self.ram.open(frag.sha256)
+        except CorruptFragment as exc:   # another process's write, or a file planted under its name
+            log.warning("%s; fetching it again", exc)
+            self.index.remove("ram", frag.sha256)
+            self.counters.add(ram_corrupt=1)
+            pinned = None
         if pinned is not None:
             self.counters.add(ram_hits=1, ram_bytes=frag.size)
             return pinned, "ram"

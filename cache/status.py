@@ -27,7 +27,8 @@ def collect(r: redis.Redis, keys: Keys) -> dict[str, Any]:
                 "misses": int(stats.get(f"{tier}_misses", 0)), "bytes_loaded": int(nbytes),
                 "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds else None,
             }
-        out["nodes"][node] = {"tiers": tiers, "corrupt_refetched": int(stats.get("disk_corrupt", 0)),
+        corrupt = int(stats.get("disk_corrupt", 0)) + int(stats.get("ram_corrupt", 0))
+        out["nodes"][node] = {"tiers": tiers, "corrupt_refetched": corrupt,
                               "peer_failures": int(stats.get("peer_failures", 0)),
                               "peer_corrupt": int(stats.get("peer_corrupt", 0)),
                               "tier_full": {t: int(stats.get(f"{t}_full", 0)) for t in ("ram", "disk")}}

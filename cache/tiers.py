@@ -12,6 +12,13 @@ fragment in use is never evicted, and a process that dies releases its pins with
 `cache.pinned`). A tier may keep fragments mapped (`keep_mapped_bytes`): a later hit is a lookup, not a
 map + populate.
 
+Trust: a tier's directory is this user's own — created 0700, and refused (`UnsafeTier`, naming the path, its
+owner and mode) when another user owns it or others may write into it, so no other account can plant bytes
+under a fragment's name. Every fragment is stored with its xxh3-64 checksum, and a read is checked against it
+(against its SHA-256 name when no checksum is there) unless this process wrote or checked that very file,
+unchanged since (same inode and ctime), and the tier does not `verify_reads` always (the disk tier does):
+another process's writes, or a file dropped in by hand, are never loaded unchecked.
+
 A budget larger than the free space of the tier's directory is reported loudly at start-up and clamped to
 what fits; running out of space while writing raises `TierFull`, naming the tier and the path."""
 
@@ -23,6 +30,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -41,6 +49,36 @@ class TierFull(OSError):
     """A tier cannot store a fragment: out of space on its file system, or its budget is pinned."""
 
 
+class UnsafeTier(PermissionError):
+    """A tier's directory that another user owns or may write into (what is read from it cannot be trusted)."""
+
+
+def private_dir(path: Path, what: str) -> None:
+    """Create `path` 0700 if absent (its parents as usual), then check it is a real directory of this user's
+    that no one else may write into; UnsafeTier otherwise, naming the fix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    fix = f"use a directory of your own (ARBITER_CACHE_{what.upper()}_DIR) or fix its owner and mode (chmod 700)"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UnsafeTier(f"the {what} tier's path {path} is not a plain directory (a symlink or a file); {fix}")
+    if st.st_uid != os.geteuid():
+        raise UnsafeTier(f"the {what} tier's directory {path} is owned by uid {st.st_uid}, not this user (uid "
+                         f"{os.geteuid()}): refusing to read fragments another account could have written; {fix}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeTier(f"the {what} tier's directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}"
+                         f"): refusing to read fragments another account could have planted; {fix}")
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """A file's identity for trust: an inode number is reused once freed, but a new file (or any write, chmod
+    or rename of this one) gets a new ctime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns
+
+
 def _out_of_space(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -51,8 +89,9 @@ class FileTier:
         self.name, self.root, self.budget_bytes, self.verify_reads = name, Path(root), budget_bytes, verify_reads
         self.keep_mapped_bytes = keep_mapped_bytes
         self._held: OrderedDict[str, MappedFile] = OrderedDict()
+        self._trusted: dict[str, tuple[int, ...]] = {}   # fragment -> identity of the file this process wrote or checked
         self._lock = threading.Lock()
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root, name)
         self._sweep_temp_files()
         self.space_warning = self.check_space()
 
@@ -121,8 +160,9 @@ class FileTier:
             self._held.clear()
 
     def open(self, sha: str, verify: bool | None = None) -> Pinned | None:
-        """The fragment pinned and mapped, or None if this tier does not hold it. With `verify_reads`, a
-        fragment whose bytes no longer match its name is deleted and reported as missing."""
+        """The fragment pinned and mapped, or None if this tier does not hold it. Checked (unless `verify`
+        says otherwise) when this process did not write it, or always with `verify_reads`: a fragment whose
+        bytes do not match is deleted and CorruptFragment raised."""
         held = self._held_map(sha)
         if held is not None:
             return Pinned(held.view(), held, held.fd)
@@ -131,9 +171,13 @@ class FileTier:
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
-        mapped = MappedFile(fd, os.fstat(fd).st_size)
+        st = os.fstat(fd)
+        mapped = MappedFile(fd, st.st_size)
         pinned = Pinned(mapped.view(), mapped, fd)
-        if (self.verify_reads if verify is None else verify) and not self._intact(sha, pinned.data):
+        unchecked = verify is False   # the caller checks what it reads (a peer's receiver)
+        if verify is None:   # the very file this process wrote or checked, unchanged since (ctime), is trusted
+            verify = self.verify_reads or self._trusted.get(sha) != _identity(st)
+        if verify and not self._intact(sha, pinned.data):
             pinned.close()
             del mapped
             self.path(sha).unlink(missing_ok=True)
@@ -141,6 +185,8 @@ class FileTier:
             raise CorruptFragment(f"fragment {sha[:12]} in the {self.name} tier ({self.path(sha)}) failed its "
                                   "hash check; dropped")
         os.utime(fd)   # recently used
+        if not unchecked:
+            self._trusted[sha] = _identity(os.fstat(fd))   # as checked (or as written), with the new ctime
         if self.keep_mapped_bytes:
             self._hold(sha, mapped)
         return pinned
@@ -163,7 +209,7 @@ class FileTier:
         once the hash matched. Returns the fragments evicted to make room."""
         evicted = self.make_room(size)
         dest = self.path(sha)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             try:
@@ -172,15 +218,15 @@ class FileTier:
                 if _out_of_space(exc):
                     raise
             fast = verify and xxh3_128 is not None
-            sums = stream_hashed(fd, size, write_into, verify and not fast, self.verify_reads, fast)
+            sums = stream_hashed(fd, size, write_into, verify and not fast, True, fast)
             if verify and (sums["xxh128"] != xxh3_128 if fast else sums["sha"] != sha):
                 raise CorruptFragment(f"bytes for fragment {sha[:12]} do not match its hash; not stored in the "
                                       f"{self.name} tier")
             os.close(fd)
             fd = -1
-            if self.verify_reads:   # the checksum first: a fragment is never visible without it
-                self._atomic_write(self._checksum_path(sha), sums["xxh"].encode())
+            self._atomic_write(self._checksum_path(sha), sums["xxh"].encode())   # first: never visible without it
             os.replace(tmp, dest)
+            self._trusted[sha] = _identity(os.stat(dest))
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
             if _out_of_space(exc):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from broker.keys import Keys
-from broker.schemas import PRIORITY_ORDER, Priority
+from broker.schemas import PRIORITY_ORDER, Priority, tenant_for
 from broker.settings import TENANT_PATTERN
 
 MAX_WAITS = 32   # a key's requests waiting on jobs at once (non-streaming chat/image waits + event streams)
@@ -52,8 +52,7 @@ def _decode(digest: str, raw: bytes) -> ApiKey:
     d = json.loads(raw)
     key = ApiKey(**{**d, "priorities": tuple(d["priorities"])})
     if not key.id:   # a key made before ids: its id from its hash, its tenant its name as it was then
-        legacy = re.sub(r"[^A-Za-z0-9_.@-]", "_", key.name)[:64] or "default"
-        key = ApiKey(**{**asdict(key), "id": "key_" + digest[:16], "tenant": key.tenant or legacy})
+        key = ApiKey(**{**asdict(key), "id": "key_" + digest[:16], "tenant": key.tenant or tenant_for(key.name)})
     return key
 
 
