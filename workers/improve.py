@@ -32,6 +32,8 @@ def queue_improvement(rt: Runtime, job_id: str, spec: JobSpec, quality: float, t
     result only once the job is finished (`adopt`)."""
     if task is None or not wants_improvement(spec, quality):
         return None
+    if rt.redis.hexists(rt.keys.job(job_id), "cancel_requested"):   # cancelled at its last step: its finish
+        return None                                                  # loses to the cancel, nothing to improve
     run_id = f"{job_id}.improve.{uuid.uuid4().hex[:8]}"
     run = spec.model_copy(update={"improve": False, "improves": job_id, "priority": Priority.BACKGROUND,
                                   "min_quality": 1.0})
