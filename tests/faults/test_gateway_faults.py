@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from arbiter.gateway.apikeys import KeyStore
-from arbiter.gateway.streams import StreamSlots
+from arbiter.gateway.limits import Limits
 from tests.conftest import wait_until
 from tests.integration.arbiter_helpers import fast_settings
 from tests.support.gateway import Gateway
@@ -110,7 +110,9 @@ def test_requests_waiting_on_queued_jobs_do_not_freeze_the_gateway(gw, keys):
 
 
 def test_event_streams_beat_are_capped_per_key_and_freed_when_clients_leave(gw, keys, client):
-    slots = StreamSlots(client.redis, client.keys.prefix, PER_KEY, ttl_s=60)
+    limits = Limits(client.redis, client.keys, PER_KEY, conn_ttl_s=60, jobs_ttl_s=60)
+    store = KeyStore(client.redis, client.keys)
+    records = [store.lookup(key) for key in keys]
     socks, jobs = [], {}
     for key in keys:                     # 40 watchers of quiet jobs, 4 per key, all opened at once
         jobs[key] = job = submit(gw, key)
@@ -126,10 +128,10 @@ def test_event_streams_beat_are_capped_per_key_and_freed_when_clients_leave(gw, 
     t0 = time.monotonic()
     assert httpx.get(gw.base + "/healthz", timeout=5).status_code == 200
     assert time.monotonic() - t0 < 0.5
-    assert all(slots.held(f"k{i}") == PER_KEY for i in range(len(keys)))
+    assert all(limits.held(k, "streams") == PER_KEY for k in records)
     for s in socks:                      # the clients go away without a word
         s.close()
-    wait_until(lambda: all(slots.held(f"k{i}") == 0 for i in range(len(keys))), timeout_s=5)
+    wait_until(lambda: all(limits.held(k, "streams") == 0 for k in records), timeout_s=5)
     job = submit(gw, keys[0])
     with httpx.stream("GET", f"{gw.base}/v1/jobs/{job}/events", headers=auth(keys[0]), timeout=5) as r:
         assert r.status_code == 200
