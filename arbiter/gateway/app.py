@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Header, Path, Query
 from fastapi.concurrency import run_in_threadpool
@@ -34,6 +35,7 @@ from arbiter.gateway.models import (
     errors,
     sse_response,
 )
+from arbiter.gateway.shutdown import REASON, ClosingStream, closing
 from arbiter.gateway.streams import job_events
 from broker.errors import Timeout
 from broker.schemas import Priority
@@ -49,7 +51,7 @@ def create_gateway(settings: Settings) -> FastAPI:
     app = FastAPIOffline(title="Arbiter gateway", version="0.2.0",
                          description="Generation jobs with priorities, quality budgets and preemption: a native "
                                      "jobs API and OpenAI-compatible endpoints. Authorize with an API key "
-                                     "(`arbiter keys create`).")
+                                     "(`arbiter keys create`).", lifespan=_lifespan)
     app.state.ctx, app.state.client, app.state.keys = ctx, ctx.client, ctx.keys
     app.add_middleware(BodyGuard, max_bytes=settings.max_request_bytes, timeout_s=settings.gateway_body_timeout_s,
                        max_depth=settings.gateway_max_json_depth)
@@ -130,6 +132,8 @@ def create_gateway(settings: Settings) -> FastAPI:
     @app.get("/healthz", tags=["operations"], response_model=Health, responses=errors(503),
              summary="200 while Redis accepts writes; 503 (with Retry-After) when it does not")
     def health() -> Health:
+        if closing.is_set():   # out of the Service's endpoints while its streams close (`shutdown.py`)
+            raise ApiError(503, REASON, "service_unavailable", code="gateway_shutting_down")
         ctx.client.redis.set(health_key, str(time.time()), ex=60)
         return Health(ok=True)
 
@@ -172,7 +176,8 @@ async def _native(events: AsyncIterator[dict[str, str] | None]) -> AsyncIterator
 async def stream(ctx: Ctx, claim: Claim, chunks: AsyncIterator[bytes | None]) -> StreamingResponse:
     """An SSE response of `chunks` (None: nothing new) holding `claim` (one of the key's waits and stream
     slots, `ctx.hold(key, stream=True)`): `: keep-alive` comments while quiet, the claim renewed as it beats
-    and given back when the stream ends or the client leaves (Starlette cancels the stream on disconnect)."""
+    and given back when the stream ends or the client leaves (Starlette cancels the stream on disconnect); when
+    the gateway is told to stop, the stream ends at once with a last event saying why (`shutdown.py`)."""
 
     async def body() -> AsyncIterator[bytes]:
         refreshed = time.monotonic()
@@ -187,5 +192,11 @@ async def stream(ctx: Ctx, claim: Claim, chunks: AsyncIterator[bytes | None]) ->
         finally:
             await ctx.let_go(claim)
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return ClosingStream(body(), media_type="text/event-stream",   # ends with a reason if the gateway stops
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    closing.install()   # uvicorn's signal handlers are in place: the streams close when it is told to stop
+    yield

@@ -2,17 +2,21 @@
 its running job at its next step, requeues it at once and exits within its drain bound; the job continues on
 another worker from that step. Real Redis, real `arbiter worker` processes, real beats."""
 
+import json
 import os
 import signal
 import struct
 import time
 
+import httpx
 import pytest
 
+from arbiter.gateway.apikeys import KeyStore
 from broker.keys import Keys
-from broker.states import JobState
+from broker.states import TERMINAL, JobState
 from tests.conftest import wait_until
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
+from tests.support.gateway import Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +152,50 @@ def test_a_beat_told_to_stop_hands_leadership_to_a_standby_at_once(client, start
     leader.proc.wait(timeout=5)
     assert handover_s < tick_s / 4, (handover_s, leader.output()[-2000:], standby.output()[-2000:])
     wait_until(lambda: "the leader" in standby.output(), timeout_s=tick_s)
+
+
+def sse_events(lines) -> list[tuple[str, dict]]:
+    """(event type, data) of each server-sent event read from `lines`, until the stream ends."""
+    out, kind = [], "message"
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((kind, json.loads(line[len("data: "):])))
+            kind = "message"
+    return out
+
+
+def test_a_gateway_told_to_stop_closes_its_open_streams_with_the_reason(client, procs, tmp_path):  # noqa: F811
+    worker, beat = procs
+    beat()
+    worker("diffusion", concurrency=1, gpu="sim3:24GiB", ARBITER_SIM_TIME_SCALE="3")   # a ~35 s job
+    key = KeyStore(client.redis, client.keys).create("drain", ["standard"])
+    gw = Gateway(client.settings, tmp_path / "gateway.log")
+    try:
+        auth = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(gw.base + "/v1/jobs", headers=auth, json={"workload": "diffusion", "prompt": "a long one",
+                                                                 "steps": 200, "width": 1024, "height": 1024})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        with httpx.stream("GET", f"{gw.base}/v1/jobs/{job_id}/events", headers=auth, timeout=30) as resp:
+            lines = resp.iter_lines()
+            seen = []
+            for line in lines:                                   # read until the job is under way
+                seen.append(line)
+                if line == "event: progress":
+                    break
+            sent = time.monotonic()
+            gw.proc.send_signal(signal.SIGTERM)
+            events = sse_events(seen + list(lines))              # the rest, until the gateway ends the stream
+        closed_s = time.monotonic() - sent
+        gw.proc.wait(timeout=10)
+        exited_s = time.monotonic() - sent
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+    kind, last = events[-1]
+    assert kind == "error" and last["reason"] == "gateway shutting down", events[-3:]
+    assert last["error"]["code"] == "gateway_shutting_down"
+    assert closed_s < 5 and exited_s < 10, (closed_s, exited_s)
+    assert client.get(job_id).status().state not in TERMINAL      # the job goes on without the gateway
