@@ -8,9 +8,10 @@ the quality parked jobs wait for. One tick:
 
 1. **Idle** (nothing running, waiting, queued or parked for the GPU): every budget is 1.0 at once.
    Resident weights alone never hold quality down.
-2. **Memory over** `pressure_threshold`: the budget of the lowest class drops one step (diffusion.background
-   first, then llm.background, diffusion.standard, llm.standard, interactive last), never below the
-   workload's floor.
+2. **Memory over** `pressure_threshold`: the budget of the lowest class competing for this GPU's VRAM drops
+   one step (diffusion.background first, then llm.background, diffusion.standard, llm.standard, interactive
+   last), never below the workload's floor. Competing: a class with a job running, waiting for VRAM or
+   parked for VRAM on this GPU — lowering a class with no work there relieves nothing.
 3. **Compute contended** — interactive work needs the GPU while lower-priority work is there: the lowest
    non-interactive class drops one step (cheaper rungs finish sooner and leave the card to the person
    waiting); interactive budgets never move for this.
@@ -69,6 +70,7 @@ class Demand:
     contended: bool = False          # interactive work needs this GPU (now, or within the contention window)
     backlog: bool = False            # lower-priority work is there to yield (running, queued or parked)
     wanted: dict[BudgetKey, float] = field(default_factory=dict)   # key -> quality a parked job waits for
+    competing: frozenset[BudgetKey] | None = None   # classes holding or asking for VRAM here (None: all)
 
 
 def next_budgets(state: BudgetState, demand: Demand, cfg: BudgetConfig) -> tuple[BudgetState, list[BudgetKey]]:
@@ -86,7 +88,8 @@ def next_budgets(state: BudgetState, demand: Demand, cfg: BudgetConfig) -> tuple
     if state.hold > 0:
         return BudgetState(budgets, state.hold - 1), []
     if over or (demand.contended and demand.backlog):   # 2./3. one step down, lowest class first
-        for key in DEGRADE_ORDER if over else NON_INTERACTIVE:
+        order = [k for k in DEGRADE_ORDER if demand.competing is None or k in demand.competing]
+        for key in order if over else NON_INTERACTIVE:
             floor = cfg.floor(key)
             if budgets[key] > floor + _EPS:
                 budgets[key] = round(max(floor, budgets[key] - cfg.step), 4)

@@ -4,7 +4,9 @@ Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 
 
 - per GPU (label `gpu`): `gpu_vram_total_bytes`, `gpu_vram_used_bytes`, `gpu_vram_usable_bytes`,
   `gpu_pressure_ratio`, `gpu_utilization_ratio` (where the device reports it), `gpu_leases{kind}` (kind
-  job | weights), `gpu_leased_bytes`, `budget_quality_ratio{workload,priority}`;
+  job | weights), `gpu_leased_bytes`, `budget_quality_ratio{workload,priority}`; per resident model variant
+  (`workers.residency`) `model_resident_bytes{gpu,model,variant,worker,state}` (state in_use | idle |
+  reclaimable | pinned) and `model_idle_seconds{gpu,model,variant,worker}`;
 - `queue_depth{queue}` for the six `<workload>.<priority>` queues, each counting its per-worker affinity
   queues `<queue>@<worker>` too; `workers{workload}` (registered workers);
 - the backlog per (workload, band) for autoscalers (`band`: a priority or `improve`): `jobs_waiting` (queued,
@@ -12,7 +14,8 @@ Exported (all `arbiter_`, base units, ratios 0..1 except pressure, which passes 
 - `jobs{state}` over at most `arbiter.metrics.JOBS_SCAN_CAP` live jobs (the oldest, from the live index) and
   `jobs_live` (the index's full size: when it exceeds the cap, `jobs` under-counts);
 - counters from the stats hash (`broker.stats`): `<name>_total` for `COUNTERS`, and
-  `checkpoint_seconds_total`, `step_seconds_total`, `model_load_seconds_total`; `quality_mean_ratio{workload}`
+  `checkpoint_seconds_total`, `step_seconds_total`, `model_load_seconds_total` (with `model_loads_total` and
+  `model_evictions_total`: residency's loads, evictions and load seconds); `quality_mean_ratio{workload}`
   and `pressure_mean_ratio`;
 - cache per node and tier (`arbiter.cache_metrics`): `cache_hits_total`, `cache_misses_total`, `cache_loaded_bytes_total`,
   `cache_used_bytes`, `cache_budget_bytes`, `cache_fragments` (origin: hits are origin fetches);
@@ -57,6 +60,7 @@ COUNTERS: dict[str, str] = {
     "allocations_ok": "VRAM leases granted.",
     "allocations_failed": "VRAM lease requests refused.",
     "model_loads": "Model variants made resident on a GPU.",
+    "model_evictions": "Idle model weights evicted to make room for another model (workers/residency.py).",
     "affinity_declines": "Jobs passed to a peer worker that holds their model variant.",
     "checkpoints": "Checkpoints saved.",
     "budget_changes": "Quality budget changes made by the beat.",
@@ -107,7 +111,18 @@ def gpu_families(gpus: tuple[GpuState, ...]) -> Iterator[Metric]:
     leased = GaugeMetricFamily("arbiter_gpu_leased_bytes", "VRAM held by live leases.", labels=["gpu"])
     budget = GaugeMetricFamily("arbiter_budget_quality_ratio", "Quality budget set by the beat.",
                                labels=["gpu", "workload", "priority"])
+    resident = GaugeMetricFamily("arbiter_model_resident_bytes", "Weights of a model variant loaded on a GPU, "
+                                 "by state: in_use (a job runs it), pinned, idle (kept: hot), reclaimable "
+                                 "(admission may evict it).", labels=["gpu", "model", "variant", "worker", "state"])
+    idle = GaugeMetricFamily("arbiter_model_idle_seconds", "Seconds since a resident variant last started a run "
+                             "on the GPU (0 while in use).", labels=["gpu", "model", "variant", "worker"])
     for g in gpus:
+        for r in g.residents:
+            state = "in_use" if r.in_use else "pinned" if r.pinned else \
+                "reclaimable" if r.variant in g.reclaimable else "idle"
+            resident.add_metric([g.gpu_id, r.model, r.variant, r.worker, state], r.mib * MIB)
+            if r.last_used:
+                idle.add_metric([g.gpu_id, r.model, r.variant, r.worker], r.idle_s(g.read_at))
         snap = g.snapshot
         if snap is not None:
             total.add_metric([g.gpu_id], snap.total_mib * MIB)
@@ -125,7 +140,7 @@ def gpu_families(gpus: tuple[GpuState, ...]) -> Iterator[Metric]:
             w, _, p = key.partition(".")
             if p:
                 budget.add_metric([g.gpu_id, w, p], value)
-    yield from (total, used, usable, pressure, util, leases, leased, budget)
+    yield from (total, used, usable, pressure, util, leases, leased, budget, resident, idle)
 
 
 def queue_depths(queues: list[str], depths: list[Any], affinity: list[tuple[str, str]],

@@ -130,7 +130,10 @@ def demand(gpu: GpuView, world: World, cfg: PolicyConfig, placed: Placement | No
     seen = world.interactive_seen.get(gpu.gpu_id)
     placed = place_queued_interactive(world) if placed is None else placed
     contended = interactive_now(gpu, placed) or (seen is not None and world.now - seen < cfg.contention_window_s)
-    return Demand(pressure=gpu.pressure.ratio, idle=idle, contended=contended, backlog=backlog, wanted=wanted)
+    competing = {f"{j.workload}.{j.priority}" for j in (*gpu.running, *gpu.waiting_vram)}
+    competing |= {p.key for p in parked if p.reason == "vram" and p.gpu_id == gpu.gpu_id}
+    return Demand(pressure=gpu.pressure.ratio, idle=idle, contended=contended, backlog=backlog, wanted=wanted,
+                  competing=frozenset(competing) or None)
 
 
 def interactive_now(gpu: GpuView, placed: Placement) -> bool:

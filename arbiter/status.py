@@ -21,6 +21,7 @@ from broker.schemas import GpuSnapshot
 from broker.states import JobState
 from broker.stats import read as read_stats
 from cache.status import collect as cache_collect
+from workers.residency import ResidencyConfig, reclaimable
 
 
 def gpu_snapshots(client: Client) -> list[GpuSnapshot]:
@@ -37,7 +38,8 @@ def queue_depths(client: Client) -> dict[str, int]:
 
 
 def collect(client: Client) -> dict[str, Any]:
-    seen = read_world(client.redis, client.keys, time.time())
+    residency = ResidencyConfig.from_settings(client.settings)
+    seen = read_world(client.redis, client.keys, time.time(), residency=residency)
     jobs = []
     for job_id in client.store.live_ids()[:500]:
         try:
@@ -56,7 +58,11 @@ def collect(client: Client) -> dict[str, Any]:
                      "weights_mib": p.weights_mib, "leased_mib": sum(x.mib for x in g.leases),
                      "budgets": g.budgets, "controls": {k: parse_control(v, seen.now, math.inf)[0] for k, v in g.controls.items()},
                      "leases": [{"holder": x.field, "kind": x.kind, "mib": x.mib, "priority": x.priority,
-                                 "worker": x.worker} for x in g.leases]})
+                                 "worker": x.worker} for x in g.leases],
+                     "models": [{"variant": r.variant, "model": r.model, "worker": r.worker, "mib": r.mib,
+                                 "in_use": r.in_use, "idle_s": round(r.idle_s(seen.now), 1) if r.last_used else None,
+                                 "pinned": r.pinned, "reclaimable": reclaimable(r, residency)}
+                                for r in g.residents]})
     return {
         "taken_at": seen.now,
         "policy": client.settings.policy,
@@ -81,6 +87,16 @@ def render(console: Console, data: dict[str, Any]) -> None:
                      f"{g['demand_mib']} / {g['room_mib']}", f"{g['pressure']:.2f}",
                      ", ".join(r.split("|")[-1] for r in g["resident"]), str(len(g["jobs"])))
     console.print(gpus)
+    models = Table(title="Resident models (reclaimable: idle weights admission may evict for another model)")
+    for col in ("gpu", "model", "variant", "worker", "MiB", "idle s", "state"):
+        models.add_column(col)
+    for g in data["gpus"]:
+        for m in g.get("models", ()):
+            state = "in use" if m["in_use"] else "pinned" if m["pinned"] else \
+                "reclaimable" if m["reclaimable"] else "kept (hot)"
+            models.add_row(g["gpu_id"], m["model"], m["variant"], m["worker"], str(m["mib"]),
+                           "" if m["idle_s"] is None or m["in_use"] else f"{m['idle_s']:.0f}", state)
+    console.print(models)
     budgets = Table(title="Quality budgets (lowest priority degrades first)")
     budgets.add_column("gpu")
     for key in reversed(DEGRADE_ORDER):   # "llm" over "interactive": headers fit a narrow terminal whole

@@ -18,7 +18,9 @@ from broker.controls import QueueControl, parse_controls
 from broker.keys import Keys
 from broker.ledger import Lease, parse_leases
 from broker.schemas import IMPROVE_BAND, GpuSnapshot, ParkedJob
+from broker.settings import get_settings
 from broker.waiting import WaitingEntry
+from workers.residency import ResidencyConfig, Resident, parse_log, reclaimable, residents
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class GpuState:
     budgets: dict[str, float]
     controls: dict[str, str]               # job id -> its control as written (`broker.job_controls`)
     view: GpuView | None                   # what the policy sees (None without a snapshot)
+    residents: tuple[Resident, ...] = ()   # model variants loaded here (`workers.residency`)
+    reclaimable_mib: int = 0               # of which idle weights admission may evict: not pressure
+    reclaimable: frozenset[str] = frozenset()   # their variants
+    read_at: float = 0.0
 
     @property
     def pressure(self) -> Pressure | None:
@@ -115,8 +121,10 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = None) -> Snapshot:
+def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = None,
+         residency: ResidencyConfig | None = None) -> Snapshot:
     """The world in one pipelined round trip (two when the GPU ids are not given)."""
+    residency = residency or ResidencyConfig.from_settings(get_settings())
     if gpu_ids is None:
         gpu_ids = sorted(x.decode() for x in r.pipeline(transaction=False).smembers(keys.gpus()).execute()[0])
     queues = all_queues()
@@ -127,6 +135,7 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
         pipe.hgetall(keys.budgets(g))
         pipe.hgetall(keys.controls(g))
         pipe.hgetall(keys.reserved(g))
+        pipe.lrange(keys.residency_log(g), 0, -1)
     pipe.hgetall(keys.workers())
     pipe.hgetall(keys.waiting_vram())
     pipe.hgetall(keys.parked())
@@ -135,7 +144,8 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
         pipe.llen(q)
         pipe.get(keys.held_count(q))
     replies = iter(pipe.execute())
-    per_gpu = [(next(replies), next(replies), next(replies), next(replies), next(replies)) for _ in gpu_ids]
+    per_gpu = [(next(replies), next(replies), next(replies), next(replies), next(replies), next(replies))
+               for _ in gpu_ids]
     workers_raw, waiting_raw, parked_raw, controls_raw = next(replies), next(replies), next(replies), next(replies)
     depths, held = {}, {}
     for q in queues:
@@ -172,8 +182,11 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
             parked_mib[p.gpu_id] = parked_mib.get(p.gpu_id, 0) + p.mib
 
     gpus = []
-    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw) in zip(gpu_ids, per_gpu):
+    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw, log_raw) in zip(gpu_ids, per_gpu):
         leases = tuple(live_leases(lease_raw, now))
+        here = residents(leases, parse_log(log_raw), now, residency)
+        spare_of = [x for x in here if reclaimable(x, residency)]   # idle weights admission may evict
+        spare = sum(x.mib for x in spare_of)
         try:
             snap = GpuSnapshot.model_validate_json(snap_raw) if snap_raw else None
         except ValueError:
@@ -181,14 +194,15 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
         view = None
         if snap is not None:
             waiting_mib = sum(w.mib for w in waiting.get(g, ())) + parked_mib.get(g, 0)
-            pressure = measure(snap.usable_mib, sum(x.mib for x in leases if x.kind == "weights"),
-                               sum(x.mib for x in leases if x.kind == "job"), waiting_mib, snap.weights_mib)
+            pressure = measure(snap.usable_mib, sum(x.mib for x in leases if x.kind == "weights") - spare,
+                               sum(x.mib for x in leases if x.kind == "job"), waiting_mib, snap.weights_mib - spare)
             view = GpuView(gpu_id=g, pressure=pressure, slots=slots.get(g, {}), waiting_vram=tuple(waiting.get(g, ())),
                            reserved_interactive=_reserved(reserved_raw, now),
                            running=tuple(RunningJob(x.field, x.workload, x.priority,
                                                     x.worker.rsplit("/", 1)[0], x.mib)   # holder -> worker
                                          for x in leases if x.kind == "job"))
-        gpus.append(GpuState(g, snap, leases, _floats(_decode(budget_raw)), _decode(control_raw), view))
+        gpus.append(GpuState(g, snap, leases, _floats(_decode(budget_raw)), _decode(control_raw), view, here, spare,
+                             frozenset(x.variant for x in spare_of), now))
     return Snapshot(now=now, gpus=tuple(gpus), queues=depths, parked=tuple(parked), waiting_vram=waiting,
                     workers=workers, queue_controls=parse_controls(controls_raw),
                     held=held)

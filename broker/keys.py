@@ -204,6 +204,16 @@ class Keys:
         """Hash: per tier hits, misses, bytes and seconds loaded; origin fetches."""
         return f"{self.prefix}:cache:stats:{node}"
 
+    def residency_log(self, gpu_id: str) -> str:
+        """List, newest first, trimmed to `RESIDENCY_LOG_LEN`: one '<epoch s>|<model>|<variant>|<worker>' per run
+        started on the GPU (`workers.residency`: last use and demand per model)."""
+        return f"{self.prefix}:gpu:{gpu_id}:residency"
+
+    def evict_requests(self, gpu_id: str) -> str:
+        """Hash: weights lease field ('w:<worker>|<variant>') -> '<epoch s>|<job id>': another worker's admission
+        asks the holder to evict its idle weights (answered by the holder's heartbeat; the hash expires)."""
+        return f"{self.prefix}:gpu:{gpu_id}:evict"
+
     # simulated GPUs
     def simgpu_info(self, gpu_id: str) -> str:
         return f"{self.prefix}:simgpu:{gpu_id}:info"

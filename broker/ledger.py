@@ -34,6 +34,7 @@ class Lease:
     workload: str
     worker: str
     fence: int
+    variant: str = ""  # a job's: the model variant it runs ('' for weights leases and jobs without weights)
 
     @property
     def job_id(self) -> str | None:
@@ -50,6 +51,7 @@ class Ledger:
         self._acquire = r.register_script(load("lease_acquire", "broker.lua"))
         self._renew = r.register_script(load("lease_renew", "broker.lua"))
         self._release = r.register_script(load("lease_release", "broker.lua"))
+        self._evict = r.register_script(load("weights_evict", "broker.lua"))
 
     def acquire(self, gpu_id: str, capacity_mib: int, job_id: str, mib: int, ttl_s: float, priority: str,
                 workload: str, worker: str, weights: tuple[str, int] | None = None, holder: str | None = None) -> Grant:
@@ -79,6 +81,12 @@ class Ledger:
     def release_weights(self, gpu_id: str, worker: str, variant: str) -> bool:
         return bool(self._release(keys=[self.keys.leases(gpu_id)], args=[weights_field(worker, variant), "*"]))
 
+    def evict_weights(self, gpu_id: str, worker: str, variant: str) -> bool:
+        """Drop the worker's weights lease for `variant` unless one of its live jobs runs that variant now
+        (`weights_evict.lua`); True when they are gone."""
+        return bool(self._evict(keys=[self.keys.leases(gpu_id)],
+                                args=[self.clock(), weights_field(worker, variant), worker, variant]))
+
     def leases(self, gpu_id: str) -> list[Lease]:
         """Live leases on the GPU (expired ones are skipped here and dropped by the next acquire)."""
         return parse_leases(self.r.hgetall(self.keys.leases(gpu_id)), self.clock())
@@ -97,9 +105,12 @@ def parse_leases(raw: dict, now: float) -> list[Lease]:
     for field, value in raw.items():
         field = field.decode() if isinstance(field, bytes) else field
         value = value.decode() if isinstance(value, bytes) else value
-        mib, exp, kind, prio, workload, worker, fence = value.split("|")
+        mib, exp, kind, prio, workload, worker, *variant, fence = value.split("|")
+        if len(variant) > 1:
+            raise ValueError(f"malformed lease {field!r}: {value!r}")
         if float(exp) >= now:
-            out.append(Lease(field, int(mib), float(exp), kind, prio, workload, worker, int(fence)))
+            out.append(Lease(field, int(mib), float(exp), kind, prio, workload, worker, int(fence),
+                             variant[0] if variant else ""))
     return out
 
 

@@ -67,6 +67,21 @@ class Settings(BaseSettings):
                                          "work was seen on a GPU in the last 60 s and batch work already runs "
                                          "there, batch jobs keep free the VRAM interactive jobs held there at "
                                          "once (workers/vramhold.py).")
+    residency: str = Field("managed", pattern="^(managed|lru|pinned)$", description="What makes room for a model "
+                           "that is not resident (workers/residency.py): managed (idle weights are evicted, least "
+                           "recently used weighted by reload cost, except models with steady demand or pinned), lru "
+                           "(idle weights evicted least recently used first, nothing kept), pinned (weights stay "
+                           "until their process exits: a job runs a smaller variant that fits, or waits).")
+    pin_models: str = Field("", description="Comma-separated models (or model variants) never evicted, e.g. "
+                            "'llama-3,sd-1.5'.")
+    residency_keep_share: float = Field(0.025, ge=0, description="A model whose reloads at its arrival rate would "
+                                        "take this share of the GPU's time stays resident (hysteresis: two "
+                                        "alternating models do not thrash).")
+    residency_half_life_s: float = Field(30.0, gt=0, description="Half-life of the arrival rate (EWMA) per model "
+                                         "per GPU that keeps hot models resident.")
+    residency_patience_s: float = Field(10.0, ge=0, description="A job that has waited this long may evict a hot "
+                                        "model's idle weights (pinned ones never): hot models cannot starve the "
+                                        "others.")
     preempt_grace_s: float = Field(5.0, gt=0, description="A job still running this long after a preemption "
                                                           "request is hard-stopped (its process is killed).")
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs: a worker "

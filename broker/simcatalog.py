@@ -31,6 +31,10 @@ LLM_VARIANTS: dict[str, LlmVariant] = {v.name: v for v in (
     LlmVariant("qwen-7b-int8", 7_500, 2.60, 29.0, 0.06),
     LlmVariant("qwen-3b", 5_900, 2.00, 30.0, 0.04),
     LlmVariant("qwen-1.5b", 2_950, 1.05, 13.0, 0.03),
+    # Mistral-7B v0.3 shapes (7.25 B parameters, 8 KV heads of 128 over 32 layers), derived the same way.
+    LlmVariant("mistral-7b", 13_825, 4.55, 30.0, 0.125),
+    LlmVariant("mistral-7b-int8", 7_100, 2.50, 28.0, 0.125),
+    LlmVariant("mistral-7b-int4", 3_900, 1.50, 27.0, 0.125),
 )}
 LLM_BATCH32_FACTOR = 5.13 / 4.98   # decoding 32 sequences as one batch costs ~3 % more per token
 
@@ -41,12 +45,19 @@ LLM_MODELS: dict[str, tuple[tuple[float, str, float], ...]] = {
                 (0.5, "llama-1b", 1.0), (0.4, "llama-1b", 0.5)),
     "qwen-2.5": ((1.0, "qwen-7b", 1.0), (0.85, "qwen-7b-int8", 1.0), (0.7, "qwen-3b", 1.0),
                  (0.5, "qwen-1.5b", 1.0), (0.4, "qwen-1.5b", 0.5)),
+    "mistral-7b": ((1.0, "mistral-7b", 1.0), (0.85, "mistral-7b-int8", 1.0), (0.6, "mistral-7b-int4", 1.0),
+                   (0.4, "mistral-7b-int4", 0.5)),
 }
 
 # SD 1.5 shape, fp16: UNet 1658 MB + VAE 163 MB (measured) + CLIP text encoder ~235 MB (its size in fp16).
 DIFFUSION_MODEL = "sd15"
 DIFFUSION_WEIGHTS_MIB = 1_658 + 163 + 235
-DIFFUSION_MODELS: dict[str, str] = {"sd-1.5": DIFFUSION_MODEL}   # model -> its one variant
+# SDXL shape, fp16: UNet 2.57 B parameters (4 900 MiB) + VAE 160 + CLIP-L 235 + OpenCLIP-G 1 325; its steps are
+# modelled with SD 1.5's step curve by pixels (not measured).
+SDXL_MODEL = "sdxl"
+SDXL_WEIGHTS_MIB = 4_900 + 160 + 235 + 1_325
+DIFFUSION_MODELS: dict[str, str] = {"sd-1.5": DIFFUSION_MODEL, "sdxl": SDXL_MODEL}   # model -> its one variant
+DIFFUSION_VARIANT_MIB: dict[str, int] = {DIFFUSION_MODEL: DIFFUSION_WEIGHTS_MIB, SDXL_MODEL: SDXL_WEIGHTS_MIB}
 
 
 def model_names(workload: Workload) -> list[str]:
@@ -56,4 +67,4 @@ def model_names(workload: Workload) -> list[str]:
 
 def variant_mib(variant: str) -> int:
     """Resident weights of any variant in the catalog."""
-    return DIFFUSION_WEIGHTS_MIB if variant == DIFFUSION_MODEL else LLM_VARIANTS[variant].weights_mib
+    return DIFFUSION_VARIANT_MIB[variant] if variant in DIFFUSION_VARIANT_MIB else LLM_VARIANTS[variant].weights_mib

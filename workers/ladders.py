@@ -63,12 +63,12 @@ def _side(px: int, share: float) -> int:
 def diffusion_ladder(spec: JobSpec) -> list[Rung]:
     assert spec.workload is Workload.DIFFUSION and spec.steps and spec.width and spec.height
     rungs = []
+    variant = prof.DIFFUSION_MODELS.get(spec.model or "", prof.DIFFUSION_MODEL)
     for quality, step_share, side_share in DIFFUSION_RUNGS:
         w, h = _side(spec.width, side_share), _side(spec.height, side_share)
         steps = max(1, math.ceil(spec.steps * step_share))
-        rungs.append(Rung(quality, prof.DIFFUSION_MODEL, prof.DIFFUSION_WEIGHTS_MIB,
-                          prof.diffusion_activation_mib(w, h),
-                          {"variant": prof.DIFFUSION_MODEL, "steps": steps, "width": w, "height": h}))
+        rungs.append(Rung(quality, variant, prof.variant_mib(variant), prof.diffusion_activation_mib(w, h),
+                          {"variant": variant, "steps": steps, "width": w, "height": h}))
     return rungs
 
 

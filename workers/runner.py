@@ -27,6 +27,7 @@ from broker.jobstore import Started
 from broker.ledger import weights_field
 from broker.schemas import JobSpec, Priority
 from broker.states import JobState
+from broker.scriptops import ScriptOps
 from broker.stats import add as add_stats
 from broker.tally import Counts
 from broker.validation import validate_spec
@@ -36,16 +37,19 @@ from workers.admission import Fail, Hold, Park, Skip, Try, decide, on_no_room
 from workers.affinity import pass_to
 from workers.drain import DRAIN_FIELD
 from workers.endings import cleanup, finished, preempted
+from workers.evictor import log_start, make_room, plan
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
 from workers.improve import adopt, queue_improvement
 from workers.ladders import Rung, rung_cost_mib
 from workers.peers import ram_nodes, read_peers
+from workers.residency import Admit
 from workers.runtime import CurrentJob, Runtime
 from workers.view import View, job_view
 from workers.vramhold import lease_capacity_mib
 from workers.waiting import hold, park
 
 log = logging.getLogger("arbiter.job")
+EVICTION_WAIT_S = 2.0   # a batch job whose room another worker is evicting waits this long before it parks
 
 
 def parse_message(rt: Runtime, job_id: str, raw: Any) -> JobSpec:
@@ -133,9 +137,17 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
     started = time.monotonic()
     waiting = False
     held = view.resident
+    asked = False
     holding = rt.admission and rt.settings.interactive_vram_first
     kept = view.reserve.mib if holding and not chosen.interactive else 0
     capacity = lease_capacity_mib(rt.capacity_mib, chosen.interactive, view.held_mib, holding, kept)
+    if rt.admission:   # residency: evict idle weights for the best rung, or take a smaller one that fits
+        answer = plan(rt, view, spec.model, rungs, capacity, chosen.interactive,
+                      float(view.job.get("queued_at") or time.time()))
+        if isinstance(answer, Admit) and make_room(rt, job_id, answer):
+            rungs = rungs[rungs.index(answer.rung):]
+            held = rt.resident_variants()
+            asked = any(r.worker != rt.worker for r in answer.evict)   # another worker evicts: give it a moment
     while True:
         free = 0
         for rung in rungs:   # the best rung first; an interactive job rather runs cheaper than waits
@@ -155,6 +167,9 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
                 break
         need = min(rung_cost_mib(r, held) for r in rungs)   # the least it could run with
         next_step = on_no_room(chosen.interactive, time.monotonic() - started, rt.settings.allocation_timeout_s)
+        if isinstance(next_step, Park) and asked and time.monotonic() - started < EVICTION_WAIT_S:
+            time.sleep(0.05)
+            continue
         if isinstance(next_step, Park):
             add_stats(rt.redis, rt.keys, allocations_failed=1)
             cost = rung_cost_mib(rungs[0], held)
@@ -186,6 +201,7 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
     grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.band,
                            spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
                            incr={"runs": 1}, setnx={"started_at": now}, now=now,
+                           side=log_start(rt, ScriptOps(), spec.model, rung.variant, now),
                            fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
                                    "total": rung.total_steps, DRAIN_FIELD: ""})   # an earlier run's drain ask
     if grant.ok:   # counted only if it started; written with the job's finish (`broker.tally`)

@@ -33,6 +33,7 @@ from cache.loader import FragmentCache
 from cache.loader import from_settings as cache_from_settings
 from workers.backends.base import Backend
 from workers.device import RealDevice
+from workers.evictor import answer_requests
 from workers.simgpu import SimGpu, parse_gpu
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ class Runtime:
                     last_renew = time.monotonic()
                 self.gpu.publish_snapshot(s.heartbeat_ttl_s)
                 self._watchdog()
+                answer_requests(self)   # other workers' admission asks for this worker's idle weights
             except Exception:
                 log.exception("heartbeat of %s failed (will retry)", self.worker)
             try:   # what a burst of jobs left (broker.tally), whatever else failed above
@@ -243,10 +245,12 @@ class Runtime:
     def _renew(self) -> None:
         self._register()
         self.cache.heartbeat()
-        self.backend.heartbeat()
         cur = self.current
         for variant in set(self.backend.resident()) | ({cur.variant} if cur and cur.variant else set()):
-            self.ledger.renew_weights(self.gpu_id, self.worker, variant, self.settings.lease_ttl_s)
+            renewed = self.ledger.renew_weights(self.gpu_id, self.worker, variant, self.settings.lease_ttl_s)
+            if not renewed and not (cur and cur.variant == variant):
+                self.backend.evict(variant)   # another process of this worker evicted them (`workers.residency`)
+        self.backend.heartbeat()
         if cur and not cur.lost and not self.ledger.renew(self.gpu_id, cur.job_id, cur.fence, self.settings.lease_ttl_s):
             cur.lost = True
             log.warning("job %s lost its lease (fence %d): stopping it", cur.job_id, cur.fence)

@@ -11,11 +11,12 @@ import redis
 from broker import fairshare
 from broker.budgets import budget_key
 from broker.jobstore import decode_hash, status_from
-from broker.ledger import parse_leases
+from broker.ledger import Lease, parse_leases
 from broker.position import job_queue
 from broker.schemas import JobSpec, Priority
 from workers.admission import JobView
 from workers.ladders import rung_features
+from workers.residency import Use, parse_log
 from workers.runtime import Runtime
 from workers.vramhold import NO_RESERVE, Reserve, held_for_interactive, reserve_on
 from workers.waiting import is_paused
@@ -32,6 +33,8 @@ class View:
     paused: bool = False     # an operator paused the job's queue (`broker.controls`)
     held_mib: int = 0        # VRAM interactive jobs waiting on this GPU need (`workers.vramhold`)
     reserve: Reserve = NO_RESERVE   # VRAM kept free for the next interactive job on this GPU (`workers.vramhold`)
+    leases: tuple[Lease, ...] = ()  # the GPU's live leases
+    uses: tuple[Use, ...] = ()      # the GPU's residency log (`workers.residency`)
 
     @classmethod
     def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
@@ -52,14 +55,16 @@ class View:
         pipe.get(rt.keys.job_checkpoint(job_id))
         pipe.hget(rt.keys.queue_controls(), job_queue(spec.workload, spec.priority, spec.improves, rt.settings))
         pipe.hvals(rt.keys.waiting_vram())
+        pipe.lrange(rt.keys.residency_log(rt.gpu_id), 0, -1)
         if fairshare.applies(spec, rt.settings):
             fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth)
-        job, budget, leases, checkpoint, control, waiting, *_ = pipe.execute()
+        job, budget, leases, checkpoint, control, waiting, log, *_ = pipe.execute()
         now = time.time()
         live = parse_leases(leases, now)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(live), checkpoint, paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),
-                   reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now))
+                   reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now), leases=tuple(live),
+                   uses=tuple(parse_log(log)))
 
 
 def job_view(rt: Runtime, job_id: str, spec: JobSpec, view: View, now: float) -> JobView:

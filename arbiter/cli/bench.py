@@ -134,6 +134,20 @@ def bench_affinity(
     _finish(data, json_path, None)
 
 
+@app.command("models")
+def bench_models(
+    duration_s: Annotated[float, typer.Option("--duration", help="Trace length in H100 seconds.")] = 600.0,
+    seed: Annotated[int, typer.Option()] = 7,
+    json_path: JsonOpt = None,
+) -> None:
+    """Several models on one GPU: pinned weights vs residency vs plain LRU on the identical trace."""
+    from arbiter.bench.models import models_table, run
+
+    data = run(duration_s, seed)
+    models_table(console, data)
+    _finish(data, json_path, None)
+
+
 @app.command("scale")
 def bench_scale(
     sizes: Annotated[str, typer.Option(help="Comma-separated cluster sizes in sim GPUs (8 per node).")] = "1,8,64,256",

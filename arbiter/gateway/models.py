@@ -205,6 +205,9 @@ class ChatCompletion(BaseModel):
     service_tier: Tier = Field(description="The tier the job ran at: interactive → priority, standard → "
                                            "default, background → flex.")
     arbiter: ArbiterInfo
+    system_fingerprint: str | None = Field(None, description="The model variant that actually ran (e.g. "
+                                           "`qwen-1.5b` for a degraded `qwen-2.5`); its quality is in the "
+                                           "`X-Arbiter-Quality` header and `arbiter.quality`.")
 
 
 # -- OpenAI: images -------------------------------------------------------------------------------------

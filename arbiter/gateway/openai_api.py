@@ -104,7 +104,7 @@ def completion(job_id: str, model: str, result: JobResult, prompt: str, completi
             "service_tier": TIER_OF[result.priority],
             "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                          "finish_reason": finish_reason(completion_tokens, mnt)}],
-            "usage": usage(prompt, completion_tokens),
+            "usage": usage(prompt, completion_tokens), "system_fingerprint": result.params.get("variant"),
             "arbiter": {"job_id": job_id, "quality": result.quality, "params": result.params,
                         "preemptions": result.preemptions}}
 

@@ -86,6 +86,7 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
         finally:
             if claim is not None:
                 await ctx.let_go(claim)
+        response.headers["X-Arbiter-Quality"] = f"{result.quality:g}"   # what ran: also system_fingerprint
         return oa.completion(handle.id, body.model, result, fields["prompt"], tokens)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Images (diffusion jobs)",

@@ -1,7 +1,7 @@
 -- Shared by the job and lease scripts, not a script of its own: `broker.lua.load` puts it in place of a
 -- script's `-- #include job_lib` line, so the state check, the field loop, the event, the lease fit and the
 -- side writes are written once (job_transition, job_settle, job_start, lease_acquire).
--- Lease value: "mib|expires_at|kind|priority|workload|worker|fence".
+-- Lease value: "mib|expires_at|kind|priority|workload|worker|fence" (a job's: "...|worker|variant|fence").
 
 -- Whether `state` is one of `list` (comma separated).
 local function state_in(state, list)
@@ -73,14 +73,16 @@ local function lease_fit(leases, now, capacity, job_id, mib, holder, wfield, wmi
   return 1, capacity - used - need
 end
 
--- Write the job's lease (and the weights lease, renewed if held) with a new fence; returns the fence.
+-- Write the job's lease (and the weights lease, renewed if held) with a new fence; returns the fence. A job's
+-- lease names the variant it runs (after its holder: "...|holder|variant|fence"), so weights in use are known.
 local function lease_write(leases, fence_key, now, ttl, job_id, mib, priority, workload, holder, wfield, wmib)
   local fence = redis.call('INCR', fence_key)
   redis.call('EXPIRE', fence_key, 86400 * 7)
   local expires = now + ttl
   local rest = '|' .. workload .. '|' .. holder .. '|'
   if wfield ~= '' then
-    redis.call('HSET', leases, job_id, mib .. '|' .. expires .. '|job|' .. priority .. rest .. fence,
+    redis.call('HSET', leases, job_id, mib .. '|' .. expires .. '|job|' .. priority .. rest
+               .. string.match(wfield, '|(.*)$') .. '|' .. fence,
                wfield, wmib .. '|' .. expires .. '|weights|-' .. rest .. '0')
   else
     redis.call('HSET', leases, job_id, mib .. '|' .. expires .. '|job|' .. priority .. rest .. fence)

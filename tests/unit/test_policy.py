@@ -160,3 +160,15 @@ def test_room_a_waiting_interactive_job_needs_is_not_released_to_parked_batch_jo
     batch = (WaitingJob("std", "diffusion", "standard", 1_500),)        # only interactive waiters hold room
     gpu = gv("g", 0.5, 10_000, 8_000, slots={"diffusion": 4}, running=(job(1, mib=8_000),), waiting_vram=batch)
     assert [j for j, _ in plan(World((gpu,), {}, {}, parked=world.parked, now=5.0), CFG).release] == ["p1", "p2"]
+
+
+def test_memory_pressure_lowers_only_the_classes_competing_for_that_gpu():
+    """Issue 31: one standard llm job waiting for VRAM lowered diffusion.background first, though nothing of
+    it ran there; the classes lowered are those holding or asking for VRAM on the GPU."""
+    waiting = (WaitingJob("w1", "llm", "standard", 14_000),)
+    gpu = gv("g", 1.4, 10_000, 0, waiting_vram=waiting, slots={"llm": 1, "diffusion": 1})
+    d = plan(World((gpu,), {}, {"g": BudgetState.full()}), CFG)
+    assert d.budget_changes["g"] == ["llm.standard"]
+    running = (job(1, "diffusion", "background"),)
+    gpu = gv("g", 1.4, 10_000, 500, waiting_vram=waiting, running=running, slots={"llm": 1, "diffusion": 1})
+    assert plan(World((gpu,), {}, {"g": BudgetState.full()}), CFG).budget_changes["g"] == ["diffusion.background"]

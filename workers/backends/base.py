@@ -56,6 +56,10 @@ class Backend(Protocol):
     def resident(self) -> dict[str, int]:
         """Model variants this process holds on the GPU -> MiB."""
 
+    def evict(self, variant: str) -> None:
+        """Drop the variant's weights from the GPU, releasing their memory for real (its bytes stay in the
+        fragment cache's RAM tier); nothing if it is not resident (`workers.residency` decides who goes)."""
+
     def manifest(self, variant: str) -> Manifest | None:
         """The variant's weights as fragments (where the cache index can find them), if it has any."""
 

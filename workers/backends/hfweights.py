@@ -106,7 +106,7 @@ def module_mib(*modules: Any) -> float:
 
 class HfBackend:
     """The parts of the transformers and diffusers backends that do not depend on the model type: the
-    registry ladder, one resident variant at a time, and the Backend methods a real device makes trivial."""
+    registry ladder, the resident variants (evicted one by one), and the Backend methods a real device makes trivial."""
 
     name = ""
     workload: Any = None
@@ -127,9 +127,13 @@ class HfBackend:
 
         return registry_ladder(spec.model or "", self.registry.model(spec.model or ""), spec, self._sizes)
 
-    def _free(self) -> None:
-        """Drop the resident variant before loading another (one at a time per process)."""
-        self._loaded.clear()
+    def _free(self, variant: str | None = None) -> None:
+        """Drop one resident variant (every one when None) and give its memory back: the modules go, the
+        garbage collector runs, and on CUDA the allocator's cache is emptied."""
+        if variant is None:
+            self._loaded.clear()
+        else:
+            self._loaded.pop(variant, None)
         gc.collect()
         if str(getattr(self.device, "torch_device", "cpu")).startswith("cuda"):
             import torch
@@ -137,11 +141,11 @@ class HfBackend:
             torch.cuda.empty_cache()
 
     def load(self, rung: Any) -> float:
-        """Make the rung's variant resident (the only one: the previous is freed first); seconds spent."""
+        """Make the rung's variant resident beside the others (admission evicts what must go:
+        `workers.residency`); seconds spent."""
         if rung.variant in self._loaded:
             return 0.0
         t0 = time.monotonic()
-        self._free()
         key = rung.variant
         states, served = self.weights.state_dicts(key)
         self._loaded[key], modules = self._build(key, self.weights.variant(key), self.weights.dirs[key], states)
@@ -166,6 +170,10 @@ class HfBackend:
 
     def heartbeat(self) -> None:
         pass
+
+    def evict(self, variant: str) -> None:
+        if variant in self._loaded:
+            self._free(variant)
 
     def close(self) -> None:
         self._free()

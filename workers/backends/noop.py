@@ -33,6 +33,9 @@ class NoopBackend:
     def resident(self) -> dict[str, int]:
         return dict(self._loaded)
 
+    def evict(self, variant: str) -> None:
+        self._loaded.pop(variant, None)
+
     def manifest(self, variant: str) -> None:
         return None
 

@@ -141,6 +141,10 @@ class OpenAIChatBackend:
         with self._lock:
             return dict.fromkeys(self._resident, 0)
 
+    def evict(self, variant: str) -> None:
+        with self._lock:   # the server holds its own weights: nothing to free here
+            self._resident.discard(variant)
+
     def manifest(self, variant: str) -> None:
         return None
 

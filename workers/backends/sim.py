@@ -62,8 +62,8 @@ class _SimBackend:
         self.gpu.set_active(job_id, kernel, mib, not paused)
 
     def load(self, rung: Rung) -> float:
-        """Make the variant resident; this process stops renewing the others it held (they expire unless
-        another process of the worker still uses them)."""
+        """Make the variant resident beside the others this process holds (admission evicts what must go:
+        `workers.residency`)."""
         with self._lock:
             if rung.variant in self._resident:
                 self.gpu.renew_weights(self.worker, rung.variant, rung.weights_mib)
@@ -71,8 +71,14 @@ class _SimBackend:
         seconds = self.weights.stage(rung.variant) if self.weights else 0.0
         seconds += self.gpu.load_weights(self.worker, rung.variant, rung.weights_mib)
         with self._lock:
-            self._resident = {rung.variant: rung.weights_mib}
+            self._resident[rung.variant] = rung.weights_mib
         return seconds
+
+    def evict(self, variant: str) -> None:
+        with self._lock:
+            if self._resident.pop(variant, None) is None:
+                return
+        self.gpu.drop_weights(self.worker, variant)
 
     def resident(self) -> dict[str, int]:
         with self._lock:

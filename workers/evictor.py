@@ -1,0 +1,108 @@
+"""Applies residency's answer in the worker (`workers.residency`): evicts this worker's idle weights that
+must make room — each from the ledger first (one atomic step that refuses while a job of this worker runs
+the variant), then from the backend, which frees the memory for real — and asks the other workers on the GPU
+for theirs (`Keys.evict_requests`), which their heartbeat answers the same way (`answer_requests`). Each run's
+start goes on the GPU's residency log (last use and demand per model), riding in the run's start step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from broker.ledger import weights_field
+from broker.scriptops import ScriptOps
+from broker.stats import add as add_stats
+from workers.residency import (
+    RESIDENCY_LOG_LEN,
+    Admit,
+    ResidencyConfig,
+    WaitForRoom,
+    arrival_rates,
+    arrival_weight,
+    choose,
+    log_entry,
+    model_of,
+    residents,
+)
+
+if TYPE_CHECKING:   # annotations only: the runtime's heartbeat imports this module
+    from workers.ladders import Rung
+    from workers.runtime import Runtime
+    from workers.view import View
+
+log = logging.getLogger("arbiter.residency")
+
+
+def plan(rt: Runtime, view: View, model: str | None, rungs: tuple[Rung, ...], capacity_mib: int,
+         interactive: bool, queued_at: float) -> Admit | WaitForRoom:
+    """Residency's answer for the job's candidate rungs, from what the job's view read."""
+    now = time.time()
+    cfg = ResidencyConfig.from_settings(rt.settings)
+    free = capacity_mib - sum(x.mib for x in view.leases)
+    model = model or model_of(rungs[0].variant)
+    rate = arrival_rates(view.uses, now, cfg.half_life_s).get(model, 0.0) + arrival_weight(0.0, cfg.half_life_s)
+    return choose(rungs, free, set(view.resident), residents(view.leases, view.uses, now, cfg), rt.worker,
+                  interactive, now, cfg, rate, now - queued_at)
+
+
+REQUEST_TTL_S = 10.0      # an eviction request older than this is stale (its job went on without it)
+
+
+def make_room(rt: Runtime, job_id: str, admit: Admit) -> bool:
+    """Evict the answer's weights: this worker's at once, other workers' by request (their heartbeat evicts
+    them within a snapshot interval). False (nothing more evicted) when one of this worker's is in use again."""
+    asked = [r for r in admit.evict if r.worker != rt.worker]
+    if asked:
+        key, now = rt.keys.evict_requests(rt.gpu_id), time.time()
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={weights_field(r.worker, r.variant): f"{now:.3f}|{job_id}" for r in asked})
+        pipe.expire(key, int(REQUEST_TTL_S * 3))
+        pipe.execute()
+        log.info("job %s: asked %s to evict %s from %s to load %s", job_id, ", ".join(r.worker for r in asked),
+                 ", ".join(r.variant for r in asked), rt.gpu_id, admit.rung.variant)
+    for r in admit.evict:
+        if r.worker != rt.worker:
+            continue
+        if not evict(rt, r.variant, f"job {job_id} loads {admit.rung.variant}"):
+            log.info("job %s: %s is in use again: not evicted", job_id, r.variant)
+            return False
+    return True
+
+
+def evict(rt: Runtime, variant: str, why: str) -> bool:
+    """This worker's weights of `variant` out of the ledger (unless a job of this worker runs them) and out
+    of the backend's memory."""
+    if not rt.ledger.evict_weights(rt.gpu_id, rt.worker, variant):
+        return False
+    rt.backend.evict(variant)
+    add_stats(rt.redis, rt.keys, model_evictions=1)
+    log.info("evicted %s from %s (%s)", variant, rt.gpu_id, why)
+    return True
+
+
+def answer_requests(rt: Runtime) -> None:
+    """The heartbeat's part: evict this worker's weights that another worker's admission asked for, unless a
+    job runs them (here or in another process of this worker); the request is answered either way."""
+    key = rt.keys.evict_requests(rt.gpu_id)
+    raw = rt.redis.hgetall(key)
+    if not raw:
+        return
+    now, mine = time.time(), weights_field(rt.worker, "")
+    held = set(rt.backend.resident())
+    cur = rt.current
+    for field_b, value_b in raw.items():
+        field, value = field_b.decode(), value_b.decode()
+        if not field.startswith(mine):
+            continue
+        variant = field[len(mine):]
+        at, _, job_id = value.partition("|")
+        if variant in held and not (cur and cur.variant == variant) and now - float(at) <= REQUEST_TTL_S:
+            evict(rt, variant, f"asked by job {job_id}")
+        rt.redis.hdel(key, field)
+
+
+def log_start(rt: Runtime, side: ScriptOps, model: str | None, variant: str, now: float) -> ScriptOps:
+    """The run's start on the GPU's residency log, as a side write of the start step."""
+    key = rt.keys.residency_log(rt.gpu_id)
+    return side.lpush(key, log_entry(now, model or model_of(variant), variant, rt.worker)).ltrim(key, 0, RESIDENCY_LOG_LEN - 1)
