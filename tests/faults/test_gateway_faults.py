@@ -206,3 +206,30 @@ def test_redis_refusing_writes_is_a_503_with_retry_after_and_healthz_says_so(gw,
     finally:
         client.redis.config_set("maxmemory", "0")
     assert httpx.get(gw.base + "/healthz").status_code == 200
+
+
+def test_a_gateway_killed_with_sigkill_leaves_claims_that_lapse(settings, client, tmp_path):
+    """Stream slots and waits held by a gateway that dies without a word come back by themselves (their claims
+    expire 3 heartbeats + 5 s after the last renewal), so the key is not locked out for good."""
+    store = KeyStore(client.redis, client.keys)
+    secret = store.create("killed", ["standard"], rate_per_min=0)
+    key = store.lookup(secret)
+    limits = Limits(client.redis, client.keys, PER_KEY, conn_ttl_s=60, jobs_ttl_s=60)
+    doomed = Gateway(settings, tmp_path / "doomed.log")
+    try:
+        job = submit(doomed, secret)
+        req = f"GET /v1/jobs/{job}/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {secret}\r\n\r\n".encode()
+        socks = [raw(doomed, req) for _ in range(PER_KEY)]
+        for s in socks:
+            assert read_until(s, b": keep-alive").startswith(b"HTTP/1.1 200")
+        assert limits.held(key, "streams") == PER_KEY and limits.held(key, "waits") == PER_KEY
+        doomed.proc.kill()
+        doomed.proc.wait(10)
+        for s in socks:
+            s.close()
+        assert limits.held(key, "streams") == PER_KEY             # nobody gave them back
+        wait_until(lambda: limits.held(key, "streams") == limits.held(key, "waits") == 0,
+                   timeout_s=3 * settings.gateway_heartbeat_s + 5 + 3, interval_s=0.2)
+    finally:
+        if doomed.proc.poll() is None:
+            doomed.stop()
