@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "Client": "broker.client", "JobHandle": "broker.client",
+    "AsyncClient": "broker.aclient", "AsyncJobHandle": "broker.aclient",
     "ArbiterError": "broker.errors", "Cancelled": "broker.errors", "InsufficientMemory": "broker.errors",
     "InsufficientQuality": "broker.errors", "InvalidJob": "broker.errors", "JobFailed": "broker.errors",
     "JobNotFound": "broker.errors", "Preempted": "broker.errors", "ShuttingDown": "broker.errors",

@@ -246,10 +246,7 @@ class JobStore:
         d = self.raw(job_id)
         if "result" not in d:
             return None
-        data = json.loads(d["result"])
-        data.pop("image_png_bytes", None)
-        png = self.r.get(self.keys.job_output(job_id))
-        return JobResult.model_validate({**data, "image_png": png})
+        return result_from(d, self.r.get(self.keys.job_output(job_id)))
 
     def events(self, job_id: str, last_id: str = "0-0", block_ms: int = 1000) -> Iterator[tuple[str, dict]]:
         """Events after `last_id`, waiting up to block_ms for the first."""
@@ -279,6 +276,13 @@ class JobStore:
 
 def decode_hash(data: dict) -> dict[str, str]:
     return {_s(a): _s(b) for a, b in data.items()}
+
+
+def result_from(d: dict[str, str], png: bytes | None) -> JobResult:
+    """A `JobResult` from the decoded job hash (which has a `result`) and its PNG output, if any."""
+    data = json.loads(d["result"])
+    data.pop("image_png_bytes", None)
+    return JobResult.model_validate({**data, "image_png": png})
 
 
 def status_from(job_id: str, d: dict[str, str]) -> JobStatus:

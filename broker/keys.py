@@ -19,6 +19,11 @@ class Keys:
         """Stream: state changes, progress and tokens of one job, in order."""
         return f"{self.prefix}:job:{job_id}:events"
 
+    def event_hub_wake(self, hub_id: str) -> str:
+        """Stream: one process's event reader is woken through it when a waiter joins while it blocks
+        (broker/eventhub.py); deleted when the reader closes, and expires a minute after its last wake."""
+        return f"{self.prefix}:eventhub:{hub_id}:wake"
+
     def job_output(self, job_id: str) -> str:
         """String: the job's binary output (PNG bytes)."""
         return f"{self.prefix}:job:{job_id}:output"

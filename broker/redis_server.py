@@ -75,18 +75,34 @@ def connect(url: str, retry_s: float = 30.0, master_name: str = "", **kwargs: An
     ran just before the connection dropped may run again on retry: every write Arbiter makes is safe to repeat
     (guarded transitions, fenced leases), except counters, which may count one event twice. `kwargs` override
     the connection options (a scrape client's short timeouts and single retry)."""
-    from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     from broker.redis_url import parse_redis_url, redis_client
 
+    return redis_client(parse_redis_url(url, master_name), **{**_riding_out(Retry, retry_s), **kwargs})
+
+
+def _riding_out(retry: Any, retry_s: float) -> dict[str, Any]:
+    """Connection options that retry a command meeting a dropped connection for about `retry_s` seconds
+    (`retry`: redis-py's blocking or asyncio `Retry` class)."""
+    from redis.backoff import ExponentialBackoff
+
     base, cap = RETRY_BACKOFF_S
-    options: dict[str, Any] = {"retry": Retry(ExponentialBackoff(cap=cap, base=base), retries_within(retry_s)),
+    options: dict[str, Any] = {"retry": retry(ExponentialBackoff(cap=cap, base=base), retries_within(retry_s)),
                                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
                                "socket_keepalive": True, "health_check_interval": 30}
     if retry_s < 5:   # where a person waits, a host that does not answer at all: not the kernel's 2 min a try
         options["socket_connect_timeout"] = 0.5
-    return redis_client(parse_redis_url(url, master_name), **{**options, **kwargs})
+    return options
+
+
+def connect_async(url: str, retry_s: float = 30.0, master_name: str = "", **kwargs: Any) -> Any:
+    """A `redis.asyncio` client that rides out a restart or a failover as `connect`'s does."""
+    from redis.asyncio.retry import Retry
+
+    from broker.redis_url import async_redis_client, parse_redis_url
+
+    return async_redis_client(parse_redis_url(url, master_name), **{**_riding_out(Retry, retry_s), **kwargs})
 
 
 def redacted(url: str) -> str:

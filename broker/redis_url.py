@@ -175,6 +175,24 @@ def redis_client(target: RedisTarget, **kwargs: Any) -> redis.Redis:
     return Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs).master_for(target.master_name, **conn)
 
 
+def async_redis_client(target: RedisTarget, **kwargs: Any) -> Any:
+    """A `redis.asyncio` client of the target's primary (`broker.aclient`), as `redis_client` makes a blocking
+    one; for Sentinel, redis.asyncio's own `master_for`, which asks the sentinels at every (re)connect."""
+    import redis.asyncio as aioredis
+
+    if not target.is_sentinel:   # a caller beyond max_connections waits for one rather than failing
+        return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(target.url, **kwargs))
+    from redis.asyncio.sentinel import Sentinel
+
+    conn: dict[str, Any] = {"db": target.db, **kwargs}
+    if target.username:
+        conn["username"] = target.username
+    if target.password is not None:
+        conn["password"] = target.password
+    sentinel_kwargs = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    return Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs).master_for(target.master_name, **conn)
+
+
 def celery_backend_url(target: RedisTarget) -> str:
     """Celery's `result_backend`: our result backend class (broker/backend.py) on the target's URL."""
     cls = "SentinelBackend" if target.is_sentinel else "Backend"

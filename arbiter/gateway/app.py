@@ -3,8 +3,9 @@
 API keys and the OpenAI wire format). Its OpenAPI schema is the contract: every body and response is a
 model, the API-key schemes are declared, and /docs works offline (Swagger UI served from a package).
 
-Nothing here blocks the event loop: Redis calls run on worker threads (plain `def` routes, or
-`run_in_threadpool`), and waits on jobs in short slices on threads of their own (`streams.py`)."""
+Nothing here blocks the event loop: short Redis calls run on worker threads (plain `def` routes, or
+`run_in_threadpool`), and waits on jobs take no thread: the `AsyncClient`'s one event reader per process feeds
+them all (`streams.py`, `broker.eventhub`)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def create_gateway(settings: Settings) -> FastAPI:
     async def events(job_id: str = JobId, key: ApiKey = Depends(caller)) -> StreamingResponse:
         handle = await run_in_threadpool(ctx.owned, key, job_id)
         return await stream(ctx, await ctx.hold(key, stream=True),
-                            _native(job_events(handle, ctx.waiters, settings.visibility_timeout_s,
+                            _native(job_events(ctx.waitable(handle), settings.visibility_timeout_s,
                                                settings.gateway_heartbeat_s)))
 
     @app.get("/v1/jobs/{job_id}/image.png", tags=["jobs"],

@@ -1,7 +1,8 @@
-"""What every route shares: the client, the key store, the URL signer, the key's limits, the waiters'
-thread limiter, and the key-aware steps (who is calling — every request counted against its key's rate —, at
-which priority, submit, own, hold a wait, wait). The synchronous steps talk to Redis and run on worker threads;
-`wait` never blocks the event loop."""
+"""What every route shares: the client (an `AsyncClient`, and the blocking `Client` inside it), the key store,
+the URL signer, the key's limits, and the key-aware steps (who is calling — every request counted against its
+key's rate —, at which priority, submit, own, hold a wait, wait). The short synchronous steps talk to Redis and
+run on worker threads; waits on jobs take no thread (the AsyncClient's one event reader per process feeds them
+all) and never block the event loop."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from arbiter.gateway.errors import RETRY_AFTER_S, ApiError, param_of, request_wo
 from arbiter.gateway.limits import Claim, Limits
 from arbiter.gateway.signing import UrlSigner
 from arbiter.gateway.streams import job_events
-from broker.client import Client, JobHandle
+from broker.aclient import AsyncClient, AsyncJobHandle
+from broker.client import JobHandle
 from broker.errors import Cancelled, DeadlineExceeded, InvalidJob, JobFailed, JobNotFound, Timeout
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.settings import Settings
@@ -28,7 +30,6 @@ bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
                     description="An Arbiter API key (`arbiter keys create`), as `Authorization: Bearer ak_…`.")
 x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="x-api-key",
                          description="The same API key in an X-API-Key header.")
-WAITERS = 64   # threads that may sit in a blocking Redis read for a waiting request at once
 
 
 def _secret(creds: HTTPAuthorizationCredentials | None = Security(bearer),
@@ -39,14 +40,14 @@ def _secret(creds: HTTPAuthorizationCredentials | None = Security(bearer),
 class Ctx:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = Client(settings=settings)
+        self.aclient = AsyncClient(settings=settings)
+        self.client = self.aclient.sync
         self.keys = KeyStore(self.client.redis, self.client.keys)
         prefix = self.client.keys.prefix
         self.signer = UrlSigner(self.client.redis, f"{prefix}:gateway:url_secret", settings.gateway_url_ttl_s,
                                 settings.gateway_url_secret.get_secret_value())
         self.limits = Limits(self.client.redis, self.client.keys, settings.gateway_streams_per_key,
                              conn_ttl_s=3 * settings.gateway_heartbeat_s + 5, jobs_ttl_s=settings.result_ttl_s * 7)
-        self.waiters = anyio.CapacityLimiter(WAITERS)
 
     # -- dependencies (plain functions: FastAPI runs them on its thread pool) ------------------------------
     def api_key(self, secret: str | None) -> ApiKey:
@@ -142,23 +143,22 @@ class Ctx:
                            code=st.state.value)
         try:
             return handle.result(timeout=1)
-        except JobFailed as exc:
-            if DeadlineExceeded.describes(st.error):   # the caller's own deadline: a gateway timeout, not a 502
-                raise ApiError(504, f"job {handle.id}: {st.error}; submit again with a longer deadline_s or when "
-                                    "the queue is shorter", "timeout_error", param="deadline_s",
-                               code="deadline_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-            raise ApiError(502, f"job {handle.id}: {exc}", "job_error", code="job_failed") from None
-        except Cancelled as exc:
-            raise ApiError(409, f"job {handle.id}: {exc}", "job_error", code="job_cancelled") from None
+        except (JobFailed, Cancelled) as exc:
+            raise job_error(handle.id, exc, st.error) from None
+
+    def waitable(self, handle: JobHandle) -> AsyncJobHandle:
+        """The job as the AsyncClient sees it: its waits take no thread."""
+        return AsyncJobHandle(self.aclient, handle.id)
 
     async def wait(self, handle: JobHandle, request: Request, claim: Claim) -> tuple[JobResult, int]:
-        """Wait for the job off the event loop, holding `claim` (renewed as it waits); its result and how many
-        tokens it produced. A caller that disconnects stops the wait (the job goes on: GET /v1/jobs/{id})."""
+        """Wait for the job on the event loop (no thread: `broker.eventhub`), holding `claim` (renewed as it
+        waits); its result and how many tokens it produced. A caller that disconnects stops the wait (the job
+        goes on: GET /v1/jobs/{id})."""
         timeout_s = self.settings.allocation_timeout_s + 600
-        tokens = -1
+        job, tokens = self.waitable(handle), -1
         renewed = time.monotonic()
         try:
-            async for event in job_events(handle, self.waiters, timeout_s, heartbeat_s=1.0):
+            async for event in job_events(job, timeout_s, heartbeat_s=1.0, positions=False):
                 if event is None:
                     if await request.is_disconnected():
                         raise ApiError(408, "client went away", "timeout_error")
@@ -167,11 +167,24 @@ class Ctx:
                         await run_in_threadpool(self.limits.renew, claim)
                 elif event.get("type") == "token":
                     tokens = max(tokens, int(event["index"]))
+            result = await job.outcome()
         except Timeout:
             raise ApiError(504, f"job {handle.id} did not finish within {timeout_s:.0f} s; it continues: "
                                 f"GET /v1/jobs/{handle.id}", "timeout_error") from None
-        result = await anyio.to_thread.run_sync(self.result_of, handle, limiter=self.waiters)
+        except (JobFailed, Cancelled) as exc:
+            raise job_error(handle.id, exc, (await job.status(position=False)).error) from None
         return result, tokens + 1
+
+
+def job_error(job_id: str, exc: JobFailed | Cancelled, error: str | None) -> ApiError:
+    """The answer for a job that failed (`error`: its record's) or was cancelled."""
+    if isinstance(exc, Cancelled):
+        return ApiError(409, f"job {job_id}: {exc}", "job_error", code="job_cancelled")
+    if DeadlineExceeded.describes(error):   # the caller's own deadline: a gateway timeout, not a 502
+        return ApiError(504, f"job {job_id}: {error}; submit again with a longer deadline_s or when the queue is "
+                             "shorter", "timeout_error", param="deadline_s", code="deadline_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    return ApiError(502, f"job {job_id}: {exc}", "job_error", code="job_failed")
 
 
 def _named(message: str) -> str | None:

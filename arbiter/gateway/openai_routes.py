@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import Depends, FastAPI, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -137,8 +136,9 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
     a final chunk with its finish_reason, the usage chunk when asked, then [DONE]."""
     yield oa.sse(oa.chunk(handle.id, model, {"role": "assistant", "content": ""}, tier=tier))
     seen, state = -1, ""
-    async for event in job_events(handle, ctx.waiters, ctx.settings.visibility_timeout_s,
-                                  ctx.settings.gateway_heartbeat_s):
+    job = ctx.waitable(handle)
+    async for event in job_events(job, ctx.settings.visibility_timeout_s, ctx.settings.gateway_heartbeat_s,
+                                  positions=False):
         if event is None:
             yield None
         elif event.get("type") == "token" and int(event["index"]) > seen:
@@ -147,9 +147,9 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
         elif event.get("type") == "state":
             state = event["state"]
     if not state:
-        state = (await anyio.to_thread.run_sync(handle.status, limiter=ctx.waiters)).state.value
+        state = (await job.state()).value
     if state != "finished":
-        error = (await anyio.to_thread.run_sync(handle.status, limiter=ctx.waiters)).error or ""
+        error = (await job.status(position=False)).error or ""
         yield oa.sse({"error": {"message": f"job {handle.id} {state}: {error}".strip(), "type": "job_error",
                                 "param": None, "code": state}})
         return
