@@ -23,6 +23,7 @@ from arbiter.world import Snapshot
 from arbiter.world import read as read_world_snapshot
 from broker import fairshare, parking
 from broker.app import create_app
+from broker.clock import server_clock
 from broker.job_controls import control_since, encode_control
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -53,12 +54,13 @@ def policy_config(s: Settings) -> PolicyConfig:
 
 
 class Beat:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
-        self.settings, self.clock = settings, clock
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings
         self.r = connect(settings.redis_url, retry_s=settings.redis_retry_s, master_name=settings.redis_master_name)
+        self.clock = clock or server_clock(self.r)   # Redis' clock (`broker.clock`); tests pass their own
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.r, self.keys, settings.result_ttl_s)
-        self.ledger = Ledger(self.r, self.keys, clock)
+        self.ledger = Ledger(self.r, self.keys, self.clock)
         self.cfg = policy_config(settings)
         self.app = create_app(settings, name="arbiter-beat")
         self.token = uuid.uuid4().hex
@@ -70,7 +72,7 @@ class Beat:
         self.ticks = 0
         self._snapshot: Snapshot | None = None   # the world as this tick read it: apply() compares against it
         self._last_delivery_sweep = 0.0
-        self.sweeps = Sweeps(self.r, self.keys, self.store, self.app, settings, clock)
+        self.sweeps = Sweeps(self.r, self.keys, self.store, self.app, settings, self.clock)
 
     # -- leadership -----------------------------------------------------------------------------------------
     def lock_ttl_s(self) -> float:

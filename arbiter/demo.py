@@ -18,6 +18,7 @@ from arbiter.bench.common import pct
 from arbiter.stack import Stack, WorkerSpec
 from arbiter.world import read as read_world
 from broker.client import Client, JobHandle
+from broker.clock import server_now
 from broker.schemas import JobStatus
 from broker.settings import get_settings
 from broker.states import TERMINAL, JobState
@@ -144,7 +145,7 @@ COUNTERS = ("preemptions", "resumes", "pauses", "quality_reductions", "allocatio
 
 def _gpu_line(client: Client) -> str:
     lines = []
-    for g in read_world(client.redis, client.keys, time.time()).gpus:
+    for g in read_world(client.redis, client.keys, server_now(client.redis)).gpus:
         if g.snapshot is None or g.pressure is None:
             continue
         b = "  ".join(f"{k} {g.budgets.get(k, 1.0):.2f}" for k in ("diffusion.background", "llm.background",
@@ -160,7 +161,7 @@ def _wait_for_full_budgets(client: Client, timeout_s: float) -> float | None:
     """When every GPU's budgets are all back at 1.0 (monotonic time), or None."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        gpus = [g for g in read_world(client.redis, client.keys, time.time()).gpus if g.snapshot is not None]
+        gpus = [g for g in read_world(client.redis, client.keys, server_now(client.redis)).gpus if g.snapshot is not None]
         if gpus and all(v >= 1.0 for g in gpus for v in g.budgets.values()):
             return time.monotonic()
         time.sleep(0.1)

@@ -14,7 +14,6 @@ The families and what each means: `arbiter.metric_families`.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -41,6 +40,7 @@ from arbiter.metric_families import (
 )
 from arbiter.world import read as read_world
 from broker.app import all_queues, worker_queue
+from broker.clock import server_now
 from broker.histograms import eta_ratio_key, histogram_key
 from broker.keys import Keys
 from broker.redis_server import connect
@@ -99,7 +99,7 @@ class ArbiterCollector(Collector):
         hists, eta_hists = hists[:len(hist_keys)], hists[len(hist_keys):]
         gpu_ids = sorted(_s(g) for g in gpus_raw) if isinstance(gpus_raw, (set, list)) else []
         job_ids = [_s(j) for j in live_ids] if isinstance(live_ids, list) else []
-        world = read_world(self.r, self.keys, time.time(), gpu_ids)
+        world = read_world(self.r, self.keys, server_now(self.r), gpu_ids)
 
         affinity: list[tuple[str, str]] = []     # (shared queue, affinity list key)
         by_workload: dict[str, int] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -14,6 +13,7 @@ from arbiter.world import read as read_world
 from broker.app import all_queues
 from broker.budgets import DEGRADE_ORDER
 from broker.client import Client
+from broker.clock import server_now
 from broker.controls import QueueControl
 from broker.controls import describe as describe_control
 from broker.job_controls import parse_control
@@ -39,7 +39,7 @@ def queue_depths(client: Client) -> dict[str, int]:
 
 def collect(client: Client) -> dict[str, Any]:
     residency = ResidencyConfig.from_settings(client.settings)
-    seen = read_world(client.redis, client.keys, time.time(), residency=residency)
+    seen = read_world(client.redis, client.keys, server_now(client.redis), residency=residency)
     jobs = []
     for job_id in client.store.live_ids()[:500]:
         try:

@@ -23,6 +23,7 @@ from celery import Celery
 
 from broker import parking
 from broker.app import all_queues, shared_queue, worker_queue, workload_queues
+from broker.clock import server_clock
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.lua import load
@@ -39,9 +40,11 @@ log = logging.getLogger("arbiter.beat")
 
 class Sweeps:
     def __init__(self, r: redis.Redis, keys: Keys, store: JobStore, app: Celery, settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.r, self.keys, self.store, self.app, self.settings, self.clock = r, keys, store, app, settings, clock
+                 clock: Callable[[], float] | None = None) -> None:
+        self.r, self.keys, self.store, self.app, self.settings = r, keys, store, app, settings
+        self.clock = clock or server_clock(r)
         self._last_sweep = 0.0
+        self._unacked_seen: dict[bytes, float] = {}   # kombu's unacked tag -> first seen (Redis' clock)
         self._reclaim_queue = self.r.register_script(load("queue_reclaim", "broker.lua"))
 
     def restore_lost_deliveries(self) -> int:
@@ -51,9 +54,8 @@ class Sweeps:
         job is still waiting to start (queued or preempted) `lost_delivery_s` after it was taken, on its
         shared queue (a message passed to a worker's own queue is rerouted). Should the first worker start it
         after all, the job record lets only one run start."""
-        now = time.time()
-        taken = self.r.zrangebyscore(UNACKED_INDEX, 0, now - self.settings.lost_delivery_s, start=0, num=500,
-                                     withscores=True)
+        now = self.clock()
+        taken = self._taken_long_ago(now)
         restored = 0
         for tag, taken_at in taken:
             raw = self.r.hget(UNACKED, tag)
@@ -80,11 +82,21 @@ class Sweeps:
             pipe.zrem(UNACKED_INDEX, tag)
             pipe.execute()
             restored += 1
-            log.warning("job %s: its message was taken %.0f s ago but the job never started (a worker lost its "
+            log.warning("job %s: its message was taken at least %.0f s ago but the job never started (a worker lost its "
                         "connection?): put back on %s", job_id, now - taken_at, routing_key)
         if restored:
             add_stats(self.r, self.keys, deliveries_restored=restored)
         return restored
+
+    def _taken_long_ago(self, now: float) -> list[tuple[bytes, float]]:
+        """(tag, first seen) of messages in kombu's `unacked` that this beat has seen there for
+        `lost_delivery_s`. kombu stamps `unacked_index` with the taking worker's wall clock, which may be any
+        distance from Redis' (`broker.clock`): the age is counted from when a sweep first saw the tag, on
+        Redis' clock (a new leader waits `lost_delivery_s` again)."""
+        tags = self.r.zrange(UNACKED_INDEX, 0, 999)
+        self._unacked_seen = {tag: self._unacked_seen.get(tag, now) for tag in tags}
+        return [(tag, seen) for tag, seen in self._unacked_seen.items()
+                if now - seen >= self.settings.lost_delivery_s][:500]
 
     def requeue_vanished(self, scan: int = 2000) -> int:
         """Jobs queued with no message anywhere. kombu pops a message (BRPOP) and only then records it in
@@ -104,7 +116,7 @@ class Sweeps:
         empty = {q for q in shared if sum(int(next(lengths)) for _ in range(1 + len(workers))) == 0}
         if not empty:
             return 0
-        now = time.time()
+        now = self.clock()
         old = [j.decode() for j in self.r.zrangebyscore(self.keys.jobs_live(), "-inf",
                                                         now - self.settings.lost_delivery_s, start=0, num=scan)]
         if not old:
@@ -195,7 +207,7 @@ class Sweeps:
         (`expires_at` — past it, the worker that waits is gone; a live one fails the job at the timeout; a
         malformed entry counts as expired): the job goes back to its queue, the entry leaves
         (it would keep the GPU's background work paused). Entries of jobs no longer waiting leave too."""
-        now, s = time.time(), self.settings
+        now, s = self.clock(), self.settings
         swept = 0
         for job_id_b, raw in self.r.hgetall(self.keys.waiting_vram()).items():
             job_id = job_id_b.decode()

@@ -21,6 +21,7 @@ from kombu.exceptions import OperationalError
 
 from broker import fairshare
 from broker.app import create_app
+from broker.clock import server_now
 from broker.controls import QueueClosed, QueueControl
 from broker.errors import Cancelled, InvalidJob, JobFailed, JobNotFound, RedisUnavailable, Timeout
 from broker.jobstore import JobStore
@@ -156,7 +157,7 @@ class Client:
             raise
         except Exception as exc:
             self.store.transition(job_id, JobState.FAILED, error=f"could not enqueue: {exc}",
-                                  finished_at=time.time())
+                                  finished_at=self.store.clock())
             if idempotency_key is not None:   # a retry with this key may submit again
                 self.redis.delete(self.keys.idempotency(job.tenant, idempotency_key))
             raise
@@ -195,7 +196,7 @@ class Client:
         if fields.get("state") == JobState.QUEUED.value and not _sent(fields):
             # the first submitter may still be about to send: give it until 2 s after its record, then send
             # (a retry right after a killed submitter must not leave the job without a message)
-            time.sleep(max(0.0, float(fields.get("queued_at", 0.0)) + 2.0 - time.time()))
+            time.sleep(max(0.0, float(fields.get("queued_at", 0.0)) + 2.0 - server_now(self.redis)))
             fields = self.store.raw(other)
             if fields.get("state") == JobState.QUEUED.value and not _sent(fields):
                 enqueue(self.app, self.settings, other, self.store.spec(other))   # its submitter died first
@@ -306,7 +307,7 @@ class JobHandle:
             except JobNotFound:    # its record expired: nothing left to stop
                 pass
         done, state = store.transition(self.id, JobState.CANCELLED, allowed=_CANCEL_DIRECTLY,
-                                       error="cancelled by client", finished_at=time.time())
+                                       error="cancelled by client", finished_at=store.clock())
         if done:
             self.client.app.control.revoke(self.id)  # lets Flower show it revoked; our record rules
         if state is None:

@@ -20,7 +20,6 @@ at each admission."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import redis
 
 from broker.app import EXCHANGE, all_queues, worker_queue
+from broker.clock import server_now
 from broker.errors import ArbiterError, InvalidJob
 from broker.keys import Keys
 
@@ -159,7 +159,7 @@ def start_consuming(app: Any, workers: Mapping[str, str], queue: str) -> int:
 def pause(r: redis.Redis, keys: Keys, app: Any, queue: str, by: str = "", reason: str = "",
           preempt: bool = False, now: float | None = None) -> QueueControl:
     """Record the pause first (a worker starting meanwhile honours it), then tell the workers."""
-    control = QueueControl("paused", time.time() if now is None else now, by, reason, preempt)
+    control = QueueControl("paused", server_now(r) if now is None else now, by, reason, preempt)
     set_control(r, keys, queue, control)
     stop_consuming(app, registered_workers(r, keys), queue)
     if preempt:
@@ -173,7 +173,7 @@ def drain(r: redis.Redis, keys: Keys, app: Any, queue: str, by: str = "", reason
     """New submits are refused; queued and running work goes on. Draining a paused queue lets its workers
     consume it again: drain means "finish what you have, take nothing new"."""
     was = read_control(r, keys, check_queue(queue))
-    control = QueueControl("draining", time.time() if now is None else now, by, reason)
+    control = QueueControl("draining", server_now(r) if now is None else now, by, reason)
     set_control(r, keys, queue, control)
     if was is not None and was.state == "paused":
         start_consuming(app, registered_workers(r, keys), queue)

@@ -21,7 +21,6 @@ the `tenant` field through the client, CLI and batch (default `default`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
@@ -30,6 +29,7 @@ import redis
 from redis.commands.core import Script
 
 from broker.app import workload_queues
+from broker.clock import server_now
 from broker.controls import QueueClosed, QueueControl
 from broker.keys import Keys
 from broker.lua import load
@@ -102,7 +102,7 @@ def hold_message(client: Any, hold: Mapping[str, Any], message: bytes | str) -> 
     (`QueueClosed`: nothing written)."""
     prefix_lists, prefix_jobs, prefix_active = hold["prefix"]
     create = hold.get("create")
-    args = ["hold", prefix_lists, prefix_jobs, time.time(), hold["target"], prefix_active, message, hold["tenant"],
+    args = ["hold", prefix_lists, prefix_jobs, server_now(client), hold["target"], prefix_active, message, hold["tenant"],
             hold["mark"], hold.get("weight", 1), hold.get("cap", 0), hold.get("workload", ""), int(bool(create))]
     if not create:
         return int(_run(client, "fair", hold["keys"], args))
@@ -129,16 +129,16 @@ def feed(r: redis.Redis, keys: Keys, queue: str, default_target: int, now: float
     """Move held messages of `queue` onto it, tenants in turn, until it holds its target (the beat's, else
     `default_target`): one Lua step. Returns how many moved."""
     return int(_run(r, "fair", _band_keys(keys, queue), [
-        "feed", keys.held(queue), keys.job_prefix(), time.time() if now is None else now, default_target,
+        "feed", keys.held(queue), keys.job_prefix(), server_now(r) if now is None else now, default_target,
         active_prefix(keys, queue)]))
 
 
-def feed_in(pipe: Any, keys: Keys, queue: str, default_target: int) -> None:
+def feed_in(pipe: Any, keys: Keys, queue: str, default_target: int, now: float) -> None:
     """`feed`, queued on a pipeline as a plain EVALSHA (redis-py would ask SCRIPT EXISTS first, a round trip
     of its own). A Redis that lost its scripts answers NoScriptError when the pipeline runs: `load_script`, and
     run it again."""
     pipe.evalsha(_script("fair").sha, 6, *_band_keys(keys, queue), "feed", keys.held(queue),
-                 keys.job_prefix(), time.time(), default_target, active_prefix(keys, queue))
+                 keys.job_prefix(), now, default_target, active_prefix(keys, queue))
 
 
 def load_script(r: redis.Redis) -> None:
@@ -151,7 +151,7 @@ def unhold(r: redis.Redis, keys: Keys, job_id: str, spec: JobSpec, message: byte
     when it was not held any more."""
     q, t = spec.queue, spec.tenant
     ks = [keys.held(q, t), keys.held_ring(q), keys.held_members(q), keys.held_count(q), keys.job(job_id), q]
-    return bool(_run(r, "fair_unhold", ks, [message, t, time.time()]))
+    return bool(_run(r, "fair_unhold", ks, [message, t, server_now(r)]))
 
 
 def held_counts(r: redis.Redis, keys: Keys, queues: Sequence[str]) -> dict[str, int]:

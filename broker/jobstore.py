@@ -13,7 +13,6 @@ output or checkpoint, fields, state, lease, control, counters."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -21,6 +20,7 @@ from typing import Any
 
 import redis
 
+from broker.clock import server_clock
 from broker.errors import JobNotFound
 from broker.keys import Keys
 from broker.lua import load
@@ -58,6 +58,7 @@ class Started:
 class JobStore:
     def __init__(self, r: redis.Redis, keys: Keys, ttl_s: int) -> None:
         self.r, self.keys, self.ttl_s = r, keys, ttl_s
+        self.clock = server_clock(r)   # the job record's stamps are on Redis' clock (`broker.clock`)
         self._transition = r.register_script(load("job_transition"))
         self._write = r.register_script(load("job_write"))
         self._settle = r.register_script(load("job_settle"))
@@ -76,7 +77,7 @@ class JobStore:
         """`create`'s keys and args, to ride in another step's round trip (`broker.fairshare.hold_message`).
         A live record outlives any job (shortened to ttl_s once terminal); its event stream starts with the
         next change: a stream costs ~4.7 KB even with one entry, and a deep queue holds many jobs."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         k = self.keys
         fields = {"spec": spec.model_dump_json(), "state": JobState.QUEUED.value, "workload": spec.workload.value,
                   "tenant": spec.tenant, "priority": spec.priority.value, "queued_at": now, "updated_at": now,
@@ -98,7 +99,7 @@ class JobStore:
         flat = _flat(fields, incr, setnx)
         keys = [k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.job_checkpoint(job_id),
                 k.fence(job_id)]
-        args = [to.value, ",".join(s.value for s in src), time.time(),
+        args = [to.value, ",".join(s.value for s in src), self.clock(),
                 1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
                 "" if owner_fence is None else owner_fence, *flat]
         ok, state = self._transition(keys=keys, args=args)
@@ -122,7 +123,7 @@ class JobStore:
         reply = self._start(
             keys=[k.job(job_id), k.job_events(job_id), k.jobs_running(), k.leases(gpu_id), k.fence(job_id),
                   *side.keys],
-            args=[time.time() if now is None else now, capacity_mib, job_id, int(mib), ttl_s, priority, workload,
+            args=[self.clock() if now is None else now, capacity_mib, job_id, int(mib), ttl_s, priority, workload,
                   holder, wfield, int(wmib), ",".join(s.value for s in src), STREAM_MAXLEN, len(flat) // 2, *flat,
                   *side.args])
         code, fence, free, *rest = reply
@@ -153,7 +154,7 @@ class JobStore:
         reply = self._settle(
             keys=[k.job(job_id), k.job_events(job_id), k.jobs_live(), k.jobs_running(), k.leases(gpu_id),
                   k.controls(gpu_id), blob_key, k.job_checkpoint(job_id), k.fence(job_id), *side.keys],
-            args=[",".join(s.value for s in states), ",".join(s.value for s in src), time.time(),
+            args=[",".join(s.value for s in states), ",".join(s.value for s in src), self.clock(),
                   1 if final in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, fence, blob_ttl, blob or b"",
                   len(flat) // 2, *flat, *side.args],
         )

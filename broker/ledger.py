@@ -5,13 +5,13 @@ token so a job id never runs twice at once. The clock is passed in, so tests con
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from broker.clock import server_clock
 from broker.keys import Keys
 from broker.lua import load
 
@@ -46,8 +46,8 @@ def weights_field(worker: str, variant: str) -> str:
 
 
 class Ledger:
-    def __init__(self, r: redis.Redis, keys: Keys, clock: Callable[[], float] = time.time) -> None:
-        self.r, self.keys, self.clock = r, keys, clock
+    def __init__(self, r: redis.Redis, keys: Keys, clock: Callable[[], float] | None = None) -> None:
+        self.r, self.keys, self.clock = r, keys, clock or server_clock(r)
         self._acquire = r.register_script(load("lease_acquire", "broker.lua"))
         self._renew = r.register_script(load("lease_renew", "broker.lua"))
         self._release = r.register_script(load("lease_release", "broker.lua"))

@@ -9,13 +9,13 @@ long list, capped at `SCAN_CAP` messages), fills `JobStatus` (`with_position`) a
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from broker.app import shared_queue, workload_queues
+from broker.clock import server_now
 from broker.controls import describe as describe_control
 from broker.controls import read_control
 from broker.fairshare import rank, read_ring
@@ -82,7 +82,7 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
     """The job's position, read from Redis in two pipelined round trips (plus one per further chunk of a
     list longer than `chunk`); None when its message is in none of the lists (taken by a worker, in flight,
     parked outside the queues) or its record is gone."""
-    now = time.time() if now is None else now
+    now = server_now(r) if now is None else now
     wl, bands = workload, workload_queues(workload)
     guess = job_queue(workload, priority, None, settings)   # the spec may say otherwise (improvement runs)
     # round trip 1: the spec, workers, the shared lists' depths, the durations recorded, the first chunk
@@ -184,5 +184,5 @@ def with_position(r: redis.Redis, keys: Keys, settings: Settings, status: JobSta
     control = read_control(r, keys, shared_queue(pos.queue))
     if control is not None and control.state == "paused":   # nothing starts from it: no ETA, the reason instead
         update.update(eta_s=None, waiting_for=f"its queue {shared_queue(pos.queue)} is "
-                                              f"{describe_control(control, time.time())}")
+                                              f"{describe_control(control, server_now(r))}")
     return status.model_copy(update=update)

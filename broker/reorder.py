@@ -12,7 +12,6 @@ crash after the send leaves only the staging list, which expires (60 s)."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import redis
 
 from broker import fairshare
 from broker.app import TASK_NAMES, direct_queue
+from broker.clock import server_now
 from broker.controls import lists_of, registered_workers
 from broker.errors import ArbiterError, InvalidJob
 from broker.keys import Keys
@@ -154,7 +154,7 @@ def reprioritize(r: redis.Redis, keys: Keys, settings: Settings, app: Any, job_i
     staging, message = staged_message(r, keys, app, job_id, new, target)
     done = r.register_script(load("queue_move"))(
         keys=[lst, target, staging, keys.job(job_id)],
-        args=[raw, message, new.model_dump_json(), priority.value, time.time()])
+        args=[raw, message, new.model_dump_json(), priority.value, server_now(r)])
     if done == -1:
         raise NotQueued(job_id, "no longer queued", "reprioritized")
     if done == 0:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 import redis
 
 from broker.app import workload_queues
+from broker.clock import server_now
 from broker.errors import Overloaded
 from broker.fairshare import parse_weights, policy_key, rank
 from broker.histograms import histogram_key
@@ -98,7 +98,7 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     """(the job's queue, the predicted wait of a job like `spec` submitted to it now, whether
     `idempotency_key` is already bound) in two pipelined round trips: LLENs, the workers' registrations,
     the bands' recorded durations, then the live workers' predictors and own lists."""
-    now = time.time() if now is None else now
+    now = server_now(r) if now is None else now
     wl = spec.workload
     queue = job_queue(wl, spec.priority, None, settings)
     bands = workload_queues(wl)

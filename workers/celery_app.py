@@ -20,6 +20,7 @@ from celery.signals import (
 )
 
 from broker.app import BARE_TASK, TASK_NAMES, create_app
+from broker.clock import server_now
 from broker.errors import ArbiterError
 from broker.schemas import Workload
 from broker.settings import get_settings
@@ -118,7 +119,7 @@ def _reserved(request: Any = None, **_: Any) -> None:
     r, keys = _main["redis"], _main["keys"]
     try:
         pipe = r.pipeline(transaction=False)
-        pipe.hset(keys.reserved(_main["gpu_id"]), request.id, f"{_main['workload']}|{time.time()}")
+        pipe.hset(keys.reserved(_main["gpu_id"]), request.id, f"{_main['workload']}|{server_now(r)}")
         pipe.expire(keys.reserved(_main["gpu_id"]), 60)
         pipe.lpush(keys.beat_wake(), "interactive reserved")
         pipe.ltrim(keys.beat_wake(), 0, 99)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import redis
@@ -50,7 +49,7 @@ def settle(rt: Runtime, job_id: str, fence: int, what: str, **kw: Any) -> Settle
 def cleanup(rt: Runtime, job_id: str, fence: int, to: JobState, **fields: Any) -> None:
     """A run ends without a result (cancelled, failed): one fenced step — state, lease, control; a terminal
     job's checkpoint goes with it."""
-    done = settle(rt, job_id, fence, to.value, states=(to,), finished_at=time.time(), **fields)
+    done = settle(rt, job_id, fence, to.value, states=(to,), finished_at=rt.clock(), **fields)
     if not done.ok:
         log.info("job %s not marked %s: it is %s", job_id, to.value, done.state.value if done.state else "gone")
 
@@ -67,7 +66,7 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
     result = JobResult(
         job_id=job_id, workload=spec.workload, priority=spec.priority, quality=rung.quality,
         params=output.params, text=output.text, image_png=output.image_png, queued_at=float(d["queued_at"]),
-        started_at=float(d.get("started_at", started_at)), finished_at=time.time(),
+        started_at=float(d.get("started_at", started_at)), finished_at=rt.clock(),
         preemptions=int(d.get("preemptions", 0)), runs=int(d.get("runs", 0)) + 1, worker=rt.worker,
         gpu_id=rt.gpu_id,
     )

@@ -110,7 +110,7 @@ class ControlHook(Hook):
         (cancel, drain), control = pipe.execute()
         if asked_to_drain(drain, self.rt.holder):
             return bool(cancel), "drain"
-        action, _ = parse_control(control, time.time(), control_ttl_s(self.rt.settings.lease_ttl_s))
+        action, _ = parse_control(control, self.rt.clock(), control_ttl_s(self.rt.settings.lease_ttl_s))
         return bool(cancel), action
 
     def after_step(self, ctx: RunContext, info: StepInfo) -> None:

@@ -59,7 +59,7 @@ def adopt(rt: Runtime, run_id: str, spec: JobSpec) -> bool:
     for _ in range(50):        # the job's own finish is a moment behind at most (it was queued just before it)
         done = script(keys=[k.job(parent), k.job(run_id), k.job_output(parent), k.job_output_version(parent, 1),
                             k.job_output(run_id), k.job_events(parent)],
-                      args=[run_id, parent, time.time(), STREAM_MAXLEN])
+                      args=[run_id, parent, rt.clock(), STREAM_MAXLEN])
         if done != -1:
             break
         time.sleep(0.1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from broker.app import worker_queue
 from broker.ledger import parse_leases, weights_in
@@ -14,7 +13,7 @@ from workers.runtime import Runtime
 def read_peers(rt: Runtime, queue: str) -> list[Peer]:
     """Live workers of this workload other than this one: their node, free slot, resident variants and the
     jobs already passed to them on `queue` (a shared queue name)."""
-    now = time.time()
+    now = rt.clock()
     entries = {}
     for name, raw in rt.redis.hgetall(rt.keys.workers()).items():
         e = json.loads(raw)

@@ -26,8 +26,8 @@ from broker.errors import (
 from broker.jobstore import Started
 from broker.ledger import weights_field
 from broker.schemas import JobSpec, Priority
-from broker.states import JobState
 from broker.scriptops import ScriptOps
+from broker.states import JobState
 from broker.stats import add as add_stats
 from broker.tally import Counts
 from broker.validation import validate_spec
@@ -61,7 +61,7 @@ def parse_message(rt: Runtime, job_id: str, raw: Any) -> JobSpec:
         return validate_spec(raw, rt.settings)
     except InvalidJob as exc:
         log.error("job %s rejected: %s", job_id, exc)
-        rt.store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=time.time())
+        rt.store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=rt.clock())
         raise
 
 
@@ -80,7 +80,7 @@ class Admitted:
 
 
 def fail(rt: Runtime, job_id: str, exc: Exception, **fields: Any) -> None:
-    rt.store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=time.time(), **fields)
+    rt.store.transition(job_id, JobState.FAILED, error=str(exc), finished_at=rt.clock(), **fields)
     log.error("job %s failed: %s", job_id, exc)
 
 
@@ -184,7 +184,7 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
         if not waiting:   # tell the arbiter, which preempts background work to make room
             waiting = True
             rt.store.transition(job_id, JobState.WAITING_FOR_VRAM)
-            now = time.time()   # `expires_at`: the beat sweeps the entry if this worker dies while it waits
+            now = rt.clock()   # `expires_at`: the beat sweeps the entry if this worker dies while it waits
             rt.redis.hset(rt.keys.waiting_vram(), job_id, WaitingEntry(
                 rt.gpu_id, spec.workload.value, spec.priority.value, need, since=now, worker=rt.worker,
                 expires_at=now + rt.settings.allocation_timeout_s + rt.settings.lease_ttl_s).encode())
@@ -197,7 +197,7 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
     """Lease the rung's VRAM and start the job in one atomic step and one round trip (`JobStore.start`);
     nothing is written if the lease does not fit or the job may not start any more. The weights lease is always
     named: counted only if not held yet, renewed (re-made) if it is."""
-    now = time.time()
+    now = rt.clock()
     grant = rt.store.start(job_id, rt.gpu_id, capacity, rung.vram_mib, rt.settings.lease_ttl_s, spec.band,
                            spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
                            incr={"runs": 1}, setnx={"started_at": now}, now=now,
@@ -218,13 +218,13 @@ def execute(rt: Runtime, job_id: str, raw: Any, task: Any = None) -> Mapping[str
     if not view.job:  # a valid message put on the queue without a client: give it a record
         store.create(job_id, spec)
         view = View.read(rt, job_id, spec)
-    decision = decide(job_view(rt, job_id, spec, view, time.time()))
+    decision = decide(job_view(rt, job_id, spec, view, rt.clock()))
     if not isinstance(decision, Try):
         refuse(rt, job_id, spec, decision, view, task)
     pass_on(rt, job_id, spec, decision.rungs[0], view, raw, task)
     rung, fence = (a := lease(rt, job_id, spec, decision, view, task)).rung, a.fence
     checkpoint = view.checkpoint
-    now = time.time()
+    now = rt.clock()
     rt.current = CurrentJob(job_id, fence, rung.variant)
     # DEBUG: a job's one INFO line is its end (`endings.finished`, with the same details)
     log.debug("job %s running: %s %s quality %.2f %s on %s%s", job_id, spec.workload.value, spec.priority.value,

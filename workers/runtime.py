@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from broker.catalog import registry
+from broker.clock import server_clock, server_now
 from broker.job_controls import control_ttl_s, parse_control
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -130,7 +131,7 @@ def check_gpu_size(r: redis.Redis, keys: Keys, worker: str, gpu_id: str, total_m
     """Refuse a gpu id that a live worker (another name) announces with another size: the ledger would grant
     from one size while the GPU's snapshot says another (interactive jobs failing "available 0 MiB" while
     `arbiter status` shows low pressure)."""
-    now = time.time() if now is None else now
+    now = server_now(r) if now is None else now
     announced = r.hget(keys.simgpu_info(gpu_id), "total_mib")
     for name, raw in r.hgetall(keys.workers()).items():
         other, entry = name.decode(), json.loads(raw)
@@ -150,7 +151,8 @@ class Runtime:
         self.redis = connect(settings.redis_url, retry_s=settings.redis_retry_s, master_name=settings.redis_master_name)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
-        self.ledger = Ledger(self.redis, self.keys)
+        self.clock = server_clock(self.redis)   # every time another process compares (`broker.clock`)
+        self.ledger = Ledger(self.redis, self.keys, self.clock)
         self.workload = Workload(settings.worker_workload)
         self.gpu = make_device(settings, self.redis, self.keys)
         self.gpu.announce()
@@ -200,7 +202,7 @@ class Runtime:
         """What the arbiter asks of a running job: ('pause' | 'preempt' | None, since epoch s); a control
         the beat stopped renewing (a dead beat) counts as none."""
         raw = self.redis.hget(self.keys.controls(self.gpu_id), job_id)
-        return parse_control(raw, time.time(), control_ttl_s(self.settings.lease_ttl_s))
+        return parse_control(raw, self.clock(), control_ttl_s(self.settings.lease_ttl_s))
 
     def wake_beat(self, why: str) -> None:
         """Ask the beat for a tick now rather than at its next interval (one round trip)."""
@@ -210,9 +212,10 @@ class Runtime:
         pipe.execute()
 
     def _register(self) -> None:
+        now = self.clock()
         entry = {"workload": self.workload.value, "gpu_id": self.gpu_id, "node": self.settings.node,
                  "concurrency": self.settings.worker_concurrency, "total_mib": self.gpu.total_mib,
-                 "expires_at": time.time() + self.settings.heartbeat_ttl_s, "seen_at": time.time(),
+                 "expires_at": now + self.settings.heartbeat_ttl_s, "seen_at": now,
                  "renew_s": self.renew_every_s}
         self.redis.hset(self.keys.workers(), self.worker, json.dumps(entry))
 
@@ -260,9 +263,9 @@ class Runtime:
         if cur is None:
             return
         action, since = self.control(cur.job_id)
-        if action == "preempt" and since and time.time() - since > self.settings.preempt_grace_s:
+        if action == "preempt" and since and self.clock() - since > self.settings.preempt_grace_s:
             log.error("job %s ignored a preemption for %.1f s: killing this process; the job is redelivered "
-                      "and resumes from its last checkpoint", cur.job_id, time.time() - since)
+                      "and resumes from its last checkpoint", cur.job_id, self.clock() - since)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import redis
 
+from broker.clock import server_clock
 from broker.errors import SimulatedOOM
 from broker.keys import Keys
 from broker.lua import load
@@ -70,6 +71,7 @@ class SimGpu:
     def __init__(self, r: redis.Redis, keys: Keys, gpu_id: str, total_mib: int, time_scale: float = 1.0,
                  pcie_gbps: float = 25.0, entry_ttl_s: float = 10.0) -> None:
         self.r, self.keys, self.gpu_id, self.total_mib = r, keys, gpu_id, total_mib
+        self.clock = server_clock(r)   # entries' expiries: every process of the GPU compares them
         self.time_scale, self.pcie_gbps, self.entry_ttl_s = time_scale, pcie_gbps, entry_ttl_s
         self._alloc = r.register_script(load("simgpu_alloc", "workers.lua"))
         self._kernels_cache: tuple[float, list[SimEntry]] = (0.0, [])
@@ -83,7 +85,7 @@ class SimGpu:
 
     def _allocate(self, table: str, name: str, mib: int, workload: str = "", pixels: int = 0,
                   worker: str = "") -> None:
-        now = time.time()
+        now = self.clock()
         active = 0 if name in self._paused else 1
         ok, used = self._alloc(
             keys=[self.keys.simgpu_weights(self.gpu_id), self.keys.simgpu_jobs(self.gpu_id)],
@@ -131,7 +133,7 @@ class SimGpu:
         pipe.hgetall(self.keys.simgpu_weights(self.gpu_id))
         pipe.hgetall(self.keys.simgpu_jobs(self.gpu_id))
         weights_raw, jobs_raw = pipe.execute()
-        now = time.time()
+        now = self.clock()
         weights, jobs = _entries(weights_raw, now), _entries(jobs_raw, now)
         return SimSnapshot(self.gpu_id, self.total_mib, sum(e.mib for e in weights), sum(e.mib for e in jobs),
                            tuple(weights), tuple(jobs))
@@ -142,7 +144,7 @@ class SimGpu:
             gpu_id=self.gpu_id, kind="sim", total_mib=snap.total_mib, used_mib=snap.used_mib,
             weights_mib=snap.weights_mib, jobs_mib=snap.jobs_mib, resident=[e.name for e in snap.weights],
             jobs=[GpuJob(job_id=e.name, workload=e.workload, vram_mib=e.mib, worker=e.worker) for e in snap.jobs],
-            taken_at=time.time(),
+            taken_at=self.clock(),
         )
 
     def publish_snapshot(self, ttl_s: float) -> GpuSnapshot:
@@ -154,7 +156,7 @@ class SimGpu:
         """Contention factor on `me`'s next step from the jobs running now (read at most every max_age_s)."""
         at, entries = self._kernels_cache
         if time.monotonic() - at > max_age_s:
-            entries = list(_entries(self.r.hgetall(self.keys.simgpu_jobs(self.gpu_id)), time.time()))
+            entries = list(_entries(self.r.hgetall(self.keys.simgpu_jobs(self.gpu_id)), self.clock()))
             self._kernels_cache = (time.monotonic(), entries)
         others = [Kernel(Workload(e.workload), e.pixels, e.worker) for e in entries
                   if e.name != job_id and e.active]

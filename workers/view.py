@@ -3,7 +3,6 @@ refill of the job's band riding in it), and the admission decision's input built
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import redis
@@ -57,9 +56,9 @@ class View:
         pipe.hvals(rt.keys.waiting_vram())
         pipe.lrange(rt.keys.residency_log(rt.gpu_id), 0, -1)
         if fairshare.applies(spec, rt.settings):
-            fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth)
+            fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth, rt.clock())
         job, budget, leases, checkpoint, control, waiting, log, *_ = pipe.execute()
-        now = time.time()
+        now = rt.clock()
         live = parse_leases(leases, now)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(live), checkpoint, paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),

@@ -39,7 +39,7 @@ def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mi
     floor = spec.min_quality or 0.0
     held = rt.resident_variants()
     entry = ParkedJob(job_id=job_id, workload=spec.workload.value, priority=spec.priority.value, reason=reason,
-                      gpu_id=rt.gpu_id, since=time.time(), min_quality=floor, mib=mib,
+                      gpu_id=rt.gpu_id, since=rt.clock(), min_quality=floor, mib=mib,
                       budget=budget, improvement=spec.improves is not None,
                       rungs=needs_by_budget(rt.backend.ladder(spec), floor, held, kept_mib))
     state = JobState.WAITING_FOR_BUDGET if reason == "budget" else JobState.WAITING_FOR_VRAM

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from arbiter.cli.common import console, err, fail, open_client, print_result
+from broker.clock import server_now
 from broker.errors import Overloaded
 from broker.position import describe, job_queue
 from broker.schemas import Priority, Workload
-from broker.states import RUNNING_STATES, JobState
 from broker.settings import get_settings
+from broker.states import RUNNING_STATES, JobState
 
 OVERLOADED_EXIT = 75   # sysexits EX_TEMPFAIL: the band is overloaded now; the same submit later should pass
 
@@ -102,14 +102,14 @@ def status_cmd(
     with open_client() as client:
         if job_id:
             st = client.get(job_id).status()
-            console.print_json(st.model_dump_json()) if as_json else console.print(_job_table(st))
+            console.print_json(st.model_dump_json()) if as_json else console.print(_job_table(st, server_now(client.redis)))
             return
         data = collect(client)
         console.print_json(json.dumps(data)) if as_json else render(console, data)
 
 
-def _job_table(st):
-    """One job's status as a two-column table (field, value)."""
+def _job_table(st, now: float):
+    """One job's status as a two-column table (field, value); `now` on Redis' clock, as the record's stamps."""
     from datetime import datetime
 
     from rich.table import Table
@@ -128,7 +128,7 @@ def _job_table(st):
             ("preemptions", str(st.preemptions)), ("queued", at(st.queued_at)), ("started", at(st.started_at)),
             ("finished", at(st.finished_at))]
     if st.started_at is not None:
-        end = st.finished_at if st.finished_at is not None else time.time()
+        end = st.finished_at if st.finished_at is not None else now
         rows.append(("waited / ran", f"{st.started_at - st.queued_at:.3f} s / {end - st.started_at:.3f} s"))
     if st.waiting_for:
         rows.insert(2, ("waiting for", st.waiting_for))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import time
 from dataclasses import asdict
 from typing import Annotated
 
@@ -13,6 +12,7 @@ import typer
 
 from arbiter.cli.common import console, open_client
 from arbiter.cli.help import App
+from broker.clock import server_now
 from broker.schemas import Priority
 
 app = App(no_args_is_help=True, help="Pause, drain and resume queues (`<workload>.<priority|improve>`).")
@@ -39,7 +39,7 @@ def queue_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     from arbiter.world import read as read_world
 
     with open_client() as client:
-        seen = read_world(client.redis, client.keys, time.time(), gpu_ids=[])
+        seen = read_world(client.redis, client.keys, server_now(client.redis), gpu_ids=[])
     rows = [{"queue": q, "depth": n, "held": seen.held.get(q, 0), "state": c.state if (c := seen.queue_controls.get(q)) else "running",
              **({k: v for k, v in asdict(c).items() if k != "state"} if c else {})}
             for q, n in seen.queues.items()]
@@ -82,15 +82,16 @@ def queue_drain(queue: QueueArg, by: By = None, reason: Reason = "") -> None:
     with open_client() as client:
         was = read_control(client.redis, client.keys, check_queue(queue))
         drain(client.redis, client.keys, client.app, queue, _who(by), reason)
+        now = server_now(client.redis)
     print(f"{queue}: draining (new submits refused until `arbiter queue resume {queue}`)")
     if was is not None and was.state == "paused":
-        print(f"{queue}: its pause ({_described(was)}) has ended: its queued jobs start again; "
+        print(f"{queue}: its pause ({_described(was, now)}) has ended: its queued jobs start again; "
               f"`arbiter queue pause {queue}` to hold them")
 
 
-def _described(control) -> str:
-    """`by ops, 40 s ago: moving racks` for a control record."""
-    text = f"by {control.by or 'someone'}, {time.time() - control.since:.0f} s ago"
+def _described(control, now: float) -> str:
+    """`by ops, 40 s ago: moving racks` for a control record (`now` on Redis' clock, as its `since`)."""
+    text = f"by {control.by or 'someone'}, {now - control.since:.0f} s ago"
     return text + (f": {control.reason}" if control.reason else "")
 
 

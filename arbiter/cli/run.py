@@ -20,7 +20,6 @@ from broker.errors import InvalidJob
 from broker.schemas import Workload
 from broker.settings import get_settings
 
-
 DEV_DIR = Path(".arbiter")   # `arbiter dev`'s logs, its embedded Redis's data and its development key
 
 

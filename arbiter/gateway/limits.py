@@ -17,7 +17,6 @@ the job's id (a gateway killed in between leaves a claim that lapses after `SUBM
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import redis
 
 from arbiter.gateway.apikeys import ApiKey
 from arbiter.gateway.errors import ApiError
+from broker.clock import server_now
 from broker.keys import Keys
 from broker.lua import load
 from broker.states import TERMINAL
@@ -74,7 +74,7 @@ class Limits:
              limits: list[tuple[str, int, float, int, str]], now: float | None = None) -> Claim:
         """One take: the request counted (if `count`) and a claim in each of `limits` (kind, cap, claim TTL,
         zset TTL, 'conn' | 'job'); raises the 429 of the first limit refused."""
-        now = time.time() if now is None else now
+        now = server_now(self.r) if now is None else now
         window = int(now // WINDOW_S)
         zsets = [self.keys.api_key_claims(key.id, kind) for kind, *_ in limits]
         args: list[object] = [now, key.rate_per_min if count else -1, WINDOW_S + 1, member,
@@ -102,7 +102,7 @@ class Limits:
         this window and when the window resets ("12s"); none for a key without a rate limit."""
         if not key.rate_per_min:
             return {}
-        now = time.time() if now is None else now
+        now = server_now(self.r) if now is None else now
         used = int(self.r.get(self.keys.api_key_rate(key.id, int(now // WINDOW_S))) or 0)
         return _rate_headers(key.rate_per_min, used, int(WINDOW_S - now % WINDOW_S))
 
@@ -115,7 +115,7 @@ class Limits:
         """The submit's claim now names its job (given back when the job ends)."""
         if not claim.zsets:
             return
-        now = time.time() if now is None else now
+        now = server_now(self.r) if now is None else now
         pipe = self.r.pipeline()   # MULTI: the slot is never counted twice nor left free in between
         for z in claim.zsets:
             pipe.zrem(z, claim.member)
@@ -133,7 +133,7 @@ class Limits:
         """Push a held connection's claims' expiry out (while it is open)."""
         if not claim.zsets:
             return
-        expiry = (time.time() if now is None else now) + self.conn_ttl_s
+        expiry = (server_now(self.r) if now is None else now) + self.conn_ttl_s
         pipe = self.r.pipeline()
         for z in claim.zsets:
             pipe.zadd(z, {claim.member: expiry}, xx=True)
@@ -153,4 +153,4 @@ class Limits:
         z = self.keys.api_key_claims(key.id, kind)
         if kind == "jobs":
             return int(self.r.zcount(z, "-inf", "+inf"))
-        return int(self.r.zcount(z, time.time() if now is None else now, "+inf"))
+        return int(self.r.zcount(z, server_now(self.r) if now is None else now, "+inf"))

@@ -7,7 +7,16 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    create_model,
+    field_validator,
+)
 
 from broker.schemas import MIN_DEADLINE_S, JobResult, JobSpec, JobStatus, Priority
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 
 import redis
+
+from broker.clock import server_now
 
 
 class UrlSigner:
@@ -26,7 +27,7 @@ class UrlSigner:
         return self._secret
 
     def sign(self, job_id: str, now: float | None = None) -> tuple[int, str]:
-        expires = int((time.time() if now is None else now) + self.ttl_s)
+        expires = int((server_now(self.r) if now is None else now) + self.ttl_s)
         return expires, self._mac(job_id, expires)
 
     def _mac(self, job_id: str, expires: int) -> str:
@@ -36,6 +37,6 @@ class UrlSigner:
         """None if the signature is valid and unexpired, else why not."""
         if not hmac.compare_digest(self._mac(job_id, expires).encode(), sig.encode()):
             return "the link's signature does not match"
-        if (time.time() if now is None else now) > expires:
+        if (server_now(self.r) if now is None else now) > expires:
             return "the link has expired; request the image again"
         return None

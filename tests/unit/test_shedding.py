@@ -11,6 +11,7 @@ import pytest
 
 from arbiter.gateway.errors import error_response, overloaded
 from broker import stats
+from broker.clock import server_now
 from broker.errors import Overloaded
 from broker.keys import Keys
 from broker.predictor import StepPredictor, features
@@ -190,6 +191,8 @@ class Calls:
 
 def test_no_limit_no_redis_call_and_a_limit_costs_two_round_trips(fake_redis):
     calls = Calls(fake_redis)
+    server_now(calls)            # the client's clock syncs (one TIME) every `broker.clock.RESYNC_S`, not per call
+    calls.trips.clear()
     refuse_if_overloaded(calls, KEYS, Settings(), llm())                      # type: ignore[arg-type]
     assert calls.trips == []
     register(fake_redis, "w1", concurrency=2)
