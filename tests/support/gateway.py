@@ -13,12 +13,13 @@ from broker.settings import Settings
 
 
 class Gateway:
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(self, settings: Settings, log: Path, **env: str) -> None:
+        """`env`: extra environment for the process (e.g. a skewed clock)."""
         from tests.conftest import ROOT, wait_until, worker_env
 
         self.base = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen([sys.executable, "-m", "arbiter", "gateway", "--port", self.base.rsplit(":", 1)[1]],
-                                     env=worker_env(settings), cwd=ROOT, stdout=log.open("wb"),
+                                     env=worker_env(settings, **env), cwd=ROOT, stdout=log.open("wb"),
                                      stderr=subprocess.STDOUT)
         wait_until(self.up, timeout_s=30)
 
