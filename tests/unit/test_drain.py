@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from broker.clock import server_clock
 from broker.errors import Preempted
 from broker.keys import Keys
 from workers.backends.base import StepInfo
@@ -53,7 +54,7 @@ def test_escalate_runs_once():
 
 def _rt(r, gpu_id="n:sim0", worker="w@n", pid=7):
     return SimpleNamespace(redis=r, keys=Keys(), gpu_id=gpu_id, worker=worker, holder=holder(worker, pid),
-                           settings=SimpleNamespace(lease_ttl_s=6.0), current=None)
+                           settings=SimpleNamespace(lease_ttl_s=6.0), current=None, clock=server_clock(r))
 
 
 def test_the_control_hook_stops_an_asked_run_with_its_checkpoint(fake_redis):
