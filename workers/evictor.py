@@ -7,7 +7,6 @@ start goes on the GPU's residency log (last use and demand per model), riding in
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from broker.ledger import weights_field
@@ -37,7 +36,7 @@ log = logging.getLogger("arbiter.residency")
 def plan(rt: Runtime, view: View, model: str | None, rungs: tuple[Rung, ...], capacity_mib: int,
          interactive: bool, queued_at: float) -> Admit | WaitForRoom:
     """Residency's answer for the job's candidate rungs, from what the job's view read."""
-    now = time.time()
+    now = rt.clock()
     cfg = ResidencyConfig.from_settings(rt.settings)
     free = capacity_mib - sum(x.mib for x in view.leases)
     model = model or model_of(rungs[0].variant)
@@ -54,7 +53,7 @@ def make_room(rt: Runtime, job_id: str, admit: Admit) -> bool:
     them within a snapshot interval). False (nothing more evicted) when one of this worker's is in use again."""
     asked = [r for r in admit.evict if r.worker != rt.worker]
     if asked:
-        key, now = rt.keys.evict_requests(rt.gpu_id), time.time()
+        key, now = rt.keys.evict_requests(rt.gpu_id), rt.clock()
         pipe = rt.redis.pipeline(transaction=False)
         pipe.hset(key, mapping={weights_field(r.worker, r.variant): f"{now:.3f}|{job_id}" for r in asked})
         pipe.expire(key, int(REQUEST_TTL_S * 3))
@@ -88,7 +87,7 @@ def answer_requests(rt: Runtime) -> None:
     raw = rt.redis.hgetall(key)
     if not raw:
         return
-    now, mine = time.time(), weights_field(rt.worker, "")
+    now, mine = rt.clock(), weights_field(rt.worker, "")
     held = set(rt.backend.resident())
     cur = rt.current
     for field_b, value_b in raw.items():

@@ -143,7 +143,7 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
     capacity = lease_capacity_mib(rt.capacity_mib, chosen.interactive, view.held_mib, holding, kept)
     if rt.admission:   # residency: evict idle weights for the best rung, or take a smaller one that fits
         answer = plan(rt, view, spec.model, rungs, capacity, chosen.interactive,
-                      float(view.job.get("queued_at") or time.time()))
+                      float(view.job.get("queued_at") or rt.clock()))
         if isinstance(answer, Admit) and make_room(rt, job_id, answer):
             rungs = rungs[rungs.index(answer.rung):]
             held = rt.resident_variants()
