@@ -69,6 +69,11 @@ def preempt_table(console: Console, data: dict[str, Any]) -> None:
                       ("interactive job started", "to_interactive_start_ms")):
         t.add_row(name, _f(data[key]["p50"], 1), _f(data[key]["p99"], 1))
     console.print(t)
+    c = data.get("checkpoint")
+    if c and c["checkpoints"]:
+        console.print(f"periodic checkpoints: {c['checkpoints']} every {c['interval_s']:g} s of work, "
+                      f"{c['mean_ms']:.2f} ms each, {100 * c['overhead']:.3f} % of step time; at the default "
+                      f"{c['default_interval_s']:g} s: {100 * c['overhead_at_default']:.3f} %")
 
 
 def cache_table(console: Console, data: dict[str, Any]) -> None:

@@ -37,6 +37,8 @@ def test_dispatch_and_preempt_complete(tmp_path):
     assert d["arbiter"]["jobs_per_s"] > 0 and d["bare_celery"]["jobs_per_s"] > 0 and d["throughput_ratio"] > 0
     p = run_preempt(trials=2, log_dir=tmp_path)
     assert p["measured"] == 2 and p["to_lease_release_ms"]["p50"] is not None
+    c = p["checkpoint"]   # the background jobs ran long enough for periodic checkpoints, whose cost is counted
+    assert c["checkpoints"] > 0 and c["mean_ms"] > 0 and 0 < c["overhead_at_default"] < c["overhead"]
 
 
 def test_bench_cli_writes_json(tmp_path, monkeypatch):
