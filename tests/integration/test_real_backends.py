@@ -2,13 +2,17 @@
 on tiny random models made locally (workers.tinymodels) and a small real OpenAI-compatible server."""
 
 import io
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
 
+from broker.states import JobState
 from cache.status import collect as cache_status
 from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
@@ -60,6 +64,30 @@ def test_diffusers_job_is_preempted_and_resumes_to_the_identical_png(client, pro
     preempted = next(i for i, e in enumerate(events) if e["type"] == "state" and e["state"] == "preempted")
     resumed = [int(e["step"]) for e in events[preempted:] if e["type"] == "progress"]
     assert resumed and resumed[0] > 10                            # from its checkpoint, not from step 0
+
+
+def test_a_diffusers_worker_told_to_stop_requeues_its_job_which_resumes_elsewhere_identically(client, procs):  # noqa: F811
+    """The drain (workers/drain.py) with a real backend: SIGTERM to the worker's main process mid-job."""
+    worker, beat = procs
+    beat()
+    first = worker("diffusion", gpu="cpu", backend="diffusers", name="sd-d1@test")
+    spec = dict(workload="diffusion", model="tiny-sd", priority="standard", prompt="a lighthouse at dusk",
+                steps=150, width=64, height=64, seed=5)
+    reference = client.submit(spec).result(timeout=120)
+    job = client.submit(spec)
+    wait_until(lambda: (job.status().step or 0) >= 10, timeout_s=60)
+    sent = time.monotonic()
+    os.kill(first.proc.pid, signal.SIGTERM)               # as Kubernetes does: the main process only
+    first.proc.wait(timeout=30)
+    assert time.monotonic() - sent < 10, first.output()[-3000:]
+    st = job.status()
+    assert st.state is JobState.QUEUED and st.step >= 10  # requeued at once with its checkpoint
+    worker("diffusion", gpu="cpu", backend="diffusers", name="sd-d2@test")
+    result = job.result(timeout=120)
+    events = list(job.events(timeout=1))
+    second = [i for i, e in enumerate(events) if e["type"] == "state" and e["state"] == "running"][1]
+    assert next(int(e["step"]) for e in events[second:] if e["type"] == "progress") == st.step + 1
+    assert result.runs == 2 and result.image_png == reference.image_png   # bit-identical on the CPU
 
 
 def test_a_second_worker_loads_the_weights_from_node_ram(client, procs, settings):  # noqa: F811
