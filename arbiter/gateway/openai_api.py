@@ -94,16 +94,38 @@ def usage(prompt: str, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
 
 
+def stop_sequences(body: ChatRequest) -> list[str]:
+    """The request's `stop` as a list of non-empty sequences."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return [s for s in stop if s]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop sequence in it (which is not returned, as OpenAI does), and whether one was."""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could begin a stop sequence (a stream holds them back until the
+    next token says whether it is one)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
 def finish_reason(completion_tokens: int, max_new_tokens: int | None) -> str:
     return "length" if max_new_tokens and completion_tokens >= max_new_tokens else "stop"
 
 
-def completion(job_id: str, model: str, result: JobResult, prompt: str, completion_tokens: int) -> dict[str, Any]:
+def completion(job_id: str, model: str, result: JobResult, prompt: str, completion_tokens: int,
+               stops: list[str] | None = None) -> dict[str, Any]:
     mnt = result.params.get("max_new_tokens")
+    text, stopped = cut_at_stop(result.text or "", stops or [])
     return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(result.finished_at),
             "service_tier": TIER_OF[result.priority],
-            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                         "finish_reason": finish_reason(completion_tokens, mnt)}],
+            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                         "finish_reason": "stop" if stopped else
+                                         finish_reason(completion_tokens, mnt)}],
             "usage": usage(prompt, completion_tokens), "system_fingerprint": result.params.get("variant"),
             "arbiter": {"job_id": job_id, "quality": result.quality, "params": result.params,
                         "preemptions": result.preemptions}}

@@ -77,7 +77,7 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
                 from arbiter.gateway.app import stream
 
                 streaming = await stream(ctx, claim, _chat_chunks(ctx, handle, body.model, fields, include_usage,
-                                                                  oa.TIER_OF[priority]))
+                                                                  oa.TIER_OF[priority], oa.stop_sequences(body)))
                 claim = None   # the stream gives it back when it ends
                 streaming.headers.update(response.headers)
                 return streaming
@@ -86,7 +86,7 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
             if claim is not None:
                 await ctx.let_go(claim)
         response.headers["X-Arbiter-Quality"] = f"{result.quality:g}"   # what ran: also system_fingerprint
-        return oa.completion(handle.id, body.model, result, fields["prompt"], tokens)
+        return oa.completion(handle.id, body.model, result, fields["prompt"], tokens, oa.stop_sequences(body))
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Images (diffusion jobs)",
               tags=["openai"], response_model_exclude_none=True,
@@ -131,11 +131,13 @@ async def _admit(ctx: Ctx, key: ApiKey, service_tier: str | None, header: Priori
 
 
 async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str, Any],
-                       include_usage: bool, tier: str) -> AsyncIterator[bytes | None]:
+                       include_usage: bool, tier: str, stops: list[str]) -> AsyncIterator[bytes | None]:
     """chat.completion.chunk events as the job produces tokens (each index once, also after a resume),
-    a final chunk with its finish_reason, the usage chunk when asked, then [DONE]."""
+    a final chunk with its finish_reason, the usage chunk when asked, then [DONE]. With stop sequences, text
+    that may begin one is held back until the next token tells; at one, the stream ends (`stop`) and the job
+    is cancelled: its remaining tokens would not be sent."""
     yield oa.sse(oa.chunk(handle.id, model, {"role": "assistant", "content": ""}, tier=tier))
-    seen, state = -1, ""
+    seen, state, text, sent, stopped = -1, "", "", 0, False
     job = ctx.waitable(handle)
     async for event in job_events(job, ctx.settings.visibility_timeout_s, ctx.settings.gateway_heartbeat_s,
                                   positions=False):
@@ -143,18 +145,29 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
             yield None
         elif event.get("type") == "token" and int(event["index"]) > seen:
             seen = int(event["index"])
-            yield oa.sse(oa.chunk(handle.id, model, {"content": event["text"]}, tier=tier))
+            text, stopped = oa.cut_at_stop(text + event["text"], stops)
+            ready = len(text) if stopped else len(text) - oa.held_back(text, stops)
+            if ready > sent:
+                yield oa.sse(oa.chunk(handle.id, model, {"content": text[sent:ready]}, tier=tier))
+                sent = ready
+            if stopped:
+                await run_in_threadpool(handle.cancel)
+                break
         elif event.get("type") == "state":
             state = event["state"]
-    if not state:
-        state = (await job.state()).value
-    if state != "finished":
-        error = (await job.status(position=False)).error or ""
-        yield oa.sse({"error": {"message": f"job {handle.id} {state}: {error}".strip(), "type": "job_error",
-                                "param": None, "code": state}})
-        return
+    if not stopped:
+        if not state:
+            state = (await job.state()).value
+        if state != "finished":
+            error = (await job.status(position=False)).error or ""
+            yield oa.sse({"error": {"message": f"job {handle.id} {state}: {error}".strip(), "type": "job_error",
+                                    "param": None, "code": state}})
+            return
+        if len(text) > sent:   # held back for a stop sequence that did not come
+            yield oa.sse(oa.chunk(handle.id, model, {"content": text[sent:]}, tier=tier))
     tokens = seen + 1
-    yield oa.sse(oa.chunk(handle.id, model, {}, oa.finish_reason(tokens, fields.get("max_new_tokens")), tier=tier))
+    reason = "stop" if stopped else oa.finish_reason(tokens, fields.get("max_new_tokens"))
+    yield oa.sse(oa.chunk(handle.id, model, {}, reason, tier=tier))
     if include_usage:
         yield oa.sse(oa.chunk(handle.id, model, None, usage_=oa.usage(fields["prompt"], tokens), tier=tier))
     yield oa.DONE

@@ -318,3 +318,22 @@ def test_a_deadline_that_passes_while_waiting_is_504_deadline_exceeded(gateway):
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "deadline_exceeded" and r.json()["error"]["param"] == "deadline_s"
     assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_stop_sequences_cut_the_text_as_openai_does(gateway):
+    import openai
+
+    base, keys = gateway
+    oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
+    ask = dict(model="llama-3", messages=[{"role": "user", "content": "stop here"}], max_tokens=12, seed=7)
+    full = oa.chat.completions.create(**ask).choices[0].message.content
+    words = full.split(" ")
+    stop = " " + words[3]                                   # the 4th word, with the space before it
+    cut = full[:full.index(stop)]
+    whole = oa.chat.completions.create(**ask, stop=[stop, "never-there"])
+    assert whole.choices[0].message.content == cut and whole.choices[0].finish_reason == "stop"
+    chunks = list(oa.chat.completions.create(**ask, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    unstopped = list(oa.chat.completions.create(**ask, stop="never-there", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in unstopped if c.choices) == full   # held back, then sent
