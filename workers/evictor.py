@@ -101,6 +101,16 @@ def answer_requests(rt: Runtime) -> None:
         rt.redis.hdel(key, field)
 
 
+def forget_evicted(rt: Runtime, view: View) -> None:
+    """Drop this process's copy of variants whose weights lease is gone (another process of this worker
+    evicted them, or they expired): the ledger is the truth, so a job on one of them loads it for real."""
+    leased = {x.field for x in view.leases if x.kind == "weights"}
+    cur = rt.current
+    for variant in rt.backend.resident():
+        if weights_field(rt.worker, variant) not in leased and not (cur and cur.variant == variant):
+            rt.backend.evict(variant)
+
+
 def log_start(rt: Runtime, side: ScriptOps, model: str | None, variant: str, now: float) -> ScriptOps:
     """The run's start on the GPU's residency log, as a side write of the start step."""
     key = rt.keys.residency_log(rt.gpu_id)

@@ -37,7 +37,7 @@ from workers.admission import Fail, Hold, Park, Skip, Try, decide, on_no_room
 from workers.affinity import pass_to
 from workers.drain import DRAIN_FIELD
 from workers.endings import cleanup, finished, preempted
-from workers.evictor import log_start, make_room, plan
+from workers.evictor import forget_evicted, log_start, make_room, plan
 from workers.hooks import CheckpointHook, ControlHook, Hook, ProgressHook, RunContext, StreamHook, run_hooks
 from workers.improve import adopt, queue_improvement
 from workers.ladders import Rung, rung_cost_mib
@@ -142,6 +142,8 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
     kept = view.reserve.mib if holding and not chosen.interactive else 0
     capacity = lease_capacity_mib(rt.capacity_mib, chosen.interactive, view.held_mib, holding, kept)
     if rt.admission:   # residency: evict idle weights for the best rung, or take a smaller one that fits
+        forget_evicted(rt, view)
+        held = view.resident = rt.resident_variants(list(view.leases))
         answer = plan(rt, view, spec.model, rungs, capacity, chosen.interactive,
                       float(view.job.get("queued_at") or rt.clock()))
         if isinstance(answer, Admit) and make_room(rt, job_id, answer):

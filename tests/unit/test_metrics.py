@@ -288,3 +288,17 @@ def test_the_backlog_per_workload_and_band_counts_held_and_parked_jobs(populated
     assert one(running, workload="llm", band="interactive") == 1
     assert one(running, workload="diffusion", band="background") == 1
     assert one(running, workload="diffusion", band="improve") == 1                # its lease names its band
+
+
+def test_resident_models_their_state_and_idle_weights_are_not_pressure(populated):
+    r = populated
+    labels = dict(gpu=GPU, model="llama-3", variant="llama-3", worker="llm-0@node1")
+    got = scrape(r)
+    assert one(got["arbiter_model_resident_bytes"], **labels, state="in_use") == 8000 * MIB   # j1 runs it
+    assert Ledger(r, KEYS).release(GPU, "j1")
+    r.lpush(KEYS.residency_log(GPU), f"{time.time() - 30:.3f}|llama-3|llama-3|llm-0@node1")
+    got = scrape(r)
+    assert one(got["arbiter_model_resident_bytes"], **labels, state="reclaimable") == 8000 * MIB
+    assert one(got["arbiter_model_idle_seconds"], **labels) == pytest.approx(30, abs=5)
+    # idle weights admission may evict leave the room to jobs: only j2's 1000 MiB over all usable VRAM
+    assert one(got["arbiter_gpu_pressure_ratio"], gpu=GPU) == pytest.approx(1000 / int(24576 * 0.9))
