@@ -86,7 +86,7 @@ class Settings(BaseSettings):
                                                           "request is hard-stopped (its process is killed).")
     checkpoint_interval_s: float = Field(2.0, gt=0, description="Periodic checkpoints of running jobs: a worker "
                                          "lost outright (SIGKILL, power) loses at most this much work per job.")
-    drain_timeout_s: float = Field(8.0, gt=0, description="A worker told to stop (SIGTERM) asks its running jobs to "
+    drain_timeout_s: float = Field(6.0, gt=0, description="A worker told to stop (SIGTERM) asks its running jobs to "
                                    "checkpoint and requeue at their next step; one still running this long after "
                                    "the signal is stopped at once (it resumes from its last periodic checkpoint). "
                                    "Set the pod's terminationGracePeriodSeconds above it (docs/scaling.md).")

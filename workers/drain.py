@@ -10,10 +10,12 @@ Celery's main process knows the running requests and their pool processes (`cele
 asks from a thread (never from the signal handler itself: the interrupted code may hold a Redis connection) and
 writes them again every `REMARK_S`, for a job its pool process takes meanwhile.
 
-The bound: a job stops within one step; one still running `drain_timeout_s` after the signal (a step or a model
-load longer than that), or any job at a second SIGTERM, is stopped by Celery's cold shutdown (SIGQUIT): it
-loses the steps since its last periodic checkpoint (`ARBITER_CHECKPOINT_INTERVAL_S`), and the beat requeues it
-when its lease expires."""
+The bound: a job stops within one step, then Celery's warm shutdown ends the process (about 4-5 s on a loaded
+2-core box, most of it billiard's pool teardown). A job still running `drain_timeout_s` (6 s) after the signal (a
+step or a model load longer than that), or any job at a second SIGTERM, is stopped by Celery's cold shutdown
+(SIGQUIT, ~1.5 s): it loses the steps since its last periodic checkpoint (`ARBITER_CHECKPOINT_INTERVAL_S`), and the
+beat requeues it when its lease expires. So a worker is gone within `drain_timeout_s` + ~2-4 s: 10 s by default
+(docs/scaling.md, "Draining")."""
 
 from __future__ import annotations
 
@@ -107,4 +109,6 @@ class Drain:
             except Exception:
                 log.exception("worker %s draining: asking its jobs failed", self.worker)
             time.sleep(REMARK_S)
-        self.escalate(f"jobs still running {self.timeout_s:g} s after the stop signal")
+        left = len(self.running())
+        self.escalate(f"{left} job(s) still running {self.timeout_s:g} s after the stop signal" if left else
+                      f"still not stopped {self.timeout_s:g} s after the stop signal")
