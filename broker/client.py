@@ -179,7 +179,7 @@ class Client:
             raise InvalidJob(f"invalid job: idempotency_key must be 1 to 200 characters, got {len(key)}")
         digest = hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
         rkey, mine = self.keys.idempotency(job.tenant, key), f"{job_id}|{digest}"
-        if self.redis.set(rkey, mine, nx=True, ex=self.settings.result_ttl_s):
+        if self.redis.set(rkey, mine, nx=True, ex=self.store.live_ttl_s):   # as long as a live record
             return None
         bound = (self.redis.get(rkey) or b"").decode()
         other, _, other_digest = bound.partition("|")
@@ -211,7 +211,7 @@ class Client:
                 if (pipe.get(key) or b"").decode() != old:
                     return False
                 pipe.multi()
-                pipe.set(key, new, ex=self.settings.result_ttl_s)
+                pipe.set(key, new, ex=self.store.live_ttl_s)
                 pipe.execute()
                 return True
             except redis.WatchError:

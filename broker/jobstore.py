@@ -67,6 +67,11 @@ class JobStore:
         self._create = r.register_script(load("job_create"))
 
     # -- writes -----------------------------------------------------------------------------------
+    @property
+    def live_ttl_s(self) -> int:
+        """How long a live record is kept (longer than any job runs; shortened to ttl_s once it ends)."""
+        return self.ttl_s * 7
+
     def create(self, job_id: str, spec: JobSpec, now: float | None = None, queue: str = "") -> str | None:
         """The job's record (`job_create.lua`). With `queue`, only if an operator has not drained that queue:
         then nothing is written and the queue's control (its JSON) is returned for `QueueClosed`."""
@@ -85,7 +90,7 @@ class JobStore:
         if spec.improves:     # an improvement run names its job in its record (status, `arbiter status`)
             fields["improves"] = spec.improves
         return {"keys": [k.job(job_id), k.jobs_live(), k.queue_controls()],
-                "args": [job_id, now, self.ttl_s * 7, queue, *(x for kv in fields.items() for x in kv)]}
+                "args": [job_id, now, self.live_ttl_s, queue, *(x for kv in fields.items() for x in kv)]}
 
     def transition(self, job_id: str, to: JobState, allowed: frozenset[JobState] | None = None,
                    incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,
@@ -148,7 +153,7 @@ class JobStore:
                 raise ValueError(f"a job cannot go from {a.value} to {b.value}")
         k, final = self.keys, states[-1]
         blob_key, blob, blob_ttl = (k.job_output(job_id), output, self.ttl_s) if output is not None else \
-            (k.job_checkpoint(job_id), checkpoint, self.ttl_s * 7) if checkpoint is not None else (k.job(job_id), b"", 0)
+            (k.job_checkpoint(job_id), checkpoint, self.live_ttl_s) if checkpoint is not None else (k.job(job_id), b"", 0)
         flat = _flat(fields, incr)
         side = side if side is not None else ScriptOps()
         reply = self._settle(
@@ -175,7 +180,7 @@ class JobStore:
             flat += [name, _arg(value)]
         return bool(self._write(
             keys=[self.keys.job(job_id), self.keys.job_events(job_id), self.keys.job_checkpoint(job_id)],
-            args=[fence, STREAM_MAXLEN, self.ttl_s * 7 if checkpoint is not None else 0, checkpoint or b"", *flat]))
+            args=[fence, STREAM_MAXLEN, self.live_ttl_s if checkpoint is not None else 0, checkpoint or b"", *flat]))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         self.r.hset(self.keys.job(job_id), mapping=fields)
@@ -265,7 +270,7 @@ class JobStore:
         if fence is not None:
             return self.write_owned(job_id, fence, {} if quality is None else {"checkpoint_quality": quality},
                                     checkpoint=blob)
-        self.r.set(self.keys.job_checkpoint(job_id), blob, ex=self.ttl_s * 7)
+        self.r.set(self.keys.job_checkpoint(job_id), blob, ex=self.live_ttl_s)
         return True
 
     def checkpoint(self, job_id: str) -> bytes | None:

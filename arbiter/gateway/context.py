@@ -47,7 +47,7 @@ class Ctx:
         self.signer = UrlSigner(self.client.redis, f"{prefix}:gateway:url_secret", settings.gateway_url_ttl_s,
                                 settings.gateway_url_secret.get_secret_value())
         self.limits = Limits(self.client.redis, self.client.keys, settings.gateway_streams_per_key,
-                             conn_ttl_s=3 * settings.gateway_heartbeat_s + 5, jobs_ttl_s=settings.result_ttl_s * 7)
+                             conn_ttl_s=3 * settings.gateway_heartbeat_s + 5, jobs_ttl_s=self.client.store.live_ttl_s)
 
     # -- dependencies (plain functions: FastAPI runs them on its thread pool) ------------------------------
     def api_key(self, secret: str | None) -> ApiKey:

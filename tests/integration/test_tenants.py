@@ -169,10 +169,13 @@ def test_the_owner_binding_lives_as_long_as_the_queued_job(gateway, store, clien
     queue = "llm.background"
     pause(client.redis, client.keys, client.app, queue, "test", "owner TTL")
     try:
-        job = httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret)).json()
+        idem = {"Idempotency-Key": "queued-long"}
+        job = httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret) | idem).json()
         time.sleep(settings.result_ttl_s + 1.5)
         r = httpx.get(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret))
         assert r.status_code == 200 and r.json()["status"]["state"] == "queued", r.text
+        again = httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret) | idem)
+        assert again.json()["job_id"] == job["job_id"]                 # so does its idempotency key
         assert httpx.delete(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret)).status_code == 202
     finally:
         resume(client.redis, client.keys, client.app, queue)
