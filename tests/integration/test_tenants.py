@@ -25,7 +25,7 @@ CHAT = {"workload": "llm", "prompt": "hi", "max_new_tokens": 4, "priority": "sta
 
 @pytest.fixture(scope="module")
 def settings(redis_url):
-    return fast_settings(redis_url, sim_time_scale=0.1, result_ttl_s=3)
+    return fast_settings(redis_url, sim_time_scale=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -163,30 +163,32 @@ def test_a_key_made_again_under_a_revoked_name_inherits_nothing(gateway, store):
     assert httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(admin)).status_code == 200
 
 
-def test_the_owner_binding_lives_as_long_as_the_queued_job(gateway, store, client, settings):
-    """result_ttl_s is 3 s here: a job queued longer than that stays its owner's (readable, cancellable)."""
+def test_the_owner_binding_lives_as_long_as_the_queued_job(store, client, settings, tmp_path):
+    """A gateway keeping results 2 s: a job queued longer than that stays its owner's (readable, cancellable,
+    its idempotency key still bound to it)."""
+    short = settings.model_copy(update={"result_ttl_s": 2})
+    gw = Gateway(short, tmp_path / "short.log")
     secret = store.create("patient", ["background"], rate_per_min=0)
-    queue = "llm.background"
+    queue, idem = "llm.background", {"Idempotency-Key": "queued-long"}
     pause(client.redis, client.keys, client.app, queue, "test", "owner TTL")
     try:
-        idem = {"Idempotency-Key": "queued-long"}
-        job = httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret) | idem).json()
-        time.sleep(settings.result_ttl_s + 1.5)
-        r = httpx.get(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret))
+        job = httpx.post(gw.base + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret) | idem).json()
+        time.sleep(short.result_ttl_s + 1.5)
+        r = httpx.get(f"{gw.base}/v1/jobs/{job['job_id']}", headers=h(secret))
         assert r.status_code == 200 and r.json()["status"]["state"] == "queued", r.text
-        again = httpx.post(gateway + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret) | idem)
+        again = httpx.post(gw.base + "/v1/jobs", json=CHAT | {"priority": "background"}, headers=h(secret) | idem)
         assert again.json()["job_id"] == job["job_id"]                 # so does its idempotency key
-        assert httpx.delete(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret)).status_code == 202
+        assert httpx.delete(f"{gw.base}/v1/jobs/{job['job_id']}", headers=h(secret)).status_code == 202
     finally:
         resume(client.redis, client.keys, client.app, queue)
-    wait_until(lambda: httpx.get(f"{gateway}/v1/jobs/{job['job_id']}", headers=h(secret)).json()["status"]["state"]
-               == "cancelled", timeout_s=20)
+        gw.stop()
+    wait_until(lambda: client.get(job["job_id"]).status().state.value == "cancelled", timeout_s=20)
 
 
-def test_every_read_counts_against_the_rate(gateway, store):
-    secret = store.create("reader", ["standard"], rate_per_min=6)
+def test_every_read_counts_against_the_rate(gateway, store, client):
+    secret = store.create("reader", ["background"], rate_per_min=6)
     whole_minute_ahead()
-    job = httpx.post(gateway + "/v1/jobs", json=CHAT, headers=h(secret)).json()["job_id"]    # 1
+    job = httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret)).json()["job_id"]    # 1 (a long job)
     reads = [httpx.get(f"{gateway}/v1/jobs/{job}", headers=h(secret)) for _ in range(3)]      # 2..4
     reads.append(httpx.get(f"{gateway}/v1/models", headers=h(secret)))                          # 5
     with httpx.stream("GET", f"{gateway}/v1/jobs/{job}/events", headers=h(secret), timeout=30) as s:   # 6
@@ -196,3 +198,4 @@ def test_every_read_counts_against_the_rate(gateway, store):
     assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(over.headers["Retry-After"]) <= 61
     assert httpx.get(f"{gateway}/v1/jobs/{job}/events", headers=h(secret)).status_code == 429
+    client.get(job).cancel()
