@@ -150,11 +150,16 @@ class Ctx:
         """The job as the AsyncClient sees it: its waits take no thread."""
         return AsyncJobHandle(self.aclient, handle.id)
 
-    async def wait(self, handle: JobHandle, request: Request, claim: Claim) -> tuple[JobResult, int]:
+    async def wait(self, handle: JobHandle, request: Request, claim: Claim,
+                   deadline_at: float | None = None) -> tuple[JobResult, int]:
         """Wait for the job on the event loop (no thread: `broker.eventhub`), holding `claim` (renewed as it
         waits); its result and how many tokens it produced. A caller that disconnects stops the wait (the job
-        goes on: GET /v1/jobs/{id})."""
+        goes on: GET /v1/jobs/{id}); so does the job's deadline (`deadline_at`, monotonic): 504."""
         timeout_s = self.settings.allocation_timeout_s + 600
+        left_s = None if deadline_at is None else max(0.0, deadline_at - time.monotonic())
+        by_deadline = left_s is not None and left_s < timeout_s
+        if left_s is not None and by_deadline:
+            timeout_s = left_s
         job, tokens = self.waitable(handle), -1
         renewed = time.monotonic()
         try:
@@ -169,6 +174,9 @@ class Ctx:
                     tokens = max(tokens, int(event["index"]))
             result = await job.outcome()
         except Timeout:
+            if by_deadline:
+                raise deadline_passed(handle.id, f"its deadline passed before it finished; it continues: GET "
+                                                 f"/v1/jobs/{handle.id}") from None
             raise ApiError(504, f"job {handle.id} did not finish within {timeout_s:.0f} s; it continues: "
                                 f"GET /v1/jobs/{handle.id}", "timeout_error") from None
         except (JobFailed, Cancelled) as exc:
@@ -176,14 +184,20 @@ class Ctx:
         return result, tokens + 1
 
 
+def deadline_passed(job_id: str, why: str) -> ApiError:
+    """504 `deadline_exceeded`: the job's own deadline passed (before it could start, or while the caller
+    waited); Retry-After, as a shorter queue may let it through."""
+    return ApiError(504, f"job {job_id}: {why}; submit again with a longer deadline_s or when the queue is "
+                         "shorter", "timeout_error", param="deadline_s", code="deadline_exceeded",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def job_error(job_id: str, exc: JobFailed | Cancelled, error: str | None) -> ApiError:
     """The answer for a job that failed (`error`: its record's) or was cancelled."""
     if isinstance(exc, Cancelled):
         return ApiError(409, f"job {job_id}: {exc}", "job_error", code="job_cancelled")
     if DeadlineExceeded.describes(error):   # the caller's own deadline: a gateway timeout, not a 502
-        return ApiError(504, f"job {job_id}: {error}; submit again with a longer deadline_s or when the queue is "
-                             "shorter", "timeout_error", param="deadline_s", code="deadline_exceeded",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+        return deadline_passed(job_id, error or "")
     return ApiError(502, f"job {job_id}: {exc}", "job_error", code="job_failed")
 
 

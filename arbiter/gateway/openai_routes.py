@@ -98,12 +98,13 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
         served(Workload.DIFFUSION, body.model)
         priority = await _admit(ctx, key, body.service_tier, x_arbiter_priority, response)
         handles = []
+        deadline_at = None if body.deadline_s is None else time.monotonic() + body.deadline_s
         claim = await ctx.hold(key)   # one wait for the request (429 when the key holds its limit)
         try:
             for i, fields in enumerate(oa.image_jobs(body, priority)):
                 idem = f"{idempotency_key}:{i}" if idempotency_key else None
                 handles.append(await run_in_threadpool(ctx.submit, key, fields, idem, oa.IMAGE_PARAMS, 400))
-            results = [(await ctx.wait(h, request, claim))[0] for h in handles]
+            results = [(await ctx.wait(h, request, claim, deadline_at))[0] for h in handles]
         finally:
             await ctx.let_go(claim)
         base = settings.gateway_public_url.rstrip("/") or str(request.base_url).rstrip("/")

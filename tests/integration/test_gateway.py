@@ -318,6 +318,14 @@ def test_a_deadline_that_passes_while_waiting_is_504_deadline_exceeded(gateway):
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "deadline_exceeded" and r.json()["error"]["param"] == "deadline_s"
     assert int(r.headers["Retry-After"]) >= 1
+    # started in time, still running when its deadline passes: the wait ends there, 504 too (was a 200 later)
+    r = httpx.post(base + "/v1/images/generations", json={"prompt": "slow", "size": "1024x1024", "steps": 200,
+                                                          "min_quality": 1.0, "deadline_s": 1.0},
+                   headers=h(keys["chat"]), timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert "before it finished" in r.json()["error"]["message"]
+    job_id = r.json()["error"]["message"].split()[1].rstrip(":")
+    assert httpx.delete(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).status_code == 202   # it went on
 
 
 def test_stop_sequences_cut_the_text_as_openai_does(gateway):
