@@ -24,6 +24,7 @@ from arbiter.world import read as read_world_snapshot
 from broker import fairshare, parking
 from broker.app import create_app
 from broker.clock import server_clock
+from broker.fence import Leadership, NotLeader
 from broker.job_controls import control_since, encode_control
 from broker.jobstore import JobStore
 from broker.keys import Keys
@@ -37,11 +38,6 @@ from broker.states import RUNNING_STATES, JobState
 from broker.stats import add as add_stats
 
 log = logging.getLogger("arbiter.beat")
-
-_RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 
 
 def policy_config(s: Settings) -> PolicyConfig:
@@ -64,7 +60,8 @@ class Beat:
         self.cfg = policy_config(settings)
         self.app = create_app(settings, name="arbiter-beat")
         self.token = uuid.uuid4().hex
-        self._renew_lock = self.r.register_script(_RENEW_LOCK)
+        self.leadership = Leadership(self.r, self.keys, self.token)   # fences every write below (`broker.fence`)
+        self.before_apply: Callable[[], None] | None = None   # a test hook: runs between plan() and apply()
         self._resign = self.r.register_script(load("beat_resign", "broker.lua"))
         self.budgets: dict[str, BudgetState] = {}
         self.interactive_seen: dict[str, float] = {}
@@ -73,25 +70,28 @@ class Beat:
         self._snapshot: Snapshot | None = None   # the world as this tick read it: apply() compares against it
         self._last_delivery_sweep = 0.0
         self.sweeps = Sweeps(self.r, self.keys, self.store, self.app, settings, self.clock)
+        self.sweeps.leader = self.leadership
 
     # -- leadership -----------------------------------------------------------------------------------------
     def lock_ttl_s(self) -> float:
-        """The leader lock (and the published policy) expire after 4 ticks without renewal, 2 s at least."""
-        return max(2.0, self.settings.beat_interval_s * 4)
+        """The leader lock (and the published policy) expire after 2 ticks without renewal, 1 s at least. It is
+        renewed at each tick's start and with its writes (`apply`, `feed_held`); a leader slower than that loses
+        it, and its writes are refused (fenced), so a short lock costs a standby's takeover, never a double act."""
+        return max(1.0, self.settings.beat_interval_s * 2)
+
+    def _lock_ms(self) -> int:
+        return int(self.lock_ttl_s() * 1000)
 
     def lead(self) -> bool:
-        """Take or keep the leader lock."""
-        ttl_ms = int(self.lock_ttl_s() * 1000)
-        if self._renew_lock(keys=[self.keys.beat_lock()], args=[self.token, ttl_ms]):
-            return True
-        return bool(self.r.set(self.keys.beat_lock(), self.token, nx=True, px=ttl_ms))
+        """Take or keep the leader lock (its epoch grows at every change of leader), publishing the policy."""
+        return self.leadership.lead(self._lock_ms(), self.settings.policy)
 
     def resign(self) -> bool:
         """Hand over leadership now (a beat told to stop): the lock and the policy go if still this beat's, and
         a standby waiting for them takes over at once (`broker/lua/beat_resign.lua`)."""
         ttl_ms = int(self.lock_ttl_s() * 1000)
         keys = [self.keys.beat_lock(), self.keys.beat_policy(), self.keys.beat_handover()]
-        return bool(self._resign(keys=keys, args=[self.token, ttl_ms]))
+        return bool(self._resign(keys=keys, args=[self.leadership.value or "", ttl_ms]))
 
     def wake(self, why: str) -> None:
         """End the leader's wait for its next tick now (a job to act on, or this beat told to stop)."""
@@ -99,11 +99,6 @@ class Beat:
         pipe.lpush(self.keys.beat_wake(), why)
         pipe.ltrim(self.keys.beat_wake(), 0, 99)
         pipe.execute()
-
-    def publish_policy(self) -> None:
-        """The leader names its policy, for as long as its lock lives."""
-        ttl_ms = int(self.lock_ttl_s() * 1000)
-        self.r.set(self.keys.beat_policy(), self.settings.policy, px=ttl_ms)
 
     def policy_clash(self) -> str | None:
         """Why this beat must not run: the live leader runs another `ARBITER_POLICY` (a failover would change
@@ -133,17 +128,21 @@ class Beat:
                     raise SystemExit(clash)
                 now_leading = self.lead()
                 if now_leading != leading:
-                    log.info("beat %s is %s", self.token[:8], "the leader" if now_leading else "standing by")
+                    log.info("beat %s is %s", self.token[:8], f"the leader (epoch {self.leadership.epoch})"
+                             if now_leading else "standing by")
                     leading = now_leading
                     self.budgets = self._stored_budgets() if leading else {}
                 if leading:
-                    self.publish_policy()
                     self.tick()
                     woke = self.r.blpop([self.keys.beat_wake()], timeout=self.settings.beat_interval_s)
                     if woke:
                         self.r.delete(self.keys.beat_wake())
-                elif not stop.is_set():   # a stopping leader wakes a standby at once (`resign`)
-                    self.r.blpop([self.keys.beat_handover()], timeout=self.settings.beat_interval_s)
+                elif not stop.is_set():   # a stopping leader wakes a standby at once (`resign`); a killed
+                    # one's lock is looked at 4 times a tick, so the standby leads within 2 ticks of its death
+                    self.r.blpop([self.keys.beat_handover()], timeout=self.settings.beat_interval_s / 4)
+            except NotLeader as exc:
+                log.warning("beat %s lost the lead mid-tick (%s): its writes were refused", self.token[:8], exc)
+                leading, self.budgets = False, {}
             except redis.RedisError as exc:
                 log.warning("beat: redis unavailable (%s); retrying", exc)
                 stop.wait(self.settings.beat_interval_s)
@@ -195,6 +194,8 @@ class Beat:
         t0 = time.perf_counter()
         decisions = plan(world, self.cfg)
         self.plan_us.append((time.perf_counter() - t0) * 1e6)
+        if self.before_apply is not None:
+            self.before_apply()
         self.apply(world, decisions)
         self.feed_held(self._snapshot)
         self.sweeps.reclaim_worker_queues(self._snapshot.workers if self._snapshot else None)
@@ -211,7 +212,18 @@ class Beat:
         (requeue a lost job, release a parked one)."""
         now = self.clock()
         read = {g.gpu_id: g for g in self._snapshot.gpus} if self._snapshot else {}
-        pipe = self.r.pipeline(transaction=False)
+        self.leadership.run(lambda pipe: self._write_decisions(pipe, world, d, read, now), renew_ms=self._lock_ms())
+        self.budgets = d.budgets
+        self.interactive_seen = d.interactive_seen
+        for job_id in d.requeue:
+            self.requeue_lost(job_id)
+        released = {job_id for job_id, _ in d.release}
+        for job_id, why in d.release:
+            self.release_parked(job_id, why)
+        self.sweeps.sweep_parked(tuple(p for p in world.parked if p.job_id not in released))
+
+    def _write_decisions(self, pipe: Any, world: World, d: Decisions, read: dict[str, Any], now: float) -> None:
+        """Queue the tick's budgets, controls and counters on `pipe` (run fenced by `apply`)."""
         for gpu in world.gpus:
             seen = read.get(gpu.gpu_id)
             want = d.budgets[gpu.gpu_id].budgets
@@ -231,15 +243,6 @@ class Beat:
         if d.preempt:
             add_stats(self.r, self.keys, pipe=pipe, preemptions_requested=len(d.preempt))
         pipe.hset(self.keys.stats(), mapping={"plan_us_p99": self.plan_p99_us(), "beat_ticks": self.ticks})
-        pipe.execute()
-        self.budgets = d.budgets
-        self.interactive_seen = d.interactive_seen
-        for job_id in d.requeue:
-            self.requeue_lost(job_id)
-        released = {job_id for job_id, _ in d.release}
-        for job_id, why in d.release:
-            self.release_parked(job_id, why)
-        self.sweeps.sweep_parked(tuple(p for p in world.parked if p.job_id not in released))
 
     def feed_held(self, seen: Snapshot) -> int:
         """Fair share: set each band's feed target (`arbiter.flow.feed_targets`) and feed the bands with held
@@ -252,12 +255,17 @@ class Beat:
                     slots[w] = slots.get(w, 0) + n
         held = [q for q, n in seen.held.items() if n > 0]
         targets = feed_targets(seen.queues, slots, seen.paused_queues(), self.settings.fair_share_depth)
-        pipe = self.r.pipeline(transaction=False)
-        for q, target in targets.items():
-            pipe.set(self.keys.feed_target(q), target, ex=max(5, int(self.lock_ttl_s() * 4)))
-        pipe.execute()
-        return sum(fairshare.feed(self.r, self.keys, q, self.settings.fair_share_depth) for q in held
-                   if seen.queues.get(q, 0) < targets[q])
+        now = self.clock()
+        steps = [fairshare.feed_step(self.keys, q, self.settings.fair_share_depth, now) for q in held
+                 if seen.queues.get(q, 0) < targets[q]]
+
+        def writes(pipe: Any) -> None:
+            for q, target in targets.items():
+                pipe.set(self.keys.feed_target(q), target, ex=max(5, int(self.lock_ttl_s() * 4)))
+            for step in steps:
+                fairshare.run_feed(pipe, step)
+        replies = self.leadership.run(writes, renew_ms=self._lock_ms())
+        return sum(int(n) for n in replies[len(targets):len(targets) + len(steps)])
 
     def _controls(self, pipe: Any, gpu_id: str, want: dict[str, str], have: dict[str, str], now: float) -> None:
         """Each GPU's controls (`broker.job_controls`), `since` kept while the action stays the same and the
@@ -274,18 +282,18 @@ class Beat:
         """A job whose worker died: back to its queue with the same id; it resumes from its checkpoint. A
         late redelivery of the old message finds the job taken (fenced) or finished and is dropped."""
         ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=RUNNING_STATES,
-                                          last_requeue="its worker stopped renewing the lease")
+                                          last_requeue="its worker stopped renewing the lease", leader=self.leadership)
         if not ok:
             return
         spec = self.store.spec(job_id)
         enqueue(self.app, self.settings, job_id, spec)
-        add_stats(self.r, self.keys, requeued_lost=1)
+        self.sweeps.count(requeued_lost=1)
         log.warning("job %s lost its worker (no lease renewal for %.0f s): requeued from its last checkpoint",
                     job_id, self.settings.lease_ttl_s)
 
     def release_parked(self, job_id: str, why: str) -> None:
-        if parking.release(self.r, self.keys, self.store, self.app, self.settings, job_id, why):
-            add_stats(self.r, self.keys, parked_released=1)
+        if parking.release(self.r, self.keys, self.store, self.app, self.settings, job_id, why, self.leadership):
+            self.sweeps.count(parked_released=1)
 
     def plan_p99_us(self) -> float:
         if not self.plan_us:

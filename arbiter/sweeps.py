@@ -24,6 +24,7 @@ from celery import Celery
 from broker import parking
 from broker.app import all_queues, shared_queue, worker_queue, workload_queues
 from broker.clock import server_clock
+from broker.fence import Leadership
 from broker.jobstore import JobStore
 from broker.keys import Keys
 from broker.lua import load
@@ -46,6 +47,18 @@ class Sweeps:
         self._last_sweep = 0.0
         self._unacked_seen: dict[bytes, float] = {}   # kombu's unacked tag -> first seen (Redis' clock)
         self._reclaim_queue = self.r.register_script(load("queue_reclaim", "broker.lua"))
+        self.leader: Leadership | None = None   # the beat's: every write is fenced by it (`broker.fence`)
+
+    def _write(self, fill: Callable[[Any], Any]) -> list[Any]:
+        """Run the writes `fill(pipe)` queues: fenced by the leader's lock when there is one."""
+        if self.leader is not None:
+            return self.leader.run(fill)
+        pipe = self.r.pipeline(transaction=False)
+        fill(pipe)
+        return pipe.execute()
+
+    def count(self, **counts: int) -> None:
+        self._write(lambda pipe: add_stats(self.r, self.keys, pipe=pipe, **counts))
 
     def restore_lost_deliveries(self) -> int:
         """Messages a worker took but never started stay in kombu's `unacked` hash until the visibility
@@ -60,7 +73,7 @@ class Sweeps:
         for tag, taken_at in taken:
             raw = self.r.hget(UNACKED, tag)
             if raw is None:
-                self.r.zrem(UNACKED_INDEX, tag)
+                self._write(lambda pipe, tag=tag: pipe.zrem(UNACKED_INDEX, tag))
                 continue
             try:
                 message, _exchange, routing_key = json.loads(raw)
@@ -76,16 +89,14 @@ class Sweeps:
                 message["properties"]["delivery_info"]["routing_key"] = routing_key
             except (KeyError, TypeError):
                 pass
-            pipe = self.r.pipeline()
-            pipe.rpush(routing_key, json.dumps(message))   # the front: BRPOP takes from the right
-            pipe.hdel(UNACKED, tag)
-            pipe.zrem(UNACKED_INDEX, tag)
-            pipe.execute()
+            self._write(lambda pipe, tag=tag, routing_key=routing_key, message=message: (
+                pipe.rpush(routing_key, json.dumps(message)),   # the front: BRPOP takes from the right
+                pipe.hdel(UNACKED, tag), pipe.zrem(UNACKED_INDEX, tag)))
             restored += 1
             log.warning("job %s: its message was taken at least %.0f s ago but the job never started (a worker lost its "
                         "connection?): put back on %s", job_id, now - taken_at, routing_key)
         if restored:
-            add_stats(self.r, self.keys, deliveries_restored=restored)
+            self.count(deliveries_restored=restored)
         return restored
 
     def _taken_long_ago(self, now: float) -> list[tuple[bytes, float]]:
@@ -145,12 +156,14 @@ class Sweeps:
                 continue
             if spec.queue not in empty:
                 continue
+            if self.leader is not None:
+                self.leader.check()
             enqueue(self.app, self.settings, job_id, spec)
             sent += 1
             log.warning("job %s was queued with no message anywhere (lost when Redis went down between a worker "
                         "taking it and recording it?): sent again to %s", job_id, spec.queue)
         if sent:
-            add_stats(self.r, self.keys, deliveries_restored=sent)
+            self.count(deliveries_restored=sent)
         return sent
 
     def reclaim_worker_queues(self, workers: dict[str, dict[str, Any]] | None = None) -> int:
@@ -167,7 +180,7 @@ class Sweeps:
                 continue
             n = sum(self._reclaim(worker_queue(shared, name), shared)
                     for shared in workload_queues(Workload(entry["workload"])))
-            self.r.hdel(self.keys.workers(), name)
+            self._write(lambda pipe, name=name: pipe.hdel(self.keys.workers(), name))
             log.warning("worker %s stopped heartbeating: dropped from the registry%s", name,
                         f", {n} jobs passed to it moved back to the shared queues" if n else "")
             moved += n
@@ -176,11 +189,12 @@ class Sweeps:
             moved += self.sweep_orphan_queues()
             self.sweep_waiting()
         if moved:
-            add_stats(self.r, self.keys, reclaimed_from_workers=moved)
+            self.count(reclaimed_from_workers=moved)
         return moved
 
     def _reclaim(self, private: str, shared: str) -> int:
-        return int(self._reclaim_queue(keys=[private, shared], args=[private, shared]))
+        return int(self._write(lambda pipe: self._reclaim_queue(keys=[private, shared], args=[private, shared],
+                                                                 client=pipe))[0])
 
     def sweep_orphan_queues(self) -> int:
         """Own queues (`<workload>.<priority>@<worker>`) of workers not in the registry: a message restored
@@ -215,12 +229,13 @@ class Sweeps:
             if entry is not None and entry.expires_at > now:
                 continue
             ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}),
-                                              last_requeue="its worker stopped waiting for VRAM (gone)")
-            self.r.hdel(self.keys.waiting_vram(), job_id)
+                                              last_requeue="its worker stopped waiting for VRAM (gone)",
+                                              leader=self.leader)
+            self._write(lambda pipe, job_id=job_id: pipe.hdel(self.keys.waiting_vram(), job_id))
             swept += 1
             if ok:
                 enqueue(self.app, s, job_id, self.store.spec(job_id))
-                add_stats(self.r, self.keys, requeued_lost=1)
+                self.count(requeued_lost=1)
                 log.warning("job %s waited for VRAM in a worker that is gone: back on its queue", job_id)
         return swept
 
@@ -236,4 +251,4 @@ class Sweeps:
         for p, state, raw in zip(parked, replies[::2], replies[1::2]):
             live = state is not None and JobState(state.decode()) in parking.PARKABLE
             if not live and raw is not None:
-                parking.drop(self.r, self.keys, p.job_id, raw)
+                parking.drop(self.r, self.keys, p.job_id, raw, self.leader)

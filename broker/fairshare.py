@@ -128,9 +128,18 @@ def _create_and_hold(client: Any, create: Mapping[str, Any], keys: Sequence[Any]
 def feed(r: redis.Redis, keys: Keys, queue: str, default_target: int, now: float | None = None) -> int:
     """Move held messages of `queue` onto it, tenants in turn, until it holds its target (the beat's, else
     `default_target`): one Lua step. Returns how many moved."""
-    return int(_run(r, "fair", _band_keys(keys, queue), [
-        "feed", keys.held(queue), keys.job_prefix(), server_now(r) if now is None else now, default_target,
-        active_prefix(keys, queue)]))
+    return int(_run(r, "fair", *feed_step(keys, queue, default_target, server_now(r) if now is None else now)))
+
+
+def feed_step(keys: Keys, queue: str, default_target: int, now: float) -> tuple[list[str], list[Any]]:
+    """`feed`'s keys and args (the beat runs the feeds of its tick in one fenced transaction: `run_feed`)."""
+    return _band_keys(keys, queue), ["feed", keys.held(queue), keys.job_prefix(), now, default_target,
+                                     active_prefix(keys, queue)]
+
+
+def run_feed(pipe: Any, step: tuple[list[str], list[Any]]) -> None:
+    """Queue a `feed_step` on `pipe`."""
+    _run(pipe, "fair", *step)
 
 
 def feed_in(pipe: Any, keys: Keys, queue: str, default_target: int, now: float) -> None:

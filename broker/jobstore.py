@@ -22,6 +22,7 @@ import redis
 
 from broker.clock import server_clock
 from broker.errors import JobNotFound
+from broker.fence import Leadership
 from broker.keys import Keys
 from broker.lua import load
 from broker.schemas import JobResult, JobSpec, JobStatus, Progress
@@ -94,11 +95,12 @@ class JobStore:
 
     def transition(self, job_id: str, to: JobState, allowed: frozenset[JobState] | None = None,
                    incr: dict[str, int] | None = None, setnx: dict[str, Any] | None = None,
-                   owner_fence: int | None = None, **fields: Any) -> tuple[bool, JobState | None]:
+                   owner_fence: int | None = None, leader: Leadership | None = None,
+                   **fields: Any) -> tuple[bool, JobState | None]:
         """Atomically move to `to` if the current state may go there (per `ALLOWED_FROM`, or only from
         `allowed` when given, which must be a subset) and, with `owner_fence`, the record still names that
-        fence; setting `fields`, incrementing `incr` and setting `setnx` fields that have no value yet.
-        Returns (done, state now)."""
+        fence; setting `fields`, incrementing `incr` and setting `setnx` fields that have no value yet. With
+        `leader` (the beat's), only while it leads (`broker.fence`; else NotLeader). Returns (done, state now)."""
         src = ALLOWED_FROM[to] if allowed is None else allowed & ALLOWED_FROM[to]
         k = self.keys
         flat = _flat(fields, incr, setnx)
@@ -107,7 +109,10 @@ class JobStore:
         args = [to.value, ",".join(s.value for s in src), self.clock(),
                 1 if to in TERMINAL else 0, self.ttl_s, STREAM_MAXLEN, job_id, 1 if to in RUNNING_STATES else 0,
                 "" if owner_fence is None else owner_fence, *flat]
-        ok, state = self._transition(keys=keys, args=args)
+        if leader is None:
+            ok, state = self._transition(keys=keys, args=args)
+        else:
+            (ok, state), = leader.run(lambda pipe: self._transition(keys=keys, args=args, client=pipe))
         state = _s(state) if state else None
         return bool(ok), (JobState(state) if state else None)
 

@@ -91,6 +91,11 @@ class Keys:
     def beat_lock(self) -> str:
         return f"{self.prefix}:beat:leader"
 
+    def beat_epoch(self) -> str:
+        """Counter (never expires, one per Redis): the leader lock's epoch, one more at every change of leader
+        (`broker.fence`)."""
+        return f"{self.prefix}:beat:epoch"
+
     def beat_policy(self) -> str:
         """String with the leader lock's TTL: the policy the leading beat runs (a beat with another refuses)."""
         return f"{self.prefix}:beat:policy"

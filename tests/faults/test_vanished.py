@@ -25,6 +25,7 @@ def test_a_queued_job_whose_message_vanished_is_sent_again_and_runs(client, sett
     other = client.submit(workload="llm", priority="standard", prompt="fine", max_new_tokens=3)
     beat = Beat(settings)
     try:
+        wait_until(beat.lead, timeout_s=10)               # its writes are the leader's (fenced, broker.fence)
         time.sleep(0.6)
         assert beat.sweeps.requeue_vanished() == 0                # its queue still holds a message: nothing is lost
         client.redis.delete(queue)                         # (that one was taken too)
