@@ -8,6 +8,7 @@ import pytest
 
 from arbiter.beat import Beat
 from broker.states import JobState
+from tests.conftest import wait_until
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
 
 pytestmark = pytest.mark.integration
