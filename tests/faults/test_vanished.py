@@ -28,9 +28,11 @@ def test_a_queued_job_whose_message_vanished_is_sent_again_and_runs(client, sett
     try:
         wait_until(beat.lead, timeout_s=10)               # its writes are the leader's (fenced, broker.fence)
         time.sleep(0.6)
+        assert beat.lead()                                 # (kept: it lives 2 ticks)
         assert beat.sweeps.requeue_vanished() == 0                # its queue still holds a message: nothing is lost
         client.redis.delete(queue)                         # (that one was taken too)
         time.sleep(0.6)
+        assert beat.lead()
         assert beat.sweeps.requeue_vanished() == 2                # both queued, no message anywhere
         assert client.redis.llen(queue) == 2
         assert beat.sweeps.requeue_vanished() == 0                # and not again while their messages wait
