@@ -158,6 +158,11 @@ class Keys:
         share): the beat's, about ARBITER_FAIR_SHARE_DEPTH per worker slot, 0 while the queue is paused."""
         return f"{self.prefix}:heldtarget:{queue}"
 
+    def queue_pushes(self) -> str:
+        """Hash: Celery queue -> messages ever pushed onto it through the producer's transport
+        (`queue_push.lua`); with a job's `qseq` it gives the job's place in O(1) (`position.lua`)."""
+        return f"{self.prefix}:queue:pushes"
+
     def held_count(self, queue: str) -> str:
         """String: how many jobs are held for `queue` (all tenants), for the world read, position and shedding."""
         return f"{self.prefix}:heldn:{queue}"

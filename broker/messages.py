@@ -10,6 +10,7 @@ from celery import Celery
 
 from broker import fairshare
 from broker.app import TASK_NAMES
+from broker.keys import Keys
 from broker.policies import policy
 from broker.schemas import JobSpec, Priority, queue_name
 from broker.settings import Settings
@@ -20,7 +21,9 @@ def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec, hold: di
     of a workload goes to one queue, served in arrival order. With `hold` (`broker.fairshare.hold_header`)
     the message, built for its queue, waits on its tenant's held list until the beat feeds it in."""
     queue = job.queue if policy(settings.policy).priority_bands else queue_name(job.workload, Priority.STANDARD)
-    extra: dict[str, Any] = {"headers": {fairshare.HOLD_HEADER: hold}} if hold else {}
+    # held: where the transport holds it; else the counters its push bumps (its place in O(1): broker.position)
+    extra: dict[str, Any] = {"headers": {fairshare.HOLD_HEADER: hold} if hold else
+                             {COUNT_HEADER: count_header(settings, job_id)}}
     if job.improves:    # an improvement run, sent again: Flower shows its job as its parent, as at first
         extra.update(parent_id=job.improves, root_id=job.improves)
     args = [job.model_dump(mode="json")]
@@ -28,6 +31,14 @@ def enqueue(app: Celery, settings: Settings, job_id: str, job: JobSpec, hold: di
     # (a SUBSCRIBE and an UNSUBSCRIBE each); the outcome is still written there (workers/celery_result.py)
     app.send_task(TASK_NAMES[job.workload], args=args, task_id=job_id, queue=queue, ignore_result=True,
                   argsrepr=argsrepr(args), kwargsrepr="{}", **extra)
+
+
+COUNT_HEADER = "arbiter-count"   # a message header: the counters the transport's push bumps (queue_push.lua)
+
+
+def count_header(settings: Settings, job_id: str) -> dict[str, str]:
+    keys = Keys(settings.key_prefix)
+    return {"pushes": keys.queue_pushes(), "job": keys.job(job_id)}
 
 
 ARGSREPR_MAX = 1024   # Celery's own cut (`celery.app.amqp.AMQP.argsrepr_maxsize`)

@@ -16,6 +16,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 from broker.fairshare import HOLD_HEADER, hold_message
+from broker.messages import COUNT_HEADER
+from broker.position import push_counted
 from broker.retry import redis_full, retry_while
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,13 @@ class HeldPuts:
     def _put(self, queue, message, **kwargs):  # type: ignore[no-untyped-def]
         headers = message.get("headers") or {}
         hold = headers.get(HOLD_HEADER)
+        count = headers.get(COUNT_HEADER)
+        if count and not hold:   # kombu's LPUSH, with the queue's push count and the job's place in it
+            stored = {**message, "headers": {k: v for k, v in headers.items() if k != COUNT_HEADER}}
+            with self.conn_or_acquire() as client:
+                push_counted(client, self._q_for_pri(queue, self._get_message_priority(message, reverse=False)),
+                             count, dumps(stored))
+            return None
         if not hold:
             return super()._put(queue, message, **kwargs)
         # the header is an instruction to this transport, not part of the job: the message is stored

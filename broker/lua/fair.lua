@@ -22,7 +22,9 @@
 -- factor, median / slots, is kept for a second (KEYS[11]) once known: a burst of submits reads the workers'
 -- registrations and sorts the run times once a second, not once a job.
 -- KEYS[1] ring  KEYS[2] ring members  KEYS[3] held count  KEYS[4] the band's Celery queue  KEYS[5] target
--- KEYS[6] the band's policy hash (w:<tenant> weight, c:<tenant> cap, d:<tenant> credit left this round)
+-- KEYS[6] the band's policy hash (w:<tenant> weight, c:<tenant> cap, d:<tenant> credit left this round,
+--   p:<tenant> messages ever pushed onto the tenant's held list: a held job's `hseq` is that count at its hold,
+--   so its place in the list is read in O(1): position.lua)
 -- 'hold' only: KEYS[7] the tenant's held list  KEYS[8] the job hash  KEYS[9] the workers' registrations
 --   KEYS[10] the band's recent run times  KEYS[11] the band's seconds per job (median / slots), kept 1 s
 --   KEYS[12..] the stronger bands' queues, then their held counts
@@ -134,10 +136,11 @@ if ARGV[1] == 'hold' then
   end
   redis.call('LPUSH', KEYS[7], ARGV[7])
   redis.call('INCR', KEYS[3])
+  local hseq = redis.call('HINCRBY', KEYS[6], 'p:' .. tenant, 1)   -- the held list's pushes: its place (position.lua)
   if eta then
-    redis.call('HSET', KEYS[8], 'held', ARGV[9], 'eta_s', eta_field)
+    redis.call('HSET', KEYS[8], 'held', ARGV[9], 'hseq', hseq, 'eta_s', eta_field)
   else
-    redis.call('HSET', KEYS[8], 'held', ARGV[9])
+    redis.call('HSET', KEYS[8], 'held', ARGV[9], 'hseq', hseq)
   end
   if redis.call('SADD', KEYS[2], tenant) == 1 then   -- joins the ring: its weight and cap as this submit has them
     redis.call('RPUSH', KEYS[1], tenant)

@@ -30,8 +30,9 @@ def settings(settings):
     return settings.model_copy(update={"fair_share": False})
 
 
-def test_chunked_scan_and_its_cap(client, settings):
-    """Found across several LRANGE chunks; deeper than the cap: 'more than N ahead' (place None)."""
+def test_counted_place_and_the_search_cap(client, settings):
+    """Each job's place from the push counts; a job with no count is searched for, up to the cap: deeper than
+    that, 'more than N ahead' (place None)."""
     small = {"workload": "diffusion", "steps": 2, "width": 64, "height": 64, "priority": "background"}
     jobs = [client.submit(prompt=f"d{i}", **small) for i in range(7)]   # jobs[0] is at the right end
     r, k = client.redis, client.keys
@@ -39,11 +40,14 @@ def test_chunked_scan_and_its_cap(client, settings):
     def read(job, **kw):
         return read_position(r, k, settings, job.id, Workload.DIFFUSION, Priority.BACKGROUND, **kw)
 
-    assert [read(j, chunk=2).place for j in jobs] == [1, 2, 3, 4, 5, 6, 7]
-    assert read(jobs[6], chunk=2).ahead == 6
-    deep = read(jobs[6], chunk=2, cap=4)
+    assert [read(j).place for j in jobs] == [1, 2, 3, 4, 5, 6, 7]
+    assert read(jobs[6]).ahead == 6
+    assert read(jobs[6], cap=4).place == 7                    # counted: exact at any depth
+    r.hdel(k.job(jobs[6].id), "qseq")                          # not counted: searched from the right end
+    assert read(jobs[6]).place == 7
+    deep = read(jobs[6], cap=4)
     assert deep.place is None and deep.ahead == 4 and deep.beyond_cap
-    assert read(jobs[3], chunk=2, cap=4).place == 4
+    assert read(jobs[3], cap=4).place == 4
     # a job whose message is on no list (taken by a worker, in flight) has no position
     r.lrem("diffusion.background", 1, r.lindex("diffusion.background", -1))
     assert read(jobs[0]) is None and jobs[0].status().position is None
@@ -125,3 +129,48 @@ def test_cli_gateway_and_sse_show_the_position(client, settings, tmp_path_factor
         assert [(e["position"], e["ahead"]) for e in events] == [("3", "2"), ("1", "0")]
     finally:
         gw.stop()
+
+
+def _output_bytes(r) -> int:
+    return int(r.info("stats")["total_net_output_bytes"])
+
+
+def _read_bytes(r, read) -> tuple[object, int]:
+    """What `read()` returns and the bytes Redis sent for it (less an INFO's own reply)."""
+    b0 = _output_bytes(r)
+    b1 = _output_bytes(r)
+    got = read()
+    b2 = _output_bytes(r)
+    return got, (b2 - b1) - (b1 - b0)
+
+
+def test_a_job_10000_deep_is_placed_with_a_few_kilobytes_from_redis(client, settings):
+    """The place comes from counters (position.lua), not from reading the messages ahead: a job behind 10 000
+    others costs a few KB of Redis output, not ~15 MB (the scan read ~1.5 KB a message ahead), and a few
+    uncounted pushes behind it or messages taken from the middle are corrected by a search near the estimate."""
+    r, k = client.redis, client.keys
+    q = "diffusion.standard"                               # no worker of this module takes diffusion jobs
+    before = r.llen(q)
+    job = client.submit(workload="diffusion", prompt="deep", steps=2, width=64, height=64, priority="standard")
+    ahead = r.lindex(q, 0)
+    assert job.id.encode() in ahead
+    filler = [ahead.replace(job.id.encode(), f"filler-{i:05d}".encode().ljust(len(job.id), b"x"))
+              for i in range(10_000)]
+    for i in range(0, len(filler), 1000):
+        r.rpush(q, *filler[i:i + 1000])                    # 10 000 messages in front of it (taken first)
+    place = before + 10_001
+
+    def read():
+        return read_position(r, k, settings, job.id, Workload.DIFFUSION, Priority.STANDARD)
+
+    pos, sent = _read_bytes(r, read)
+    assert pos.place == place and pos.ahead >= place - 1
+    assert sent < 10_000, sent
+    status, sent = _read_bytes(r, job.status)
+    assert status.position == place and sent < 10_000, sent
+    # three messages pushed behind it without counting, two taken from the middle ahead of it: found nearby
+    r.lpush(q, *filler[:3])
+    r.lrem(q, 1, filler[5000])
+    r.lrem(q, 1, filler[7000])
+    pos, sent = _read_bytes(r, read)
+    assert pos.place == place - 2 and sent < 10_000, sent
