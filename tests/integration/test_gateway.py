@@ -243,10 +243,10 @@ def test_openai_fields_current_sdks_send_are_accepted_honoured_or_refused_by_nam
 
     base, keys = gateway
     oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
-    ignored = dict(reasoning_effort="low", prompt_cache_key="k1", safety_identifier="user-1", logit_bias={},
-                   top_logprobs=0, modalities=["text"], verbosity="low", parallel_tool_calls=False, store=False,
-                   metadata={"app": "test"}, user="u1", temperature=0.2, tool_choice="none",
-                   prediction={"type": "content", "content": "hello"})
+    ignored = {"reasoning_effort": "low", "prompt_cache_key": "k1", "safety_identifier": "user-1", "logit_bias": {},
+               "top_logprobs": 0, "modalities": ["text"], "verbosity": "low", "parallel_tool_calls": False,
+               "store": False, "metadata": {"app": "test"}, "user": "u1", "temperature": 0.2, "tool_choice": "none",
+               "prediction": {"type": "content", "content": "hello"}}
     raw = oa.chat.completions.with_raw_response.create(model="llama-3", messages=[{"role": "user", "content": "hi"}],
                                                        max_tokens=4, service_tier="priority", **ignored)
     done = raw.parse()
@@ -333,7 +333,7 @@ def test_stop_sequences_cut_the_text_as_openai_does(gateway):
 
     base, keys = gateway
     oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
-    ask = dict(model="llama-3", messages=[{"role": "user", "content": "stop here"}], max_tokens=12, seed=7)
+    ask = {"model": "llama-3", "messages": [{"role": "user", "content": "stop here"}], "max_tokens": 12, "seed": 7}
     full = oa.chat.completions.create(**ask).choices[0].message.content
     words = full.split(" ")
     stop = " " + words[3]                                   # the 4th word, with the space before it
