@@ -4,6 +4,8 @@ record. `arbiter gateway` as a process, real Redis, real workers and beat."""
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ import pytest
 
 from arbiter.gateway.apikeys import KeyStore
 from broker.controls import pause, resume
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings
 from tests.support.gateway import Gateway
 
@@ -199,3 +201,18 @@ def test_every_read_counts_against_the_rate(gateway, store, client):
     assert 1 <= int(over.headers["Retry-After"]) <= 61
     assert httpx.get(f"{gateway}/v1/jobs/{job}/events", headers=h(secret)).status_code == 429
     client.get(job).cancel()
+
+
+def test_the_cli_makes_keys_with_ids_and_tenants(settings, store):
+    def keys(*args):
+        return subprocess.run([sys.executable, "-m", "arbiter", "keys", *args], env=worker_env(settings), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    made = keys("create", "cli team", "--tenant", "team-cli", "--max-waits", "5")
+    assert made.returncode == 0 and made.stdout.startswith("ak_"), made.stderr
+    key = store.lookup(made.stdout.strip())
+    assert key.tenant == "team-cli" and key.max_waits == 5 and f"key {key.id}" in made.stderr
+    bad = keys("create", "other", "--tenant", "team a")
+    assert bad.returncode == 2 and "tenant 'team a'" in bad.stderr
+    gone = keys("revoke", key.id)
+    assert gone.returncode == 0 and key.id in gone.stdout and store.lookup(made.stdout.strip()) is None
