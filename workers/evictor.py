@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from broker.ledger import weights_field
 from broker.scriptops import ScriptOps
 from broker.stats import add as add_stats
+from workers.ladders import rung_cost_mib
 from workers.residency import (
     RESIDENCY_LOG_LEN,
     Admit,
@@ -22,6 +23,7 @@ from workers.residency import (
     choose,
     log_entry,
     model_of,
+    parse_log,
     residents,
 )
 
@@ -35,13 +37,17 @@ log = logging.getLogger("arbiter.residency")
 
 def plan(rt: Runtime, view: View, model: str | None, rungs: tuple[Rung, ...], capacity_mib: int,
          interactive: bool, queued_at: float) -> Admit | WaitForRoom:
-    """Residency's answer for the job's candidate rungs, from what the job's view read."""
+    """Residency's answer for the job's candidate rungs, from what the job's view read; the GPU's residency
+    log is read (one round trip) only when the best rung does not fit as things are."""
+    free = capacity_mib - sum(x.mib for x in view.leases)
+    if rung_cost_mib(rungs[0], set(view.resident)) <= free:
+        return Admit(rungs[0])   # the common case: nothing to weigh
     now = rt.clock()
     cfg = ResidencyConfig.from_settings(rt.settings)
-    free = capacity_mib - sum(x.mib for x in view.leases)
+    uses = parse_log(rt.redis.lrange(rt.keys.residency_log(rt.gpu_id), 0, -1))
     model = model or model_of(rungs[0].variant)
-    rate = arrival_rates(view.uses, now, cfg.half_life_s).get(model, 0.0) + arrival_weight(0.0, cfg.half_life_s)
-    return choose(rungs, free, set(view.resident), residents(view.leases, view.uses, now, cfg), rt.worker,
+    rate = arrival_rates(uses, now, cfg.half_life_s).get(model, 0.0) + arrival_weight(0.0, cfg.half_life_s)
+    return choose(rungs, free, set(view.resident), residents(view.leases, uses, now, cfg), rt.worker,
                   interactive, now, cfg, rate, now - queued_at)
 
 

@@ -15,7 +15,6 @@ from broker.position import job_queue
 from broker.schemas import JobSpec, Priority
 from workers.admission import JobView
 from workers.ladders import rung_features
-from workers.residency import Use, parse_log
 from workers.runtime import Runtime
 from workers.vramhold import NO_RESERVE, Reserve, held_for_interactive, reserve_on
 from workers.waiting import is_paused
@@ -33,7 +32,6 @@ class View:
     held_mib: int = 0        # VRAM interactive jobs waiting on this GPU need (`workers.vramhold`)
     reserve: Reserve = NO_RESERVE   # VRAM kept free for the next interactive job on this GPU (`workers.vramhold`)
     leases: tuple[Lease, ...] = ()  # the GPU's live leases
-    uses: tuple[Use, ...] = ()      # the GPU's residency log (`workers.residency`)
 
     @classmethod
     def read(cls, rt: Runtime, job_id: str, spec: JobSpec) -> View:
@@ -54,16 +52,14 @@ class View:
         pipe.get(rt.keys.job_checkpoint(job_id))
         pipe.hget(rt.keys.queue_controls(), job_queue(spec.workload, spec.priority, spec.improves, rt.settings))
         pipe.hvals(rt.keys.waiting_vram())
-        pipe.lrange(rt.keys.residency_log(rt.gpu_id), 0, -1)
         if fairshare.applies(spec, rt.settings):
             fairshare.feed_in(pipe, rt.keys, spec.queue, rt.settings.fair_share_depth, rt.clock())
-        job, budget, leases, checkpoint, control, waiting, log, *_ = pipe.execute()
+        job, budget, leases, checkpoint, control, waiting, *_ = pipe.execute()
         now = rt.clock()
         live = parse_leases(leases, now)
         return cls(decode_hash(job), float(budget) if budget is not None and rt.admission else 1.0,
                    rt.resident_variants(live), checkpoint, paused=is_paused(control), held_mib=held_for_interactive(waiting, rt.gpu_id, now),
-                   reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now), leases=tuple(live),
-                   uses=tuple(parse_log(log)))
+                   reserve=reserve_on(rt.gpu_id, live, rt.capacity_mib, now), leases=tuple(live))
 
 
 def job_view(rt: Runtime, job_id: str, spec: JobSpec, view: View, now: float) -> JobView:
