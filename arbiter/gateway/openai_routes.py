@@ -50,7 +50,7 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
     def list_models(key: ApiKey = Depends(caller)) -> ModelList:
         return ModelList(data=cards())
 
-    @app.get("/v1/models/{model}", response_model=ModelCard, summary="One model served",
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, summary="One model served",
              responses=errors(401, 404, 503), tags=["openai"])
     def retrieve_model(model: str = Path(min_length=1, max_length=128), key: ApiKey = Depends(caller)) -> ModelCard:
         for card in cards():

@@ -228,9 +228,10 @@ def test_openai_models_and_unknown_models_as_openai_answers(gateway):
     oa = openai.OpenAI(base_url=base + "/v1", api_key=keys["chat"], max_retries=0)
     card = oa.models.retrieve("llama-3")
     assert card.id == "llama-3" and card.object == "model"
-    with pytest.raises(openai.NotFoundError) as missing:
-        oa.models.retrieve("gpt-9")
-    assert missing.value.body["code"] == "model_not_found"
+    for name in ("gpt-9", "org/gpt-9"):                     # a name with a slash too (registry names may have one)
+        with pytest.raises(openai.NotFoundError) as missing:
+            oa.models.retrieve(name)
+        assert missing.value.body["code"] == "model_not_found", name
     with pytest.raises(openai.NotFoundError) as missing:
         oa.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
