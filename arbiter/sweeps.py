@@ -47,6 +47,7 @@ class Sweeps:
         self._last_sweep = 0.0
         self._unacked_seen: dict[bytes, float] = {}   # kombu's unacked tag -> first seen (Redis' clock)
         self._reclaim_queue = self.r.register_script(load("queue_reclaim", "broker.lua"))
+        self._prune_leases = self.r.register_script(load("lease_prune", "broker.lua"))
         self.leader: Leadership | None = None   # the beat's: every write is fenced by it (`broker.fence`)
 
     def _write(self, fill: Callable[[Any], Any]) -> list[Any]:
@@ -188,6 +189,7 @@ class Sweeps:
             self._last_sweep = time.monotonic()
             moved += self.sweep_orphan_queues()
             self.sweep_waiting()
+            self.prune_leases()
         if moved:
             self.count(reclaimed_from_workers=moved)
         return moved
@@ -215,6 +217,17 @@ class Sweeps:
                     log.warning("%d jobs on the queue of gone worker %s moved back to %s", n, worker, shared)
                 moved += n
         return moved
+
+    def prune_leases(self) -> int:
+        """Expired leases, dropped from every GPU's ledger (one transaction): a dead worker's weights leases
+        would otherwise stay until the next acquire on that GPU, which may never come. Returns leases dropped."""
+        gpus = sorted(g.decode() for g in self.r.smembers(self.keys.gpus()))
+        if not gpus:
+            return 0
+        now = self.clock()
+        replies = self._write(lambda pipe: [self._prune_leases(keys=[self.keys.leases(g)], args=[now], client=pipe)
+                                            for g in gpus])
+        return sum(int(n) for n in replies[:len(gpus)])
 
     def sweep_waiting(self) -> int:
         """Interactive jobs waiting in a worker for VRAM (`waiting:vram`) whose entry outlived its expiry

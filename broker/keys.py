@@ -114,6 +114,7 @@ class Keys:
         return f"{self.prefix}:stats"
 
     def predictor(self, worker: str, workload: str) -> str:
+        """String: a worker's latency predictor (JSON), expiring `PREDICTOR_TTL_S` after its last write."""
         return f"{self.prefix}:predictor:{worker}:{workload}"
 
     def waiting_vram(self) -> str:

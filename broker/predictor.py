@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 FAST_RATE, SLOW_RATE = 0.1, 0.01
 FAST_WEIGHT, SLOW_WEIGHT = 0.8, 0.2
 EPS = 1e-6
+PREDICTOR_TTL_S = 7 * 24 * 3600   # a worker's predictor in Redis outlives a week without a write by no more (`Keys.predictor`)
 
 
 def features(workload: str, params: dict) -> list[float]:

@@ -79,8 +79,9 @@ class Counts:
         self.trims[key] = (int(start), int(end))
         return self
 
-    def set(self, key: str, value: Any) -> Counts:
-        self.values[key] = value
+    def set(self, key: str, value: Any, ex: int | None = None) -> Counts:
+        """A value (the last one set wins), expiring `ex` seconds after it is written if given."""
+        self.values[key] = (value, ex)
         return self
 
     def merge(self, other: Counts) -> Counts:
@@ -107,8 +108,8 @@ class Counts:
             pipe.lpush(key, *values)
         for key, (start, end) in self.trims.items():
             pipe.ltrim(key, start, end)
-        for key, value in self.values.items():
-            pipe.set(key, value)
+        for key, (value, ex) in self.values.items():
+            pipe.set(key, value, ex=ex) if ex else pipe.set(key, value)
 
 
 class Ride:

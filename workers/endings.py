@@ -17,6 +17,7 @@ from broker.errors import Preempted
 from broker.histograms import record_job
 from broker.jobstore import Settled
 from broker.messages import enqueue
+from broker.predictor import PREDICTOR_TTL_S
 from broker.retry import redis_passing, retry_while
 from broker.schemas import JobResult, JobSpec, Priority
 from broker.scriptops import ScriptOps
@@ -80,7 +81,8 @@ def finished(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, fence: int, jo
     if steps_run > 0:   # this process's predictor; the last writer among a worker's processes wins in Redis
         predictor = rt.predictor()
         predictor.update(rung_features(rung), run_s * 1000 / steps_run)
-        counts.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()))
+        counts.set(rt.keys.predictor(rt.worker, rt.workload.value), json.dumps(predictor.to_dict()),
+                   ex=PREDICTOR_TTL_S)   # a worker name not seen for that long (an autoscaled pod) leaves
     if spec.priority is Priority.INTERACTIVE:   # so paused jobs resume without waiting a tick
         side.lpush(rt.keys.beat_wake(), "interactive done")
         side.ltrim(rt.keys.beat_wake(), 0, 99)

@@ -59,3 +59,4 @@ def test_a_finished_a_cancelled_and_a_preempted_job_leave_exactly_the_kept_keys(
     assert [j.status().state for j in (bg, chat, doomed)] == [JobState.FINISHED, JobState.FINISHED,
                                                                JobState.CANCELLED]
     assert not client.redis.exists("arbiter:job:no-such-job")
+

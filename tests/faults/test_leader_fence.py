@@ -67,8 +67,8 @@ def test_a_beat_paused_between_plan_and_apply_writes_nothing_once_it_lost_the_lo
         client.redis.srem(k.gpus(), gpu)
 
 
-def test_a_leader_killed_mid_flood_is_replaced_within_two_ticks_and_every_job_runs_once(client, settings,  # noqa: F811
-                                                                                      procs):
+def test_a_leader_killed_mid_flood_is_replaced_within_two_ticks_and_every_job_runs_once(
+        client, settings, procs):  # noqa: F811
     start_worker, start_beat = procs
     interval = 0.5                                              # the default tick
     client.redis.delete(client.keys.beat_lock())
