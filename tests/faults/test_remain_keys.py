@@ -24,6 +24,7 @@ def settings(own_redis):  # noqa: F811
 # good"): one per Redis, per queue or band, per GPU id — never per job, per worker name or per tenant.
 Q = r"(llm|diffusion)\.[a-z]+"
 PERSISTENT = (r"arbiter:stats", r"arbiter:beat:epoch", r"arbiter:gpus", r"arbiter:queue_controls",
+              r"arbiter:queue:pushes",
               r"arbiter:budgets:[^:]+:[^:]+", r"arbiter:simgpu:[^:]+:[^:]+:(info|stats|weights)",
               r"arbiter:gpu:[^:]+:[^:]+:residency", rf"arbiter:(heldn|heldpolicy|recent|secsperjob):{Q}",
               rf"arbiter:metrics:hist:[a-z_]+:{Q}", r"arbiter:workers", r"arbiter:jobs:live",
