@@ -222,7 +222,7 @@ class Keys:
 
     def residency_log(self, gpu_id: str) -> str:
         """List, newest first, trimmed to `RESIDENCY_LOG_LEN`: one '<epoch s>|<model>|<variant>|<worker>' per run
-        started on the GPU (`workers.residency`: last use and demand per model)."""
+        started on the GPU (`workers.residency`: last use and demand per model); expires a day after the last."""
         return f"{self.prefix}:gpu:{gpu_id}:residency"
 
     def evict_requests(self, gpu_id: str) -> str:

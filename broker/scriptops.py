@@ -56,6 +56,9 @@ class ScriptOps:
         """Published only when the step is recorded (the channel travels as a key, like the others)."""
         return self._op("PUBLISH", channel, message)
 
+    def expire(self, key: str, seconds: int) -> ScriptOps:
+        return self._op("EXPIRE", key, int(seconds))
+
     def hlen(self, key: str) -> ScriptOps:
         """Read with the step: its reply is `last(replies, "HLEN")`."""
         return self._op("HLEN", key)

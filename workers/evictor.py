@@ -51,6 +51,7 @@ def plan(rt: Runtime, view: View, model: str | None, rungs: tuple[Rung, ...], ca
                   interactive, now, cfg, rate, now - queued_at)
 
 
+RESIDENCY_LOG_TTL_S = 86_400   # a GPU gone for a day leaves no residency log behind
 REQUEST_TTL_S = 10.0      # an eviction request older than this is stale (its job went on without it)
 
 
@@ -120,4 +121,5 @@ def forget_evicted(rt: Runtime, view: View) -> None:
 def log_start(rt: Runtime, side: ScriptOps, model: str | None, variant: str, now: float) -> ScriptOps:
     """The run's start on the GPU's residency log, as a side write of the start step."""
     key = rt.keys.residency_log(rt.gpu_id)
-    return side.lpush(key, log_entry(now, model or model_of(variant), variant, rt.worker)).ltrim(key, 0, RESIDENCY_LOG_LEN - 1)
+    return side.lpush(key, log_entry(now, model or model_of(variant), variant, rt.worker)) \
+        .ltrim(key, 0, RESIDENCY_LOG_LEN - 1).expire(key, RESIDENCY_LOG_TTL_S)

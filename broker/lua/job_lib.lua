@@ -109,7 +109,7 @@ end
 -- is skipped, never undoing the step (counters are best effort). Returns their replies, in order (false:
 -- failed).
 local SIDE_WRITES = {HINCRBY = true, HINCRBYFLOAT = true, LPUSH = true, LTRIM = true, SET = true, HLEN = true,
-                     PUBLISH = true}
+                     PUBLISH = true, EXPIRE = true}
 local function side_writes(first, base)
   local i = first
   while i <= #ARGV do   -- every command checked before the first is run

@@ -114,6 +114,7 @@ def test_two_alternating_models_do_not_thrash(client, procs):  # noqa: F811
     assert len(set(tail[0::2])) == 1 and len(set(tail[1::2])) == 1     # settled: each model on one variant
     log = client.redis.lrange(Keys().residency_log(results[0].gpu_id), 0, -1)
     assert len(log) == 10 and json.dumps([x.decode() for x in log])
+    assert 0 < client.redis.ttl(Keys().residency_log(results[0].gpu_id)) <= 86_400   # it expires with its GPU
 
 
 def test_a_worker_killed_while_loading_leaves_no_lease(client, procs, settings):  # noqa: F811
