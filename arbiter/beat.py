@@ -67,6 +67,7 @@ class Beat:
         self.interactive_seen: dict[str, float] = {}
         self.plan_us: deque[float] = deque(maxlen=2000)
         self.ticks = 0
+        self.fed = 0          # jobs the last tick fed from fair share's held lists
         self._snapshot: Snapshot | None = None   # the world as this tick read it: apply() compares against it
         self._last_delivery_sweep = 0.0
         self.sweeps = Sweeps(self.r, self.keys, self.store, self.app, settings, self.clock)
@@ -197,7 +198,6 @@ class Beat:
         if self.before_apply is not None:
             self.before_apply()
         self.apply(world, decisions)
-        self.feed_held(self._snapshot)
         self.sweeps.reclaim_worker_queues(self._snapshot.workers if self._snapshot else None)
         if time.monotonic() - self._last_delivery_sweep >= min(10.0, self.settings.lost_delivery_s / 3):
             self._last_delivery_sweep = time.monotonic()
@@ -212,7 +212,13 @@ class Beat:
         (requeue a lost job, release a parked one)."""
         now = self.clock()
         read = {g.gpu_id: g for g in self._snapshot.gpus} if self._snapshot else {}
-        self.leadership.run(lambda pipe: self._write_decisions(pipe, world, d, read, now), renew_ms=self._lock_ms())
+        targets, steps = self._feeds(self._snapshot) if self._snapshot else ({}, [])
+
+        def writes(pipe: Any) -> None:   # one fenced transaction: the decisions, then the fair-share feeds
+            self._write_decisions(pipe, world, d, read, now)
+            self._write_feeds(pipe, targets, steps)
+        replies = self.leadership.run(writes, renew_ms=self._lock_ms())
+        self.fed = sum(int(n) for n in replies[len(replies) - 1 - len(steps):-1])   # the last reply: the renewal
         self.budgets = d.budgets
         self.interactive_seen = d.interactive_seen
         for job_id in d.requeue:
@@ -244,10 +250,10 @@ class Beat:
             add_stats(self.r, self.keys, pipe=pipe, preemptions_requested=len(d.preempt))
         pipe.hset(self.keys.stats(), mapping={"plan_us_p99": self.plan_p99_us(), "beat_ticks": self.ticks})
 
-    def feed_held(self, seen: Snapshot) -> int:
-        """Fair share: set each band's feed target (`arbiter.flow.feed_targets`) and feed the bands with held
-        jobs up to it, tenants in turn (`broker.fairshare.feed`; submits and workers taking a job feed too, this
-        is the backstop and applies a resumed queue's target). Returns jobs fed."""
+    def _feeds(self, seen: Snapshot) -> tuple[dict[str, int], list[Any]]:
+        """Fair share: each band's feed target (`arbiter.flow.feed_targets`) and the feeds of the bands with held
+        jobs below it, tenants in turn (`broker.fairshare.feed`; submits and workers taking a job feed too, this
+        is the backstop and applies a resumed queue's target); written with the tick's decisions (`apply`)."""
         slots: dict[str, int] = {}
         for g in seen.gpus:
             if g.view is not None:
@@ -258,14 +264,13 @@ class Beat:
         now = self.clock()
         steps = [fairshare.feed_step(self.keys, q, self.settings.fair_share_depth, now) for q in held
                  if seen.queues.get(q, 0) < targets[q]]
+        return targets, steps
 
-        def writes(pipe: Any) -> None:
-            for q, target in targets.items():
-                pipe.set(self.keys.feed_target(q), target, ex=max(5, int(self.lock_ttl_s() * 4)))
-            for step in steps:
-                fairshare.run_feed(pipe, step)
-        replies = self.leadership.run(writes, renew_ms=self._lock_ms())
-        return sum(int(n) for n in replies[len(targets):len(targets) + len(steps)])
+    def _write_feeds(self, pipe: Any, targets: dict[str, int], steps: list[Any]) -> None:
+        for q, target in targets.items():
+            pipe.set(self.keys.feed_target(q), target, ex=max(5, int(self.lock_ttl_s() * 4)))
+        for step in steps:
+            fairshare.run_feed(pipe, step)
 
     def _controls(self, pipe: Any, gpu_id: str, want: dict[str, str], have: dict[str, str], now: float) -> None:
         """Each GPU's controls (`broker.job_controls`), `since` kept while the action stays the same and the
