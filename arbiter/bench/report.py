@@ -270,3 +270,31 @@ def fairness_table(console: Console, data: dict[str, Any]) -> None:
     console.print(f"goals: Jain ≥ 0.95 with fair share: {'met' if g['jain_fair_ge_0_95'] else 'MISSED'}; "
                   f"ETA error p50 ≤ 20 % (B's jobs): {'met' if g['eta_p50_within_20pct'] else 'MISSED'}; "
                   f"B's median wait, fair ÷ fcfs: {g['b_wait_p50_ratio']}")
+
+
+def gateway_table(console: Console, data: dict[str, Any]) -> None:
+    """`arbiter bench gateway`: waiting before (a thread per wait) and now (one event reader per process)."""
+    t = Table(title=f"gateway waits: interactive chat TTFT alone vs beside {data['waits']} background waits held "
+                    f"by two tenants ({data['gpu']}, {', '.join(data['workers'])})")
+    for col in ("", "alone p50 ms", "beside p50 ms", "beside max ms", "beside / alone", "goal ≤ 1.2× + 20 ms"):
+        t.add_column(col, justify="right" if col else "left")
+    for name, r in data["ttft"].items():
+        t.add_row(name, _f(r["alone_p50_ms"], 1), _f(r["beside_p50_ms"], 1), _f(r["beside_max_ms"], 1),
+                  _f(r["ratio"], 2), "met" if r["goal_met"] else "MISSED")
+    console.print(t)
+    s = data["streams_held"]
+    t = Table(title=f"streams one process holds ({s['streams']} jobs streamed at once)")
+    for col in ("open at once", "RSS per stream KiB", "tokens", "tokens/s", "event XREADs", "goal ≥ 2 000"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s["open_at_once"]), _f(s["rss_per_stream_kib"], 1), str(s["tokens"]), _f(s["tokens_per_s"], 1),
+              str(s["event_reads"]), "met" if s["goal_met"] else "MISSED")
+    console.print(t)
+    p = data["position"]
+    t = Table(title=f"a queued job's position, {p['depth']} jobs ahead (what GET /v1/jobs/{{id}} reads)")
+    for col in ("", "place", "p50 ms", "p99 ms", "Redis bytes / read"):
+        t.add_column(col, justify="right" if col else "left")
+    for name in ("before", "now"):
+        r = p[name]
+        t.add_row(name, str(r["place"]), _f(r["p50_ms"], 2), _f(r["p99_ms"], 2), f"{r['bytes_per_read']:,}")
+    console.print(t)
+    console.print(f"goal p99 ≤ 10 ms and ≤ 10 KB: {'met' if p['goal_met'] else 'MISSED'}")

@@ -85,6 +85,25 @@ def bench_fairness(
     _finish(data, json_path, None)
 
 
+@app.command("gateway")
+def bench_gateway(
+    waits: Annotated[int, typer.Option(help="Background waits held by two tenants beside the chat.")] = 1000,
+    streams: Annotated[int, typer.Option(help="Jobs streamed at once by one process.")] = 2000,
+    depth: Annotated[int, typer.Option(help="Jobs ahead of the one whose position is read.")] = 10_000,
+    samples: Annotated[int, typer.Option(help="Chats timed alone and beside the waits, per mode.")] = 5,
+    reads: Annotated[int, typer.Option(help="Position reads timed per mode.")] = 200,
+    scale: Annotated[float, typer.Option(help="Time factor for the sim (0.5 = 2x faster).")] = 0.05,
+    json_path: JsonOpt = None,
+) -> None:
+    """What waiting costs the gateway: a thread per wait (before) vs one event reader per process (now)."""
+    from arbiter.bench.gateway import run_gateway
+    from arbiter.bench.report import gateway_table
+
+    data = run_gateway(waits, streams, depth, samples, reads, scale, LOGS)
+    gateway_table(console, data)
+    _finish(data, json_path, None)
+
+
 @app.command("preempt")
 def bench_preempt(
     trials: Annotated[int, typer.Option(help="Preemptions to time.")] = 30,
