@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar
@@ -36,8 +37,13 @@ from broker.states import TERMINAL, JobState
 
 T = TypeVar("T")
 THREADS = 4      # worker threads for the blocking steps (submit, cancel, a queued job's position)
-QUIET_S = 5.0     # a wait with no event for this long checks the record (the job's stream expired or was trimmed)
+QUIET_S = 10.0    # a wait quiet for about this long (jittered: 0.5-1.5x, so a thousand waits started together do
+                  # not all read at once) checks the record: the job's stream may have expired or been trimmed
 CONNECTIONS = 32  # Redis connections of one client and event loop: its waiters' short reads share them
+
+
+def _quiet_s() -> float:
+    return QUIET_S * (0.5 + random.random())
 
 
 class _Bound:
@@ -157,21 +163,21 @@ class AsyncJobHandle:
         chance to check its caller is still there)."""
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        beat_at, check_at = now + (heartbeat_s or math.inf), now + QUIET_S
+        beat_at, check_at = now + (heartbeat_s or math.inf), now + _quiet_s()
         with await self.client.hub.subscribe(self.id) as sub:
             while True:
                 wait_s = max(0.0, min(beat_at, check_at, math.inf if deadline is None else deadline) - now)
                 got = await sub.get(wait_s)
                 now = time.monotonic()
                 if got is not None:
-                    beat_at, check_at = now + (heartbeat_s or math.inf), now + QUIET_S
+                    beat_at, check_at = now + (heartbeat_s or math.inf), now + _quiet_s()
                     event = got[1]
                     yield event
                     if event.get("type") == "state" and JobState(event["state"]) in TERMINAL:
                         return
                     continue
                 if now >= check_at:
-                    check_at = now + QUIET_S
+                    check_at = now + _quiet_s()
                     if await self.state() in TERMINAL:   # ended: what the reader has not brought yet, then stop
                         for event in await self._after(sub):
                             yield event
