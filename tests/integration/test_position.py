@@ -174,3 +174,29 @@ def test_a_job_10000_deep_is_placed_with_a_few_kilobytes_from_redis(client, sett
     r.lrem(q, 1, filler[7000])
     pos, sent = _read_bytes(r, read)
     assert pos.place == place - 2 and sent < 10_000, sent
+
+
+def test_a_held_job_10000_deep_in_its_tenants_list_is_placed_with_a_few_kilobytes(settings):
+    """Fair share: a job held on its tenant's list behind 10 000 others is placed from the held list's push
+    count (fair.lua keeps it; position.lua reads it), not by reading the list."""
+    from broker.client import Client
+
+    fair = settings.model_copy(update={"fair_share": True, "fair_share_depth": 1})
+    with Client(settings=fair) as c:
+        r, k = c.redis, c.keys
+        small = {"workload": "diffusion", "steps": 2, "width": 64, "height": 64, "priority": "background",
+                 "tenant": "deep"}
+        first = [c.submit(prompt=f"h{i}", **small) for i in range(3)]   # the band's queue full, then held
+        job = c.submit(prompt="held", **small)
+        held_list = k.held("diffusion.background", "deep")
+        ahead = r.lindex(held_list, 0)
+        assert ahead is not None and job.id.encode() in ahead
+        filler = [ahead.replace(job.id.encode(), f"held-{i:05d}".encode().ljust(len(job.id), b"x"))
+                  for i in range(10_000)]
+        for i in range(0, len(filler), 1000):
+            r.rpush(held_list, *filler[i:i + 1000])      # 10 000 held in front of it, fed first
+        depth = r.llen(held_list)
+        status, sent = _read_bytes(r, job.status)
+        assert status.position is not None and status.position >= 10_001, status
+        assert sent < 10_000, sent
+        assert depth == 10_001 + sum(1 for h in first if r.hget(k.job(h.id), "held"))
