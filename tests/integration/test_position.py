@@ -126,7 +126,7 @@ def test_cli_gateway_and_sse_show_the_position(client, settings, tmp_path_factor
                     if len(events) == 2:
                         break
         assert [e["type"] for e in events] == ["position", "position"]
-        assert [(e["position"], e["ahead"]) for e in events] == [("3", "2"), ("1", "0")]
+        assert [(e["position"], e["ahead"]) for e in events] == [(3, 2), (1, 0)]   # JSON numbers
     finally:
         gw.stop()
 
