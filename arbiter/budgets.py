@@ -51,7 +51,7 @@ class BudgetState:
 
     @classmethod
     def full(cls) -> BudgetState:
-        return cls({k: 1.0 for k in DEGRADE_ORDER})
+        return cls(dict.fromkeys(DEGRADE_ORDER, 1.0))
 
     def get(self, workload: Workload | str, priority: Priority | str) -> float:
         return self.budgets.get(budget_key(workload, priority), 1.0)

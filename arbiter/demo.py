@@ -131,7 +131,8 @@ def _table(summary: dict, title: str) -> Table:
     t.add_column("queue", no_wrap=True, min_width=20)
     for col in ("sub", "wait", "run", "done", "fail", "cncl", "p50 s", "p95 s", "quality", "ms/tok"):
         t.add_column(col, justify="right", no_wrap=True)
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+    def f(v, d=2):
+        return "-" if v is None else f"{v:.{d}f}"
     for kind, s in summary.items():
         t.add_row(kind, str(s["submitted"]), str(s["queued"]), str(s["running"]), str(s["finished"]),
                   str(s["failed"]), str(s["cancelled"]), f(s["p50_s"]), f(s["p95_s"]), f(s["mean_quality"]),

@@ -147,7 +147,7 @@ def queue_depths(queues: list[str], depths: list[Any], affinity: list[tuple[str,
                  aff_depths: list[Any]) -> dict[str, int]:
     """queue -> messages in it and in its per-worker affinity queues (replies that are errors skipped)."""
     depth: dict[str, int] = {}
-    for q, n in [*zip(queues, depths), *((s, n) for (s, _), n in zip(affinity, aff_depths))]:
+    for q, n in [*zip(queues, depths, strict=True), *((s, n) for (s, _), n in zip(affinity, aff_depths, strict=True))]:
         if isinstance(n, int):
             depth[q] = depth.get(q, 0) + n
     return depth
@@ -209,7 +209,7 @@ def histogram_families(hist_keys: list[tuple[str, str, str, str]], hists: list[A
     """`HISTOGRAMS` per (workload, priority), from their hashes (`broker.histograms`)."""
     fams = {m: HistogramMetricFamily(f"arbiter_{m}", doc, labels=["workload", "priority"])
             for m, doc in HISTOGRAMS.items()}
-    for (metric, w, p, _), raw in zip(hist_keys, hists):
+    for (metric, w, p, _), raw in zip(hist_keys, hists, strict=True):
         h = _hash(raw)
         if not h:
             continue
@@ -282,7 +282,7 @@ def eta_ratio_family(queues: list[str], hists: list[Any]) -> Metric:
     fam = HistogramMetricFamily("arbiter_eta_ratio", "Per finished job held for fair share: the ETA it was given "
                                 "at submit / its real wait (1 = exact, > 1 too long, < 1 too short).",
                                 labels=["queue"])
-    for q, raw in zip(queues, hists):
+    for q, raw in zip(queues, hists, strict=True):
         if h := _hash(raw):
             fam.add_metric([q], _cumulative(h, ETA_RATIO_BUCKETS), _num(h.get("sum")) or 0.0)
     return fam

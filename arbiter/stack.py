@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from broker.errors import ArbiterError
 from broker.redis_server import EmbeddedRedis, ensure_redis, exit_with_parent, free_port, port_taken
@@ -225,7 +226,7 @@ class Stack:
             self.redis.cleanup()
             self.redis = None
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

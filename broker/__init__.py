@@ -21,7 +21,7 @@ _EXPORTS = {
     "Settings": "broker.settings", "get_settings": "broker.settings",
     "JobState": "broker.states",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)   # noqa: PLE0605 - the names of the lazy exports above, one table for both
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ import inspect
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError
@@ -227,7 +227,7 @@ class Client:
         self.redis.close()
         self.app.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -255,7 +255,7 @@ class JobHandle:
         while True:
             block_ms = 1000 if deadline is None else int(max(1, min(1000, (deadline - time.monotonic()) * 1000)))
             got = False
-            for last, event in store.events(self.id, last, block_ms):
+            for last, event in store.events(self.id, last, block_ms):   # noqa: B007, B020 - read on from the last id
                 got = True
                 yield event
                 if event.get("type") == "state" and JobState(event["state"]) in TERMINAL:

@@ -105,19 +105,6 @@ def connect_async(url: str, retry_s: float = 30.0, master_name: str = "", **kwar
     return async_redis_client(parse_redis_url(url, master_name), **{**_riding_out(Retry, retry_s), **kwargs})
 
 
-def redacted(url: str) -> str:
-    """The URL with its password masked, for printing (each part of a `;`-separated Sentinel URL)."""
-    if ";" in url:
-        return ";".join(redacted(part) for part in url.split(";"))
-    try:
-        password = urlparse(url).password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    return url.replace(f":{password}@", ":***@", 1)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,7 +159,7 @@ class EmbeddedRedis:
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
                 "--loglevel", "warning", *self.extra_args]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,  # noqa: PLW1509
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      preexec_fn=exit_with_parent)   # started from the main thread
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -25,6 +25,19 @@ SENTINEL_PORT = 26379
 SENTINEL_TIMEOUT_S = 1.0    # a sentinel that does not answer within this long is skipped for the next one
 
 
+def redacted(url: str) -> str:
+    """The URL with its password masked, for printing (each part of a `;`-separated Sentinel URL)."""
+    if ";" in url:
+        return ";".join(redacted(part) for part in url.split(";"))
+    try:
+        password = urlparse(url).password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
+
+
 @dataclass(frozen=True)
 class RedisTarget:
     """A parsed `ARBITER_REDIS_URL`. `sentinels` is empty for a plain Redis (then `url` is used as it is)."""
@@ -61,8 +74,6 @@ class RedisTarget:
     def describe(self) -> str:
         """For logs and `arbiter up`: no password."""
         if not self.is_sentinel:
-            from broker.redis_server import redacted
-
             return redacted(self.url)
         hosts = ", ".join(f"{_host(h)}:{p}" for h, p in self.sentinels)
         return f"Sentinel primary {self.master_name!r} via {hosts} (db {self.db})"

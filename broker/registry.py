@@ -74,7 +74,7 @@ class Variant(_Strict):
 
             try:
                 return Path(snapshot_download(self.hub, revision=self.revision, local_files_only=True))
-            except Exception as exc:
+            except Exception as exc:   # noqa: BLE001 - huggingface_hub has several errors for "not cached": one message
                 raise RegistryError(f"{self.hub!r} is not in the local Hugging Face cache ({exc})") from None
         raise RegistryError("a variant needs `path` or `hub` (or `base_url` for the openai backend)")
 

@@ -37,7 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:   # quiet: one line per failure only
         pass
 
-    def do_GET(self) -> None:   # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         m = _PATH.match(self.path)
         if not m:
             self.send_error(404, "no such path")
@@ -116,7 +116,7 @@ class PeerDirectory:
         if not nodes:
             return {}
         got = self.r.mget([self.keys.cache_peer(n) for n in nodes])
-        return {n: u.decode() for n, u in zip(nodes, got) if u}
+        return {n: u.decode() for n, u in zip(nodes, got, strict=True) if u}
 
 
 class PeerFetch:
@@ -165,4 +165,4 @@ def fetch_errors() -> tuple[type[BaseException], ...]:
     return (OSError, http.client.HTTPException, TimeoutError)
 
 
-__all__ = ["FragmentServer", "PeerDirectory", "PeerFetch", "PeerError", "fetch_errors", "WriteInto"]
+__all__ = ["FragmentServer", "PeerDirectory", "PeerError", "PeerFetch", "WriteInto", "fetch_errors"]

@@ -9,8 +9,8 @@ import hashlib
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Callable
 
 import xxhash
 

@@ -50,14 +50,14 @@ def llm_ladder(spec: JobSpec) -> list[Rung]:
         v = prof.LLM_VARIANTS[name]
         tokens = max(1, math.ceil(spec.max_new_tokens * share))
         kv = v.kv_mib_per_token * (prompt_tokens(spec.prompt) + tokens)
-        rungs.append(Rung(quality, name, v.weights_mib, int(math.ceil(kv + 64)),
+        rungs.append(Rung(quality, name, v.weights_mib, math.ceil(kv + 64),
                           {"variant": name, "max_new_tokens": tokens}))
     return rungs
 
 
 def _side(px: int, share: float) -> int:
     """Scaled side length, a multiple of 64 (at least 64, never above the request)."""
-    return min(px, max(64, int(round(px * share / 64)) * 64))
+    return min(px, max(64, round(px * share / 64) * 64))
 
 
 def diffusion_ladder(spec: JobSpec) -> list[Rung]:
@@ -112,12 +112,12 @@ def registry_ladder(name: str, model: Model, spec: JobSpec, weights_mib: dict[st
         wmib = v.weights_mib or weights_mib.get(variant, 0)
         if spec.workload is Workload.LLM:
             tokens = max(1, math.ceil((spec.max_new_tokens or 1) * r.tokens))
-            vram = int(math.ceil(v.kv_mib_per_token * (prompt_tokens(spec.prompt) + tokens) + 64))
+            vram = math.ceil(v.kv_mib_per_token * (prompt_tokens(spec.prompt) + tokens) + 64)
             params = {"variant": variant, "max_new_tokens": tokens}
         else:
             w, h = _side(spec.width or 512, r.side), _side(spec.height or 512, r.side)
             steps = max(1, math.ceil((spec.steps or 1) * r.steps))
-            vram = int(math.ceil(v.activation_mib_512 * w * h / (512 * 512)))
+            vram = math.ceil(v.activation_mib_512 * w * h / (512 * 512))
             params = {"variant": variant, "steps": steps, "width": w, "height": h, "guidance_scale": v.guidance_scale}
         rungs.append(Rung(r.quality, variant, wmib, vram, params))
     return rungs

@@ -29,7 +29,7 @@ def load_nvml() -> Any | None:
 
         pynvml.nvmlInit()
         return pynvml
-    except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+    except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
         log.info("NVML is not available (%s: %s): no real GPU telemetry on this node", type(exc).__name__, exc)
         return None
 
@@ -48,7 +48,7 @@ class NvmlTelemetry:
         mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
         try:
             util: float | None = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100
-        except Exception:   # not supported on every device / inside every VM
+        except Exception:   # noqa: BLE001 - not supported on every device / inside every VM
             util = None
         return GpuSnapshot(gpu_id=self.gpu_id, kind="nvml", total_mib=int(mem.total // MIB),
                            used_mib=int(mem.used // MIB), utilization=util, taken_at=time.time(),

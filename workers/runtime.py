@@ -298,7 +298,7 @@ def get_runtime() -> Runtime:
 
 
 def close_runtime() -> None:
-    global _runtime
+    global _runtime   # noqa: PLW0603 - the process's one runtime (per pid), dropped on close
     if _runtime is not None and _runtime_pid == os.getpid():
         _runtime.close()
     _runtime = None

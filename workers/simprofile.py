@@ -5,6 +5,7 @@ ladders, variants' weights) is `broker.simcatalog`, re-exported here."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from broker.schemas import Workload
@@ -39,7 +40,7 @@ SAME_KIND_EXTRA = 1.0   # two processes of one kind share the GPU evenly (not me
 def _interp(x: float, points: tuple[tuple[float, float], ...]) -> float:
     if x <= points[0][0]:
         return points[0][1] * (x / points[0][0]) if points[0][0] else points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     (x0, y0), (x1, y1) = points[-2], points[-1]
@@ -56,7 +57,7 @@ def diffusion_step_ms(width: int, height: int) -> float:
 
 
 def diffusion_activation_mib(width: int, height: int) -> int:
-    return int(round(_diffusion_curve(width * height, 2)))
+    return round(_diffusion_curve(width * height, 2))
 
 
 def diffusion_decode_ms(width: int, height: int) -> float:

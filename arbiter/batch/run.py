@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,6 @@ from broker.schemas import Priority, Workload
 
 POLL_S = 0.2
 TERMINAL_STATES = ("finished", "failed", "cancelled")
-
-
-@dataclass
-class Tally:
-    done: int = 0
-    failed: int = 0
-    qualities: list[float] = field(default_factory=list)
-    preemptions: int = 0           # of the jobs finished (or failed) in this run
-    inflight_preemptions: int = 0  # of the jobs still in flight, as last polled
-    states: Counter = field(default_factory=Counter)
-    reattached: int = 0            # lines whose job an earlier run had submitted
-    improved: int = 0              # outputs rewritten at full quality (--improve)
-    queued: list[str] = field(default_factory=list)   # ids of the jobs in flight still queued, in submit order
-    waiting: Any = None            # where the queued ones stand (`arbiter.batch.waiting.Waiting`), as last read
-
-    def quality_text(self) -> str:
-        if not self.qualities:
-            return "quality -"
-        mix = Counter(round(q, 2) for q in self.qualities)
-        parts = " ".join(f"{q:.2f}×{n}" for q, n in sorted(mix.items(), reverse=True)[:5])
-        return f"quality {sum(self.qualities) / len(self.qualities):.2f} ({parts})"
 
 
 def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, model: str | None,
@@ -89,7 +67,7 @@ def run_batch(prompts: Path, out: Path, priority: Priority, workload: Workload, 
         if already:
             console.print(f"[dim]{already} line(s) already done in an earlier run[/dim]")
 
-        tally = Tally()
+        tally = ui.Tally()
         manifest = output.open_manifest(out_dir / output.MANIFEST)
         stop = {"why": ""}
         old_int = signal.getsignal(signal.SIGINT)
@@ -190,7 +168,7 @@ def _submit(client: Any, ln: Line) -> tuple[str, bool]:
     return client.submit(ln.spec, idempotency_key=ln.key).id, bool(earlier)
 
 
-def _poll(client: Any, inflight: dict[str, Line], tally: Tally) -> list[str]:
+def _poll(client: Any, inflight: dict[str, Line], tally: ui.Tally) -> list[str]:
     """One pipeline of HMGET state, preemptions over every job in flight; returns the ids that ended."""
     if not inflight:
         return []
@@ -199,7 +177,7 @@ def _poll(client: Any, inflight: dict[str, Line], tally: Tally) -> list[str]:
     for job_id in ids:
         pipe.hmget(client.keys.job(job_id), "state", "preemptions")
     ended, states, preempt, queued = [], Counter(), 0, []
-    for job_id, (state, pre) in zip(ids, pipe.execute()):
+    for job_id, (state, pre) in zip(ids, pipe.execute(), strict=True):
         state = state.decode() if state is not None else "missing"
         preempt += int(pre or 0)
         if state in TERMINAL_STATES or state == "missing":

@@ -1,14 +1,37 @@
-"""What a person sees: the progress bar with its line of stats, the summary, the command that resumes."""
+"""What a person sees: the run's tally, the progress bar with its line of stats, the summary, the command
+that resumes."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from arbiter.batch.parse import Line
-    from arbiter.batch.run import Tally
     from broker.schemas import Priority, Workload
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    failed: int = 0
+    qualities: list[float] = field(default_factory=list)
+    preemptions: int = 0           # of the jobs finished (or failed) in this run
+    inflight_preemptions: int = 0  # of the jobs still in flight, as last polled
+    states: Counter = field(default_factory=Counter)
+    reattached: int = 0            # lines whose job an earlier run had submitted
+    improved: int = 0              # outputs rewritten at full quality (--improve)
+    queued: list[str] = field(default_factory=list)   # ids of the jobs in flight still queued, in submit order
+    waiting: Any = None            # where the queued ones stand (`arbiter.batch.waiting.Waiting`), as last read
+
+    def quality_text(self) -> str:
+        if not self.qualities:
+            return "quality -"
+        mix = Counter(round(q, 2) for q in self.qualities)
+        parts = " ".join(f"{q:.2f}×{n}" for q, n in sorted(mix.items(), reverse=True)[:5])
+        return f"quality {sum(self.qualities) / len(self.qualities):.2f} ({parts})"
 
 
 def progress(console: Any) -> Any:

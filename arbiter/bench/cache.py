@@ -67,7 +67,8 @@ def _read_files(paths: list[Path], buf: bytearray) -> None:
 def make_cache(url: str, base: Path, shm: Path, node: str, serve: bool = False) -> FragmentCache:
     base.mkdir(parents=True, exist_ok=True)
     shm.mkdir(parents=True, exist_ok=True)
-    room = lambda p: int(shutil.disk_usage(p).free * 0.4)
+    def room(p):
+        return int(shutil.disk_usage(p).free * 0.4)
     ram = FileTier("ram", shm / f"ram-{node}", room(shm), keep_mapped_bytes=room(shm))
     cache = FragmentCache(redis.Redis.from_url(url), Keys("bench"), node, ram,
                           FileTier("disk", base / f"disk-{node}", room(base), verify_reads=True))

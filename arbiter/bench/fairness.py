@@ -14,6 +14,7 @@ shares are exactly the weights')."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -47,8 +48,8 @@ def both_busy_shares(jobs: dict[str, list[tuple[float, float, float]]]) -> dict[
     def pending(tenant: str, t: float) -> bool:
         return any(s <= t < f for s, _, f in jobs[tenant])
 
-    out = {t: 0.0 for t in jobs}
-    for a, b in zip(edges, edges[1:]):
+    out = dict.fromkeys(jobs, 0.0)
+    for a, b in itertools.pairwise(edges):
         mid = (a + b) / 2
         if all(pending(t, mid) for t in jobs):
             for tenant, spans in jobs.items():

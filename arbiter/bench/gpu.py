@@ -211,7 +211,7 @@ def _stack(settings: Any, dev: str, p: Preset, log_dir: Path, run: Run) -> dict[
             run.say(f"stack {settings.policy}: {name}")
             try:
                 out[name] = fn()
-            except Exception as exc:
+            except Exception as exc:   # noqa: BLE001 - one scenario's failure goes into the report; the rest still run
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 run.say(f"stack {settings.policy}: {name} FAILED {type(exc).__name__}: {exc}")
     return out

@@ -6,6 +6,7 @@ directly in this process on the bench's models, to time model loads (through the
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -137,7 +138,7 @@ class Probe:
             import torch
 
             peak = torch.cuda.max_memory_allocated() / MIB - (before or 0)
-        gaps = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
         return {"quality": rung.quality, "params": {k: v for k, v in rung.params.items() if k != "variant"},
                 "estimate_mib": rung.vram_mib, "measured_mib": None if peak is None else round(peak),
                 "error_pct": error_pct(rung.vram_mib, peak), "first_step_ms": round((stamps[0] - t0) * 1000, 2) if stamps else None,
@@ -204,7 +205,7 @@ def nvml_cost(calls: int = 200) -> dict[str, Any]:
     procs = None
     try:
         procs = len(nvml.nvmlDeviceGetComputeRunningProcesses(tel.handle))
-    except Exception:
+    except Exception:   # noqa: BLE001, S110 - some drivers and VMs list no processes: reported as None
         pass
     return {"available": True, "name": tel.name, "mem_info_us": round(mem_us, 1), "snapshot_us": round(snap_us, 1),
             "total_mib": snap.total_mib, "used_mib": snap.used_mib, "processes_visible": procs}

@@ -48,12 +48,12 @@ def compare(data: dict[str, Any]) -> list[dict[str, Any]]:
                                                                   else "other shapes than the calibration's")})
 
     for pol in ("priority", "arbiter"):
-        for side, anchor in zip(data["sides"], ("512", "1024")):
+        for side, anchor in zip(data["sides"], ("512", "1024"), strict=False):
             m = _get(data, f"stack_{pol}", "contention", "beside", str(side), "ratio_to_alone")
             expect = CHAT_RATIO[anchor] if pol == "priority" else 1.0
             row(f"chat per token beside {side} px diffusion / alone ({pol})", m, expect, cuda,
                 "H100 time-slicing anchor" if pol == "priority" else "sim: background paused while chat runs")
-    for side, anchor in zip(data["sides"], ("512", "1024")):
+    for side, anchor in zip(data["sides"], ("512", "1024"), strict=False):
         st = _get(data, "stack_priority", "contention", "beside", str(side))
         m = (st["diffusion_ms_per_step_beside_chat"] / st["diffusion_ms_per_step_alone"]
              if st and st.get("diffusion_ms_per_step_beside_chat") and st.get("diffusion_ms_per_step_alone") else None)
@@ -115,9 +115,9 @@ def sections(data: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
 def markdown(data: dict[str, Any]) -> str:
     t = data.get("torch", {})
     lines = [f"# arbiter bench gpu: {t.get('device_name', data['device'])}, preset {data['preset']}", "",
-             f"{data['models'].get('llm')}; {data['models'].get('diffusion')}. torch {t.get('torch')} "
+             (f"{data['models'].get('llm')}; {data['models'].get('diffusion')}. torch {t.get('torch')} "
              f"(CUDA {t.get('cuda')}), transformers {t.get('transformers')}, diffusers {t.get('diffusers')}. "
-             f"Run took {data.get('wall_s')} s, {data['machine'].get('when')}.", "",
+             f"Run took {data.get('wall_s')} s, {data['machine'].get('when')}."), "",
              "## Against the sim's calibration (H100)", "",
              "| figure | measured | sim / H100 | measured ÷ sim | note |", "|---|---|---|---|---|"]
     for r in data.get("calibration") or compare(data):

@@ -51,7 +51,7 @@ def stop(h: JobHandle) -> None:
     try:
         h.cancel()
         h.wait(timeout=120)
-    except Exception:
+    except Exception:   # noqa: BLE001, S110 - best effort at a run's end: the job may have ended or expired
         pass
 
 
@@ -169,7 +169,7 @@ class StackRun:
         chat(self.client, 8, self.timeout_s)
         got = bg.result(timeout=self.timeout_s)
         a, b = reference.split(), (got.text or "").split()
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
         return {"tokens": tokens, "preemptions": got.preemptions, "identical": got.text == reference,
                 "note": None if got.preemptions else "not preempted: the comparison says nothing about resume",
                 "first_different_token": first, "compared": "decoded text (one word per token id)"}

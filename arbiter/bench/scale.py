@@ -113,7 +113,7 @@ def measure_size(base: Settings, n_gpus: int, ticks: int) -> dict[str, Any]:
                 loop_s = time.perf_counter() - t0
                 round_trips = (trips[0] - trips_before) / ticks
                 sweeps = _sweeps(beat, meter)
-                read_ms = _timed(lambda: beat.read_world(), 5)
+                read_ms = _timed(beat.read_world, 5)
                 budgets_written = sum(bool(r.exists(beat.keys.budgets(g.decode()))) for g in r.smembers(beat.keys.gpus()))
                 plan_ms = [x / 1000 for x in beat.plan_us]
             finally:

@@ -32,7 +32,8 @@ def cache_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     t = Table(title="Fragment cache")
     for col in ("node", "tier", "used / budget MiB", "fragments", "hits", "misses", "loaded MiB", "GB/s"):
         t.add_column(col, justify="left" if col in ("node", "tier") else "right")
-    mib = lambda v: "-" if v is None else f"{v / 2**20:.0f}"
+    def mib(v):
+        return "-" if v is None else f"{v / 2**20:.0f}"
     for node, info in data["nodes"].items():
         for tier, v in info["tiers"].items():
             t.add_row(node, tier, f"{mib(v['used_bytes'])} / {mib(v['budget_bytes'])}", str(v["fragments"] or "-"),

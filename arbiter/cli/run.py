@@ -175,7 +175,7 @@ def dev(
     priority). The embedded Redis keeps its data in .arbiter/redis (append-only file): jobs, keys and the
     development key survive a restart; --fresh starts it empty. Ctrl-C stops everything."""
     from arbiter.stack import Stack, WorkerSpec
-    from broker.redis_server import redacted
+    from broker.redis_url import redacted
 
     redis_dir = DEV_DIR / "redis"
     if fresh:

@@ -5,7 +5,7 @@ recovery happens within seconds."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

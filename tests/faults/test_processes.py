@@ -1,6 +1,7 @@
 """Processes dying under load: a worker SIGKILLed mid-job, the leading beat SIGKILLed while a second beat
 stands by, then restarted. No job is lost, none runs twice at once, and budgets keep being decided."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -52,9 +53,9 @@ def test_workers_and_beats_killed_under_load_lose_nothing(client, settings, star
     assert all(s.state is JobState.FINISHED for s in statuses), [(s.job_id, s.state, s.error) for s in statuses]
     for job in jobs:                                      # never two runs at once: running only after a (re)queue
         states = state_runs(client, job.id)
-        for a, b in zip(states, states[1:]):
+        for a, b in itertools.pairwise(states):
             assert not (a == "running" and b == "running"), (job.id, states)
-        starts = sum(1 for a, b in zip(["queued", *states], states) if b == "running" and a != "paused")
+        starts = sum(1 for a, b in zip(["queued", *states], states, strict=True) if b == "running" and a != "paused")
         assert starts == job.status().runs, states
     assert any(s.runs >= 2 for s in statuses)             # the killed worker's jobs were run again
     assert replacement.proc.poll() is None

@@ -17,7 +17,7 @@ def settings(own_redis):  # noqa: F811
 
 
 def test_jobs_start_and_finish_after_redis_forgets_its_scripts(client, procs):  # noqa: F811
-    start_worker, start_beat = procs
+    start_worker, _start_beat = procs
     start_worker("llm", concurrency=1, gpu="sim7:24GiB", name="flush@faults")
     first = client.submit(workload="llm", prompt="load the scripts", max_new_tokens=4)
     assert first.wait(timeout=60).state is JobState.FINISHED

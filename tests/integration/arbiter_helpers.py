@@ -5,7 +5,6 @@ import pytest
 import redis
 
 from broker.keys import Keys
-
 from broker.settings import Settings
 
 FAST = dict(sim_time_scale=0.3, progress_interval_s=0.0, lease_ttl_s=2.0, heartbeat_interval_s=0.5,

@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from arbiter.beat import Beat
-from broker.ledger import Ledger
 from broker.errors import JobFailed
 from broker.keys import Keys
+from broker.ledger import Ledger
 from tests.conftest import ROOT, wait_until, worker_env
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401
 
@@ -80,7 +80,7 @@ def test_a_queued_job_past_its_deadline_fails_fast(client, procs):  # noqa: F811
     worker("diffusion", concurrency=1, gpu="sim4:24GiB")
     blocker = client.submit(workload="diffusion", prompt="blocker", steps=60, width=1024, height=1024)
     late = client.submit(workload="diffusion", prompt="late", steps=2, width=64, height=64, deadline_s=0.2)
-    with pytest.raises(JobFailed, match="deadline of 0.2 s passed"):
+    with pytest.raises(JobFailed, match=r"deadline of 0.2 s passed"):
         late.result(timeout=30)
     assert late.status().started_at is None
     blocker.result(timeout=30)

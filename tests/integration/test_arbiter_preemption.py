@@ -6,8 +6,8 @@ import time
 import pytest
 from celery.result import AsyncResult
 
-from broker.ledger import Ledger
 from broker.keys import Keys
+from broker.ledger import Ledger
 from broker.states import JobState
 from tests.conftest import wait_until
 from tests.integration.arbiter_helpers import fast_settings, procs  # noqa: F401

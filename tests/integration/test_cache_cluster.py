@@ -18,8 +18,8 @@ from cache.loader import FragmentCache
 from cache.manifest import Manifest
 from cache.origin import LocalOrigin
 from cache.tiers import FileTier, TierFull
-
-from tests.support.cache import CountingOrigin as _CountingOrigin, random_model
+from tests.support.cache import CountingOrigin as _CountingOrigin
+from tests.support.cache import random_model
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ from cache.mapped import map_files
 from cache.origin import LocalOrigin
 from cache.pinned import CorruptFragment
 from cache.tiers import FileTier
-
 from tests.support.cache import CountingOrigin, random_model
 
 pytestmark = pytest.mark.integration

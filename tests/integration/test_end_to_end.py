@@ -103,7 +103,7 @@ def test_cancel_a_running_job_stops_it_at_a_step(client):
     plain = Celery(backend=client.settings.redis_url)
     for app in (client.app, plain):
         meta = AsyncResult(job.id, app=app)
-        wait_until(lambda: meta.state != "PROGRESS", timeout_s=10)   # written just after the job's record
+        wait_until(lambda meta=meta: meta.state != "PROGRESS", timeout_s=10)   # written just after the job's record
         assert meta.state == "REVOKED"
         assert isinstance(meta.result, TaskRevokedError) and "cancelled at step" in str(meta.result)
 

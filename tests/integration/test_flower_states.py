@@ -6,14 +6,14 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
-import time
 
 import pytest
 
-from broker.budgets import DEGRADE_ORDER
 from arbiter.stack import FLOWER_TASKS_COLUMNS
+from broker.budgets import DEGRADE_ORDER
 from broker.job_controls import encode_control
 from broker.redis_server import free_port
 from broker.states import JobState

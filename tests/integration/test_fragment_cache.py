@@ -13,8 +13,8 @@ from cache.index import CacheIndex
 from cache.loader import FragmentCache
 from cache.origin import LocalOrigin, OriginError
 from cache.tiers import FileTier
-
-from tests.support.cache import CountingOrigin as _CountingOrigin, random_model
+from tests.support.cache import CountingOrigin as _CountingOrigin
+from tests.support.cache import random_model
 
 pytestmark = pytest.mark.integration
 

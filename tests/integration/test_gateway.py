@@ -202,7 +202,7 @@ def test_keys_cli_and_metrics(gateway, settings):
 
     from tests.conftest import ROOT, worker_env
 
-    base, keys = gateway
+    base, _keys = gateway
     run = lambda *a: subprocess.run([sys.executable, "-m", "arbiter", "keys", *a], env=worker_env(settings),  # noqa: E731
                                     cwd=ROOT, capture_output=True, text=True, timeout=60)
     made = run("create", "cli-key", "--priorities", "background", "--rate", "5")

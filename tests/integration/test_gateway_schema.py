@@ -4,13 +4,17 @@ from the schema alone, never gets a 5xx, an undocumented status, or a response t
 
 from collections import Counter
 
-import hypothesis
 import httpx
+import hypothesis
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase
-from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
-                                 status_code_conformance)
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from arbiter.gateway.apikeys import KeyStore
 from broker.app import all_queues
@@ -95,15 +99,15 @@ def test_schemathesis_finds_no_5xx_on_any_operation(gateway):
                 headers = {**(case.headers or {}), **auth}   # the fuzzer's own keys are random
                 try:
                     response = case.call(base_url=gw.base, headers=headers, timeout=30)
-                    statuses.setdefault(op.label, Counter())[response.status_code] += 1
+                    statuses.setdefault(op.label, Counter())[response.status_code] += 1   # noqa: B023 - called below, same iteration
                     case.validate_response(response, checks=CHECKS)
-                except Exception as exc:   # noqa: BLE001 - collected, reported together below
-                    failures.append(f"{op.label} [{mode.value}]: {str(exc)[:600]}")
+                except Exception as exc:
+                    failures.append(f"{op.label} [{mode.value}]: {str(exc)[:600]}")   # noqa: B023 - as above
                     raise
 
             try:
                 call()
-            except Exception:   # noqa: BLE001 - hypothesis re-raises the shrunk failure; already recorded
+            except Exception:   # noqa: BLE001, S110 - hypothesis re-raises the shrunk failure; already recorded
                 pass
     for queue in all_queues():
         httpx.post(f"{gw.base}/v1/admin/queues/{queue}/resume", headers=admin)   # whatever the fuzzer paused

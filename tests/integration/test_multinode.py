@@ -5,6 +5,7 @@ finished by the others from their checkpoints. Real redis-server, real workers, 
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 
@@ -91,5 +92,5 @@ def test_three_nodes_two_gpus_each(client, procs, settings, tmp_path):  # noqa: 
         res = j.result(timeout=1)
         assert res.runs >= 2 and not res.gpu_id.startswith("node1:"), res
         steps = [int(e["step"]) for e in events(client, j.id) if e.get("type") == "progress"]
-        restart = next((b for a, b in zip(steps, steps[1:]) if b < a), None)
+        restart = next((b for a, b in itertools.pairwise(steps) if b < a), None)
         assert restart is None or restart > 1, steps    # resumed from a checkpoint, not from step 0

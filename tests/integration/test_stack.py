@@ -52,7 +52,7 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
 
         _printed_gateway_answers(out, gateway_port)
         _printed_try_line_works(out, tmp_path)
-        assert f"(embedded; data kept in .arbiter/redis/ across restarts" in out
+        assert "(embedded; data kept in .arbiter/redis/ across restarts" in out
 
         client = Client(settings=Settings(redis_url=env["ARBITER_REDIS_URL"]))
         job = client.submit(workload="llm", prompt="hi flower", priority="interactive", max_new_tokens=5)
@@ -82,7 +82,7 @@ def test_dev_stack_runs_jobs_shows_them_in_flower_and_stops_cleanly(tmp_path):
         except subprocess.TimeoutExpired:
             tree = [(c.pid, c.name(), " ".join(c.cmdline()[:6])) for c in psutil.Process(proc.pid).children(recursive=True)]
             proc.kill()
-            raise AssertionError(f"arbiter dev did not stop within 30 s; children {tree}\n{log.read_text()[-4000:]}")
+            raise AssertionError(f"arbiter dev did not stop within 30 s; children {tree}\n{log.read_text()[-4000:]}") from None
     gone = psutil.wait_procs(children, timeout=15)[1]
     assert not gone, f"orphans left running: {gone}"
     assert proc.returncode == 0
@@ -92,8 +92,8 @@ def _printed_gateway_answers(out, port):
     """The gateway and the development key `arbiter dev` printed work as printed: interactive chat."""
     import openai
 
-    gateway = re.search(r"^gateway +(http://\S+)", out, re.M).group(1)
-    key = re.search(r"^api key +(ak_\S+)", out, re.M).group(1)
+    gateway = re.search(r"^gateway +(http://\S+)", out, re.MULTILINE).group(1)
+    key = re.search(r"^api key +(ak_\S+)", out, re.MULTILINE).group(1)
     assert gateway == f"http://127.0.0.1:{port}"
     oa = openai.OpenAI(base_url=gateway + "/v1", api_key=key, max_retries=0)
     reply = oa.chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
@@ -109,7 +109,7 @@ def _printed_gateway_answers(out, port):
 def _printed_try_line_works(out, cwd):
     """The `arbiter submit` line `arbiter dev` printed runs as printed, in a shell (no bare `arbiter` that is
     not on PATH): here the interpreter that runs `arbiter dev`, with `-m arbiter`."""
-    line = re.search(r"^try +(ARBITER_REDIS_URL=.* submit llm .*)$", out, re.M).group(1)
+    line = re.search(r"^try +(ARBITER_REDIS_URL=.* submit llm .*)$", out, re.MULTILINE).group(1)
     assert f"{sys.executable} -m arbiter submit" in line
     p = subprocess.run(line.replace("'hello'", "'hello' --max-new-tokens 3"), shell=True, cwd=cwd,
                        capture_output=True, text=True, timeout=60)

@@ -44,7 +44,7 @@ def test_decide(job: JobView, expected: type) -> None:
 
 def test_budget_picks_the_rungs_best_first() -> None:
     d = decide(view(budget=0.7))
-    assert isinstance(d, Try) and [r.quality for r in d.rungs][0] == 0.7
+    assert isinstance(d, Try) and next(r.quality for r in d.rungs) == 0.7
     assert all(r.quality <= 0.7 for r in d.rungs)
 
 

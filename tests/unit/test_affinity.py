@@ -45,5 +45,5 @@ def test_node_ram_is_the_second_choice():
     assert got is not None and got.worker == "c"
     assert pass_to("v", set(), "n1", peers, {"n1", "n3"}, 0, 1) is None   # already in RAM here
     # VRAM beats node RAM
-    got = pass_to("v", set(), "n1", peers + [peer("d", node="n4", resident={"v"})], {"n3"}, 0, 1)
+    got = pass_to("v", set(), "n1", [*peers, peer("d", node="n4", resident={"v"})], {"n3"}, 0, 1)
     assert got is not None and got.worker == "d"

@@ -1,3 +1,5 @@
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,7 +101,7 @@ def test_no_flapping_under_a_steady_signal(history, steady, hold):
         state, _ = next_budgets(state, steady, cfg)
         seen.append(state.budgets)
     for k in DEGRADE_ORDER:
-        diffs = [b[k] - a[k] for a, b in zip(seen, seen[1:]) if abs(b[k] - a[k]) > 1e-9]
+        diffs = [b[k] - a[k] for a, b in itertools.pairwise(seen) if abs(b[k] - a[k]) > 1e-9]
         assert all(d > 0 for d in diffs) or all(d < 0 for d in diffs), (k, diffs)
 
 

@@ -35,9 +35,9 @@ def test_help_piped_keeps_choices_and_sentences_whole():
     page = help_page("submit")
     assert "Usage: arbiter submit [OPTIONS] WORKLOAD PROMPT" in page
     assert re.search(r"^  --priority \[interactive\|standard\|background\] +Queue priority\.  \[default: standard\]$",
-                     page, re.M), page
-    assert re.search(r"^  --json +Print JSON\.$", page, re.M)
-    assert re.search(r"^  WORKLOAD +llm or diffusion \(llm\|diffusion\)  \[required\]$", page, re.M)
+                     page, re.MULTILINE), page
+    assert re.search(r"^  --json +Print JSON\.$", page, re.MULTILINE)
+    assert re.search(r"^  WORKLOAD +llm or diffusion \(llm\|diffusion\)  \[required\]$", page, re.MULTILINE)
     assert "re-run it at full quality when the GPU would otherwise idle and replace its result." in page
     dev = help_page("dev")
     assert "an llm and a diffusion worker on one sim GPU, the beat" in dev   # the docstring's line break is gone

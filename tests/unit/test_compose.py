@@ -198,7 +198,7 @@ def exported() -> set[str]:
     from arbiter.metric_families import COUNTERS
     from broker.stats import add
 
-    add(r, KEYS, **{name: 1 for name in COUNTERS})
+    add(r, KEYS, **dict.fromkeys(COUNTERS, 1))
     return {s.name for fam in text_string_to_metric_families(render(r, KEYS).decode()) for s in fam.samples}
 
 

@@ -3,7 +3,7 @@ import pytest
 from broker.errors import JobNotFound
 from broker.jobstore import JobStore
 from broker.keys import Keys
-from broker.schemas import JobResult, Progress, JobSpec
+from broker.schemas import JobResult, JobSpec, Progress
 from broker.states import JobState
 
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from broker.schemas import JobSpec
@@ -17,7 +19,7 @@ def llm(**kw):
 def test_ladders_are_monotone(ladder):
     qs = [r.quality for r in ladder]
     assert qs == sorted(qs, reverse=True) and qs[0] == 1.0
-    for hi, lo in zip(ladder, ladder[1:]):
+    for hi, lo in itertools.pairwise(ladder):
         assert lo.vram_mib + lo.weights_mib <= hi.vram_mib + hi.weights_mib
         assert lo.total_steps <= hi.total_steps
 

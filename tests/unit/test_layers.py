@@ -53,9 +53,9 @@ def imported(tree: ast.AST) -> list[tuple[int, str]]:
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.append((node.lineno, node.module))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in logger_args:
-            if DOTTED.match(node.value) and is_module(node.value.split(":")[0]):
-                out.append((node.lineno, node.value.split(":")[0]))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in logger_args \
+                and DOTTED.match(node.value) and is_module(node.value.split(":")[0]):
+            out.append((node.lineno, node.value.split(":")[0]))
     return [(line, m) for line, m in out if m.split(".")[0] in ("broker", "cache", "workers", "arbiter")]
 
 
@@ -81,3 +81,25 @@ def test_the_check_sees_lazy_and_string_imports() -> None:
     assert sorted(imported(tree)) == [(2, "workers"), (3, "workers.celery_app")]
     assert layer("arbiter.cli") > layer("arbiter.beat") > layer("workers.runner") > layer("cache.tiers") \
         > layer("broker.keys")
+
+
+def modules_imported(tree: ast.AST) -> set[str]:
+    """Every module of ours a file imports, anywhere in it (lazily, under TYPE_CHECKING too): `from pkg import
+    mod` counts as `pkg.mod` when `mod` is a module, else as `pkg`."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")}
+            out |= subs if len(subs) == len(node.names) else subs | {node.module}
+    return {m for m in out if m.split(".")[0] in ("broker", "cache", "workers", "arbiter") and is_module(m)}
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """Of two modules, one may depend on the other, never both (batch run/ui, bench cache/cache_model, gateway
+    app/openai_routes and broker redis_server/redis_url did): a lazy import only hides such a circle."""
+    graph = {module_name(p): modules_imported(ast.parse(p.read_text(), str(p))) for p in sources()}
+    circles = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps
+                      if b != a and a in graph.get(b, set())})
+    assert not circles, "modules that import each other:\n" + "\n".join(f"{a} <-> {b}" for a, b in circles)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from broker.ledger import Ledger
 from broker.keys import Keys
+from broker.ledger import Ledger
 
 
 class Clock:

@@ -189,7 +189,7 @@ def test_draining_a_paused_queue_lets_its_workers_consume_it_again(fake_redis):
 
 
 def test_unknown_queues_and_malformed_records(fake_redis):
-    with pytest.raises(InvalidJob, match="unknown queue 'llm.urgent'; queues are: llm.interactive"):
+    with pytest.raises(InvalidJob, match=r"unknown queue 'llm.urgent'; queues are: llm.interactive"):
         check_queue("llm.urgent")
     with pytest.raises(InvalidJob):
         pause(fake_redis, KEYS, FakeApp(), "llm.standard@w1")   # affinity lists follow their queue

@@ -5,8 +5,8 @@ import pytest
 from redis.sentinel import SentinelConnectionPool
 
 from broker.app import create_app
-from broker.redis_server import connect, redacted
-from broker.redis_url import parse_redis_url
+from broker.redis_server import connect
+from broker.redis_url import parse_redis_url, redacted
 from broker.settings import Settings
 
 

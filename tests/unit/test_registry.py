@@ -84,7 +84,7 @@ def test_missing_file_and_missing_weights_are_named(tmp_path):
     with pytest.raises(RegistryError, match="does not exist"):
         load_registry(tmp_path / "nope.toml")
     reg = load_registry(write(tmp_path, GOOD.replace("/models/big", str(tmp_path))))
-    with pytest.raises(RegistryError, match="no .safetensors files"):
+    with pytest.raises(RegistryError, match=r"no .safetensors files"):
         reg.check_files("transformers")
     with pytest.raises(RegistryError, match="is not a directory"):
         load_registry(write(tmp_path, GOOD)).check_files("diffusers")

@@ -1,3 +1,5 @@
+import itertools
+
 from broker.states import ALLOWED_FROM, TERMINAL, JobState, can_transition
 
 
@@ -10,7 +12,7 @@ def test_terminal_states_are_final():
 def test_job_path_and_preemption_cycle():
     path = [JobState.QUEUED, JobState.RUNNING, JobState.PREEMPTED, JobState.QUEUED, JobState.RUNNING,
             JobState.FINISHED]
-    for a, b in zip(path, path[1:]):
+    for a, b in itertools.pairwise(path):
         assert can_transition(a, b), f"{a} -> {b}"
     assert not can_transition(JobState.QUEUED, JobState.FINISHED)
     assert not can_transition(JobState.QUEUED, JobState.PREEMPTED)

@@ -69,7 +69,8 @@ def test_merged_writes_equal_the_commands_one_by_one():
     total.write(pipe := merged.pipeline(transaction=False))
     pipe.execute()
     a, b = dump(one_by_one), dump(merged)
-    floats = lambda h: {k: round(float(v), 9) for k, v in h.items()}   # sums add in another order
+    def floats(h):
+        return {k: round(float(v), 9) for k, v in h.items()}   # sums add in another order
     assert a.keys() == b.keys() and len(a) >= 5
     for key in a:
         assert (floats(a[key]) == floats(b[key])) if isinstance(a[key], dict) else a[key] == b[key], key
