@@ -6,8 +6,7 @@ from collections import Counter
 
 import pytest
 
-from arbiter.batch.run import Tally
-from arbiter.batch.ui import stats_line
+from arbiter.batch.ui import Tally, stats_line
 from arbiter.batch.waiting import Waiting, waiting_text
 from broker.position import Position
 
