@@ -262,7 +262,7 @@ def backlog_families(queues: list[str], depth: dict[str, int], held: dict[str, i
                               labels=["workload", "band"]),
             GaugeMetricFamily("arbiter_jobs_running", "Jobs running (holding a live VRAM lease), per workload and "
                               "band.", labels=["workload", "band"]))
-    for fam, counts in zip(fams, (waiting, running)):
+    for fam, counts in zip(fams, (waiting, running), strict=True):
         for q in queues:
             fam.add_metric(list(q.split(".", 1)), counts[q])
     yield from fams

@@ -7,7 +7,7 @@ start goes on the GPU's residency log (last use and demand per model), riding in
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.ledger import weights_field
 from broker.scriptops import ScriptOps
@@ -27,15 +27,35 @@ from workers.residency import (
     residents,
 )
 
-if TYPE_CHECKING:   # annotations only: the runtime's heartbeat imports this module
+if TYPE_CHECKING:
+    import redis
+
+    from broker.keys import Keys
+    from broker.ledger import Ledger
+    from broker.settings import Settings
+    from workers.backends.base import Backend
     from workers.ladders import Rung
-    from workers.runtime import Runtime
     from workers.view import View
 
 log = logging.getLogger("arbiter.residency")
 
 
-def plan(rt: Runtime, view: View, model: str | None, rungs: tuple[Rung, ...], capacity_mib: int,
+class WorkerRuntime(Protocol):
+    """What this module reads of a worker's `workers.runtime.Runtime`: a protocol, not an import of it (the
+    runtime's heartbeat imports this module; of two modules, one depends on the other)."""
+
+    settings: Settings
+    redis: redis.Redis
+    keys: Keys
+    clock: Any
+    ledger: Ledger
+    worker: str
+    gpu_id: str
+    backend: Backend
+    current: Any
+
+
+def plan(rt: WorkerRuntime, view: View, model: str | None, rungs: tuple[Rung, ...], capacity_mib: int,
          interactive: bool, queued_at: float) -> Admit | WaitForRoom:
     """Residency's answer for the job's candidate rungs, from what the job's view read; the GPU's residency
     log is read (one round trip) only when the best rung does not fit as things are."""
@@ -55,7 +75,7 @@ RESIDENCY_LOG_TTL_S = 86_400   # a GPU gone for a day leaves no residency log be
 REQUEST_TTL_S = 10.0      # an eviction request older than this is stale (its job went on without it)
 
 
-def make_room(rt: Runtime, job_id: str, admit: Admit) -> bool:
+def make_room(rt: WorkerRuntime, job_id: str, admit: Admit) -> bool:
     """Evict the answer's weights: this worker's at once, other workers' by request (their heartbeat evicts
     them within a snapshot interval). False (nothing more evicted) when one of this worker's is in use again."""
     asked = [r for r in admit.evict if r.worker != rt.worker]
@@ -76,7 +96,7 @@ def make_room(rt: Runtime, job_id: str, admit: Admit) -> bool:
     return True
 
 
-def evict(rt: Runtime, variant: str, why: str) -> bool:
+def evict(rt: WorkerRuntime, variant: str, why: str) -> bool:
     """This worker's weights of `variant` out of the ledger (unless a job of this worker runs them) and out
     of the backend's memory."""
     if not rt.ledger.evict_weights(rt.gpu_id, rt.worker, variant):
@@ -87,7 +107,7 @@ def evict(rt: Runtime, variant: str, why: str) -> bool:
     return True
 
 
-def answer_requests(rt: Runtime) -> None:
+def answer_requests(rt: WorkerRuntime) -> None:
     """The heartbeat's part: evict this worker's weights that another worker's admission asked for, unless a
     job runs them (here or in another process of this worker); the request is answered either way."""
     key = rt.keys.evict_requests(rt.gpu_id)
@@ -108,7 +128,7 @@ def answer_requests(rt: Runtime) -> None:
         rt.redis.hdel(key, field)
 
 
-def forget_evicted(rt: Runtime, view: View) -> None:
+def forget_evicted(rt: WorkerRuntime, view: View) -> None:
     """Drop this process's copy of variants whose weights lease is gone (another process of this worker
     evicted them, or they expired): the ledger is the truth, so a job on one of them loads it for real."""
     leased = {x.field for x in view.leases if x.kind == "weights"}
@@ -118,7 +138,7 @@ def forget_evicted(rt: Runtime, view: View) -> None:
             rt.backend.evict(variant)
 
 
-def log_start(rt: Runtime, side: ScriptOps, model: str | None, variant: str, now: float) -> ScriptOps:
+def log_start(rt: WorkerRuntime, side: ScriptOps, model: str | None, variant: str, now: float) -> ScriptOps:
     """The run's start on the GPU's residency log, as a side write of the start step."""
     key = rt.keys.residency_log(rt.gpu_id)
     return side.lpush(key, log_entry(now, model or model_of(variant), variant, rt.worker)) \

@@ -184,7 +184,7 @@ def evictions(all_residents: Iterable[Resident], worker: str, need_mib: int, now
     None when they cannot."""
     if need_mib <= 0:
         return ()
-    ok = [r for r in all_residents if not (r.worker == worker and r.variant == keep) 
+    ok = [r for r in all_residents if not (r.worker == worker and r.variant == keep)
           and reclaimable(r, cfg, rival_rate, waited_s)]
     ranked = eviction_order([r for r in ok if r.worker == worker], now, cfg) + \
         eviction_order([r for r in ok if r.worker != worker], now, cfg)

@@ -69,5 +69,5 @@ def main() -> None:
         fail(str(exc), 2)
     except redis.RedisError as exc:   # read outside the client's calls (status): in the client's words
         fail(str(redis_unavailable(exc)), 1)
-    except (ArbiterError, redis.RedisError, ConnectionError, OSError) as exc:
+    except (ArbiterError, ConnectionError, OSError) as exc:
         fail(str(exc), 1)

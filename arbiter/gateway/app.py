@@ -122,7 +122,7 @@ def create_gateway(settings: Settings) -> FastAPI:
 
     from arbiter.gateway.openai_routes import add_openai_routes
 
-    add_openai_routes(app, ctx, caller)
+    add_openai_routes(app, ctx, caller, stream)
     from arbiter.gateway.admin import add_admin_routes
 
     add_admin_routes(app, ctx, caller)   # /v1/admin/...: operators' controls, admin-scoped keys only

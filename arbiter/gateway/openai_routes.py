@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request, Response
@@ -35,7 +35,9 @@ from broker.schemas import Priority, Workload
 CHAT_STREAM = sse_response("With stream=true: chat.completion.chunk events, then `data: [DONE]`.")
 
 
-def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
+def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any, stream: Callable[..., Awaitable[Any]]) -> None:
+    """The OpenAI-compatible routes on `app`; `stream` is the gateway's SSE response (`arbiter.gateway.app.stream`,
+    handed in: this module does not import the app that imports it)."""
     settings = ctx.settings
 
     def cards() -> list[ModelCard]:
@@ -74,8 +76,6 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
             handle = await run_in_threadpool(ctx.submit, key, fields, idempotency_key, oa.chat_params(body), 400)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                from arbiter.gateway.app import stream
-
                 streaming = await stream(ctx, claim, _chat_chunks(ctx, handle, body.model, fields, include_usage,
                                                                   oa.TIER_OF[priority], oa.stop_sequences(body)))
                 claim = None   # the stream gives it back when it ends
@@ -109,7 +109,7 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
             await ctx.let_go(claim)
         base = settings.gateway_public_url.rstrip("/") or str(request.base_url).rstrip("/")
         data = []
-        for h, result in zip(handles, results):
+        for h, result in zip(handles, results, strict=True):
             if body.response_format == "url":
                 expires, sig = await run_in_threadpool(ctx.signer.sign, h.id)
                 data.append(ImageData(url=f"{base}/v1/jobs/{h.id}/image.png?expires={expires}&sig={sig}"))

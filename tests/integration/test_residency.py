@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from arbiter.gateway.apikeys import KeyStore
-
 from broker.keys import Keys
 from broker.ledger import Ledger
 from tests.conftest import wait_until

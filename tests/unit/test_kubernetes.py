@@ -115,7 +115,7 @@ def test_the_validator_catches_a_broken_resource():
 
 
 def test_every_worker_pool_scales_on_arbiters_backlog_metrics(overlay):
-    name, resources = overlay
+    _name, resources = overlay
     scaled = of(resources, "ScaledObject")
     deployments = of(resources, "Deployment")
     services = of(resources, "Service")
@@ -198,7 +198,7 @@ def test_prometheus_scrapes_services_that_serve_metrics(overlay):
     annotated = {n: d for n, d in deployments.items()
                  if d["spec"]["template"]["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"}
     assert set(annotated) == {"beat", "gateway"}
-    for n, d in annotated.items():
+    for d in annotated.values():
         ann = d["spec"]["template"]["metadata"]["annotations"]
         c = container(d)
         assert int(ann["prometheus.io/port"]) in {p["containerPort"] for p in c["ports"]}
@@ -235,7 +235,7 @@ def test_secrets_hold_what_the_containers_ask_for(overlay):
 def test_every_arbiter_env_name_is_a_setting_and_every_command_parses(overlay):
     _, resources = overlay
     fields = set(Settings.model_fields)
-    names = {k for k in of(resources, "ConfigMap")["arbiter-config"]["data"]}
+    names = set(of(resources, "ConfigMap")["arbiter-config"]["data"])
     commands = typer.main.get_command(app).commands
     for _, c in containers(resources):
         names |= {e["name"] for e in c.get("env", []) if e["name"].startswith("ARBITER_")}
