@@ -184,7 +184,7 @@ class Beat:
         for j in candidates:
             pipe.hmget(self.keys.job(j), "state", "updated_at")
         lost = []
-        for j, (state, updated) in zip(candidates, pipe.execute()):
+        for j, (state, updated) in zip(candidates, pipe.execute(), strict=True):
             if state and JobState(state.decode()) in RUNNING_STATES and updated and \
                     now - float(updated) > self.settings.lease_ttl_s:
                 lost.append(j)
@@ -286,7 +286,7 @@ class Beat:
     def requeue_lost(self, job_id: str) -> None:
         """A job whose worker died: back to its queue with the same id; it resumes from its checkpoint. A
         late redelivery of the old message finds the job taken (fenced) or finished and is dropped."""
-        ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=RUNNING_STATES,
+        ok, _state = self.store.transition(job_id, JobState.QUEUED, allowed=RUNNING_STATES,
                                           last_requeue="its worker stopped renewing the lease", leader=self.leadership)
         if not ok:
             return

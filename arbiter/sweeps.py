@@ -136,7 +136,7 @@ class Sweeps:
         pipe = self.r.pipeline(transaction=False)
         for j in old:
             pipe.hmget(self.keys.job(j), "state", "updated_at", "held")
-        stale = [j for j, (state, updated, held) in zip(old, pipe.execute())
+        stale = [j for j, (state, updated, held) in zip(old, pipe.execute(), strict=True)
                  if state == JobState.QUEUED.value.encode() and updated and held is None   # held: fair share
                  and now - float(updated) > self.settings.lost_delivery_s]
         if not stale:
@@ -241,7 +241,7 @@ class Sweeps:
             entry = WaitingEntry.decode(raw)
             if entry is not None and entry.expires_at > now:
                 continue
-            ok, state = self.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}),
+            ok, _state = self.store.transition(job_id, JobState.QUEUED, allowed=frozenset({JobState.WAITING_FOR_VRAM}),
                                               last_requeue="its worker stopped waiting for VRAM (gone)",
                                               leader=self.leader)
             self._write(lambda pipe, job_id=job_id: pipe.hdel(self.keys.waiting_vram(), job_id))
@@ -261,7 +261,7 @@ class Sweeps:
             pipe.hget(self.keys.job(p.job_id), "state")
             pipe.hget(self.keys.parked(), p.job_id)
         replies = pipe.execute()
-        for p, state, raw in zip(parked, replies[::2], replies[1::2]):
+        for p, state, raw in zip(parked, replies[::2], replies[1::2], strict=True):
             live = state is not None and JobState(state.decode()) in parking.PARKABLE
             if not live and raw is not None:
                 parking.drop(self.r, self.keys, p.job_id, raw, self.leader)

@@ -48,7 +48,7 @@ MIN_DEADLINE_S = 0.001
 def _no_bool(v: Any) -> Any:
     """JSON's true/false are not numbers (pydantic's lax mode would take true as 1)."""
     if isinstance(v, bool):
-        raise ValueError(f"must be a number, not {str(v).lower()}")  # noqa: TRY004 - pydantic reports ValueErrors
+        raise ValueError(f"must be a number, not {str(v).lower()}")   # ValueError: what pydantic reports
     return v
 
 

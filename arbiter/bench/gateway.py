@@ -46,7 +46,7 @@ async def threaded_events(client: Client, job_id: str, limiter: anyio.CapacityLi
     while True:
         def read(last: str = last) -> list[tuple[str, dict]]:
             return list(client.store.events(job_id, last, OLD_SLICE_MS))
-        for last, event in await anyio.to_thread.run_sync(read, limiter=limiter):
+        for last, event in await anyio.to_thread.run_sync(read, limiter=limiter):   # noqa: B007 - read on from it
             yield event
             if event.get("type") == "state" and JobState(event["state"]) in TERMINAL:
                 return
