@@ -234,3 +234,13 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_
             return
         time.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def assert_resumed_from(events: list[dict], stopped_at: int) -> None:
+    """A preempted run went on from its checkpoint: its progress events show step 1 once, and every
+    place the steps start again is just after `stopped_at` (the step its record kept, the checkpoint's)
+    — never from the beginning. A checkpoint's own step need not have been reported as progress."""
+    steps = [int(e["step"]) for e in events if e["type"] == "progress"]
+    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert stopped_at >= 5 and steps.count(1) == 1, (stopped_at, steps)
+    assert all(steps[i] == stopped_at + 1 for i in restarts), (stopped_at, steps)
