@@ -184,7 +184,7 @@ class Beat:
         for j in candidates:
             pipe.hmget(self.keys.job(j), "state", "updated_at")
         lost = []
-        for j, (state, updated) in zip(candidates, pipe.execute(), strict=True):
+        for j, (state, updated) in zip(candidates, pipe.execute(), strict=False):
             if state and JobState(state.decode()) in RUNNING_STATES and updated and \
                     now - float(updated) > self.settings.lease_ttl_s:
                 lost.append(j)

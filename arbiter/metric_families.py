@@ -147,7 +147,7 @@ def queue_depths(queues: list[str], depths: list[Any], affinity: list[tuple[str,
                  aff_depths: list[Any]) -> dict[str, int]:
     """queue -> messages in it and in its per-worker affinity queues (replies that are errors skipped)."""
     depth: dict[str, int] = {}
-    for q, n in [*zip(queues, depths, strict=True), *((s, n) for (s, _), n in zip(affinity, aff_depths, strict=True))]:
+    for q, n in [*zip(queues, depths, strict=False), *((s, n) for (s, _), n in zip(affinity, aff_depths, strict=False))]:
         if isinstance(n, int):
             depth[q] = depth.get(q, 0) + n
     return depth
@@ -209,7 +209,7 @@ def histogram_families(hist_keys: list[tuple[str, str, str, str]], hists: list[A
     """`HISTOGRAMS` per (workload, priority), from their hashes (`broker.histograms`)."""
     fams = {m: HistogramMetricFamily(f"arbiter_{m}", doc, labels=["workload", "priority"])
             for m, doc in HISTOGRAMS.items()}
-    for (metric, w, p, _), raw in zip(hist_keys, hists, strict=True):
+    for (metric, w, p, _), raw in zip(hist_keys, hists, strict=False):
         h = _hash(raw)
         if not h:
             continue
@@ -262,7 +262,7 @@ def backlog_families(queues: list[str], depth: dict[str, int], held: dict[str, i
                               labels=["workload", "band"]),
             GaugeMetricFamily("arbiter_jobs_running", "Jobs running (holding a live VRAM lease), per workload and "
                               "band.", labels=["workload", "band"]))
-    for fam, counts in zip(fams, (waiting, running), strict=True):
+    for fam, counts in zip(fams, (waiting, running), strict=False):
         for q in queues:
             fam.add_metric(list(q.split(".", 1)), counts[q])
     yield from fams
@@ -282,7 +282,7 @@ def eta_ratio_family(queues: list[str], hists: list[Any]) -> Metric:
     fam = HistogramMetricFamily("arbiter_eta_ratio", "Per finished job held for fair share: the ETA it was given "
                                 "at submit / its real wait (1 = exact, > 1 too long, < 1 too short).",
                                 labels=["queue"])
-    for q, raw in zip(queues, hists, strict=True):
+    for q, raw in zip(queues, hists, strict=False):
         if h := _hash(raw):
             fam.add_metric([q], _cumulative(h, ETA_RATIO_BUCKETS), _num(h.get("sum")) or 0.0)
     return fam

@@ -34,7 +34,7 @@ def queue_depths(client: Client) -> dict[str, int]:
     pipe = client.redis.pipeline()
     for q in all_queues():
         pipe.llen(q)
-    return dict(zip(all_queues(), (int(n) for n in pipe.execute()), strict=True))
+    return dict(zip(all_queues(), (int(n) for n in pipe.execute()), strict=False))
 
 
 def collect(client: Client) -> dict[str, Any]:

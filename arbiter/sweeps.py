@@ -136,7 +136,7 @@ class Sweeps:
         pipe = self.r.pipeline(transaction=False)
         for j in old:
             pipe.hmget(self.keys.job(j), "state", "updated_at", "held")
-        stale = [j for j, (state, updated, held) in zip(old, pipe.execute(), strict=True)
+        stale = [j for j, (state, updated, held) in zip(old, pipe.execute(), strict=False)
                  if state == JobState.QUEUED.value.encode() and updated and held is None   # held: fair share
                  and now - float(updated) > self.settings.lost_delivery_s]
         if not stale:
@@ -261,7 +261,7 @@ class Sweeps:
             pipe.hget(self.keys.job(p.job_id), "state")
             pipe.hget(self.keys.parked(), p.job_id)
         replies = pipe.execute()
-        for p, state, raw in zip(parked, replies[::2], replies[1::2], strict=True):
+        for p, state, raw in zip(parked, replies[::2], replies[1::2], strict=False):
             live = state is not None and JobState(state.decode()) in parking.PARKABLE
             if not live and raw is not None:
                 parking.drop(self.r, self.keys, p.job_id, raw, self.leader)

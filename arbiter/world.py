@@ -182,7 +182,7 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
             parked_mib[p.gpu_id] = parked_mib.get(p.gpu_id, 0) + p.mib
 
     gpus = []
-    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw, log_raw) in zip(gpu_ids, per_gpu, strict=True):
+    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw, log_raw) in zip(gpu_ids, per_gpu, strict=False):
         leases = tuple(live_leases(lease_raw, now))
         here = residents(leases, parse_log(log_raw), now, residency)
         spare_of = [x for x in here if reclaimable(x, residency)]   # idle weights admission may evict

@@ -205,7 +205,7 @@ def _entries(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
     for key, entries in pairs:
         parsed = []
         for entry_id, flat in entries or []:
-            flat = list(flat.items()) if isinstance(flat, dict) else list(zip(flat[::2], flat[1::2], strict=True))
+            flat = list(flat.items()) if isinstance(flat, dict) else list(zip(flat[::2], flat[1::2], strict=False))
             parsed.append((_s(entry_id), {_s(a): _s(b) for a, b in flat}))
         out.append((_s(key), parsed))
     return out

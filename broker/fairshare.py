@@ -167,7 +167,7 @@ def held_counts(r: redis.Redis, keys: Keys, queues: Sequence[str]) -> dict[str, 
     """Jobs held per queue (one round trip)."""
     if not queues:
         return {}
-    return {q: max(0, int(v or 0)) for q, v in zip(queues, r.mget([keys.held_count(q) for q in queues]), strict=True)}
+    return {q: max(0, int(v or 0)) for q, v in zip(queues, r.mget([keys.held_count(q) for q in queues]), strict=False)}
 
 
 def rank(ring: Sequence[str], held: Mapping[str, int], tenant: str, index: int,
@@ -208,4 +208,4 @@ def read_ring(r: redis.Redis, keys: Keys, queue: str) -> tuple[list[str], dict[s
     for t in ring:
         pipe.llen(keys.held(queue, t))
     weights, *lens = pipe.execute()
-    return ring, dict(zip(ring, (int(n) for n in lens), strict=True)), parse_weights(weights)
+    return ring, dict(zip(ring, (int(n) for n in lens), strict=False)), parse_weights(weights)

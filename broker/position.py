@@ -114,9 +114,9 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
         return None
     spec = JobSpec.model_validate_json(raw_spec, context={"settings": settings})
     queue = job_queue(wl, spec.priority, spec.improves, settings)
-    depth = dict(zip(bands, (int(n) for n in rest[:len(bands)]), strict=True))
+    depth = dict(zip(bands, (int(n) for n in rest[:len(bands)]), strict=False))
     # jobs held for fair share (broker.fairshare) start after the band's fed messages: a stronger band counts them
-    held = dict(zip(bands, (max(0, int(n or 0)) for n in rest[len(bands):2 * len(bands)]), strict=True))
+    held = dict(zip(bands, (max(0, int(n or 0)) for n in rest[len(bands):2 * len(bands)]), strict=False))
     rest = rest[len(bands):]
     hists = rest[len(bands):len(bands) + len(PRIORITY_ORDER)]
     slots = live_slots(workers_raw, wl.value, now)
@@ -138,7 +138,7 @@ def read_position(r: redis.Redis, keys: Keys, settings: Settings, job_id: str, w
 
     replies = _run_placed(r, second_trip)
     predictors = [json.loads(p) for p in replies[:len(names)] if p]
-    depth.update(zip(own_lists, (int(n) for n in replies[len(names):len(names) + len(own_lists)]), strict=True))
+    depth.update(zip(own_lists, (int(n) for n in replies[len(names):len(names) + len(own_lists)]), strict=False))
     places = replies[len(names) + len(own_lists):]
     if queue != guess:
         first = places.pop(-1)

@@ -22,9 +22,9 @@ def features(workload: str, params: dict) -> list[float]:
 
 
 def nlms_step(w: list[float], x: list[float], y: float, rate: float) -> list[float]:
-    err = y - sum(wi * xi for wi, xi in zip(w, x, strict=True))
+    err = y - sum(wi * xi for wi, xi in zip(w, x, strict=False))
     norm = EPS + sum(xi * xi for xi in x)
-    return [wi + rate * err * xi / norm for wi, xi in zip(w, x, strict=True)]
+    return [wi + rate * err * xi / norm for wi, xi in zip(w, x, strict=False)]
 
 
 @dataclass
@@ -37,8 +37,8 @@ class StepPredictor:
         """Predicted ms per step, or None before the first observation."""
         if self.n == 0:
             return None
-        f = sum(a * b for a, b in zip(self.fast, x, strict=True))
-        s = sum(a * b for a, b in zip(self.slow, x, strict=True))
+        f = sum(a * b for a, b in zip(self.fast, x, strict=False))
+        s = sum(a * b for a, b in zip(self.slow, x, strict=False))
         return max(0.0, FAST_WEIGHT * f + SLOW_WEIGHT * s)
 
     def update(self, x: list[float], observed_ms: float) -> None:

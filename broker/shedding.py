@@ -119,8 +119,8 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
     workers_raw, *rest = pipe.execute()
     if idempotency_key and rest.pop():
         return queue, None, True
-    depth = dict(zip(shared, (int(n) for n in rest[:len(shared)]), strict=True))
-    held = dict(zip(shared, (max(0, int(n or 0)) for n in rest[len(shared):2 * len(shared)]), strict=True))
+    depth = dict(zip(shared, (int(n) for n in rest[:len(shared)]), strict=False))
+    held = dict(zip(shared, (max(0, int(n or 0)) for n in rest[len(shared):2 * len(shared)]), strict=False))
     ring = [t.decode() if isinstance(t, bytes) else str(t) for t in rest[2 * len(shared)]]
     weights = {**parse_weights(rest[2 * len(shared) + 1]), spec.tenant: settings.tenant_weight(spec.tenant)}
     recent = rest[2 * len(shared) + 2]
@@ -138,8 +138,8 @@ def band_wait_s(r: redis.Redis, keys: Keys, settings: Settings, spec: JobSpec,
         pipe.llen(keys.held(queue, t))
     replies = pipe.execute()   # at least the tenant's own held list
     predictors = [json.loads(p) for p in replies[:len(names)] if p]
-    depth.update(zip(own, (int(n) for n in replies[len(names):len(names) + len(own)]), strict=True))
-    by_tenant = dict(zip(tenants, (int(n) for n in replies[len(names) + len(own):]), strict=True))
+    depth.update(zip(own, (int(n) for n in replies[len(names):len(names) + len(own)]), strict=False))
+    by_tenant = dict(zip(tenants, (int(n) for n in replies[len(names) + len(own):]), strict=False))
     # held jobs of this band start after its fed messages; a new job of this tenant is its last, and the
     # round robin (broker.fairshare) feeds first only the other tenants' share of what is held
     fed_before = rank(tenants, by_tenant, spec.tenant, by_tenant.get(spec.tenant, 0), weights)

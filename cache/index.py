@@ -30,7 +30,7 @@ class CacheIndex:
     def alive_nodes(self) -> list[str]:
         nodes = sorted(n.decode() for n in self.r.smembers(self.keys.cache_nodes()))
         alive = self.r.mget([self.keys.cache_node_alive(n) for n in nodes]) if nodes else []
-        return [n for n, a in zip(nodes, alive, strict=True) if a]
+        return [n for n, a in zip(nodes, alive, strict=False) if a]
 
     def nodes_holding(self, shas: list[str], tier: str = "ram") -> set[str]:
         """Live nodes whose `tier` holds every one of the fragments (a whole model variant)."""
@@ -40,7 +40,7 @@ class CacheIndex:
         pipe = self.r.pipeline(transaction=False)
         for n in nodes:
             pipe.smismember(self.keys.cache_holdings(n, tier), shas)
-        return {n for n, held in zip(nodes, pipe.execute(), strict=True) if all(held)}
+        return {n for n, held in zip(nodes, pipe.execute(), strict=False) if all(held)}
 
     def where(self, sha: str, tiers: tuple[str, ...] = ("ram", "disk")) -> list[tuple[str, str]]:
         """(node, tier) pairs that hold the fragment, live nodes only."""
@@ -49,4 +49,4 @@ class CacheIndex:
         pairs = [(n, t) for n in nodes for t in tiers]
         for n, t in pairs:
             pipe.sismember(self.keys.cache_holdings(n, t), sha)
-        return [p for p, held in zip(pairs, pipe.execute(), strict=True) if held]
+        return [p for p, held in zip(pairs, pipe.execute(), strict=False) if held]

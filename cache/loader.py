@@ -164,7 +164,7 @@ class FragmentCache:
         """Each file of the variant reassembled from its fragments (a copy; nothing stays pinned)."""
         pinned = self.pinned(manifest, origin, served)
         try:
-            return join_fragments(manifest, {f.sha256: p.data for f, p in zip(manifest.fragments, pinned, strict=True)})
+            return join_fragments(manifest, {f.sha256: p.data for f, p in zip(manifest.fragments, pinned, strict=False)})
         finally:
             for p in pinned:
                 p.close()

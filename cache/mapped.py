@@ -80,7 +80,7 @@ def map_files(manifest: Manifest, pinned: list[Pinned]) -> dict[str, ctypes.Arra
     the buffers from now on)."""
     by_file: dict[str, list[tuple[Pinned, int]]] = {}
     sizes: dict[str, int] = {}
-    for f, p in zip(manifest.fragments, pinned, strict=True):
+    for f, p in zip(manifest.fragments, pinned, strict=False):
         if f.offset != sizes.get(f.file, 0):
             raise ValueError(f"fragments of {f.file} are not contiguous at offset {f.offset}")
         by_file.setdefault(f.file, []).append((p, f.offset))

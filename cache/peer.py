@@ -116,7 +116,7 @@ class PeerDirectory:
         if not nodes:
             return {}
         got = self.r.mget([self.keys.cache_peer(n) for n in nodes])
-        return {n: u.decode() for n, u in zip(nodes, got, strict=True) if u}
+        return {n: u.decode() for n, u in zip(nodes, got, strict=False) if u}
 
 
 class PeerFetch:

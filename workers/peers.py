@@ -28,8 +28,8 @@ def read_peers(rt: Runtime, queue: str) -> list[Peer]:
     for name in names:
         pipe.llen(worker_queue(queue, name))
     replies = pipe.execute()
-    leases = {g: parse_leases(raw, now) for g, raw in zip(gpus, replies, strict=True)}
-    backlog = dict(zip(names, replies[len(gpus):], strict=True))
+    leases = {g: parse_leases(raw, now) for g, raw in zip(gpus, replies, strict=False)}
+    backlog = dict(zip(names, replies[len(gpus):], strict=False))
     peers = []
     for name, e in entries.items():
         held = leases[e["gpu_id"]]

@@ -39,7 +39,7 @@ def wait(client: Any, todo: dict[str, dict[str, Any]], out_dir: Path, append: Ca
         ids = list(todo)
         for ident in ids:
             pipe.hmget(client.keys.job(todo[ident]["job_id"]), "improved_at", "improvement", "state")
-        for ident, (improved_at, run, state) in zip(ids, pipe.execute(), strict=True):
+        for ident, (improved_at, run, state) in zip(ids, pipe.execute(), strict=False):
             entry = todo[ident]
             if state is None or run is None:        # the record expired, or no run was queued (quality 1.0)
                 todo.pop(ident)

@@ -177,7 +177,7 @@ def _poll(client: Any, inflight: dict[str, Line], tally: ui.Tally) -> list[str]:
     for job_id in ids:
         pipe.hmget(client.keys.job(job_id), "state", "preemptions")
     ended, states, preempt, queued = [], Counter(), 0, []
-    for job_id, (state, pre) in zip(ids, pipe.execute(), strict=True):
+    for job_id, (state, pre) in zip(ids, pipe.execute(), strict=False):
         state = state.decode() if state is not None else "missing"
         preempt += int(pre or 0)
         if state in TERMINAL_STATES or state == "missing":

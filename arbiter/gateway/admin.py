@@ -108,7 +108,7 @@ def add_admin_routes(app: FastAPI, ctx: Ctx, caller: Any) -> None:
         pipe = r.pipeline(transaction=False)
         for q in all_queues():
             pipe.llen(q)
-        return [_queue_out(q, int(n), controls.get(q)) for q, n in zip(all_queues(), pipe.execute(), strict=True)]
+        return [_queue_out(q, int(n), controls.get(q)) for q, n in zip(all_queues(), pipe.execute(), strict=False)]
 
     @app.post("/v1/admin/queues/{queue}/pause", tags=["admin"], response_model=QueueOut,
               responses=errors(400, 401, 403, 404, 413, 422, 503),

@@ -90,7 +90,7 @@ class Limits:
         if code > 1:
             kind, cap, *_ = limits[code - 2]
             raise refusal(kind, key, int(reply[1]), cap, RETRY_AFTER_S)
-        return Claim(member, tuple(z for z, (_, cap, *_) in zip(zsets, limits, strict=True) if cap > 0))
+        return Claim(member, tuple(z for z, (_, cap, *_) in zip(zsets, limits, strict=False) if cap > 0))
 
     def request(self, key: ApiKey, now: float | None = None) -> None:
         """Count one request against the key's rate (every authenticated request); 429 when over."""

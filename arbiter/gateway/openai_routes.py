@@ -109,7 +109,7 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any, stream: Callable[...,
             await ctx.let_go(claim)
         base = settings.gateway_public_url.rstrip("/") or str(request.base_url).rstrip("/")
         data = []
-        for h, result in zip(handles, results, strict=True):
+        for h, result in zip(handles, results, strict=False):
             if body.response_format == "url":
                 expires, sig = await run_in_threadpool(ctx.signer.sign, h.id)
                 data.append(ImageData(url=f"{base}/v1/jobs/{h.id}/image.png?expires={expires}&sig={sig}"))
