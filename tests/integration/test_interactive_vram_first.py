@@ -78,8 +78,9 @@ def test_preempted_background_job_does_not_retake_the_chats_room(client, setting
                               width=1024, height=1024, seed=5))
     chat.result(timeout=30)
     st = chat.status()
-    assert st.started_at is not None and st.started_at - st.queued_at < 1.0, st
+    assert st.started_at is not None and st.started_at - st.queued_at < 5.0, st   # not the 30 s allocation wait
     assert bg.result(timeout=60)
+    assert bg.status().preemptions == 1     # preempted once: its redelivery parked, it never retook the room
     assert bg.status().preemptions == 1
 
 
