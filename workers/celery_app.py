@@ -30,6 +30,8 @@ from workers.runtime import GpuConflict, check_gpu_size, close_runtime, get_runt
 
 log = logging.getLogger(__name__)
 app = create_app(get_settings())
+# the consumer reconnects within ~1 s of Redis coming back, and waits for it as long as it takes (workers.consumer)
+app.conf.update(worker_consumer="workers.consumer:Consumer", broker_connection_max_retries=None)
 
 
 class JobTask(Task):

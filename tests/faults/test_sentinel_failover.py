@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.client import Client
-from broker.errors import JobNotFound
+from broker.errors import JobNotFound, Timeout
 from broker.redis_server import connect, free_port
 from broker.replication import NotReplicated
 from broker.states import TERMINAL, JobState
@@ -163,7 +163,11 @@ def test_failover_loses_no_accepted_job(group, settings, client, start_worker, s
         others = [e for _, e, _ in flood.refused if not isinstance(e, NotReplicated)]
         assert not others, others[:3]            # no submit failed for another reason: all rode out the failover
         late = client.submit(workload="llm", priority="interactive", prompt="after", max_new_tokens=8)
-        assert late.result(timeout=30).text
+        try:
+            assert late.result(timeout=60).text
+        except Timeout:
+            tails = "\n".join(f"--- {p.name}\n{p.output()[-2500:]}" for p in [*workers, beat])
+            raise AssertionError(f"{late.status()} after the failover; {len(after)} accepted after the kill\n{tails}") from None
         wait_again_s = min(t for m, _, t in flood.accepted if m == "wait" and t > killed_at) - killed_at
 
         def status(job_id: str) -> Any:
