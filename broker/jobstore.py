@@ -301,7 +301,7 @@ def status_from(job_id: str, d: dict[str, str]) -> JobStatus:
     return JobStatus(
         job_id=job_id, state=JobState(d["state"]), workload=d["workload"], priority=d["priority"],
         step=_int(d.get("step")), total=_int(d.get("total")), quality=_float(d.get("quality")),
-        worker=d.get("worker"), gpu_id=d.get("gpu_id"), preemptions=int(d.get("preemptions", 0)),
+        variant=d.get("variant"), worker=d.get("worker"), gpu_id=d.get("gpu_id"), preemptions=int(d.get("preemptions", 0)),
         runs=int(d.get("runs", 0)), error=d.get("error"), queued_at=float(d["queued_at"]),
         started_at=_float(d.get("started_at")), finished_at=_float(d.get("finished_at")),
         waiting_for=d.get("waiting_for") if JobState(d["state"]) in WAITING else None,

@@ -180,6 +180,7 @@ class JobStatus(BaseModel):
     step: int | None = None
     total: int | None = None
     quality: float | None = None
+    variant: str | None = None          # the model variant its (latest) run uses: set when a run starts
     worker: str | None = None
     gpu_id: str | None = None
     preemptions: int = 0

@@ -204,7 +204,8 @@ def start(rt: Runtime, job_id: str, spec: JobSpec, rung: Rung, capacity: int, re
                            spec.workload.value, rt.holder, (weights_field(rt.worker, rung.variant), rung.weights_mib),
                            incr={"runs": 1}, setnx={"started_at": now}, now=now,
                            side=log_start(rt, ScriptOps(), spec.model, rung.variant, now),
-                           fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality, "step": 0,
+                           fields={"worker": rt.worker, "gpu_id": rt.gpu_id, "quality": rung.quality,
+                                   "variant": rung.variant, "step": 0,
                                    "total": rung.total_steps, DRAIN_FIELD: ""})   # an earlier run's drain ask
     if grant.ok:   # counted only if it started; written with the job's finish (`broker.tally`)
         add_stats(rt.redis, rt.keys, pipe=(counts := Counts()), allocations_ok=1, resumes=int(resumed))

@@ -262,6 +262,9 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    arbiter: list[ArbiterInfo] = Field(description="What ran for each image, in `data`'s order: its job, quality "
+                                                   "and params (`params.variant`: the model variant); the lowest "
+                                                   "quality is also in the `X-Arbiter-Quality` header.")
 
 
 SSE_EVENT = {"type": "object", "description": "One server-sent event (`event:` and `data:` lines).",

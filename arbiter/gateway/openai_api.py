@@ -127,15 +127,20 @@ def completion(job_id: str, model: str, result: JobResult, prompt: str, completi
                                          "finish_reason": "stop" if stopped else
                                          finish_reason(completion_tokens, mnt)}],
             "usage": usage(prompt, completion_tokens), "system_fingerprint": result.params.get("variant"),
-            "arbiter": {"job_id": job_id, "quality": result.quality, "params": result.params,
-                        "preemptions": result.preemptions}}
+            "arbiter": arbiter_info(job_id, result)}
+
+
+def arbiter_info(job_id: str, result: JobResult) -> dict[str, Any]:
+    """What ran, beside OpenAI's fields: the job, its quality, its params (with the variant) and preemptions."""
+    return {"job_id": job_id, "quality": result.quality, "params": result.params, "preemptions": result.preemptions}
 
 
 def chunk(job_id: str, model: str, delta: dict[str, Any] | None, finish: str | None = None,
-          usage_: dict[str, int] | None = None, tier: str | None = None) -> dict[str, Any]:
-    """A chat.completion.chunk; with `usage_` (and delta None) the final usage-only chunk."""
+          usage_: dict[str, int] | None = None, tier: str | None = None, variant: str | None = None) -> dict[str, Any]:
+    """A chat.completion.chunk; with `usage_` (and delta None) the final usage-only chunk. `variant`: the model
+    variant the run producing it uses (`system_fingerprint`; None before the run starts)."""
     c: dict[str, Any] = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": int(time.time()),
-                         "model": model, "service_tier": tier,
+                         "model": model, "service_tier": tier, "system_fingerprint": variant,
                          "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
     if usage_ is not None:
         c["usage"] = usage_

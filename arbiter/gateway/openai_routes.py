@@ -115,7 +115,10 @@ def add_openai_routes(app: FastAPI, ctx: Ctx, caller: Any, stream: Callable[...,
                 data.append(ImageData(url=f"{base}/v1/jobs/{h.id}/image.png?expires={expires}&sig={sig}"))
             else:
                 data.append(ImageData(b64_json=base64.b64encode(result.image_png or b"").decode()))
-        return ImagesResponse(created=int(time.time()), data=data)
+        # what ran: the lowest quality of the n images in the header, each image's job and params in the body
+        response.headers["X-Arbiter-Quality"] = f"{min(r.quality for r in results):g}"
+        return ImagesResponse(created=int(time.time()), data=data,
+                              arbiter=[oa.arbiter_info(h.id, r) for h, r in zip(handles, results, strict=True)])
 
 
 async def _admit(ctx: Ctx, key: ApiKey, service_tier: str | None, header: Priority | None,
@@ -138,7 +141,7 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
     that may begin one is held back until the next token tells; at one, the stream ends (`stop`) and the job
     is cancelled: its remaining tokens would not be sent."""
     yield oa.sse(oa.chunk(handle.id, model, {"role": "assistant", "content": ""}, tier=tier))
-    seen, state, text, sent, stopped = -1, "", "", 0, False
+    seen, state, text, sent, stopped, variant = -1, "", "", 0, False, None
     job = ctx.waitable(handle)
     async for event in job_events(job, ctx.settings.visibility_timeout_s, ctx.settings.gateway_heartbeat_s,
                                   positions=False):
@@ -149,13 +152,15 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
             text, stopped = oa.cut_at_stop(text + event["text"], stops)
             ready = len(text) if stopped else len(text) - oa.held_back(text, stops)
             if ready > sent:
-                yield oa.sse(oa.chunk(handle.id, model, {"content": text[sent:ready]}, tier=tier))
+                yield oa.sse(oa.chunk(handle.id, model, {"content": text[sent:ready]}, tier=tier, variant=variant))
                 sent = ready
             if stopped:
                 await run_in_threadpool(handle.cancel)
                 break
         elif event.get("type") == "state":
             state = event["state"]
+            if state == "running":   # a run started (again, after a preemption: maybe on another variant)
+                variant = (await job.status(position=False)).variant
     if not stopped:
         if not state:
             state = (await job.state()).value
@@ -165,10 +170,11 @@ async def _chat_chunks(ctx: Ctx, handle: JobHandle, model: str, fields: dict[str
                                     "param": None, "code": state}})
             return
         if len(text) > sent:   # held back for a stop sequence that did not come
-            yield oa.sse(oa.chunk(handle.id, model, {"content": text[sent:]}, tier=tier))
+            yield oa.sse(oa.chunk(handle.id, model, {"content": text[sent:]}, tier=tier, variant=variant))
     tokens = seen + 1
     reason = "stop" if stopped else oa.finish_reason(tokens, fields.get("max_new_tokens"))
-    yield oa.sse(oa.chunk(handle.id, model, {}, reason, tier=tier))
+    yield oa.sse(oa.chunk(handle.id, model, {}, reason, tier=tier, variant=variant))
     if include_usage:
-        yield oa.sse(oa.chunk(handle.id, model, None, usage_=oa.usage(fields["prompt"], tokens), tier=tier))
+        yield oa.sse(oa.chunk(handle.id, model, None, usage_=oa.usage(fields["prompt"], tokens), tier=tier,
+                              variant=variant))
     yield oa.DONE

@@ -67,9 +67,13 @@ def test_the_cli_says_so_within_seconds_in_the_clients_words(down):
                            capture_output=True, text=True, timeout=120, check=False)
         return time.monotonic() - started, p
 
-    startup, _ = run("--help")       # the interpreter and the CLI's imports, measured beside it on this box
+    # the interpreter and the CLI's imports, measured beside it on this box; each time is the quicker of two
+    # runs: on a loaded 2-core box one start-up took 4 s where the next took 0.7 (what is measured, a retry
+    # window of ~1 s instead of 30 s, is the same in both)
+    startup = min(run("--help")[0] for _ in range(2))
     for args in (["status"], ["submit", "llm", "hi"], ["status", "some-job"], ["cancel", "some-job"]):
-        took, p = run(*args)
+        (took, p), (again, _) = run(*args), run(*args)
+        took = min(took, again)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1, (args, p.stderr)
         assert lines[0].startswith("error: ") and said(lines[0].removeprefix("error: ")), (args, lines)

@@ -149,8 +149,13 @@ def test_the_official_openai_client_chats_and_draws(gateway):
     got = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h(keys["chat"])).json()
     assert got["status"]["priority"] == "interactive"   # service_tier=priority
 
-    img = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="b64_json", n=2)
+    raw = oa.images.with_raw_response.generate(model="sd-1.5", prompt="a red fox", size="256x256",
+                                               response_format="b64_json", n=2)
+    img = raw.parse()
     assert len(img.data) == 2
+    ran = img.model_extra["arbiter"]                                       # what ran, per image
+    assert [a["params"]["variant"] for a in ran] == ["sd15", "sd15"] and len({a["job_id"] for a in ran}) == 2
+    assert float(raw.headers["X-Arbiter-Quality"]) == min(a["quality"] for a in ran)
     for d in img.data:
         full_png(base64.b64decode(d.b64_json, validate=True), (256, 256))   # standard alphabet, as OpenAI's docs
     url = oa.images.generate(model="sd-1.5", prompt="a red fox", size="256x256", response_format="url").data[0].url

@@ -6,6 +6,7 @@ import json
 import signal
 
 import httpx
+import openai
 import pytest
 
 from arbiter.gateway.apikeys import KeyStore
@@ -95,6 +96,14 @@ def test_a_pinned_model_is_never_evicted_and_the_answer_says_what_ran(client, pr
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "qwen-2.5" and r.json()["system_fingerprint"] == other.params["variant"]
         assert float(r.headers["X-Arbiter-Quality"]) == other.quality
+        oa = openai.OpenAI(base_url=gw.base + "/v1", api_key=key, max_retries=0)   # streamed: every chunk from
+        chunks = list(oa.chat.completions.create(model="qwen-2.5", max_tokens=4, stream=True,   # the run says it
+                                                 messages=[{"role": "user", "content": "hi"}]))
+        said = [c.system_fingerprint for c in chunks if c.choices and c.choices[0].delta.content]
+        assert said and set(said) == {other.params["variant"]}, [c.system_fingerprint for c in chunks]
+        assert chunks[0].system_fingerprint is None                 # the role chunk: sent before any run
+        job_id = chunks[0].id.removeprefix("chatcmpl-")
+        assert client.get(job_id).status().variant == other.params["variant"]   # the record says it too
     finally:
         gw.stop()
 
