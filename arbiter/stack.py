@@ -1,6 +1,7 @@
 """Start and stop a local stack (Redis, workers, beat, Flower, the gateway) as child processes, with no
 orphans: each child runs in its own process group, dies with its parent (PR_SET_PDEATHSIG on Linux), and
-is stopped with SIGTERM then SIGKILL on Ctrl-C."""
+is stopped on Ctrl-C as a cluster stops a pod: SIGTERM to its main process (a worker drains: its running jobs
+checkpoint and go back to their queue), SIGKILL to what is left of its group after the drain's bound."""
 
 from __future__ import annotations
 
@@ -191,15 +192,19 @@ class Stack:
         finally:
             app.close()
 
-    def stop(self, timeout_s: float = 10.0, graceful: bool = True) -> None:
-        """SIGTERM to every child's process group, SIGKILL to what is left after `timeout_s`, then Redis. A
-        second Ctrl-C or SIGTERM while stopping is ignored: an interrupted stop would leave orphans.
+    def stop(self, timeout_s: float | None = None, graceful: bool = True) -> None:
+        """SIGTERM to every child's main process, as Kubernetes sends it to a container's PID 1 (a worker drains:
+        `workers.drain`; signalling its whole group would also stop its pool processes mid-job, losing the steps
+        since their last periodic checkpoint), SIGKILL to every child's group once it has exited or after
+        `timeout_s` (default: the drain's bound + 8 s for Celery's own exit), then Redis. A second Ctrl-C or
+        SIGTERM while stopping is ignored: an interrupted stop would leave orphans.
         `graceful=False` sends SIGKILL at once: for a throwaway stack on its own Redis whose jobs are over
         (the benchmarks' private stacks), where a warm shutdown only costs time (~1.5 s per stack)."""
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
             if threading.current_thread() is threading.main_thread() else {}
         try:
-            self._stop(timeout_s, signal.SIGTERM if graceful else signal.SIGKILL)
+            self._stop(self.settings.drain_timeout_s + 8.0 if timeout_s is None else timeout_s,
+                       signal.SIGTERM if graceful else signal.SIGKILL)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -208,7 +213,7 @@ class Stack:
         for proc in self.procs.values():
             if proc.poll() is None:
                 try:
-                    os.killpg(proc.pid, sig)
+                    os.kill(proc.pid, sig)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + timeout_s
@@ -216,11 +221,12 @@ class Stack:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # what is left: a child past the bound, or its orphans
+            except ProcessLookupError:
+                pass
+            proc.wait()
         self.procs.clear()
         if self.redis:
             self.redis.cleanup()

@@ -221,7 +221,8 @@ def dev(
     except KeyboardInterrupt:
         pass
     finally:
-        console.print("stopping...")
+        console.print(f"stopping... (running jobs checkpoint and go back to their queues: up to "
+                      f"{s.drain_timeout_s:g} s)")
         stack.stop()
 
 

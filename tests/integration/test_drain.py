@@ -201,3 +201,28 @@ def test_a_gateway_told_to_stop_closes_its_open_streams_with_the_reason(client, 
     job = client.get(job_id)
     assert job.status().state not in TERMINAL                     # the job goes on without the gateway
     job.cancel()                                                  # (not left for the next test's workers)
+
+
+def test_arbiter_dev_stopping_drains_its_workers(client, settings, tmp_path):
+    """`arbiter dev` (its Stack) stopped with Ctrl-C or SIGTERM drains as a cluster does: SIGTERM to each
+    worker's main process only (signalling its whole group stopped the pool process mid-job: the steps since
+    the last periodic checkpoint were lost, here all of them)."""
+    from arbiter.stack import Stack, WorkerSpec
+
+    slow = settings.model_copy(update={"sim_time_scale": 3.0})
+    stack = Stack(slow, [WorkerSpec("diffusion", gpu="sim9:24GiB")], flower=False, beat=False, log_dir=tmp_path)
+    stack.start()
+    try:
+        stack.wait_for_workers(timeout_s=60)
+        job = client.submit(workload="diffusion", priority="standard", prompt="dev drain", steps=200, width=1024,
+                            height=1024, seed=5)
+        wait_until(lambda: (job.status().step or 0) >= 10, timeout_s=30)
+    finally:
+        started = time.monotonic()
+        stack.stop()
+    log = (tmp_path / "worker-diffusion.log").read_text()
+    st = job.status()
+    assert st.state is JobState.QUEUED and (st.step or 0) >= 10, (st, log[-3000:])     # requeued with its step
+    assert client.redis.exists(Keys().job_checkpoint(job.id)) and "drain" in log
+    assert time.monotonic() - started < DRAIN_BOUND_S, log[-3000:]
+    job.cancel()
