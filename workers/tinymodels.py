@@ -62,6 +62,13 @@ def build_llm(root: Path, layers: int, width: int, seed: int) -> Path:
     return root
 
 
+def one_variant_llm(name: str, path: Path, kv_mib_per_token: float = 0.01) -> str:
+    """A model registry entry (TOML) for an llm of one variant, `full`, at quality 1.0: a test's own model."""
+    return (f'[models.{name}]\nworkload = "llm"\nbackend = "transformers"\n'
+            f'[models.{name}.variants.full]\npath = "{path}"\nkv_mib_per_token = {kv_mib_per_token}\n'
+            f'[[models.{name}.ladder]]\nquality = 1.0\nvariant = "full"\n')
+
+
 def build_diffusion(root: Path, seed: int) -> Path:
     """A random Stable Diffusion pipeline (UNet 32/64 channels, 2-block VAE, 2-layer CLIP), saved in `root`."""
     import torch

@@ -14,37 +14,15 @@ from tests.integration.arbiter_helpers import fast_settings
 
 pytestmark = pytest.mark.integration
 
-REGISTRY = """\
-[models.gpt-a]
-workload = "llm"
-backend = "transformers"
-[models.gpt-a.variants.full]
-path = "{root}/gpt-a"
-kv_mib_per_token = 0.01
-[[models.gpt-a.ladder]]
-quality = 1.0
-variant = "full"
-
-[models.gpt-b]
-workload = "llm"
-backend = "transformers"
-[models.gpt-b.variants.full]
-path = "{root}/gpt-b"
-kv_mib_per_token = 0.01
-[[models.gpt-b.ladder]]
-quality = 1.0
-variant = "full"
-"""
-
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory, ml_extras):
-    from workers.tinymodels import build_llm
+    from workers.tinymodels import build_llm, one_variant_llm
 
-    root = tmp_path_factory.mktemp("two-models")
-    build_llm(root / "gpt-a", layers=4, width=512, seed=11)
-    build_llm(root / "gpt-b", layers=4, width=512, seed=12)
-    (root / "models.toml").write_text(REGISTRY.format(root=root.resolve()))
+    root = tmp_path_factory.mktemp("two-models").resolve()
+    for seed, name in enumerate(("gpt-a", "gpt-b"), start=11):
+        build_llm(root / name, layers=4, width=512, seed=seed)
+    (root / "models.toml").write_text("\n".join(one_variant_llm(name, root / name) for name in ("gpt-a", "gpt-b")))
     return root / "models.toml"
 
 
