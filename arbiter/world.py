@@ -20,7 +20,7 @@ from broker.ledger import Lease, parse_leases
 from broker.schemas import IMPROVE_BAND, GpuSnapshot, ParkedJob
 from broker.settings import get_settings
 from broker.waiting import WaitingEntry
-from workers.residency import ResidencyConfig, Resident, parse_log, reclaimable, residents
+from workers.residency import LogDigest, ResidencyConfig, Resident, parse_log, reclaimable, residents_of
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,53 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+LOG_WINDOW = 16   # a GPU's newest residency-log entries read when its log changed since the last tick
+
+
+class ResidencyLogs:
+    """The beat's digests of every GPU's residency log (`workers.residency.LogDigest`), kept from tick to tick.
+    The world read asks for each log's newest entry only (LINDEX); where it changed, the newest `LOG_WINDOW`
+    entries are read (one more round trip) and the new ones added; where more than that came, or the entry
+    the digest had is gone (the log expired), the whole log (a third round trip, rare). A log is only ever
+    pushed at its head and trimmed at its tail (`workers.evictor.log_start`), which is what makes this exact."""
+
+    def __init__(self, half_life_s: float) -> None:
+        self.half_life_s = half_life_s
+        self._kept: dict[str, tuple[bytes, LogDigest]] = {}   # gpu id -> (its log's newest entry, digest)
+
+    def digests(self, r: redis.Redis, keys: Keys, heads: dict[str, bytes | None]) -> dict[str, LogDigest]:
+        """Each GPU's digest, given its log's newest entry as just read (None: no log)."""
+        self._kept = {g: kept for g, kept in self._kept.items() if heads.get(g) is not None}
+        changed = [g for g, head in heads.items() if head is not None and self._kept.get(g, (None,))[0] != head]
+        whole = [g for g in changed if g not in self._kept]          # new to this reader: read whole at once
+        changed = [g for g in changed if g in self._kept]
+        if changed:
+            pipe = r.pipeline(transaction=False)
+            for g in changed:
+                pipe.lrange(keys.residency_log(g), 0, LOG_WINDOW - 1)
+            for g, window in zip(changed, pipe.execute(), strict=True):
+                raw, digest = self._kept[g]
+                if raw not in window:
+                    whole.append(g)
+                    continue
+                digest.add(parse_log(window[:window.index(raw)]))
+                self._kept[g] = (window[0], digest)
+        if whole:
+            pipe = r.pipeline(transaction=False)
+            for g in whole:
+                pipe.lrange(keys.residency_log(g), 0, -1)
+            for g, entries in zip(whole, pipe.execute(), strict=True):
+                if entries:
+                    self._kept[g] = (entries[0], LogDigest.of(parse_log(entries), self.half_life_s))
+                else:
+                    self._kept.pop(g, None)
+        return {g: self._kept[g][1] if g in self._kept else LogDigest(self.half_life_s) for g in heads}
+
+
 def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = None,
-         residency: ResidencyConfig | None = None) -> Snapshot:
-    """The world in one pipelined round trip (two when the GPU ids are not given)."""
+         residency: ResidencyConfig | None = None, logs: ResidencyLogs | None = None) -> Snapshot:
+    """The world in one pipelined round trip (two when the GPU ids are not given). `logs`: the reader's
+    residency-log digests kept from its last read (the beat's); without, every log is read whole."""
     residency = residency or ResidencyConfig.from_settings(get_settings())
     if gpu_ids is None:
         gpu_ids = sorted(x.decode() for x in r.pipeline(transaction=False).smembers(keys.gpus()).execute()[0])
@@ -135,7 +179,10 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
         pipe.hgetall(keys.budgets(g))
         pipe.hgetall(keys.controls(g))
         pipe.hgetall(keys.reserved(g))
-        pipe.lrange(keys.residency_log(g), 0, -1)
+        if logs is None:
+            pipe.lrange(keys.residency_log(g), 0, -1)
+        else:
+            pipe.lindex(keys.residency_log(g), 0)
     pipe.hgetall(keys.workers())
     pipe.hgetall(keys.waiting_vram())
     pipe.hgetall(keys.parked())
@@ -181,10 +228,15 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
         if p.reason == "vram":
             parked_mib[p.gpu_id] = parked_mib.get(p.gpu_id, 0) + p.mib
 
+    if logs is None:
+        digests = {g: LogDigest.of(parse_log(raws[5]), residency.half_life_s) for g, raws in zip(gpu_ids, per_gpu,
+                                                                                                  strict=True)}
+    else:
+        digests = logs.digests(r, keys, {g: raws[5] for g, raws in zip(gpu_ids, per_gpu, strict=True)})
     gpus = []
-    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw, log_raw) in zip(gpu_ids, per_gpu, strict=False):
+    for g, (snap_raw, lease_raw, budget_raw, control_raw, reserved_raw, _) in zip(gpu_ids, per_gpu, strict=False):
         leases = tuple(live_leases(lease_raw, now))
-        here = residents(leases, parse_log(log_raw), now, residency)
+        here = residents_of(leases, digests[g], now, residency)
         spare_of = [x for x in here if reclaimable(x, residency)]   # idle weights admission may evict
         spare = sum(x.mib for x in spare_of)
         try:

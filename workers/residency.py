@@ -28,8 +28,9 @@ reload cost — Ray Serve's model multiplexing) and `pinned` (never evict: the b
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker import simcatalog
 from broker.ledger import Lease
@@ -137,14 +138,74 @@ def arrival_rates(uses: Iterable[Use], now: float, half_life_s: float) -> dict[s
     return out
 
 
+@dataclass
+class LogDigest:
+    """What `residents` needs of a GPU's residency log, kept current as run starts arrive without reading or
+    walking the whole log again (the beat reads every GPU's log every tick: 256 entries × 64 GPUs was 30 ms and
+    1 MB a tick): the kept entries (newest first, at most `RESIDENCY_LOG_LEN`, as the log is trimmed), each
+    (worker, variant)'s last start and, per model, the sum of exp((at - t0) / tau) with t0 the newest start.
+    The arrival rate at `now` is that sum × exp(-(now - t0) / tau) / tau: `arrival_rates`, rebased on t0 (no
+    exponent grows, whatever the epoch)."""
+
+    half_life_s: float
+    uses: deque[Use] = field(default_factory=deque)
+    last: dict[tuple[str, str], float] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    t0: float = 0.0
+
+    @classmethod
+    def of(cls, uses: Iterable[Use], half_life_s: float) -> LogDigest:
+        """The digest of a log as read (newest first)."""
+        d = cls(half_life_s)
+        d.add(list(uses))
+        return d
+
+    @property
+    def tau(self) -> float:
+        return self.half_life_s / math.log(2)
+
+    @property
+    def newest(self) -> Use | None:
+        return self.uses[0] if self.uses else None
+
+    def add(self, newer: list[Use]) -> None:
+        """Run starts newer than every kept one (newest first), then the oldest dropped past the log's length."""
+        if not newer:
+            return
+        t0 = max(u.at for u in newer)
+        t0 = max(self.t0, t0) if self.uses else t0
+        shift = math.exp(min(0.0, self.t0 - t0) / self.tau)
+        self.sums = {m: s * shift for m, s in self.sums.items()}
+        self.t0 = t0
+        for u in reversed(newer):
+            self.uses.appendleft(u)
+            self.sums[u.model] = self.sums.get(u.model, 0.0) + math.exp(min(0.0, u.at - t0) / self.tau)
+            key = (u.worker, u.variant)
+            self.last[key] = max(self.last.get(key, 0.0), u.at)
+        while len(self.uses) > RESIDENCY_LOG_LEN:
+            old = self.uses.pop()
+            self.sums[old.model] = max(0.0, self.sums.get(old.model, 0.0)
+                                       - math.exp(min(0.0, old.at - t0) / self.tau))
+            key = (old.worker, old.variant)
+            if self.last.get(key) == old.at and not any((u.worker, u.variant) == key for u in self.uses):
+                del self.last[key]
+
+    def rates(self, now: float) -> dict[str, float]:
+        """model -> arrivals per second at `now` (as `arrival_rates` over the kept entries)."""
+        decay = math.exp(-max(0.0, now - self.t0) / self.tau) / self.tau
+        return {m: s * decay for m, s in self.sums.items()}
+
+
 def residents(leases: Iterable[Lease], uses: list[Use], now: float, cfg: ResidencyConfig) -> tuple[Resident, ...]:
     """The GPU's resident variants from its live leases and its residency log, largest first."""
+    return residents_of(leases, LogDigest.of(uses, cfg.half_life_s), now, cfg)
+
+
+def residents_of(leases: Iterable[Lease], log: LogDigest, now: float, cfg: ResidencyConfig) -> tuple[Resident, ...]:
+    """`residents`, from the log's digest."""
     leases = list(leases)
     in_use = {(x.worker.rsplit("/", 1)[0], x.variant) for x in leases if x.kind == "job" and x.variant}
-    last: dict[tuple[str, str], float] = {}
-    for u in uses:
-        last[(u.worker, u.variant)] = max(last.get((u.worker, u.variant), 0.0), u.at)
-    rates = arrival_rates(uses, now, cfg.half_life_s)
+    last, rates = log.last, log.rates(now)
     out = []
     for x in leases:
         if x.kind != "weights" or not x.field.startswith("w:") or "|" not in x.field:

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from arbiter.beat import Beat
+from arbiter.beat import Beat, freeze_heap
 from arbiter.bench.common import bench_settings, pct, private_stack
 from arbiter.bench.scale_world import GPUS_PER_NODE, populate
 from arbiter.stack import WorkerSpec
@@ -97,6 +97,7 @@ def measure_size(base: Settings, n_gpus: int, ticks: int) -> dict[str, Any]:
                 if not beat.lead():
                     raise RuntimeError("bench scale: the beat could not take the leader lock on its own Redis")
                 meter = RedisMeter(r)
+                freeze_heap()                              # as `Beat.run` does before its first tick
                 warm = meter.measure(beat.tick)            # the periodic sweeps run here (their gates are open)
                 beat.plan_us.clear()
                 tick_ms: list[float] = []

@@ -6,7 +6,8 @@ job and weights leases) and the client (queued jobs). Worker registrations copy 
 
 Per GPU: an llm and a diffusion worker (one slot each), their weights resident (16 + 7 GiB of 80 GiB), one llm
 job (standard; interactive on each node's first GPU, so the beat pauses that GPU's background job every tick)
-and one background diffusion job. Across the cluster: a few queued jobs and a few parked for VRAM that no GPU
+and one background diffusion job, and a full residency log (`RESIDENCY_LOG_LEN` run starts, as a busy GPU's
+workers leave it: the beat reads it every tick). Across the cluster: a few queued jobs and a few parked for VRAM that no GPU
 frees while the bench runs, so the world stays the same from tick to tick."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from broker.ledger import Ledger
 from broker.schemas import JobSpec, ParkedJob, Workload
 from broker.settings import Settings
 from broker.states import JobState
+from workers.residency import RESIDENCY_LOG_LEN, log_entry
 from workers.simgpu import SimGpu
 from workers.simprofile import Kernel
 
@@ -95,6 +97,9 @@ def populate(r: redis.Redis, settings: Settings, n_gpus: int, n_queued: int = 4,
             priority = ("interactive" if index == 0 else "standard") if workload == "llm" else "background"
             _run_job(r, keys, store, ledger, sim, worker, workload, priority, settings)
             running += 1
+        workers = [(f"{w}-sim{index}@{node}", f"{w}-bench") for w in ("llm", "diffusion")]
+        r.rpush(keys.residency_log(gpu_id), *(log_entry(now - i * 0.5, "bench", *workers[i % 2][::-1])
+                                               for i in range(RESIDENCY_LOG_LEN)))
         sim.publish_snapshot(TTL_S)
     with Client(settings=settings) as client:
         for i in range(n_queued):

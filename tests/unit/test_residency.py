@@ -8,7 +8,9 @@ from broker.keys import Keys
 from broker.ledger import Lease, Ledger, weights_field
 from workers.ladders import Rung
 from workers.residency import (
+    RESIDENCY_LOG_LEN,
     Admit,
+    LogDigest,
     ResidencyConfig,
     Resident,
     Use,
@@ -16,9 +18,11 @@ from workers.residency import (
     arrival_rates,
     choose,
     evictions,
+    log_entry,
     parse_log,
     reclaimable,
     residents,
+    residents_of,
 )
 
 NOW = 1000.0
@@ -112,3 +116,84 @@ def test_the_ledger_evicts_weights_only_when_no_job_of_the_worker_runs_them():
     assert ledger.release("n:0", "job1", g.fence)
     assert ledger.evict_weights("n:0", "llm@a", "llama-8b")
     assert ledger.leases("n:0") == []
+
+
+def _log(n, start=0, at0=NOW - 600.0, every_s=1.5):
+    """Run starts start … start+n-1, oldest first in time, returned newest first (as the log reads)."""
+    models = ["llama-3", "qwen-2.5", "sd-1.5"]
+    return [Use(at0 + i * every_s, models[i % 3], f"v{i % 5}", f"w{i % 2}") for i in reversed(range(start, start + n))]
+
+
+def _same(digest, uses, now):
+    full = LogDigest.of(uses, CFG.half_life_s)
+    assert list(digest.uses) == uses and digest.last == full.last
+    want = arrival_rates(uses, now, CFG.half_life_s)
+    assert set(digest.rates(now)) >= set(want)
+    for model, rate in digest.rates(now).items():
+        assert rate == pytest.approx(want.get(model, 0.0), rel=1e-9, abs=1e-12)
+
+
+def test_a_log_digest_kept_current_equals_the_log_read_whole():
+    """Added to in steps and trimmed past the log's length, the digest reads as the kept entries read whole:
+    the same last starts and arrival rates (`arrival_rates`) at any later time."""
+    digest = LogDigest.of(_log(40), CFG.half_life_s)
+    _same(digest, _log(40), NOW)
+    total = 40
+    for step in (1, 3, 17, 250, 2, 400):
+        digest.add(_log(step, start=total))
+        total += step
+        kept = _log(min(total, RESIDENCY_LOG_LEN), start=max(0, total - RESIDENCY_LOG_LEN))
+        _same(digest, kept, NOW + total * 1.5)
+    assert len(digest.uses) == RESIDENCY_LOG_LEN
+    # a (worker, variant) whose every start was trimmed away has no last start any more, as when read whole
+    assert all(any((u.worker, u.variant) == key for u in digest.uses) for key in digest.last)
+
+
+def test_residents_from_a_digest_are_residents_from_the_log():
+    leases = [weights_lease("w0", "v0", 15_317), weights_lease("w1", "v1", 2_056), job_lease("j", "w1", "v1")]
+    uses = [Use(u.at, u.model, u.variant, u.worker) for u in _log(30)]
+    assert residents_of(leases, LogDigest.of(uses, CFG.half_life_s), NOW, CFG) == residents(leases, uses, NOW, CFG)
+
+
+def test_the_beats_log_digests_read_only_what_changed():
+    """`arbiter.world.ResidencyLogs` (fakeredis, the writer's own push and trim): a tick reads each log's head;
+    only a changed log's newest entries are read, the whole log where more came than the window, or it is gone;
+    the digests always equal the logs read whole."""
+    from arbiter.world import LOG_WINDOW, ResidencyLogs
+
+    r, keys = fakeredis.FakeRedis(), Keys()
+    logs, n = ResidencyLogs(CFG.half_life_s), {"g0": 0, "g1": 0}
+
+    def push(g, count):
+        for _ in range(count):
+            r.lpush(keys.residency_log(g), log_entry(NOW + n[g], "llama-3", f"v{n[g] % 3}", "w"))
+            r.ltrim(keys.residency_log(g), 0, RESIDENCY_LOG_LEN - 1)
+            n[g] += 1
+
+    reads, pipeline = [], r.pipeline
+
+    def counted(*args, **kwargs):                       # the log reads the digests make: (gpu, first, last)
+        pipe = pipeline(*args, **kwargs)
+        lrange = pipe.lrange
+        pipe.lrange = lambda key, a, b: reads.append((key.rsplit(":", 2)[-2], a, b)) or lrange(key, a, b)
+        return pipe
+
+    r.pipeline = counted
+
+    def tick():
+        reads.clear()
+        got = logs.digests(r, keys, {g: r.lindex(keys.residency_log(g), 0) for g in n})
+        for g, digest in got.items():
+            _same(digest, parse_log(r.lrange(keys.residency_log(g), 0, -1)), NOW + 300)
+        return list(reads)
+
+    push("g0", 5)
+    assert tick() == [("g0", 0, -1)]                    # new to the reader: read whole
+    assert tick() == []                                 # nothing changed: no log read at all
+    push("g0", 2)
+    push("g1", LOG_WINDOW + 3)
+    assert tick() == [("g0", 0, LOG_WINDOW - 1), ("g1", 0, -1)]   # g0: only its newest entries
+    push("g0", RESIDENCY_LOG_LEN + 10)                 # more than the window, and trimmed
+    assert tick() == [("g0", 0, LOG_WINDOW - 1), ("g0", 0, -1)]
+    r.delete(keys.residency_log("g1"))                  # expired
+    assert tick() == [] and len(logs.digests(r, keys, {"g1": None})["g1"].uses) == 0
