@@ -103,7 +103,12 @@ class EventHub:
             pipe = self.r.pipeline(transaction=False)
             pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=True)
             pipe.expire(self.wake_key, WAKE_TTL_S)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except BaseException:   # Redis failing over, or the caller cancelled: it never gets the subscription
+                self._woken = False
+                self.unsubscribe(sub)
+                raise
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -38,7 +38,7 @@ from arbiter.gateway.models import (
 )
 from arbiter.gateway.shutdown import REASON, ClosingStream, closing
 from arbiter.gateway.streams import job_events
-from broker.errors import Timeout
+from broker.errors import ArbiterError
 from broker.schemas import Priority
 from broker.settings import Settings
 
@@ -188,7 +188,7 @@ async def stream(ctx: Ctx, claim: Claim, chunks: AsyncIterator[bytes | None]) ->
                 if time.monotonic() - refreshed >= ctx.settings.gateway_heartbeat_s:
                     refreshed = time.monotonic()
                     await run_in_threadpool(ctx.limits.renew, claim)
-        except (Timeout, RedisError) as exc:
+        except (ArbiterError, RedisError) as exc:   # Timeout, RedisUnavailable, JobNotFound (the record gone)
             yield f"event: error\ndata: {json.dumps({'type': 'error', 'message': str(exc)})}\n\n".encode()
         finally:
             await ctx.let_go(claim)

@@ -161,16 +161,19 @@ class Ctx:
         if left_s is not None and by_deadline:
             timeout_s = left_s
         job, tokens = self.waitable(handle), -1
-        renewed = time.monotonic()
+        renewed = looked = time.monotonic()
         try:
             async for event in job_events(job, timeout_s, heartbeat_s=1.0, positions=False):
-                if event is None:
+                # each second whatever comes (a job's tokens or steps can come for minutes without a quiet
+                # second): is the caller still there, and is the claim renewed before it lapses
+                if time.monotonic() - looked >= 1.0:
+                    looked = time.monotonic()
                     if await request.is_disconnected():
                         raise ApiError(408, "client went away", "timeout_error")
-                    if time.monotonic() - renewed >= self.settings.gateway_heartbeat_s:
-                        renewed = time.monotonic()
-                        await run_in_threadpool(self.limits.renew, claim)
-                elif event.get("type") == "token":
+                if time.monotonic() - renewed >= self.settings.gateway_heartbeat_s:
+                    renewed = time.monotonic()
+                    await run_in_threadpool(self.limits.renew, claim)
+                if event is not None and event.get("type") == "token":
                     tokens = max(tokens, int(event["index"]))
             result = await job.outcome()
         except Timeout:

@@ -61,3 +61,39 @@ def test_a_waiter_who_joins_while_the_reader_blocks_is_read_at_once(redis_url):
         await r.aclose()
 
     run(main())
+
+
+def test_a_subscribe_whose_wake_fails_leaves_no_subscription(redis_url):
+    """A waiter that joins while the reader blocks writes a wake; if that write fails (Redis failing over) or
+    the caller is cancelled, the caller never gets its subscription, so the hub must not keep it (it stayed in
+    every later XREAD, its queue filling, for the life of the process)."""
+    async def main():
+        r, keys = aioredis.Redis.from_url(redis_url), Keys("hubwake")
+        hub = EventHub(r, keys)
+        first = await hub.subscribe("a")
+        for _ in range(100):                      # until the reader sits in its XREAD
+            if hub._blocking:
+                break
+            await asyncio.sleep(0.01)
+        assert hub._blocking
+        execute = aioredis.client.Pipeline.execute
+
+        async def failing(self, *args, **kwargs):
+            raise aioredis.ConnectionError("failing over")
+
+        aioredis.client.Pipeline.execute = failing
+        try:
+            with pytest.raises(aioredis.ConnectionError):
+                await hub.subscribe("b")
+        finally:
+            aioredis.client.Pipeline.execute = execute
+        assert hub.subscribers == 1 and not hub._woken
+        late = await hub.subscribe("c")           # a later waiter wakes the reader again, and is served
+        await r.xadd(keys.job_events("c"), {"type": "token", "index": 0})
+        assert (await late.get(10))[1]["index"] == "0"
+        first.close()
+        late.close()
+        await hub.close()
+        await r.aclose()
+
+    run(main())

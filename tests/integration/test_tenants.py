@@ -216,3 +216,31 @@ def test_the_cli_makes_keys_with_ids_and_tenants(settings, store):
     assert bad.returncode == 2 and "tenant 'team a'" in bad.stderr
     gone = keys("revoke", key.id)
     assert gone.returncode == 0 and key.id in gone.stdout and store.lookup(made.stdout.strip()) is None
+
+
+def test_a_long_wait_keeps_its_claim_while_its_job_streams_events(settings, gateway, client, tmp_path):
+    """A non-streaming request's wait claim is renewed while its job sends events without a quiet second (an
+    image's steps, a long chat's tokens): it was renewed only in quiet seconds, so it lapsed mid-generation
+    and the key could hold more waits than its limit. Claims here lapse 5.9 s after their last renewal."""
+    from arbiter.gateway.limits import Limits
+
+    quick = settings.model_copy(update={"gateway_heartbeat_s": 0.3})
+    gw = Gateway(quick, tmp_path / "gateway.log")
+    try:
+        store = KeyStore(client.redis, client.keys)
+        secret = store.create("long-wait", ["background"], max_waits=1)
+        limits = Limits(client.redis, client.keys, 1, conn_ttl_s=3 * 0.3 + 5, jobs_ttl_s=3600)
+        body = {"prompt": "a long one", "size": "2048x2048", "steps": 200, "n": 2, "service_tier": "flex"}
+        with ThreadPoolExecutor(1) as pool:                        # a progress event a step, for well over 8 s
+            waiting = pool.submit(httpx.post, gw.base + "/v1/images/generations", json=body, headers=h(secret),
+                                  timeout=300)
+            wait_until(lambda: waiting.done() or limits.held(store.lookup(secret), "waits") == 1, timeout_s=30)
+            time.sleep(8)                                          # past the claim's 5.9 s, the job running
+            assert not waiting.done(), waiting.result().status_code
+            assert limits.held(store.lookup(secret), "waits") == 1
+            refused = httpx.post(gw.base + "/v1/chat/completions", headers=h(secret), timeout=30,
+                                 json={"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]})
+            assert refused.status_code == 429, refused.status_code   # the key's one wait is still held
+            assert waiting.result().status_code == 200
+    finally:
+        gw.stop()
