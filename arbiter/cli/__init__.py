@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+import pydantic
 import typer
 
 from arbiter.batch import batch_command
@@ -47,6 +48,15 @@ app.add_typer(queues.app, name="queue")
 app.add_typer(queues.job_app, name="job")
 
 
+def setting_error(exc: pydantic.ValidationError) -> str:
+    """A settings error in one line, naming the environment variable and what is allowed."""
+    parts = []
+    for e in exc.errors():
+        name = "ARBITER_" + "_".join(str(x) for x in e["loc"]).upper()
+        parts.append(f"{name}={e.get('input')!r}: {e['msg']}" if "input" in e else f"{name}: {e['msg']}")
+    return "invalid setting " + "; ".join(parts)
+
+
 def main() -> None:
     """Entry point: every error is one line on stderr; exit 2 for bad input, 1 for other failures."""
     import redis
@@ -67,6 +77,12 @@ def main() -> None:
         fail(exc.format_message(), exc.exit_code)
     except InvalidJob as exc:
         fail(str(exc), 2)
+    except pydantic.ValidationError as exc:   # a setting from the environment or .env (`broker.settings`)
+        fail(setting_error(exc), 2)
+    except ValueError as exc:                 # a setting that parses but cannot work (a Sentinel URL naming no primary)
+        fail(str(exc), 2)
+    except RuntimeError as exc:               # a process of the stack that cannot start (the embedded Redis)
+        fail(str(exc), 1)
     except redis.RedisError as exc:   # read outside the client's calls (status): in the client's words
         fail(str(redis_unavailable(exc)), 1)
     except (ArbiterError, ConnectionError, OSError) as exc:

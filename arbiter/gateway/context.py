@@ -18,6 +18,7 @@ from redis import RedisError
 from arbiter.gateway.apikeys import ApiKey, KeyStore
 from arbiter.gateway.errors import RETRY_AFTER_S, ApiError, param_of, request_words
 from arbiter.gateway.limits import Claim, Limits
+from arbiter.gateway.shutdown import REASON, closing
 from arbiter.gateway.signing import UrlSigner
 from arbiter.gateway.streams import job_events
 from broker.aclient import AsyncClient, AsyncJobHandle
@@ -166,10 +167,14 @@ class Ctx:
             async for event in job_events(job, timeout_s, heartbeat_s=1.0, positions=False):
                 # each second whatever comes (a job's tokens or steps can come for minutes without a quiet
                 # second): is the caller still there, and is the claim renewed before it lapses
-                if time.monotonic() - looked >= 1.0:
+                if time.monotonic() - looked >= 1.0 or closing.is_set():
                     looked = time.monotonic()
                     if await request.is_disconnected():
                         raise ApiError(408, "client went away", "timeout_error")
+                    if closing.is_set():   # told to stop: answer now, not when the pod's grace runs out
+                        raise ApiError(503, f"{REASON}: the job goes on; GET /v1/jobs/{handle.id} from another "
+                                            "gateway", "server_error", code="gateway_shutting_down",
+                                       headers={"Retry-After": str(RETRY_AFTER_S)})
                 if time.monotonic() - renewed >= self.settings.gateway_heartbeat_s:
                     renewed = time.monotonic()
                     await run_in_threadpool(self.limits.renew, claim)

@@ -1,8 +1,9 @@
 """The gateway told to stop (SIGTERM: a rolling update, scale-in; Ctrl-C). uvicorn then stops accepting
 connections and waits for the open ones, and an event stream of a long job would hold it there until the pod's
 grace period runs out and the stream is cut with no word. Instead, each open stream ends at once with a last
-event saying why (`event: error`, reason `gateway shutting down`) and /healthz answers 503: the job goes on, and
-the client reads its events again from another gateway (GET /v1/jobs/{id}/events replays them from the start).
+event saying why (`event: error`, reason `gateway shutting down`), a non-streaming request waiting for its job
+answers 503 `gateway_shutting_down` with Retry-After (`context.Ctx.wait`), and /healthz answers 503: the job
+goes on, and the client reads its events again from another gateway (GET /v1/jobs/{id}/events replays them).
 
 Signals are the process's, so the flag is too (`closing`): the app's lifespan wraps the handlers uvicorn installed
 (the flag is set, then uvicorn's own shutdown runs as before)."""

@@ -93,3 +93,15 @@ def test_bump_names_the_place_and_drain_says_the_pause_ended(arbiter):
     for job in jobs:
         arbiter("result", job)
     assert arbiter("queue", "resume", queue).stdout == f"{queue}: running\n"
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"ARBITER_DRAIN_TIMEOUT_S": "abc"}, "error: invalid setting ARBITER_DRAIN_TIMEOUT_S='abc': Input should be"),
+    ({"ARBITER_REDIS_URL": "sentinel://127.0.0.1:26379/0"}, "error: ARBITER_REDIS_URL is a Sentinel URL but"),
+])
+def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(env, says):
+    import os
+
+    p = subprocess.run([sys.executable, "-m", "arbiter", "status"], env={**os.environ, **env}, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 2 and p.stderr.startswith(says) and len(p.stderr.splitlines()) == 1, p.stderr[-2000:]

@@ -7,6 +7,7 @@ import os
 import signal
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -178,6 +179,9 @@ def test_a_gateway_told_to_stop_closes_its_open_streams_with_the_reason(client, 
                                                                  "steps": 200, "width": 1024, "height": 1024})
         assert r.status_code == 201, r.text
         job_id = r.json()["job_id"]
+        # a non-streaming image request, queued behind the long job, waits for it on the gateway
+        waiting = ThreadPoolExecutor(1).submit(httpx.post, gw.base + "/v1/images/generations", headers=auth,
+                                               json={"prompt": "behind it", "size": "64x64", "steps": 4}, timeout=30)
         with httpx.stream("GET", f"{gw.base}/v1/jobs/{job_id}/events", headers=auth, timeout=30) as resp:
             lines = resp.iter_lines()
             seen = []
@@ -198,6 +202,9 @@ def test_a_gateway_told_to_stop_closes_its_open_streams_with_the_reason(client, 
     assert kind == "error" and last["reason"] == "gateway shutting down", events[-3:]
     assert last["error"]["code"] == "gateway_shutting_down"
     assert closed_s < 5 and exited_s < 10, (closed_s, exited_s)
+    answered = waiting.result(timeout=10)                         # answered before the gateway exited
+    assert answered.status_code == 503 and answered.headers["Retry-After"], answered.status_code
+    assert answered.json()["error"]["code"] == "gateway_shutting_down"
     job = client.get(job_id)
     assert job.status().state not in TERMINAL                     # the job goes on without the gateway
     job.cancel()                                                  # (not left for the next test's workers)

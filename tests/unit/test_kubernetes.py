@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from arbiter.cli import app
 from arbiter.metrics import render
 from broker.app import all_queues
+from broker.registry import REAL_BACKENDS
 from broker.settings import Settings
 from tests.support.kustomize import KustomizeError, build, merge
 from tests.unit.test_metrics import KEYS, populate
@@ -137,9 +138,12 @@ def test_every_worker_pool_scales_on_arbiters_backlog_metrics(overlay):
         # the server is the Prometheus Service the manifests ship, on its port
         url = urlparse(meta["serverAddress"])
         assert url.hostname in services and url.port in {p["port"] for p in services[url.hostname]["spec"]["ports"]}
-        # one replica per `threshold` jobs: the worker's --concurrency
+        # one replica per `threshold` jobs: the worker's --concurrency (1 for a real backend but openai's:
+        # `arbiter worker` refuses more, a model copy per process)
         args = container(target)["args"]
         assert meta["threshold"] == args[args.index("--concurrency") + 1]
+        if args[args.index("--backend") + 1] in set(REAL_BACKENDS) - {"openai"}:
+            assert args[args.index("--concurrency") + 1] == "1", (so_name, args)
         # the query reads metrics the collector exports, with labels it sets, for this workload's bands
         workload = args[args.index("--workload") + 1]
         metrics = set(re.findall(r"\b(arbiter_[a-z_]+)\{", meta["query"]))
