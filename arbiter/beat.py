@@ -141,12 +141,16 @@ class Beat:
                         continue
                     log.error("%s", clash)
                     raise SystemExit(clash)
+                epoch = self.leadership.epoch
                 now_leading = self.lead()
-                if now_leading != leading:
+                # a leader that stalled past its lock, while another led, leads again under a new epoch: what it
+                # held in memory is stale (the other's budgets were stored): read them as a new leader does
+                if now_leading != leading or (now_leading and self.leadership.epoch != epoch):
                     log.info("beat %s is %s", self.token[:8], f"the leader (epoch {self.leadership.epoch})"
                              if now_leading else "standing by")
                     leading = now_leading
                     self.budgets = self._stored_budgets() if leading else {}
+                    self.interactive_seen.clear()
                 if leading:
                     self.tick()
                     woke = self.r.blpop([self.keys.beat_wake()], timeout=self.settings.beat_interval_s)

@@ -207,8 +207,9 @@ def read(r: redis.Redis, keys: Keys, now: float, gpu_ids: list[str] | None = Non
             w = json.loads(raw)
             if not isinstance(w["workload"], str):
                 continue
+            expires_at = float(w["expires_at"])   # an entry without it is skipped before it is kept
             workers[_s(name)] = w
-            if float(w["expires_at"]) >= now:
+            if expires_at >= now:
                 per = slots.setdefault(w["gpu_id"], {})
                 per[w["workload"]] = per.get(w["workload"], 0) + int(w["concurrency"])
         except (ValueError, KeyError, TypeError):

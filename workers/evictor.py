@@ -56,7 +56,7 @@ class WorkerRuntime(Protocol):
 
 
 def plan(rt: WorkerRuntime, view: View, model: str | None, rungs: tuple[Rung, ...], capacity_mib: int,
-         interactive: bool, queued_at: float) -> Admit | WaitForRoom:
+         interactive: bool, waiting_since: float) -> Admit | WaitForRoom:
     """Residency's answer for the job's candidate rungs, from what the job's view read; the GPU's residency
     log is read (one round trip) only when the best rung does not fit as things are."""
     free = capacity_mib - sum(x.mib for x in view.leases)
@@ -68,7 +68,7 @@ def plan(rt: WorkerRuntime, view: View, model: str | None, rungs: tuple[Rung, ..
     model = model or model_of(rungs[0].variant)
     rate = arrival_rates(uses, now, cfg.half_life_s).get(model, 0.0) + arrival_weight(0.0, cfg.half_life_s)
     return choose(rungs, free, set(view.resident), residents(view.leases, uses, now, cfg), rt.worker,
-                  interactive, now, cfg, rate, now - queued_at)
+                  interactive, now, cfg, rate, now - waiting_since)
 
 
 RESIDENCY_LOG_TTL_S = 86_400   # a GPU gone for a day leaves no residency log behind

@@ -52,7 +52,7 @@ class Use:
 
 
 def log_entry(at: float, model: str, variant: str, worker: str) -> str:
-    return f"{at:.3f}|{model}|{variant}|{worker}"
+    return f"{at:.6f}|{model}|{variant}|{worker}"   # µs: two processes of a worker never write the same entry
 
 
 def parse_log(raw: Iterable[bytes | str]) -> list[Use]:

@@ -46,7 +46,7 @@ from workers.residency import Admit
 from workers.runtime import CurrentJob, Runtime
 from workers.view import View, job_view
 from workers.vramhold import lease_capacity_mib
-from workers.waiting import hold, park
+from workers.waiting import ROOM_WAIT_FIELD, hold, park
 
 log = logging.getLogger("arbiter.job")
 EVICTION_WAIT_S = 2.0   # a batch job whose room another worker is evicting waits this long before it parks
@@ -145,7 +145,7 @@ def lease(rt: Runtime, job_id: str, spec: JobSpec, chosen: Try, view: View, task
         forget_evicted(rt, view)
         held = view.resident = rt.resident_variants(list(view.leases))
         answer = plan(rt, view, spec.model, rungs, capacity, chosen.interactive,
-                      float(view.job.get("queued_at") or rt.clock()))
+                      float(view.job.get(ROOM_WAIT_FIELD) or rt.clock()))
         if isinstance(answer, Admit) and make_room(rt, job_id, answer):
             rungs = rungs[rungs.index(answer.rung):]
             held = rt.resident_variants()

@@ -25,6 +25,10 @@ from workers import flower
 from workers.ladders import Rung, admissible_rungs, rung_cost_mib
 from workers.runtime import Runtime
 
+# the job record's field: when the job first parked for VRAM (residency's patience counts from there, not from
+# its submit: under a backlog every job had "waited" past the patience and hot models were never kept)
+ROOM_WAIT_FIELD = "room_wait_since"
+
 log = logging.getLogger("arbiter.job")
 
 
@@ -43,7 +47,10 @@ def park(rt: Runtime, job_id: str, spec: JobSpec, reason: str, budget: float, mi
                       budget=budget, improvement=spec.improves is not None,
                       rungs=needs_by_budget(rt.backend.ladder(spec), floor, held, kept_mib))
     state = JobState.WAITING_FOR_BUDGET if reason == "budget" else JobState.WAITING_FOR_VRAM
-    ok, now = rt.store.transition(job_id, state, allowed=frozenset({JobState.QUEUED}), waiting_for=entry.explain())
+    # the first time it waits for room: from then on residency's patience runs (`workers.evictor.plan`)
+    room = {ROOM_WAIT_FIELD: entry.since} if state is JobState.WAITING_FOR_VRAM else None
+    ok, now = rt.store.transition(job_id, state, allowed=frozenset({JobState.QUEUED}), setnx=room,
+                                  waiting_for=entry.explain())
     if not ok and now is not state:     # cancelled meanwhile (a delivery racing a release is parked again)
         log.info("job %s not parked: it is %s", job_id, now.value if now else "gone")
         raise Ignore()

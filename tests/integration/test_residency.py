@@ -138,3 +138,21 @@ def test_a_worker_killed_while_loading_leaves_no_lease(client, procs, settings):
     wait_until(lambda: job.status().state.value != "running", timeout_s=30)   # the beat requeued it
     assert not Ledger(client.redis, Keys()).leases(gpu_id)
     assert job.status().state.value in ("queued", "waiting_for_vram")
+
+
+def test_a_backlog_of_two_alternating_models_does_not_thrash(client, procs):  # noqa: F811
+    """Residency's patience (a job waiting that long may evict a hot model) counts from when the job first
+    waited for room, not from its submit: with every job of a backlog queued past the patience (0.5 s here),
+    managed residency acted as plain LRU and swapped at nearly every job."""
+    worker, beat = procs
+    worker("llm", gpu="sim36:24GiB", ARBITER_RESIDENCY_PATIENCE_S="0.5")
+    beat()
+    chat(client, "llama-3", "warm").result(timeout=60)
+    evictions = stat(client, "model_evictions")
+    jobs = [chat(client, model, f"turn {i}", tokens=64) for i, model in enumerate(["qwen-2.5", "llama-3"] * 6)]
+    results = [j.result(timeout=120) for j in jobs]
+    swaps = stat(client, "model_evictions") - evictions
+    print("variants:", [r.params["variant"] for r in results], "swaps:", swaps,
+          "queued s:", [round(r.queue_wait_s, 1) for r in results])
+    assert max(r.queue_wait_s for r in results) > 0.5            # the backlog was older than the patience
+    assert swaps <= 3, swaps                                      # 11 switches asked for

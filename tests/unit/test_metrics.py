@@ -143,6 +143,10 @@ def test_expired_and_malformed_leases_and_snapshots_are_skipped(populated):
     r.hset(KEYS.leases(GPU), "old", f"500|{time.time() - 100}|job|background|diffusion|w|1")
     r.sadd(KEYS.gpus(), "node2:sim0")
     r.set(KEYS.gpu_snapshot("node2:sim0"), b"{broken")
+    r.hset(KEYS.workers(), "half@written", json.dumps({"workload": "llm", "gpu_id": GPU}))   # no expires_at
+    from arbiter.world import read
+
+    assert "half@written" not in read(r, KEYS, time.time()).workers   # the beat's sweeps read every entry's expiry
     got = scrape(r)
     assert one(got["arbiter_gpu_leases"], gpu=GPU, kind="job") == 2
     assert ("gpu", "node2:sim0") not in {k[0] for k in got["arbiter_gpu_vram_used_bytes"]}
