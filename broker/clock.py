@@ -3,9 +3,11 @@ heartbeats, controls and pauses, sweeps, the preemption watchdog, deadlines, wai
 record's stamps — is on it, never on the wall clock of the host that wrote it, so hosts may disagree about
 the time by any amount (docs/scaling.md, "One clock").
 
-A process learns Redis' time with one `TIME` round trip and carries it forward on its own monotonic clock,
-asking again every `RESYNC_S` (the estimate's error: half a round trip plus the monotonic clock's drift over
-that interval — microseconds). Durations a process measures for itself stay on `time.monotonic()`.
+A process learns Redis' time with `TIME` and carries it forward on its own monotonic clock, asking again every
+`RESYNC_S`. The estimate's error is half the round trip of the sample it keeps plus the monotonic clock's drift
+since (microseconds): a sync takes up to `SAMPLES` round trips and keeps the quickest, as NTP does — on a
+loaded box one round trip can take tens of milliseconds, and two processes' estimates then disagreed by more
+than a 1 ms deadline. Durations a process measures for itself stay on `time.monotonic()`.
 
 `server_clock(r)` is the clock of a client, made once per client; classes that take a `clock` keep it
 injectable, so tests still control time."""
@@ -20,6 +22,8 @@ from typing import Any
 import redis
 
 RESYNC_S = 10.0
+SAMPLES = 3            # TIME round trips per sync, the quickest kept
+QUICK_S = 0.001        # a round trip this quick is kept at once
 
 
 class ServerClock:
@@ -41,15 +45,24 @@ class ServerClock:
         """Ask Redis the time again. A Redis that does not answer keeps the last estimate (the monotonic clock
         carries it); with none yet, its error is raised."""
         with self._lock:
-            try:
-                t0 = time.monotonic()
-                sec, usec = self.r.time()
-                t1 = time.monotonic()
-            except redis.RedisError:
-                if self._point is None:
-                    raise
-                return self._point
-            self._point = (float(sec) + float(usec) / 1e6, (t0 + t1) / 2)   # the reply's time, mid round trip
+            best: tuple[float, float, float] | None = None   # (round trip, Redis time, monotonic mid round trip)
+            for _ in range(SAMPLES):
+                try:
+                    t0 = time.monotonic()
+                    sec, usec = self.r.time()
+                    t1 = time.monotonic()
+                except redis.RedisError:
+                    if best is not None:
+                        break
+                    if self._point is None:
+                        raise
+                    return self._point
+                if best is None or t1 - t0 < best[0]:
+                    best = (t1 - t0, float(sec) + float(usec) / 1e6, (t0 + t1) / 2)
+                if best[0] <= QUICK_S:
+                    break
+            assert best is not None
+            self._point = (best[1], best[2])
             return self._point
 
     def offset_s(self) -> float:
