@@ -78,6 +78,11 @@ class Drain:
             if self.started_at is not None:
                 return False
             self.started_at = time.monotonic()
+        # the bound holds whatever the asks do: one can block for the worker's whole Redis retry window (30 s)
+        # when Redis goes down with the node, past the pod's grace period
+        overdue = threading.Timer(self.timeout_s, self._overdue)
+        overdue.daemon = True
+        overdue.start()
         threading.Thread(target=self._run, name="arbiter-drain", daemon=True).start()
         return True
 
@@ -95,7 +100,7 @@ class Drain:
         assert self.started_at is not None
         deadline = self.started_at + self.timeout_s
         asked: set[tuple[str, int]] = set()
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.escalated:
             try:
                 running = self.running()
                 ask(self.r, self.keys, self.worker, running)
@@ -109,6 +114,8 @@ class Drain:
             except Exception:
                 log.exception("worker %s draining: asking its jobs failed", self.worker)
             time.sleep(REMARK_S)
+
+    def _overdue(self) -> None:
         left = len(self.running())
         self.escalate(f"{left} job(s) still running {self.timeout_s:g} s after the stop signal" if left else
                       f"still not stopped {self.timeout_s:g} s after the stop signal")

@@ -70,3 +70,22 @@ def test_the_control_hook_stops_an_asked_run_with_its_checkpoint(fake_redis):
         hook.after_step(ctx, info)
     assert stopped.value.drained and stopped.value.step == 5 and stopped.value.checkpoint == b"state at 5"
     assert "drained" in str(stopped.value)
+
+
+def test_the_drain_escalates_on_time_while_an_ask_hangs(fake_redis):
+    """Redis gone with the node: an ask blocks in its retries (30 s for a worker). The drain's bound still holds:
+    it escalates when its time runs out, not when the ask gives up (past the pod's grace: a SIGKILL instead)."""
+    released, escalated = threading.Event(), threading.Event()
+
+    class Hanging:
+        def pipeline(self, transaction=False):
+            pipe = fake_redis.pipeline(transaction=transaction)
+            pipe.execute = lambda: released.wait(10)
+            return pipe
+
+    drain = Drain(Hanging(), Keys(), "w@n", lambda: [("a", 10)], 0.3, escalated.set)   # type: ignore[arg-type]
+    drain.start()
+    try:
+        assert escalated.wait(5) and not released.is_set()     # escalated while the ask still hangs
+    finally:
+        released.set()
