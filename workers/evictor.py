@@ -109,13 +109,16 @@ def evict(rt: WorkerRuntime, variant: str, why: str) -> bool:
 
 def answer_requests(rt: WorkerRuntime) -> None:
     """The heartbeat's part: evict this worker's weights that another worker's admission asked for, unless a
-    job runs them (here or in another process of this worker); the request is answered either way."""
+    job runs them (here or in another process of this worker); the request is answered either way. Whichever
+    process of the worker reads the request evicts from the ledger (which refuses while any of its processes runs
+    the variant), whether or not it holds a copy itself: a process that does drops its copy when its lease
+    renewal is refused or at its next job (`forget_evicted`). It once evicted only its own copy, and a process
+    without one deleted the request unanswered."""
     key = rt.keys.evict_requests(rt.gpu_id)
     raw = rt.redis.hgetall(key)
     if not raw:
         return
     now, mine = rt.clock(), weights_field(rt.worker, "")
-    held = set(rt.backend.resident())
     cur = rt.current
     for field_b, value_b in raw.items():
         field, value = field_b.decode(), value_b.decode()
@@ -123,7 +126,7 @@ def answer_requests(rt: WorkerRuntime) -> None:
             continue
         variant = field[len(mine):]
         at, _, job_id = value.partition("|")
-        if variant in held and not (cur and cur.variant == variant) and now - float(at) <= REQUEST_TTL_S:
+        if not (cur and cur.variant == variant) and now - float(at) <= REQUEST_TTL_S:
             evict(rt, variant, f"asked by job {job_id}")
         rt.redis.hdel(key, field)
 

@@ -197,3 +197,25 @@ def test_the_beats_log_digests_read_only_what_changed():
     assert tick() == [("g0", 0, LOG_WINDOW - 1), ("g0", 0, -1)]
     r.delete(keys.residency_log("g1"))                  # expired
     assert tick() == [] and len(logs.digests(r, keys, {"g1": None})["g1"].uses) == 0
+
+
+def test_any_process_of_the_asked_worker_answers_an_eviction_request():
+    """Another worker's admission asks llm@a to evict qwen-7b. The heartbeat of a process of llm@a that holds no
+    copy (another one does) reads the request first: it evicts from the ledger all the same (the holder drops
+    its copy when its lease renewal is refused). It used to delete the request unanswered."""
+    from types import SimpleNamespace
+
+    from workers.evictor import answer_requests
+
+    r, keys = fakeredis.FakeRedis(), Keys()
+    ledger = Ledger(r, keys, clock=lambda: NOW)
+    g = ledger.acquire("n:0", 24_000, "job1", 100, 5.0, "standard", "llm", "llm@a", weights=("qwen-7b", 14_540),
+                       holder="llm@a/11")                        # process 11 loaded it, for job1
+    assert ledger.release("n:0", "job1", g.fence)                  # job1 ended: the weights stay, idle
+    r.hset(keys.evict_requests("n:0"), weights_field("llm@a", "qwen-7b"), f"{NOW:.3f}|job2")
+    evicted = []
+    rt = SimpleNamespace(keys=keys, redis=r, gpu_id="n:0", clock=lambda: NOW, worker="llm@a", current=None,
+                         ledger=ledger, backend=SimpleNamespace(resident=dict, evict=evicted.append))
+    answer_requests(rt)                                             # process 12: no copy of its own
+    assert [x for x in ledger.leases("n:0") if x.kind == "weights"] == []
+    assert not r.hexists(keys.evict_requests("n:0"), weights_field("llm@a", "qwen-7b"))
