@@ -88,12 +88,17 @@ class Ctx:
                params: dict[str, str] | None = None, status: int = 422) -> JobHandle:
         """Submit as the key's tenant under the key's queued-job cap (a slot taken first, in one step; given
         back if the submit fails). `params` renames job fields to the request's own in errors."""
-        claim = self.limits.submit(key)
+        # a retry of a submit already accepted (its Idempotency-Key bound to a job) takes no new slot: its job holds
+        # one, and a retry at the cap must get its job back, not 429
+        retry = idempotency_key is not None and \
+            self.client.redis.exists(self.client.keys.idempotency(key.tenant, idempotency_key))
+        claim = None if retry else self.limits.submit(key)
         try:
             # the job is the key's tenant's: its owner, its idempotency keys, its fair share (broker/fairshare.py)
             handle = self.client.submit({**fields, "tenant": key.tenant}, idempotency_key=idempotency_key)
         except BaseException as exc:
-            self.limits.release(claim)
+            if claim is not None:
+                self.limits.release(claim)
             if not isinstance(exc, InvalidJob):
                 raise
             field = param_of(exc.errors, JobSpec.model_fields) or _named(str(exc))
@@ -105,7 +110,8 @@ class Ctx:
                                                ([param] if param else []))]} for e in exc.errors]
             raise ApiError(status, request_words(str(exc), names, param), param=param, fields=located,
                            code="invalid_value") from None
-        self.limits.bind(claim, handle.id)
+        if claim is not None:
+            self.limits.bind(claim, handle.id)
         return handle
 
     def owned(self, key: ApiKey, job_id: str) -> JobHandle:

@@ -27,7 +27,7 @@ from arbiter.gateway.errors import ApiError
 from broker.clock import server_now
 from broker.keys import Keys
 from broker.lua import load
-from broker.states import TERMINAL
+from broker.states import TERMINAL, JobState
 
 WINDOW_S = 60          # the rate's window
 SUBMIT_GRACE_S = 60    # a job claim whose job record never appeared is dropped this long after it was taken
@@ -68,21 +68,24 @@ class Limits:
         self.r, self.keys = r, keys
         self.streams_per_key, self.conn_ttl_s, self.jobs_ttl_s = streams_per_key, conn_ttl_s, jobs_ttl_s
         self._take = r.register_script(load("limit_take"))
-        self._terminal = "," + ",".join(s.value for s in TERMINAL) + ","
 
     def _run(self, key: ApiKey, count: bool, member: str,
              limits: list[tuple[str, int, float, int, str]], now: float | None = None) -> Claim:
         """One take: the request counted (if `count`) and a claim in each of `limits` (kind, cap, claim TTL,
-        zset TTL, 'conn' | 'job'); raises the 429 of the first limit refused."""
+        zset TTL, 'conn' | 'job'); raises the 429 of the first limit refused. A 'job' limit at its cap is taken
+        again once, after giving back the claims of jobs that ended (`reclaim`)."""
         now = server_now(self.r) if now is None else now
         window = int(now // WINDOW_S)
         zsets = [self.keys.api_key_claims(key.id, kind) for kind, *_ in limits]
-        args: list[object] = [now, key.rate_per_min if count else -1, WINDOW_S + 1, member,
-                              self.keys.job_prefix(), self._terminal]
+        args: list[object] = [now, key.rate_per_min if count else -1, WINDOW_S + 1, member]
         for _, cap, claim_ttl, zset_ttl, mode in limits:
             args += [cap, claim_ttl, zset_ttl, mode]
         reply = self._take(keys=[self.keys.api_key_rate(key.id, window), *zsets], args=args)
         code = int(reply[0])
+        if code > 1 and limits[code - 2][4] == "job" and self.reclaim(zsets[code - 2], now):
+            args[1] = -1   # counted once already
+            reply = self._take(keys=[self.keys.api_key_rate(key.id, window), *zsets], args=args)
+            code = int(reply[0])
         if code == 1:
             over = refusal("rate", key, 0, key.rate_per_min, int(reply[1]))
             over.headers.update(_rate_headers(key.rate_per_min, key.rate_per_min, int(reply[1])))
@@ -91,6 +94,20 @@ class Limits:
             kind, cap, *_ = limits[code - 2]
             raise refusal(kind, key, int(reply[1]), cap, RETRY_AFTER_S)
         return Claim(member, tuple(z for z, (_, cap, *_) in zip(zsets, limits, strict=False) if cap > 0))
+
+    def reclaim(self, zset: str, now: float) -> int:
+        """Give back the job claims in `zset` whose job ended, or that are past their expiry with no record left
+        (a gateway killed mid-submit, a record expired). Removing an ended job's claim is the same whenever it
+        is done, so this needs no atomic step: two rounds trips, then the take again. Returns claims removed."""
+        claims = self.r.zrange(zset, 0, -1, withscores=True)
+        if not claims:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for member, _ in claims:
+            pipe.hget(self.keys.job(member.decode()), "state")
+        ended = [member for (member, expiry), state in zip(claims, pipe.execute(), strict=True)
+                 if (state is not None and JobState(state.decode()) in TERMINAL) or (state is None and expiry < now)]
+        return int(self.r.zrem(zset, *ended)) if ended else 0
 
     def request(self, key: ApiKey, now: float | None = None) -> None:
         """Count one request against the key's rate (every authenticated request); 429 when over."""

@@ -2,13 +2,12 @@
 -- taken in this one step (two requests racing for a key's last slot cannot both get it).
 -- KEYS[1] the key's rate counter for this window  KEYS[2 ..] claim zsets (member -> expiry, epoch s)
 -- ARGV[1] now (epoch s)  ARGV[2] the rate limit per window (0: unlimited; -1: this request is not counted here)
--- ARGV[3] the rate counter's TTL s  ARGV[4] the claim's member  ARGV[5] job record key prefix
--- ARGV[6] terminal job states, as ',a,b,c,'
+-- ARGV[3] the rate counter's TTL s  ARGV[4] the claim's member
 -- then 4 per claim zset KEYS[1 + i]: cap (0: unlimited), the claim's TTL s, the zset's TTL s, kind ('conn' | 'job')
 -- A 'conn' claim lives until its expiry (renewed while its connection is open). A 'job' claim names a job (or,
--- until the job exists, a submit in flight): it is given back when the job's record says it ended or is gone,
--- checked only when the zset is at its cap; one past its expiry with no record left (a gateway killed mid-submit,
--- a record expired) is dropped.
+-- until the job exists, a submit in flight): it is given back when the job's record says it ended or is gone —
+-- by the caller, when this refuses at the cap (`arbiter.gateway.limits.Limits.reclaim`: the job records are keys
+-- this script is not given, and reading a thousand of them here would block Redis).
 -- Returns {0} when counted and every claim taken; {1, seconds until the window ends} over the rate (no claim
 -- taken); {1 + i, claims held} when zset i is at its cap (the request still counted; no claim taken).
 local now = tonumber(ARGV[1])
@@ -21,34 +20,18 @@ if rate >= 0 then
     return {1, ttl > 0 and ttl or 1}
   end
 end
-local member, prefix, terminal = ARGV[4], ARGV[5], ARGV[6]
+local member = ARGV[4]
 for i = 2, #KEYS do
-  local a = 7 + (i - 2) * 4
+  local a = 5 + (i - 2) * 4
   local cap, kind = tonumber(ARGV[a]), ARGV[a + 3]
   if cap > 0 then
-    local held
-    if kind == 'conn' then
-      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-      held = redis.call('ZCARD', KEYS[i])
-    else
-      held = redis.call('ZCARD', KEYS[i])
-      if held >= cap then   -- give back the claims of jobs that ended
-        local claims = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-        for j = 1, #claims, 2 do
-          local state = redis.call('HGET', prefix .. claims[j], 'state')
-          if (state and string.find(terminal, ',' .. state .. ',', 1, true)) or
-             (not state and tonumber(claims[j + 1]) < now) then
-            redis.call('ZREM', KEYS[i], claims[j])
-          end
-        end
-        held = redis.call('ZCARD', KEYS[i])
-      end
-    end
+    if kind == 'conn' then redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now) end
+    local held = redis.call('ZCARD', KEYS[i])
     if held >= cap and redis.call('ZSCORE', KEYS[i], member) == false then return {i, held} end
   end
 end
 for i = 2, #KEYS do
-  local a = 7 + (i - 2) * 4
+  local a = 5 + (i - 2) * 4
   if tonumber(ARGV[a]) > 0 then
     redis.call('ZADD', KEYS[i], now + tonumber(ARGV[a + 1]), member)
     redis.call('EXPIRE', KEYS[i], ARGV[a + 2])

@@ -139,6 +139,22 @@ def test_the_same_idempotency_key_from_two_tenants_makes_two_jobs(gateway, store
     assert one.id != two.id and client.submit(CHAT | {"tenant": "t-one"}, idempotency_key="batch-7").id == one.id
 
 
+def test_a_retry_with_its_idempotency_key_at_the_cap_gets_its_job_back(gateway, store):
+    """The submit that filled the key's last slot lost its reply; the client retries with the same
+    Idempotency-Key: it gets its job, not 429 (the retry took a new slot before looking the key up)."""
+    secret = store.create("retrier", ["background"], max_queued=1, rate_per_min=0)
+    idem = {"Idempotency-Key": "upload-9"}
+    first = httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret) | idem)
+    try:
+        assert first.status_code == 201
+        again = httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret) | idem)
+        assert again.status_code in (200, 201) and again.json()["job_id"] == first.json()["job_id"], again.text
+        other = httpx.post(gateway + "/v1/jobs", json=SLOW, headers=h(secret))   # a new job: the cap holds
+        assert other.status_code == 429 and other.json()["error"]["code"] == "too_many_jobs"
+    finally:
+        cancel_all(gateway, secret, [first.json()["job_id"]])
+
+
 def test_names_that_differ_never_share_a_tenant(gateway, store):
     spaced, underscored = store.create("team a", ["standard"]), store.create("team_a", ["standard"])
     idem = {"Idempotency-Key": "same"}
