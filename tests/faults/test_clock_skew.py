@@ -43,7 +43,9 @@ def skewed(offset_s: int) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def settings(own_redis):  # noqa: F811
-    return short_settings(own_redis, sim_time_scale=0.5, preempt_grace_s=5.0, gateway_url_ttl_s=20)
+    # leases of 3 s (not the faults' 1 s): a renewal late by over 1 s on a loaded box read as a lost run (3 runs of
+    # a job preempted once); a 30 s skew is still ten leases long
+    return short_settings(own_redis, sim_time_scale=0.5, preempt_grace_s=5.0, gateway_url_ttl_s=20, lease_ttl_s=3.0)
 
 
 @pytest.mark.parametrize("offset_s", [30, -30])
