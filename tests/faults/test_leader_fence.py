@@ -95,3 +95,49 @@ def test_a_leader_killed_mid_flood_is_replaced_within_two_ticks_and_every_job_ru
     statuses = [j.status() for j in jobs]
     assert all(s.state is JobState.FINISHED and s.runs == 1 for s in statuses), \
         [(s.job_id, s.state, s.runs) for s in statuses if s.state is not JobState.FINISHED or s.runs != 1]
+
+
+def test_a_leader_that_retakes_the_lock_under_a_new_epoch_reads_what_the_other_leader_stored(client, settings):  # noqa: F811
+    """A leader stalls past its lock (outside a tick); another beat leads, stores its budgets and dies; the first
+    takes the lock again under a new epoch. It must not go on from what it held before: it reads the stored
+    budgets as any new leader does (it kept its own: its fenced writes then overwrote the other's)."""
+    import threading
+
+    from arbiter.budgets import budget_key
+
+    gpu = f"{settings.node}:sim41"
+    r, k = client.redis, client.keys
+    r.sadd(k.gpus(), gpu)
+    r.delete(k.beat_lock())
+    old, new = Beat(settings), Beat(settings)
+    stalled, go, stop = threading.Event(), threading.Event(), threading.Event()
+    ticks = []
+
+    def tick() -> None:                                         # the first tick stalls (its lock lapses)
+        ticks.append(1)
+        if len(ticks) == 1:
+            stalled.set()
+            go.wait(10)
+
+    old.tick = tick
+    loop = threading.Thread(target=old.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        assert stalled.wait(10)
+        r.delete(k.beat_lock())                                 # its TTL passed while it stalled
+        assert new.lead() and new.leadership.epoch > old.leadership.epoch
+        key = budget_key("llm", "background")
+        r.hset(k.budgets(gpu), key, 0.25)                       # what the other leader decided and stored
+        r.delete(k.beat_lock())                                 # and it died
+        go.set()
+        wait_until(lambda: old.leadership.epoch > new.leadership.epoch, timeout_s=10)
+        wait_until(lambda: gpu in old.budgets, timeout_s=5)
+        assert old.budgets[gpu].get("llm", "background") == 0.25
+    finally:
+        go.set()
+        stop.set()
+        loop.join(10)
+        old.close()
+        new.close()
+        r.srem(k.gpus(), gpu)
+        r.delete(k.budgets(gpu))
