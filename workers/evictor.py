@@ -16,15 +16,15 @@ from workers.ladders import rung_cost_mib
 from workers.residency import (
     RESIDENCY_LOG_LEN,
     Admit,
+    LogDigest,
     ResidencyConfig,
     WaitForRoom,
-    arrival_rates,
     arrival_weight,
     choose,
     log_entry,
     model_of,
     parse_log,
-    residents,
+    residents_of,
 )
 
 if TYPE_CHECKING:
@@ -64,10 +64,10 @@ def plan(rt: WorkerRuntime, view: View, model: str | None, rungs: tuple[Rung, ..
         return Admit(rungs[0])   # the common case: nothing to weigh
     now = rt.clock()
     cfg = ResidencyConfig.from_settings(rt.settings)
-    uses = parse_log(rt.redis.lrange(rt.keys.residency_log(rt.gpu_id), 0, -1))
+    digest = LogDigest.of(parse_log(rt.redis.lrange(rt.keys.residency_log(rt.gpu_id), 0, -1)), cfg.half_life_s)
     model = model or model_of(rungs[0].variant)
-    rate = arrival_rates(uses, now, cfg.half_life_s).get(model, 0.0) + arrival_weight(0.0, cfg.half_life_s)
-    return choose(rungs, free, set(view.resident), residents(view.leases, uses, now, cfg), rt.worker,
+    rate = digest.rates(now).get(model, 0.0) + arrival_weight(0.0, cfg.half_life_s)
+    return choose(rungs, free, set(view.resident), residents_of(view.leases, digest, now, cfg), rt.worker,
                   interactive, now, cfg, rate, now - waiting_since)
 
 

@@ -164,10 +164,6 @@ class LogDigest:
     def tau(self) -> float:
         return self.half_life_s / math.log(2)
 
-    @property
-    def newest(self) -> Use | None:
-        return self.uses[0] if self.uses else None
-
     def add(self, newer: list[Use]) -> None:
         """Run starts newer than every kept one (newest first), then the oldest dropped past the log's length."""
         if not newer:
