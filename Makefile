@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/arbiter demo
 
 test: $(ML_STAMP)
-	ARBITER_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadfile
+	ARBITER_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadfile --reruns 1 -rR
 
 clean:
 	rm -rf $(VENV) .pytest_cache
